@@ -1,0 +1,123 @@
+//! Liveness, readiness and the metrics endpoint, and the task that keeps a
+//! database connection up.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde_json::json;
+use tokio::sync::RwLock;
+use tokio_postgres::Client;
+use tracing::{info, warn};
+
+use super::AppState;
+use crate::db::Database;
+use crate::metrics::{HttpLabels, Metrics};
+
+/// The connection the handlers use, or the reason there is none.
+#[derive(Clone)]
+pub struct DbSlot(Arc<RwLock<Result<Arc<Client>, String>>>);
+
+impl DbSlot {
+    /// A slot holding no connection yet.
+    pub fn new() -> Self {
+        Self(Arc::new(RwLock::new(Err("connecting to the database".to_owned()))))
+    }
+
+    /// The connection, or why there is none.
+    pub async fn get(&self) -> Result<Arc<Client>, String> {
+        self.0.read().await.clone()
+    }
+
+    /// Replaces the connection (or the reason there is none).
+    pub async fn set(&self, v: Result<Arc<Client>, String>) {
+        *self.0.write().await = v;
+    }
+}
+
+/// Keeps a connection in `slot`: connects with exponential backoff (100 ms to
+/// 5 s), and reconnects when the connection drops. Runs until cancelled.
+pub async fn supervise_database(database: Database, slot: DbSlot, metrics: Arc<Metrics>) {
+    let mut delay = Duration::from_millis(100);
+    loop {
+        match database.connect().await {
+            Ok(client) => {
+                info!(database = %database.describe(), "database connected");
+                delay = Duration::from_millis(100);
+                let client = Arc::new(client);
+                slot.set(Ok(client.clone())).await;
+                metrics.db_connected.set(1);
+                while !client.is_closed() {
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+                metrics.db_connected.set(0);
+                warn!(database = %database.describe(), "database connection lost; reconnecting");
+                slot.set(Err("database connection lost; reconnecting".to_owned())).await;
+            }
+            Err(e) => {
+                metrics.db_connect_failures.inc();
+                warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "database not reachable");
+                slot.set(Err(format!("{e}; retrying in {} ms", delay.as_millis()))).await;
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+}
+
+fn count(metrics: &Metrics, route: &str, status: StatusCode) {
+    metrics
+        .http_requests
+        .get_or_create(&HttpLabels { route: route.to_owned(), status: status.as_u16() })
+        .inc();
+}
+
+/// `GET /healthz`: the process is up.
+pub async fn healthz(State(state): State<AppState>) -> Response {
+    count(&state.metrics, "/healthz", StatusCode::OK);
+    Json(json!({ "status": "ok" })).into_response()
+}
+
+/// `GET /readyz`: the database answers and its schema is current.
+pub async fn readyz(State(state): State<AppState>) -> Response {
+    let expected = state.runner.latest_version();
+    let verdict = match state.db.get().await {
+        Err(reason) => Err(reason),
+        Ok(client) => match tokio::time::timeout(Duration::from_secs(2), state.runner.verify(&client)).await {
+            Err(_) => Err("database did not answer within 2 s".to_owned()),
+            Ok(Err(e)) => Err(e.to_string()),
+            Ok(Ok(())) => Ok(()),
+        },
+    };
+    let (status, body) = match verdict {
+        Ok(()) => {
+            state.metrics.schema_version.set(i64::from(expected));
+            (StatusCode::OK, json!({ "status": "ready", "schema_version": expected }))
+        }
+        Err(detail) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            json!({ "error": "not_ready", "detail": detail, "schema_version": expected }),
+        ),
+    };
+    count(&state.metrics, "/readyz", status);
+    (status, Json(body)).into_response()
+}
+
+/// `GET /metrics`: Prometheus text format.
+pub async fn metrics(State(state): State<AppState>) -> Response {
+    count(&state.metrics, "/metrics", StatusCode::OK);
+    (
+        [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+        state.metrics.encode(),
+    )
+        .into_response()
+}
+
+impl Default for DbSlot {
+    fn default() -> Self {
+        Self::new()
+    }
+}

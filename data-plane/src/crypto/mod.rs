@@ -1,0 +1,75 @@
+//! Envelope encryption of PII.
+//!
+//! Each user has a random AES-256 data key, stored only wrapped by a
+//! key-encryption key (KEK). PII fields are sealed under the user's data key
+//! with associated data binding (user, region, column), so a ciphertext moved
+//! to another user or column fails to open. Equality lookups use a keyed blind
+//! index (HMAC-SHA256) under a key separate from the data keys.
+
+mod envelope;
+mod local;
+mod pii;
+
+pub use envelope::{BlindIndexKey, DataKey, FieldAad, SealedField, FIELD_FORMAT_V1};
+pub use local::{LocalKeyProvider, WrappedKey};
+pub use pii::{seal_pii, SealedPii, PII_COLUMNS};
+
+use thiserror::Error;
+
+/// Why a cryptographic operation failed. Messages never carry key material or
+/// plaintext.
+#[derive(Debug, Error)]
+pub enum CryptoError {
+    /// The ciphertext is shorter than its header or tag.
+    #[error("ciphertext is truncated ({len} bytes, at least {min} expected)")]
+    Truncated {
+        /// Length found.
+        len: usize,
+        /// Minimum length of a valid ciphertext.
+        min: usize,
+    },
+    /// The format byte is not one this build reads.
+    #[error("unknown ciphertext format version {0}; this build reads version {FIELD_FORMAT_V1}")]
+    UnknownFormat(u8),
+    /// Authentication failed: wrong key, or the ciphertext belongs to another
+    /// user, region or column, or it was altered.
+    #[error(
+        "ciphertext does not authenticate for user {user_id}, column {column}: it was altered, \
+         belongs to another user or column, or was sealed under another key"
+    )]
+    Authentication {
+        /// User the caller expected.
+        user_id: uuid::Uuid,
+        /// Column the caller expected.
+        column: &'static str,
+    },
+    /// The wrapped data key does not unwrap under this KEK.
+    #[error("wrapped data key for user {user_id} does not unwrap under key {kek_name} v{kek_version}")]
+    Unwrap {
+        /// Owner of the data key.
+        user_id: uuid::Uuid,
+        /// KEK name.
+        kek_name: String,
+        /// KEK version recorded with the wrapped key.
+        kek_version: i32,
+    },
+    /// Reading or creating the local key file failed.
+    #[error("local key file {path}: {source}")]
+    KeyFile {
+        /// The file.
+        path: std::path::PathBuf,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The local key file exists but does not hold a key.
+    #[error("local key file {path} is malformed ({len} bytes, {expected} expected): restore it from backup; without it the stored PII cannot be read")]
+    MalformedKeyFile {
+        /// The file.
+        path: std::path::PathBuf,
+        /// Its length.
+        len: usize,
+        /// Expected length.
+        expected: usize,
+    },
+}

@@ -1,0 +1,64 @@
+//! Prometheus metrics of the data plane.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+/// Labels of an HTTP request counter.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HttpLabels {
+    /// Route template, e.g. `/readyz`.
+    pub route: String,
+    /// Status code.
+    pub status: u16,
+}
+
+/// Every metric the data plane exports.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    /// 1 while a database connection is up.
+    pub db_connected: Gauge,
+    /// Connection attempts that failed.
+    pub db_connect_failures: Counter,
+    /// Schema version the database is at (0 when unknown).
+    pub schema_version: Gauge,
+    /// HTTP requests by route and status.
+    pub http_requests: Family<HttpLabels, Counter>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// Registers every metric under the `umstore` prefix.
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("umstore");
+        let db_connected = Gauge::default();
+        registry.register("db_connected", "1 while the data plane holds a database connection", db_connected.clone());
+        let db_connect_failures = Counter::default();
+        registry.register(
+            "db_connect_failures",
+            "Failed attempts to connect to the database",
+            db_connect_failures.clone(),
+        );
+        let schema_version = Gauge::default();
+        registry.register("schema_version", "Applied schema migration version", schema_version.clone());
+        let http_requests = Family::<HttpLabels, Counter>::default();
+        registry.register("http_requests", "HTTP requests served", http_requests.clone());
+        Self { registry, db_connected, db_connect_failures, schema_version, http_requests }
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}

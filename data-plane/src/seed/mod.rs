@@ -1,0 +1,303 @@
+//! `seed`: deterministic synthetic users, loaded with COPY.
+//!
+//! A producer thread generates users, seals their PII and renders COPY text
+//! in batches; the caller's connection streams each batch into the five
+//! tables inside one transaction, so a failed seed leaves nothing behind.
+
+mod copy_text;
+mod generate;
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use chrono::NaiveDate;
+use futures_util::SinkExt;
+use thiserror::Error;
+use tokio_postgres::Client;
+use tracing::info;
+
+pub use copy_text::CopyText;
+pub use generate::Generator;
+
+use crate::crypto::{seal_pii, DataKey, LocalKeyProvider};
+use crate::derive::derive;
+
+/// Users per batch handed from the generator to the COPY stream.
+pub const BATCH: usize = 5_000;
+
+/// The tables `seed` writes, with the COPY column lists, in load order.
+pub const TABLES: [(&str, &str); 5] = [
+    ("umstore.user_directory", "user_id, region"),
+    ("umstore.user_data_keys", "user_id, region, wrapped_key, kek_name, kek_version"),
+    (
+        "umstore.user_metadata",
+        "user_id, region, full_name_enc, date_of_birth_enc, birth_year, gender, marital_status, \
+         district_enc, pincode_enc, area_type, social_category, disability, phone_enc, \
+         identity_token_enc, identity_token_bidx, annual_income_enc, income_lakh, occupation, \
+         employment_type, land_holding_acres, has_bank_account, ration_card, household_size, \
+         dependents, children, senior_members, head_of_household",
+    ),
+    (
+        "umstore.user_derived_attributes",
+        "user_id, region, age_group, income_bracket, life_stage, employment_category, bpl_status, \
+         tax_bracket, is_senior_citizen, is_farmer, per_capita_income_lakh, source_version",
+    ),
+    (
+        "umstore.user_metadata_history",
+        "user_id, region, change_type, changed_fields, new_values, changed_by, version",
+    ),
+];
+
+/// Why seeding failed. Nothing was written.
+#[derive(Debug, Error)]
+pub enum SeedError {
+    /// The first user of this seed already exists.
+    #[error("users of seed {seed} are already present (user {user_id}): pass another --seed to add more users")]
+    AlreadySeeded {
+        /// The seed.
+        seed: u64,
+        /// Its first user.
+        user_id: uuid::Uuid,
+    },
+    /// A COPY or the transaction failed; the transaction was rolled back.
+    #[error("loading {table} failed, nothing was written: {source}")]
+    Copy {
+        /// Table being loaded.
+        table: &'static str,
+        /// Database error.
+        #[source]
+        source: tokio_postgres::Error,
+    },
+    /// Writing the COPY files failed.
+    #[error("writing COPY file {path}: {source}")]
+    File {
+        /// The file.
+        path: std::path::PathBuf,
+        /// I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The generator thread stopped unexpectedly.
+    #[error("the generator thread stopped unexpectedly")]
+    Generator,
+}
+
+/// What a seed run did.
+#[derive(Debug, Clone, Copy)]
+pub struct SeedReport {
+    /// Users written.
+    pub users: u64,
+    /// Wall time.
+    pub elapsed: Duration,
+}
+
+impl SeedReport {
+    /// Users per second.
+    pub fn users_per_second(&self) -> f64 {
+        self.users as f64 / self.elapsed.as_secs_f64().max(1e-9)
+    }
+}
+
+/// One batch of COPY text, one stream per table of [`TABLES`].
+struct Batch([CopyText; 5]);
+
+fn render_batch(gen: &mut Generator, keys: &LocalKeyProvider, n: usize, today: NaiveDate) -> Batch {
+    let mut t: [CopyText; 5] = Default::default();
+    let year = gen.year();
+    for _ in 0..n {
+        let p = gen.next_profile();
+        let key = DataKey::generate();
+        let wrapped = keys.wrap(p.user_id, p.region, &key);
+        let pii = seal_pii(&p, &key, keys.blind_index_key());
+        let d = derive(&p, today);
+
+        t[0].plain(p.user_id).text(p.region).end_row();
+        t[1].plain(p.user_id)
+            .text(p.region)
+            .bytea(&wrapped.wrapped)
+            .text(&wrapped.kek_name)
+            .plain(wrapped.kek_version)
+            .end_row();
+        let birth_year = chrono::Datelike::year(&p.date_of_birth).clamp(1900, year);
+        let land = format!("{}.{:02}", p.land_holding_centiacres / 100, p.land_holding_centiacres % 100);
+        t[2].plain(p.user_id)
+            .text(p.region)
+            .bytea(&pii.full_name)
+            .bytea(&pii.date_of_birth)
+            .plain(birth_year)
+            .text(p.gender)
+            .text(p.marital_status)
+            .bytea(&pii.district)
+            .bytea(&pii.pincode)
+            .text(p.area_type)
+            .text(p.social_category)
+            .plain(p.disability)
+            .bytea(&pii.phone)
+            .bytea(&pii.identity_token)
+            .bytea(&pii.identity_token_bidx)
+            .bytea(&pii.annual_income)
+            .plain(p.income_lakh())
+            .text(p.occupation)
+            .text(p.employment_type)
+            .plain(&land)
+            .plain(p.has_bank_account)
+            .text(p.ration_card)
+            .plain(p.household_size)
+            .plain(p.dependents)
+            .plain(p.children)
+            .plain(p.senior_members)
+            .plain(p.head_of_household)
+            .end_row();
+        t[3].plain(p.user_id)
+            .text(p.region)
+            .text(d.age_group)
+            .text(d.income_bracket)
+            .text(d.life_stage)
+            .text(d.employment_category)
+            .plain(d.bpl_status)
+            .text(d.tax_bracket)
+            .plain(d.is_senior_citizen)
+            .plain(d.is_farmer)
+            .plain(format!("{:.2}", d.per_capita_income_lakh))
+            .plain(1)
+            .end_row();
+        // History values of PII columns are their ciphertext (hex), so
+        // destroying the data key makes the history unreadable too.
+        let new_values = serde_json::json!({
+            "full_name_enc": hex::encode(&pii.full_name),
+            "date_of_birth_enc": hex::encode(&pii.date_of_birth),
+            "birth_year": birth_year,
+            "gender": p.gender,
+            "marital_status": p.marital_status,
+            "district_enc": hex::encode(&pii.district),
+            "pincode_enc": hex::encode(&pii.pincode),
+            "area_type": p.area_type,
+            "social_category": p.social_category,
+            "disability": p.disability,
+            "phone_enc": hex::encode(&pii.phone),
+            "identity_token_enc": hex::encode(&pii.identity_token),
+            "annual_income_enc": hex::encode(&pii.annual_income),
+            "income_lakh": p.income_lakh(),
+            "occupation": p.occupation,
+            "employment_type": p.employment_type,
+            "land_holding_acres": land,
+            "has_bank_account": p.has_bank_account,
+            "ration_card": p.ration_card,
+            "household_size": p.household_size,
+            "dependents": p.dependents,
+            "children": p.children,
+            "senior_members": p.senior_members,
+            "head_of_household": p.head_of_household,
+        });
+        t[4].plain(p.user_id)
+            .text(p.region)
+            .text("created")
+            .plain("{*}")
+            .text(&new_values.to_string())
+            .text("seed")
+            .plain(1)
+            .end_row();
+    }
+    Batch(t)
+}
+
+/// Spawns the generator thread: batches of rendered COPY text for `users`.
+fn spawn_generator(
+    users: u64,
+    seed: u64,
+    today: NaiveDate,
+    keys: std::sync::Arc<LocalKeyProvider>,
+) -> tokio::sync::mpsc::Receiver<Batch> {
+    let (tx, rx) = tokio::sync::mpsc::channel::<Batch>(2);
+    std::thread::spawn(move || {
+        let mut gen = Generator::new(seed, today);
+        let mut left = users;
+        while left > 0 {
+            let n = left.min(BATCH as u64) as usize;
+            left -= n as u64;
+            if tx.blocking_send(render_batch(&mut gen, &keys, n, today)).is_err() {
+                return;
+            }
+        }
+    });
+    rx
+}
+
+/// The first user a seed produces (to detect a repeated seed).
+pub fn first_user(seed: u64, today: NaiveDate) -> uuid::Uuid {
+    Generator::new(seed, today).next_profile().user_id
+}
+
+/// Seeds `users` synthetic users from `seed` into the database, in one transaction.
+pub async fn seed(
+    client: &mut Client,
+    users: u64,
+    seed: u64,
+    keys: std::sync::Arc<LocalKeyProvider>,
+) -> Result<SeedReport, SeedError> {
+    let started = Instant::now();
+    let today = chrono::Utc::now().date_naive();
+    let first = first_user(seed, today);
+    let exists: bool = client
+        .query_one("SELECT EXISTS (SELECT 1 FROM umstore.user_directory WHERE user_id = $1)", &[&first])
+        .await
+        .map_err(|source| SeedError::Copy { table: "umstore.user_directory", source })?
+        .get(0);
+    if exists {
+        return Err(SeedError::AlreadySeeded { seed, user_id: first });
+    }
+    let mut rx = spawn_generator(users, seed, today, keys);
+    let tx = client
+        .transaction()
+        .await
+        .map_err(|source| SeedError::Copy { table: "transaction", source })?;
+    let mut written = 0u64;
+    while written < users {
+        let batch = rx.recv().await.ok_or(SeedError::Generator)?;
+        for ((table, columns), text) in TABLES.iter().zip(batch.0.iter()) {
+            let err = |source| SeedError::Copy { table, source };
+            let sink = tx
+                .copy_in::<_, Bytes>(&format!("COPY {table} ({columns}) FROM STDIN"))
+                .await
+                .map_err(err)?;
+            futures_util::pin_mut!(sink);
+            sink.send(Bytes::copy_from_slice(text.as_bytes())).await.map_err(err)?;
+            sink.finish().await.map_err(err)?;
+        }
+        written += (users - written).min(BATCH as u64);
+        if written % 100_000 < BATCH as u64 {
+            info!(written, users, "seeding");
+        }
+    }
+    tx.commit().await.map_err(|source| SeedError::Copy { table: "commit", source })?;
+    Ok(SeedReport { users, elapsed: started.elapsed() })
+}
+
+/// Writes the COPY text `seed` would load into one file per table in `dir`
+/// (`<table>.copy`), for loading with `psql \copy` as a baseline.
+pub fn write_copy_files(dir: &Path, users: u64, seed: u64, keys: std::sync::Arc<LocalKeyProvider>) -> Result<(), SeedError> {
+    use std::io::Write;
+    let today = chrono::Utc::now().date_naive();
+    let ferr = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| SeedError::File { path, source }
+    };
+    std::fs::create_dir_all(dir).map_err(ferr(dir))?;
+    let mut files = Vec::new();
+    for (table, _) in TABLES {
+        let path = dir.join(format!("{table}.copy"));
+        let f = std::fs::File::create(&path).map_err(ferr(&path))?;
+        files.push((path, std::io::BufWriter::new(f)));
+    }
+    let mut rx = spawn_generator(users, seed, today, keys);
+    while let Some(batch) = rx.blocking_recv() {
+        for ((path, f), text) in files.iter_mut().zip(batch.0.iter()) {
+            f.write_all(text.as_bytes()).map_err(ferr(path))?;
+        }
+    }
+    for (path, mut f) in files {
+        f.flush().map_err(ferr(&path))?;
+    }
+    Ok(())
+}

@@ -1,0 +1,21 @@
+//! Versioned SQL migrations for umstore and the runner that applies them.
+//!
+//! The migrations are embedded in every binary that links this crate (the
+//! operator's migrate step and the data plane's `migrate` command use the same
+//! [`Runner`]). Each migration runs in its own transaction and is recorded in
+//! `umstore.schema_migrations` with its SHA-256 checksum; a PostgreSQL advisory
+//! lock keeps two runners from racing, and a migration whose text changed after
+//! it was applied is refused.
+//!
+//! Citus-only statements (`create_distributed_table`, reference tables) are not
+//! here: the operator's distribute step runs them once Citus is detected.
+
+mod error;
+pub mod regions;
+mod runner;
+
+pub use error::MigrateError;
+pub use runner::{
+    checksum, embedded, AppliedMigration, Migration, MigrationState, MigrationStatus, Runner,
+    UpReport, ADVISORY_LOCK_KEY, MIGRATIONS_TABLE,
+};
