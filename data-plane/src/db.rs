@@ -11,7 +11,9 @@ use tracing::{debug, warn};
 #[derive(Debug, Error)]
 pub enum DbError {
     /// The URL or conninfo string does not parse.
-    #[error("invalid database URL: {0} (expected postgres://user@host:port/db or key=value pairs)")]
+    #[error(
+        "invalid database URL: {0} (expected postgres://user@host:port/db or key=value pairs)"
+    )]
     InvalidUrl(#[source] tokio_postgres::Error),
     /// The server could not be reached or refused the login.
     #[error("cannot connect to {target}: {source}")]
@@ -69,11 +71,14 @@ impl Database {
 
     /// Connects once; the connection runs on a spawned task.
     pub async fn connect(&self) -> Result<Client, DbError> {
-        let (client, connection) = self
-            .config
-            .connect(NoTls)
-            .await
-            .map_err(|source| DbError::Connect { target: self.describe(), source })?;
+        let (client, connection) =
+            self.config
+                .connect(NoTls)
+                .await
+                .map_err(|source| DbError::Connect {
+                    target: self.describe(),
+                    source,
+                })?;
         tokio::spawn(async move {
             if let Err(e) = connection.await {
                 debug!(error = %e, "database connection closed");
@@ -107,15 +112,21 @@ mod tests {
 
     #[test]
     fn describe_never_shows_the_password() {
-        let db = Database::parse("postgres://writer:s3cret@db.example:6432/umstore").map_err(|e| e.to_string());
-        let text = db.map(|d| format!("{} {:?}", d.describe(), d)).unwrap_or_default();
+        let db = Database::parse("postgres://writer:s3cret@db.example:6432/umstore")
+            .map_err(|e| e.to_string());
+        let text = db
+            .map(|d| format!("{} {:?}", d.describe(), d))
+            .unwrap_or_default();
         assert!(text.contains("writer@db.example:6432/umstore"), "{text}");
         assert!(!text.contains("s3cret"));
     }
 
     #[test]
     fn garbage_url_is_a_clear_error() {
-        let err = Database::parse("postgres://a:b@host:notaport/db").err().map(|e| e.to_string()).unwrap_or_default();
+        let err = Database::parse("postgres://a:b@host:notaport/db")
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
         assert!(err.starts_with("invalid database URL"), "{err}");
     }
 }

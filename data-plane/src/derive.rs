@@ -98,7 +98,12 @@ mod tests {
     use super::*;
     use uuid::Uuid;
 
-    fn profile(born: (i32, u32, u32), income: i64, household: i16, employment: &'static str) -> Profile {
+    fn profile(
+        born: (i32, u32, u32),
+        income: i64,
+        household: i16,
+        employment: &'static str,
+    ) -> Profile {
         Profile {
             user_id: Uuid::nil(),
             region: "KA",
@@ -138,13 +143,25 @@ mod tests {
         assert_eq!(derive(&turned_18_today, today()).age_group, "youth");
         assert_eq!(derive(&turns_18_tomorrow, today()).age_group, "child");
         let d = derive(&profile((1966, 1, 1), 300_000, 2, "retired"), today());
-        assert_eq!((d.age_group, d.is_senior_citizen, d.life_stage), ("senior", true, "retired"));
+        assert_eq!(
+            (d.age_group, d.is_senior_citizen, d.life_stage),
+            ("senior", true, "retired")
+        );
     }
 
     #[test]
     fn income_brackets_and_bpl() {
-        let bracket = |income, household| derive(&profile((1990, 1, 1), income, household, "salaried"), today());
-        assert_eq!(bracket(100_000, 5).income_bracket, "BPL", "₹20k per head is below the line");
+        let bracket = |income, household| {
+            derive(
+                &profile((1990, 1, 1), income, household, "salaried"),
+                today(),
+            )
+        };
+        assert_eq!(
+            bracket(100_000, 5).income_bracket,
+            "BPL",
+            "₹20k per head is below the line"
+        );
         assert!(bracket(100_000, 5).bpl_status);
         assert_eq!(bracket(500_000, 2).income_bracket, "LIG");
         assert_eq!(bracket(1_000_000, 2).income_bracket, "MIG");
@@ -156,7 +173,8 @@ mod tests {
 
     #[test]
     fn tax_bracket_is_nil_up_to_the_rebate_then_marginal_slab() {
-        let tax = |income| derive(&profile((1990, 1, 1), income, 1, "salaried"), today()).tax_bracket;
+        let tax =
+            |income| derive(&profile((1990, 1, 1), income, 1, "salaried"), today()).tax_bracket;
         assert_eq!(tax(1_200_000), "nil");
         assert_eq!(tax(1_200_001), "15");
         assert_eq!(tax(1_800_000), "20");
@@ -170,6 +188,9 @@ mod tests {
         assert_eq!((d.employment_category, d.is_farmer), ("agricultural", true));
         let d = derive(&profile((1980, 1, 1), 200_000, 4, "daily_wage"), today());
         assert_eq!((d.employment_category, d.is_farmer), ("informal", false));
-        assert_eq!(derive(&profile((1980, 1, 1), 0, 4, "homemaker"), today()).employment_category, "not_in_labour_force");
+        assert_eq!(
+            derive(&profile((1980, 1, 1), 0, 4, "homemaker"), today()).employment_category,
+            "not_in_labour_force"
+        );
     }
 }

@@ -65,8 +65,10 @@ impl Embedded {
         let bins = PgBinaries::discover()?;
         let run_dir = data_dir.join("run");
         for dir in [data_dir, run_dir.as_path()] {
-            std::fs::create_dir_all(dir)
-                .map_err(|source| EmbeddedError::DataDir { path: dir.to_path_buf(), source })?;
+            std::fs::create_dir_all(dir).map_err(|source| EmbeddedError::DataDir {
+                path: dir.to_path_buf(),
+                source,
+            })?;
         }
         crate::localpg::chown_to_postgres_if_root(&run_dir)?;
         let opts = ClusterOptions {
@@ -75,17 +77,21 @@ impl Embedded {
             ..ClusterOptions::default()
         };
         let data = data_dir.join("pg");
-        let cluster =
-            tokio::task::block_in_place(|| -> Result<LocalCluster, LocalPgError> {
-                let mut c = LocalCluster::init_or_reuse(&bins, &data, opts)?;
-                c.start()?;
-                Ok(c)
-            })?;
+        let cluster = tokio::task::block_in_place(|| -> Result<LocalCluster, LocalPgError> {
+            let mut c = LocalCluster::init_or_reuse(&bins, &data, opts)?;
+            c.start()?;
+            Ok(c)
+        })?;
         info!(data_dir = %data.display(), log = %cluster.log_path().display(), "embedded PostgreSQL started");
         let admin = Database::parse(&cluster.conninfo("postgres"))?;
-        let client = admin.connect_with_retry(std::time::Duration::from_secs(10)).await?;
+        let client = admin
+            .connect_with_retry(std::time::Duration::from_secs(10))
+            .await?;
         let exists: bool = client
-            .query_one("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)", &[&DATABASE])
+            .query_one(
+                "SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)",
+                &[&DATABASE],
+            )
             .await
             .map_err(EmbeddedError::CreateDatabase)?
             .get(0);

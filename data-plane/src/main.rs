@@ -22,7 +22,12 @@ use umstore_migrations::{MigrationState, Runner};
 struct Cli {
     /// PostgreSQL URL (postgres://user:pass@host:port/db) or key=value conninfo.
     /// Without it, a private PostgreSQL cluster under --data-dir is used (local runs only).
-    #[arg(long, env = "UMSTORE_DATABASE_URL", global = true, hide_env_values = true)]
+    #[arg(
+        long,
+        env = "UMSTORE_DATABASE_URL",
+        global = true,
+        hide_env_values = true
+    )]
     database_url: Option<String>,
 
     /// Directory for the embedded PostgreSQL cluster and the local key file
@@ -85,7 +90,10 @@ enum MigrateAction {
 fn init_tracing() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
 }
 
 #[tokio::main]
@@ -94,11 +102,17 @@ async fn main() -> Result<()> {
     let cli = Cli::parse();
     let data_dir = cli.data_dir.clone().unwrap_or_else(default_data_dir);
 
-    if let Command::Seed { users, seed, write_copy_files: Some(dir) } = &cli.command {
+    if let Command::Seed {
+        users,
+        seed,
+        write_copy_files: Some(dir),
+    } = &cli.command
+    {
         let keys = Arc::new(LocalKeyProvider::open_or_create(&data_dir)?);
         let dir = dir.clone();
         let (users, seed) = (*users, *seed);
-        tokio::task::spawn_blocking(move || seed::write_copy_files(&dir, users, seed, keys)).await??;
+        tokio::task::spawn_blocking(move || seed::write_copy_files(&dir, users, seed, keys))
+            .await??;
         return Ok(());
     }
 
@@ -128,10 +142,19 @@ async fn run(command: Command, database: &Database, data_dir: &std::path::Path) 
                 MigrateAction::Up { dry_run: true } => {
                     let pending = runner.pending(&client).await?;
                     if pending.is_empty() {
-                        println!("-- nothing to apply: the schema is at version {}", runner.latest_version());
+                        println!(
+                            "-- nothing to apply: the schema is at version {}",
+                            runner.latest_version()
+                        );
                     }
                     for m in pending {
-                        println!("-- migration {:04}_{} (sha256 {})\n{}", m.version, m.name, m.checksum(), m.sql);
+                        println!(
+                            "-- migration {:04}_{} (sha256 {})\n{}",
+                            m.version,
+                            m.name,
+                            m.checksum(),
+                            m.sql
+                        );
                     }
                 }
                 MigrateAction::Up { dry_run: false } => {
@@ -149,13 +172,20 @@ async fn run(command: Command, database: &Database, data_dir: &std::path::Path) 
                 MigrateAction::Status => {
                     for s in runner.status(&client).await? {
                         let state = match &s.state {
-                            MigrationState::Applied(a) => format!("applied {} ({} ms)", a.applied_at, a.duration_ms),
-                            MigrationState::Changed { applied, embedded_checksum } => format!(
+                            MigrationState::Applied(a) => {
+                                format!("applied {} ({} ms)", a.applied_at, a.duration_ms)
+                            }
+                            MigrationState::Changed {
+                                applied,
+                                embedded_checksum,
+                            } => format!(
                                 "CHANGED after it was applied (recorded {}, embedded {})",
                                 applied.checksum, embedded_checksum
                             ),
                             MigrationState::Pending => "pending".to_owned(),
-                            MigrationState::Unknown(a) => format!("applied {} by a newer umstore", a.applied_at),
+                            MigrationState::Unknown(a) => {
+                                format!("applied {} by a newer umstore", a.applied_at)
+                            }
                         };
                         println!("{:04}_{:<32} {state}", s.version, s.name);
                     }
@@ -166,9 +196,16 @@ async fn run(command: Command, database: &Database, data_dir: &std::path::Path) 
                 }
             }
         }
-        Command::Seed { users, seed, write_copy_files: _ } => {
+        Command::Seed {
+            users,
+            seed,
+            write_copy_files: _,
+        } => {
             let mut client = database.connect().await?;
-            runner.verify(&client).await.context("the schema must be current before seeding: run `migrate up`")?;
+            runner
+                .verify(&client)
+                .await
+                .context("the schema must be current before seeding: run `migrate up`")?;
             let keys = Arc::new(LocalKeyProvider::open_or_create(data_dir)?);
             let report = seed::seed(&mut client, users, seed, keys).await?;
             println!(
@@ -178,7 +215,11 @@ async fn run(command: Command, database: &Database, data_dir: &std::path::Path) 
                 report.users_per_second()
             );
         }
-        Command::Serve { listen, demo, no_migrate } => serve(database, data_dir, &runner, listen, demo, no_migrate).await?,
+        Command::Serve {
+            listen,
+            demo,
+            no_migrate,
+        } => serve(database, data_dir, &runner, listen, demo, no_migrate).await?,
     }
     Ok(())
 }
@@ -197,17 +238,31 @@ async fn serve(
         .await
         .with_context(|| format!("cannot listen on {listen}: pass --listen with a free address"))?;
     info!(%listen, "serving /healthz, /readyz, /metrics");
-    let supervisor = tokio::spawn(api::supervise_database(database.clone(), slot.clone(), metrics.clone()));
+    let supervisor = tokio::spawn(api::supervise_database(
+        database.clone(),
+        slot.clone(),
+        metrics.clone(),
+    ));
     let prepare = {
-        let (database, runner, data_dir) = (database.clone(), runner.clone(), data_dir.to_path_buf());
+        let (database, runner, data_dir) =
+            (database.clone(), runner.clone(), data_dir.to_path_buf());
         tokio::spawn(async move {
             if let Err(e) = prepare(&database, &runner, &data_dir, demo, no_migrate).await {
-                error!(error = format!("{e:#}"), "preparing the store failed; /readyz reports the schema state");
+                error!(
+                    error = format!("{e:#}"),
+                    "preparing the store failed; /readyz reports the schema state"
+                );
             }
         })
     };
-    let state = AppState { db: slot, runner: Arc::new(runner.clone()), metrics };
-    let served = axum::serve(listener, api::router(state)).with_graceful_shutdown(shutdown_signal()).await;
+    let state = AppState {
+        db: slot,
+        runner: Arc::new(runner.clone()),
+        metrics,
+    };
+    let served = axum::serve(listener, api::router(state))
+        .with_graceful_shutdown(shutdown_signal())
+        .await;
     supervisor.abort();
     prepare.abort();
     served.context("HTTP server failed")?;
@@ -217,7 +272,13 @@ async fn serve(
 
 /// Applies migrations (unless told not to) and seeds demo data, retrying
 /// until the database is reachable; /readyz reports progress meanwhile.
-async fn prepare(database: &Database, runner: &Runner, data_dir: &std::path::Path, demo: bool, no_migrate: bool) -> Result<()> {
+async fn prepare(
+    database: &Database,
+    runner: &Runner,
+    data_dir: &std::path::Path,
+    demo: bool,
+    no_migrate: bool,
+) -> Result<()> {
     let mut client = loop {
         match database.connect_with_retry(Duration::from_secs(3600)).await {
             Ok(c) => break c,
@@ -226,17 +287,28 @@ async fn prepare(database: &Database, runner: &Runner, data_dir: &std::path::Pat
     };
     if !no_migrate {
         let report = runner.up(&mut client).await?;
-        info!(applied = report.applied.len(), version = runner.latest_version(), "schema migrated");
+        info!(
+            applied = report.applied.len(),
+            version = runner.latest_version(),
+            "schema migrated"
+        );
     }
     if demo {
         let empty: bool = client
-            .query_one("SELECT NOT EXISTS (SELECT 1 FROM umstore.user_directory)", &[])
+            .query_one(
+                "SELECT NOT EXISTS (SELECT 1 FROM umstore.user_directory)",
+                &[],
+            )
             .await?
             .get(0);
         if empty {
             let keys = Arc::new(LocalKeyProvider::open_or_create(data_dir)?);
             let report = seed::seed(&mut client, 10_000, 1, keys).await?;
-            info!(users = report.users, secs = report.elapsed.as_secs_f64(), "demo users seeded");
+            info!(
+                users = report.users,
+                secs = report.elapsed.as_secs_f64(),
+                "demo users seeded"
+            );
         } else {
             info!("store already has users; --demo seeds only an empty store");
         }

@@ -40,7 +40,11 @@ impl Metrics {
     pub fn new() -> Self {
         let mut registry = Registry::with_prefix("umstore");
         let db_connected = Gauge::default();
-        registry.register("db_connected", "1 while the data plane holds a database connection", db_connected.clone());
+        registry.register(
+            "db_connected",
+            "1 while the data plane holds a database connection",
+            db_connected.clone(),
+        );
         let db_connect_failures = Counter::default();
         registry.register(
             "db_connect_failures",
@@ -48,10 +52,24 @@ impl Metrics {
             db_connect_failures.clone(),
         );
         let schema_version = Gauge::default();
-        registry.register("schema_version", "Applied schema migration version", schema_version.clone());
+        registry.register(
+            "schema_version",
+            "Applied schema migration version",
+            schema_version.clone(),
+        );
         let http_requests = Family::<HttpLabels, Counter>::default();
-        registry.register("http_requests", "HTTP requests served", http_requests.clone());
-        Self { registry, db_connected, db_connect_failures, schema_version, http_requests }
+        registry.register(
+            "http_requests",
+            "HTTP requests served",
+            http_requests.clone(),
+        );
+        Self {
+            registry,
+            db_connected,
+            db_connect_failures,
+            schema_version,
+            http_requests,
+        }
     }
 
     /// The Prometheus text exposition of every metric.

@@ -24,7 +24,9 @@ pub struct DbSlot(Arc<RwLock<Result<Arc<Client>, String>>>);
 impl DbSlot {
     /// A slot holding no connection yet.
     pub fn new() -> Self {
-        Self(Arc::new(RwLock::new(Err("connecting to the database".to_owned()))))
+        Self(Arc::new(RwLock::new(Err(
+            "connecting to the database".to_owned()
+        ))))
     }
 
     /// The connection, or why there is none.
@@ -55,12 +57,14 @@ pub async fn supervise_database(database: Database, slot: DbSlot, metrics: Arc<M
                 }
                 metrics.db_connected.set(0);
                 warn!(database = %database.describe(), "database connection lost; reconnecting");
-                slot.set(Err("database connection lost; reconnecting".to_owned())).await;
+                slot.set(Err("database connection lost; reconnecting".to_owned()))
+                    .await;
             }
             Err(e) => {
                 metrics.db_connect_failures.inc();
                 warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "database not reachable");
-                slot.set(Err(format!("{e}; retrying in {} ms", delay.as_millis()))).await;
+                slot.set(Err(format!("{e}; retrying in {} ms", delay.as_millis())))
+                    .await;
                 tokio::time::sleep(delay).await;
                 delay = (delay * 2).min(Duration::from_secs(5));
             }
@@ -71,7 +75,10 @@ pub async fn supervise_database(database: Database, slot: DbSlot, metrics: Arc<M
 fn count(metrics: &Metrics, route: &str, status: StatusCode) {
     metrics
         .http_requests
-        .get_or_create(&HttpLabels { route: route.to_owned(), status: status.as_u16() })
+        .get_or_create(&HttpLabels {
+            route: route.to_owned(),
+            status: status.as_u16(),
+        })
         .inc();
 }
 
@@ -86,16 +93,21 @@ pub async fn readyz(State(state): State<AppState>) -> Response {
     let expected = state.runner.latest_version();
     let verdict = match state.db.get().await {
         Err(reason) => Err(reason),
-        Ok(client) => match tokio::time::timeout(Duration::from_secs(2), state.runner.verify(&client)).await {
-            Err(_) => Err("database did not answer within 2 s".to_owned()),
-            Ok(Err(e)) => Err(e.to_string()),
-            Ok(Ok(())) => Ok(()),
-        },
+        Ok(client) => {
+            match tokio::time::timeout(Duration::from_secs(2), state.runner.verify(&client)).await {
+                Err(_) => Err("database did not answer within 2 s".to_owned()),
+                Ok(Err(e)) => Err(e.to_string()),
+                Ok(Ok(())) => Ok(()),
+            }
+        }
     };
     let (status, body) = match verdict {
         Ok(()) => {
             state.metrics.schema_version.set(i64::from(expected));
-            (StatusCode::OK, json!({ "status": "ready", "schema_version": expected }))
+            (
+                StatusCode::OK,
+                json!({ "status": "ready", "schema_version": expected }),
+            )
         }
         Err(detail) => (
             StatusCode::SERVICE_UNAVAILABLE,
@@ -110,7 +122,10 @@ pub async fn readyz(State(state): State<AppState>) -> Response {
 pub async fn metrics(State(state): State<AppState>) -> Response {
     count(&state.metrics, "/metrics", StatusCode::OK);
     (
-        [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
         state.metrics.encode(),
     )
         .into_response()

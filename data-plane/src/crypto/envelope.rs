@@ -81,7 +81,13 @@ impl DataKey {
         // Encryption with a valid key and nonce only fails past 64 GiB of input.
         let ct = self
             .cipher()
-            .encrypt(&nonce, Payload { msg: plaintext, aad: &aad })
+            .encrypt(
+                &nonce,
+                Payload {
+                    msg: plaintext,
+                    aad: &aad,
+                },
+            )
             .unwrap_or_default();
         let mut out = Vec::with_capacity(HEADER_LEN + ct.len());
         out.push(FIELD_FORMAT_V1);
@@ -94,7 +100,10 @@ impl DataKey {
     pub fn open(&self, aad: &FieldAad<'_>, sealed: &[u8]) -> Result<Vec<u8>, CryptoError> {
         let min = HEADER_LEN + TAG_LEN;
         if sealed.len() < min {
-            return Err(CryptoError::Truncated { len: sealed.len(), min });
+            return Err(CryptoError::Truncated {
+                len: sealed.len(),
+                min,
+            });
         }
         if sealed[0] != FIELD_FORMAT_V1 {
             return Err(CryptoError::UnknownFormat(sealed[0]));
@@ -102,8 +111,17 @@ impl DataKey {
         let nonce = Nonce::from_slice(&sealed[1..HEADER_LEN]);
         let aad_bytes = aad.bytes();
         self.cipher()
-            .decrypt(nonce, Payload { msg: &sealed[HEADER_LEN..], aad: &aad_bytes })
-            .map_err(|_| CryptoError::Authentication { user_id: aad.user_id, column: aad.column })
+            .decrypt(
+                nonce,
+                Payload {
+                    msg: &sealed[HEADER_LEN..],
+                    aad: &aad_bytes,
+                },
+            )
+            .map_err(|_| CryptoError::Authentication {
+                user_id: aad.user_id,
+                column: aad.column,
+            })
     }
 }
 
@@ -142,7 +160,11 @@ mod tests {
     use super::*;
 
     fn aad(user: Uuid, column: &'static str) -> FieldAad<'static> {
-        FieldAad { user_id: user, region: "KA", column }
+        FieldAad {
+            user_id: user,
+            region: "KA",
+            column,
+        }
     }
 
     #[test]
@@ -151,7 +173,10 @@ mod tests {
         let user = Uuid::new_v4();
         let sealed = key.seal(&aad(user, "pincode_enc"), b"560001");
         assert!(!sealed.0.windows(6).any(|w| w == b"560001"));
-        assert_eq!(key.open(&aad(user, "pincode_enc"), &sealed.0).ok(), Some(b"560001".to_vec()));
+        assert_eq!(
+            key.open(&aad(user, "pincode_enc"), &sealed.0).ok(),
+            Some(b"560001".to_vec())
+        );
     }
 
     #[test]
@@ -160,10 +185,26 @@ mod tests {
         let user = Uuid::new_v4();
         let sealed = key.seal(&aad(user, "pincode_enc"), b"560001");
         let other_user = key.open(&aad(Uuid::new_v4(), "pincode_enc"), &sealed.0);
-        assert!(matches!(other_user, Err(CryptoError::Authentication { .. })));
+        assert!(matches!(
+            other_user,
+            Err(CryptoError::Authentication { .. })
+        ));
         let other_column = key.open(&aad(user, "district_enc"), &sealed.0);
-        assert!(matches!(other_column, Err(CryptoError::Authentication { column: "district_enc", .. })));
-        let other_region = key.open(&FieldAad { user_id: user, region: "TN", column: "pincode_enc" }, &sealed.0);
+        assert!(matches!(
+            other_column,
+            Err(CryptoError::Authentication {
+                column: "district_enc",
+                ..
+            })
+        ));
+        let other_region = key.open(
+            &FieldAad {
+                user_id: user,
+                region: "TN",
+                column: "pincode_enc",
+            },
+            &sealed.0,
+        );
         assert!(other_region.is_err());
     }
 
@@ -173,20 +214,38 @@ mod tests {
         let user = Uuid::new_v4();
         let sealed = key.seal(&aad(user, "pincode_enc"), b"560001");
         let truncated = key.open(&aad(user, "pincode_enc"), &sealed.0[..10]);
-        assert!(matches!(truncated, Err(CryptoError::Truncated { len: 10, .. })));
+        assert!(matches!(
+            truncated,
+            Err(CryptoError::Truncated { len: 10, .. })
+        ));
         let mut v9 = sealed.0.clone();
         v9[0] = 9;
-        let err = key.open(&aad(user, "pincode_enc"), &v9).err().map(|e| e.to_string());
-        assert_eq!(err.as_deref(), Some("unknown ciphertext format version 9; this build reads version 1"));
+        let err = key
+            .open(&aad(user, "pincode_enc"), &v9)
+            .err()
+            .map(|e| e.to_string());
+        assert_eq!(
+            err.as_deref(),
+            Some("unknown ciphertext format version 9; this build reads version 1")
+        );
     }
 
     #[test]
     fn blind_index_is_deterministic_keyed_and_column_separated() {
         let k1 = BlindIndexKey::from_bytes([1; 32]);
         let k2 = BlindIndexKey::from_bytes([2; 32]);
-        assert_eq!(k1.index("identity_token", b"t1"), k1.index("identity_token", b"t1"));
-        assert_ne!(k1.index("identity_token", b"t1"), k1.index("identity_token", b"t2"));
-        assert_ne!(k1.index("identity_token", b"t1"), k2.index("identity_token", b"t1"));
+        assert_eq!(
+            k1.index("identity_token", b"t1"),
+            k1.index("identity_token", b"t1")
+        );
+        assert_ne!(
+            k1.index("identity_token", b"t1"),
+            k1.index("identity_token", b"t2")
+        );
+        assert_ne!(
+            k1.index("identity_token", b"t1"),
+            k2.index("identity_token", b"t1")
+        );
         assert_ne!(k1.index("identity_token", b"t1"), k1.index("phone", b"t1"));
     }
 

@@ -48,7 +48,10 @@ impl LocalKeyProvider {
     /// warns loudly that no Vault protects the keys.
     pub fn open_or_create(dir: &Path) -> Result<Self, CryptoError> {
         let path = dir.join("local-keys.bin");
-        let io = |source| CryptoError::KeyFile { path: path.clone(), source };
+        let io = |source| CryptoError::KeyFile {
+            path: path.clone(),
+            source,
+        };
         fs::create_dir_all(dir).map_err(io)?;
         let bytes = match fs::read(&path) {
             Ok(bytes) => Zeroizing::new(bytes),
@@ -69,7 +72,11 @@ impl LocalKeyProvider {
             Err(e) => return Err(io(e)),
         };
         if bytes.len() != KEY_FILE_LEN {
-            return Err(CryptoError::MalformedKeyFile { path, len: bytes.len(), expected: KEY_FILE_LEN });
+            return Err(CryptoError::MalformedKeyFile {
+                path,
+                len: bytes.len(),
+                expected: KEY_FILE_LEN,
+            });
         }
         warn!(
             key_file = %path.display(),
@@ -79,7 +86,10 @@ impl LocalKeyProvider {
         let kek = Aes256Gcm::new(Key::<Aes256Gcm>::from_slice(&bytes[..32]));
         let mut bidx = [0u8; 32];
         bidx.copy_from_slice(&bytes[32..]);
-        Ok(Self { kek, blind_index: BlindIndexKey::from_bytes(bidx) })
+        Ok(Self {
+            kek,
+            blind_index: BlindIndexKey::from_bytes(bidx),
+        })
     }
 
     /// Path of the key file in `dir`.
@@ -105,15 +115,30 @@ impl LocalKeyProvider {
         let aad = Self::aad(user_id, region);
         let ct = self
             .kek
-            .encrypt(&nonce, Payload { msg: key.expose(), aad: &aad })
+            .encrypt(
+                &nonce,
+                Payload {
+                    msg: key.expose(),
+                    aad: &aad,
+                },
+            )
             .unwrap_or_default();
         let mut wrapped = nonce.to_vec();
         wrapped.extend_from_slice(&ct);
-        WrappedKey { wrapped, kek_name: Self::KEK_NAME.to_owned(), kek_version: 1 }
+        WrappedKey {
+            wrapped,
+            kek_name: Self::KEK_NAME.to_owned(),
+            kek_version: 1,
+        }
     }
 
     /// Unwraps a user's data key.
-    pub fn unwrap_key(&self, user_id: Uuid, region: &str, wrapped: &WrappedKey) -> Result<DataKey, CryptoError> {
+    pub fn unwrap_key(
+        &self,
+        user_id: Uuid,
+        region: &str,
+        wrapped: &WrappedKey,
+    ) -> Result<DataKey, CryptoError> {
         let fail = || CryptoError::Unwrap {
             user_id,
             kek_name: wrapped.kek_name.clone(),
@@ -126,7 +151,13 @@ impl LocalKeyProvider {
         let aad = Self::aad(user_id, region);
         let plain = Zeroizing::new(
             self.kek
-                .decrypt(nonce, Payload { msg: &wrapped.wrapped[NONCE_LEN..], aad: &aad })
+                .decrypt(
+                    nonce,
+                    Payload {
+                        msg: &wrapped.wrapped[NONCE_LEN..],
+                        aad: &aad,
+                    },
+                )
                 .map_err(|_| fail())?,
         );
         let mut bytes = [0u8; 32];
@@ -148,25 +179,55 @@ mod tests {
         let Ok(dir) = dir else { panic!("tempdir") };
         let p1 = LocalKeyProvider::open_or_create(dir.path()).map_err(|e| e.to_string());
         let Ok(p1) = p1 else { panic!("{p1:?}") };
-        let mode = fs::metadata(LocalKeyProvider::key_file(dir.path())).map(|m| m.permissions().mode() & 0o777);
+        let mode = fs::metadata(LocalKeyProvider::key_file(dir.path()))
+            .map(|m| m.permissions().mode() & 0o777);
         assert_eq!(mode.ok(), Some(0o600));
         let user = Uuid::new_v4();
         let key = DataKey::generate();
         let wrapped = p1.wrap(user, "KA", &key);
-        let sealed = key.seal(&FieldAad { user_id: user, region: "KA", column: "c" }, b"x");
+        let sealed = key.seal(
+            &FieldAad {
+                user_id: user,
+                region: "KA",
+                column: "c",
+            },
+            b"x",
+        );
 
-        let Ok(p2) = LocalKeyProvider::open_or_create(dir.path()) else { panic!("reopen") };
-        let Ok(again) = p2.unwrap_key(user, "KA", &wrapped) else { panic!("unwrap") };
-        let opened = again.open(&FieldAad { user_id: user, region: "KA", column: "c" }, &sealed.0);
+        let Ok(p2) = LocalKeyProvider::open_or_create(dir.path()) else {
+            panic!("reopen")
+        };
+        let Ok(again) = p2.unwrap_key(user, "KA", &wrapped) else {
+            panic!("unwrap")
+        };
+        let opened = again.open(
+            &FieldAad {
+                user_id: user,
+                region: "KA",
+                column: "c",
+            },
+            &sealed.0,
+        );
         assert_eq!(opened.ok(), Some(b"x".to_vec()));
-        assert!(p2.unwrap_key(Uuid::new_v4(), "KA", &wrapped).is_err(), "wrapped key bound to its user");
+        assert!(
+            p2.unwrap_key(Uuid::new_v4(), "KA", &wrapped).is_err(),
+            "wrapped key bound to its user"
+        );
     }
 
     #[test]
     fn malformed_key_file_is_refused_with_its_path() {
-        let Ok(dir) = tempfile::tempdir() else { panic!("tempdir") };
+        let Ok(dir) = tempfile::tempdir() else {
+            panic!("tempdir")
+        };
         let _ = fs::write(LocalKeyProvider::key_file(dir.path()), b"short");
-        let err = LocalKeyProvider::open_or_create(dir.path()).err().map(|e| e.to_string()).unwrap_or_default();
-        assert!(err.contains("local-keys.bin is malformed (5 bytes, 64 expected)"), "{err}");
+        let err = LocalKeyProvider::open_or_create(dir.path())
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(
+            err.contains("local-keys.bin is malformed (5 bytes, 64 expected)"),
+            "{err}"
+        );
     }
 }

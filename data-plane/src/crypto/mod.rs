@@ -44,7 +44,9 @@ pub enum CryptoError {
         column: &'static str,
     },
     /// The wrapped data key does not unwrap under this KEK.
-    #[error("wrapped data key for user {user_id} does not unwrap under key {kek_name} v{kek_version}")]
+    #[error(
+        "wrapped data key for user {user_id} does not unwrap under key {kek_name} v{kek_version}"
+    )]
     Unwrap {
         /// Owner of the data key.
         user_id: uuid::Uuid,

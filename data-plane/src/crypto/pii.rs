@@ -40,7 +40,15 @@ pub struct SealedPii {
 /// Seals the PII of `p` under `key`, each field bound to its user, region and column.
 pub fn seal_pii(p: &Profile, key: &DataKey, bidx: &BlindIndexKey) -> SealedPii {
     let seal = |column: &'static str, value: &[u8]| {
-        key.seal(&FieldAad { user_id: p.user_id, region: p.region, column }, value).0
+        key.seal(
+            &FieldAad {
+                user_id: p.user_id,
+                region: p.region,
+                column,
+            },
+            value,
+        )
+        .0
     };
     SealedPii {
         full_name: seal("full_name_enc", p.full_name.as_bytes()),

@@ -18,7 +18,10 @@ impl Default for CopyText {
 impl CopyText {
     /// An empty stream.
     pub fn new() -> Self {
-        Self { buf: String::new(), first_in_row: true }
+        Self {
+            buf: String::new(),
+            first_in_row: true,
+        }
     }
 
     fn sep(&mut self) {

@@ -52,7 +52,12 @@ impl Generator {
                 (total, i)
             })
             .collect();
-        Self { rng: fastrand::Rng::with_seed(seed), cumulative, total, today }
+        Self {
+            rng: fastrand::Rng::with_seed(seed),
+            cumulative,
+            total,
+            today,
+        }
     }
 
     fn region(&mut self) -> (usize, &'static str) {
@@ -82,7 +87,13 @@ impl Generator {
     }
 
     fn age(&mut self) -> i64 {
-        let band = self.pick(&[((0, 14), 25), ((15, 24), 18), ((25, 54), 41), ((55, 64), 9), ((65, 95), 7)]);
+        let band = self.pick(&[
+            ((0, 14), 25),
+            ((15, 24), 18),
+            ((25, 54), 41),
+            ((55, 64), 9),
+            ((65, 95), 7),
+        ]);
         i64::from(self.rng.u32(band.0..=band.1))
     }
 
@@ -94,7 +105,12 @@ impl Generator {
         let (region_index, region) = self.region();
         let age = self.age();
         let date_of_birth = self.today - Duration::days(age * 365 + self.rng.i64(0..365));
-        let gender = self.pick(&[("female", 4850), ("male", 5120), ("transgender", 20), ("undisclosed", 10)]);
+        let gender = self.pick(&[
+            ("female", 4850),
+            ("male", 5120),
+            ("transgender", 20),
+            ("undisclosed", 10),
+        ]);
         let area_type = self.pick(&[("rural", 65), ("urban", 35)]);
         let social_category = self.pick(&[("general", 30), ("obc", 42), ("sc", 17), ("st", 9)]);
         let (occupation, employment_type) = match age {
@@ -120,16 +136,31 @@ impl Generator {
             "retired" => 150_000.0,
             _ => 160_000.0,
         };
-        let annual_income = if earns { (median * (0.8 * self.normal()).exp()) as i64 / 100 * 100 } else { 0 };
+        let annual_income = if earns {
+            (median * (0.8 * self.normal()).exp()) as i64 / 100 * 100
+        } else {
+            0
+        };
         let household_size = (4.5 + 1.8 * self.normal()).round().clamp(1.0, 15.0) as i16;
-        let children = if age >= 22 && household_size > 2 { self.rng.i16(0..(household_size - 1).min(5)) } else { 0 };
-        let senior_members = self.rng.i16(0..=(household_size - children - 1).clamp(0, 2));
+        let children = if age >= 22 && household_size > 2 {
+            self.rng.i16(0..(household_size - 1).min(5))
+        } else {
+            0
+        };
+        let senior_members = self
+            .rng
+            .i16(0..=(household_size - children - 1).clamp(0, 2));
         let dependents = (children + senior_members).min(household_size - 1).max(0);
         let married = age >= 21 && self.rng.u8(0..10) < 7;
         let marital_status = if !married {
             "single"
         } else {
-            self.pick(&[("married", 90), ("widowed", 7), ("divorced", 2), ("separated", 1)])
+            self.pick(&[
+                ("married", 90),
+                ("widowed", 7),
+                ("divorced", 2),
+                ("separated", 1),
+            ])
         };
         let land_holding_centiacres = if employment_type == "agriculture" {
             self.rng.i64(20..600)
@@ -165,7 +196,11 @@ impl Generator {
             area_type,
             social_category,
             disability: self.rng.u16(0..1000) < 22,
-            phone: format!("{}{:09}", self.rng.u8(6..=9), self.rng.u32(0..1_000_000_000)),
+            phone: format!(
+                "{}{:09}",
+                self.rng.u8(6..=9),
+                self.rng.u32(0..1_000_000_000)
+            ),
             identity_token: format!("idt_{:016x}", self.rng.u64(..)),
             annual_income,
             occupation,
@@ -202,12 +237,17 @@ mod tests {
 
     #[test]
     fn same_seed_same_users_other_seed_other_users() {
-        let a: Vec<_> = (0..100).map({
-            let mut g = Generator::new(7, today());
-            move |_| g.next_profile()
-        }).collect();
+        let a: Vec<_> = (0..100)
+            .map({
+                let mut g = Generator::new(7, today());
+                move |_| g.next_profile()
+            })
+            .collect();
         let mut g = Generator::new(7, today());
-        assert!(a.iter().all(|p| { let q = g.next_profile(); q.user_id == p.user_id && q.pincode == p.pincode }));
+        assert!(a.iter().all(|p| {
+            let q = g.next_profile();
+            q.user_id == p.user_id && q.pincode == p.pincode
+        }));
         let mut other = Generator::new(8, today());
         assert!(a[0].user_id != other.next_profile().user_id);
     }

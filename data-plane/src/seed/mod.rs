@@ -29,7 +29,10 @@ pub const BATCH: usize = 5_000;
 /// The tables `seed` writes, with the COPY column lists, in load order.
 pub const TABLES: [(&str, &str); 5] = [
     ("umstore.user_directory", "user_id, region"),
-    ("umstore.user_data_keys", "user_id, region, wrapped_key, kek_name, kek_version"),
+    (
+        "umstore.user_data_keys",
+        "user_id, region, wrapped_key, kek_name, kek_version",
+    ),
     (
         "umstore.user_metadata",
         "user_id, region, full_name_enc, date_of_birth_enc, birth_year, gender, marital_status, \
@@ -120,7 +123,11 @@ fn render_batch(gen: &mut Generator, keys: &LocalKeyProvider, n: usize, today: N
             .plain(wrapped.kek_version)
             .end_row();
         let birth_year = chrono::Datelike::year(&p.date_of_birth).clamp(1900, year);
-        let land = format!("{}.{:02}", p.land_holding_centiacres / 100, p.land_holding_centiacres % 100);
+        let land = format!(
+            "{}.{:02}",
+            p.land_holding_centiacres / 100,
+            p.land_holding_centiacres % 100
+        );
         t[2].plain(p.user_id)
             .text(p.region)
             .bytea(&pii.full_name)
@@ -216,7 +223,10 @@ fn spawn_generator(
         while left > 0 {
             let n = left.min(BATCH as u64) as usize;
             left -= n as u64;
-            if tx.blocking_send(render_batch(&mut gen, &keys, n, today)).is_err() {
+            if tx
+                .blocking_send(render_batch(&mut gen, &keys, n, today))
+                .is_err()
+            {
                 return;
             }
         }
@@ -240,18 +250,30 @@ pub async fn seed(
     let today = chrono::Utc::now().date_naive();
     let first = first_user(seed, today);
     let exists: bool = client
-        .query_one("SELECT EXISTS (SELECT 1 FROM umstore.user_directory WHERE user_id = $1)", &[&first])
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM umstore.user_directory WHERE user_id = $1)",
+            &[&first],
+        )
         .await
-        .map_err(|source| SeedError::Copy { table: "umstore.user_directory", source })?
+        .map_err(|source| SeedError::Copy {
+            table: "umstore.user_directory",
+            source,
+        })?
         .get(0);
     if exists {
-        return Err(SeedError::AlreadySeeded { seed, user_id: first });
+        return Err(SeedError::AlreadySeeded {
+            seed,
+            user_id: first,
+        });
     }
     let mut rx = spawn_generator(users, seed, today, keys);
     let tx = client
         .transaction()
         .await
-        .map_err(|source| SeedError::Copy { table: "transaction", source })?;
+        .map_err(|source| SeedError::Copy {
+            table: "transaction",
+            source,
+        })?;
     let mut written = 0u64;
     while written < users {
         let batch = rx.recv().await.ok_or(SeedError::Generator)?;
@@ -262,7 +284,9 @@ pub async fn seed(
                 .await
                 .map_err(err)?;
             futures_util::pin_mut!(sink);
-            sink.send(Bytes::copy_from_slice(text.as_bytes())).await.map_err(err)?;
+            sink.send(Bytes::copy_from_slice(text.as_bytes()))
+                .await
+                .map_err(err)?;
             sink.finish().await.map_err(err)?;
         }
         written += (users - written).min(BATCH as u64);
@@ -270,13 +294,25 @@ pub async fn seed(
             info!(written, users, "seeding");
         }
     }
-    tx.commit().await.map_err(|source| SeedError::Copy { table: "commit", source })?;
-    Ok(SeedReport { users, elapsed: started.elapsed() })
+    tx.commit().await.map_err(|source| SeedError::Copy {
+        table: "commit",
+        source,
+    })?;
+    Ok(SeedReport {
+        users,
+        elapsed: started.elapsed(),
+    })
 }
 
 /// Writes the COPY text `seed` would load into one file per table in `dir`
-/// (`<table>.copy`), for loading with `psql \copy` as a baseline.
-pub fn write_copy_files(dir: &Path, users: u64, seed: u64, keys: std::sync::Arc<LocalKeyProvider>) -> Result<(), SeedError> {
+/// (`<table>.copy`), and `load.psql`, a psql script that loads them in one
+/// transaction with `\copy` (the baseline of the seed benchmark).
+pub fn write_copy_files(
+    dir: &Path,
+    users: u64,
+    seed: u64,
+    keys: std::sync::Arc<LocalKeyProvider>,
+) -> Result<(), SeedError> {
     use std::io::Write;
     let today = chrono::Utc::now().date_naive();
     let ferr = |path: &Path| {
@@ -299,5 +335,17 @@ pub fn write_copy_files(dir: &Path, users: u64, seed: u64, keys: std::sync::Arc<
     for (path, mut f) in files {
         f.flush().map_err(ferr(&path))?;
     }
+    let mut script = String::from("BEGIN;\n");
+    for (table, columns) in TABLES {
+        let path = dir.join(format!("{table}.copy"));
+        let path = std::fs::canonicalize(&path).map_err(ferr(&path))?;
+        script.push_str(&format!(
+            "\\copy {table} ({columns}) FROM '{}'\n",
+            path.display()
+        ));
+    }
+    script.push_str("COMMIT;\n");
+    let load = dir.join("load.psql");
+    std::fs::write(&load, script).map_err(ferr(&load))?;
     Ok(())
 }

