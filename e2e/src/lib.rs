@@ -1,1 +1,44 @@
-//! harness
+//! umstore's end-to-end test harness.
+//!
+//! Starts real servers on free loopback ports, in temporary directories, and stops them
+//! when their handle drops (also when a test panics):
+//!
+//! * [`Postgres`]: a PostgreSQL 15+ primary (unix socket and TCP, fsync off) with two
+//!   streaming hot-standby replicas, cloned on first use;
+//! * [`PgBouncer`] in transaction pooling mode in front of a primary;
+//! * [`Nats`]: `nats-server` with JetStream;
+//! * [`OpenBao`]: `bao server -dev` with the transit engine enabled;
+//! * [`Citus`]: a coordinator and two workers, where `citus.so` is installed (otherwise
+//!   [`Citus::start`] returns [`CitusUnavailable::Skip`] with the reason).
+//!
+//! Starting servers costs seconds, so each test binary normally shares one lazily started
+//! set through [`shared()`] and isolates itself with [`Servers::fresh_database`]. Shared
+//! servers live in statics that are never dropped; they die with the test process
+//! regardless (see [`keeper`] for how).
+//!
+//! A failing test keeps its directory (server logs included) and prints its path; set
+//! `UMSTORE_KEEP_TEST_DIRS=1` to keep every directory.
+
+mod citus;
+mod error;
+pub mod keeper;
+mod nats;
+mod openbao;
+mod pgbouncer;
+mod ports;
+mod postgres;
+mod process;
+mod shared;
+mod testdir;
+
+pub use citus::{Citus, CitusUnavailable};
+pub use error::HarnessError;
+pub use nats::Nats;
+pub use openbao::OpenBao;
+pub use pgbouncer::PgBouncer;
+pub use ports::free_port;
+pub use postgres::{connect, Postgres, DEFAULT_REPLICAS};
+pub use shared::{shared, Servers};
+pub use testdir::TestDir;
+pub use tokio_postgres::types::PgLsn;
+pub use umstore_data_plane::localpg;

@@ -6,7 +6,7 @@ DO $$
 BEGIN
     IF EXISTS (SELECT 1 FROM pg_available_extensions WHERE name = 'pg_stat_statements') THEN
         BEGIN
-            CREATE EXTENSION IF NOT EXISTS pg_stat_statements;
+            CREATE EXTENSION IF NOT EXISTS pg_stat_statements SCHEMA public;
         EXCEPTION WHEN insufficient_privilege THEN
             RAISE NOTICE 'pg_stat_statements not created: the migrating role may not create extensions';
         END;

@@ -25,11 +25,21 @@ pub struct Region {
 }
 
 const fn state(code: &'static str, name: &'static str, population_k: u32) -> Region {
-    Region { code, name, kind: RegionKind::State, population_k }
+    Region {
+        code,
+        name,
+        kind: RegionKind::State,
+        population_k,
+    }
 }
 
 const fn ut(code: &'static str, name: &'static str, population_k: u32) -> Region {
-    Region { code, name, kind: RegionKind::UnionTerritory, population_k }
+    Region {
+        code,
+        name,
+        kind: RegionKind::UnionTerritory,
+        population_k,
+    }
 }
 
 /// All 36 regions, sorted by code. The order is part of the schema: migration
@@ -86,11 +96,21 @@ mod tests {
     fn thirty_six_sorted_unique_codes_28_states_8_uts() {
         assert_eq!(REGIONS.len(), 36);
         for pair in REGIONS.windows(2) {
-            assert!(pair[0].code < pair[1].code, "{} before {}", pair[0].code, pair[1].code);
+            assert!(
+                pair[0].code < pair[1].code,
+                "{} before {}",
+                pair[0].code,
+                pair[1].code
+            );
         }
-        let states = REGIONS.iter().filter(|r| r.kind == RegionKind::State).count();
+        let states = REGIONS
+            .iter()
+            .filter(|r| r.kind == RegionKind::State)
+            .count();
         assert_eq!(states, 28);
-        assert!(REGIONS.iter().all(|r| r.code.len() == 2 && r.code.chars().all(|c| c.is_ascii_uppercase())));
+        assert!(REGIONS
+            .iter()
+            .all(|r| r.code.len() == 2 && r.code.chars().all(|c| c.is_ascii_uppercase())));
     }
 
     #[test]

@@ -1,0 +1,108 @@
+//! A Citus coordinator with two workers, where Citus is installed.
+
+use umstore_data_plane::localpg::{LocalCluster, PgBinaries};
+
+use crate::postgres::cluster_options;
+use crate::{free_port, keeper, HarnessError, TestDir};
+
+/// Why [`Citus::start`] gave no cluster.
+#[derive(Debug, thiserror::Error)]
+pub enum CitusUnavailable {
+    /// Citus is not installed here: tests print the reason and return.
+    #[error("skipping: {0}")]
+    Skip(String),
+    /// Citus is installed but the cluster failed to start.
+    #[error(transparent)]
+    Failed(#[from] HarnessError),
+}
+
+/// A Citus coordinator and two workers on loopback ports, registered with
+/// `citus_set_coordinator_host` and `citus_add_node`. Stopped on drop.
+#[derive(Debug)]
+pub struct Citus {
+    workers: Vec<LocalCluster>,
+    coordinator: LocalCluster,
+    dir: TestDir,
+}
+
+impl Citus {
+    /// Starts the cluster, or says why it cannot run here.
+    pub fn start() -> Result<Self, CitusUnavailable> {
+        let bins = PgBinaries::discover().map_err(HarnessError::from)?;
+        if !bins.has_citus() {
+            let dir = bins
+                .pkglibdir()
+                .map_or("pg_config --pkglibdir (not found)".to_owned(), |d| {
+                    d.display().to_string()
+                });
+            return Err(CitusUnavailable::Skip(format!(
+                "citus.so not found in {dir}: build Citus from source to run these tests"
+            )));
+        }
+        let dir = TestDir::new("citus")?;
+        let mut nodes = Vec::new();
+        for name in ["coordinator", "worker0", "worker1"] {
+            let mut opts =
+                cluster_options(free_port().map_err(CitusUnavailable::from)?, dir.path());
+            opts.citus = true;
+            let mut node = LocalCluster::init_or_reuse(&bins, &dir.path().join(name), opts)
+                .map_err(HarnessError::from)?;
+            node.start().map_err(HarnessError::from)?;
+            node.psql("postgres", "CREATE EXTENSION IF NOT EXISTS citus")
+                .map_err(HarnessError::from)?;
+            nodes.push(node);
+        }
+        let coordinator = nodes.remove(0);
+        let sql = |q: &str| coordinator.psql("postgres", q).map_err(HarnessError::from);
+        // Ports are integers we chose: no quoting concerns.
+        sql(&format!(
+            "SELECT citus_set_coordinator_host('127.0.0.1', {})",
+            coordinator.port()
+        ))?;
+        for worker in &nodes {
+            sql(&format!(
+                "SELECT citus_add_node('127.0.0.1', {})",
+                worker.port()
+            ))?;
+        }
+        Ok(Self {
+            workers: nodes,
+            coordinator,
+            dir,
+        })
+    }
+
+    pub(crate) fn stop_at_exit(mut self) -> Self {
+        for node in std::iter::once(&self.coordinator).chain(&self.workers) {
+            if let Some(pid) = node.pid() {
+                keeper::stop_at_exit(pid, libc::SIGQUIT);
+            }
+        }
+        self.dir.remove_at_exit();
+        self
+    }
+
+    /// The coordinator.
+    pub fn coordinator(&self) -> &LocalCluster {
+        &self.coordinator
+    }
+
+    /// The workers.
+    pub fn workers(&self) -> &[LocalCluster] {
+        &self.workers
+    }
+
+    /// Connection string for `dbname` on the coordinator (unix socket).
+    pub fn conninfo(&self, dbname: &str) -> String {
+        self.coordinator.conninfo(dbname)
+    }
+}
+
+impl Drop for Citus {
+    fn drop(&mut self) {
+        for worker in &mut self.workers {
+            worker.stop();
+        }
+        self.coordinator.stop();
+    }
+}

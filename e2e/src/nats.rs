@@ -1,0 +1,90 @@
+//! nats-server with JetStream.
+
+use std::io::{BufRead, BufReader};
+use std::net::TcpStream;
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
+
+use umstore_data_plane::localpg::ChildSetup;
+
+use crate::process::{find_program, ServerProcess};
+use crate::{free_port, HarnessError, TestDir};
+
+/// A `nats-server -js` on a free loopback port, storing JetStream data in its own
+/// directory. Stopped on drop.
+#[derive(Debug)]
+pub struct Nats {
+    process: ServerProcess,
+    port: u16,
+    dir: TestDir,
+}
+
+impl Nats {
+    /// Starts the server and waits until its `INFO` line says JetStream is on.
+    pub fn start() -> Result<Self, HarnessError> {
+        let program = find_program("nats-server", &[PathBuf::from("/usr/sbin")]).ok_or(
+            HarnessError::ProgramNotFound {
+                program: "nats-server",
+                looked_in: "PATH, /usr/sbin".to_owned(),
+                install: "install it with apt-get install nats-server",
+            },
+        )?;
+        let dir = TestDir::new("nats")?;
+        let port = free_port()?;
+        let mut cmd = Command::new(program);
+        cmd.args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
+            .arg(dir.path().join("store"));
+        let log = dir.path().join("nats-server.log");
+        let mut process = ServerProcess::spawn("nats-server", cmd, ChildSetup::same_user(), log)?;
+        process.wait_until(|| info_line(port).is_some_and(|l| l.contains("\"jetstream\":true")))?;
+        Ok(Self { process, port, dir })
+    }
+
+    pub(crate) fn stop_at_exit(mut self) -> Self {
+        if let Some(pid) = self.process.pid() {
+            crate::keeper::stop_at_exit(pid, libc::SIGKILL);
+        }
+        self.dir.remove_at_exit();
+        self
+    }
+
+    /// `nats://127.0.0.1:<port>`.
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// The client port.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// The directory holding its configuration, data and log.
+    pub fn dir(&self) -> &std::path::Path {
+        self.dir.path()
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> Option<u32> {
+        self.process.pid()
+    }
+
+    /// The server's `INFO` line (JSON after `INFO `), read from a fresh connection.
+    pub fn info(&self) -> Result<String, HarnessError> {
+        info_line(self.port).ok_or_else(|| {
+            self.process
+                .not_ready("sent no INFO line on a new connection".to_owned())
+        })
+    }
+}
+
+/// Connects and reads the first protocol line, which NATS servers send unasked.
+fn info_line(port: u16) -> Option<String> {
+    let stream = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    stream
+        .set_read_timeout(Some(Duration::from_millis(500)))
+        .ok()?;
+    let mut line = String::new();
+    BufReader::new(stream).read_line(&mut line).ok()?;
+    line.starts_with("INFO ").then_some(line)
+}

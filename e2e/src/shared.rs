@@ -1,0 +1,110 @@
+//! One lazily started set of servers per test process.
+
+use std::sync::OnceLock;
+
+use crate::{Citus, CitusUnavailable, HarnessError, Nats, OpenBao, PgBouncer, Postgres};
+
+/// The process-wide servers; each starts on first use and stops when the process exits
+/// (see [`crate::keeper`]). Get it with [`shared()`].
+#[derive(Debug, Default)]
+pub struct Servers {
+    postgres: OnceLock<Result<Postgres, String>>,
+    pgbouncer: OnceLock<Result<PgBouncer, String>>,
+    nats: OnceLock<Result<Nats, String>>,
+    openbao: OnceLock<Result<OpenBao, String>>,
+    citus: OnceLock<Result<Citus, (bool, String)>>,
+}
+
+/// The shared servers of this test process. Cheap: servers start on first use of
+/// their accessor. Both `shared().postgres()` and `shared().await.primary()` work (the
+/// latter for async code; awaiting resolves at once).
+pub fn shared() -> &'static Servers {
+    static SERVERS: OnceLock<Servers> = OnceLock::new();
+    SERVERS.get_or_init(Servers::default)
+}
+
+impl std::future::IntoFuture for &'static Servers {
+    type Output = &'static Servers;
+    type IntoFuture = std::future::Ready<&'static Servers>;
+
+    fn into_future(self) -> Self::IntoFuture {
+        std::future::ready(self)
+    }
+}
+
+fn get<'a, T>(
+    cell: &'a OnceLock<Result<T, String>>,
+    server: &'static str,
+    start: impl FnOnce() -> Result<T, HarnessError>,
+) -> Result<&'a T, HarnessError> {
+    cell.get_or_init(|| start().map_err(|e| e.to_string()))
+        .as_ref()
+        .map_err(|message| HarnessError::Shared {
+            server,
+            message: message.clone(),
+        })
+}
+
+impl Servers {
+    /// The shared PostgreSQL primary (its two replicas start on first
+    /// [`Postgres::replicas`] use). Blocks while starting.
+    pub fn postgres(&self) -> Result<&Postgres, HarnessError> {
+        get(&self.postgres, "PostgreSQL", || {
+            Ok(Postgres::start()?.stop_at_exit())
+        })
+    }
+
+    /// The shared PostgreSQL primary, for tests: panics with the startup error (which
+    /// names the log to read) when it cannot start. [`Servers::postgres`] returns it.
+    pub fn primary(&self) -> &Postgres {
+        match self.postgres() {
+            Ok(postgres) => postgres,
+            Err(e) => panic!("{e}"),
+        }
+    }
+
+    /// The shared PgBouncer in front of the shared primary.
+    pub fn pgbouncer(&self) -> Result<&PgBouncer, HarnessError> {
+        let postgres = self.postgres()?;
+        get(&self.pgbouncer, "PgBouncer", || {
+            Ok(PgBouncer::start(postgres)?.stop_at_exit())
+        })
+    }
+
+    /// The shared NATS JetStream server.
+    pub fn nats(&self) -> Result<&Nats, HarnessError> {
+        get(&self.nats, "nats-server", || {
+            Ok(Nats::start()?.stop_at_exit())
+        })
+    }
+
+    /// The shared OpenBao dev server (transit enabled).
+    pub fn openbao(&self) -> Result<&OpenBao, HarnessError> {
+        get(&self.openbao, "OpenBao", || {
+            Ok(OpenBao::start()?.stop_at_exit())
+        })
+    }
+
+    /// The shared Citus cluster, or why there is none.
+    pub fn citus(&self) -> Result<&Citus, CitusUnavailable> {
+        let started = self.citus.get_or_init(|| match Citus::start() {
+            Ok(c) => Ok(c.stop_at_exit()),
+            Err(CitusUnavailable::Skip(reason)) => Err((true, reason)),
+            Err(CitusUnavailable::Failed(e)) => Err((false, e.to_string())),
+        });
+        match started {
+            Ok(citus) => Ok(citus),
+            Err((true, reason)) => Err(CitusUnavailable::Skip(reason.clone())),
+            Err((false, message)) => Err(CitusUnavailable::Failed(HarnessError::Shared {
+                server: "Citus",
+                message: message.clone(),
+            })),
+        }
+    }
+
+    /// Creates a uniquely named database on the shared primary; returns its name and a
+    /// connection string for it.
+    pub async fn fresh_database(&self) -> Result<(String, String), HarnessError> {
+        self.postgres()?.fresh_database().await
+    }
+}
