@@ -13,3 +13,4 @@ pub mod localpg;
 pub mod metrics;
 pub mod model;
 pub mod seed;
+pub mod store;

@@ -5,11 +5,14 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use tracing::{error, info, warn};
-use umstore_data_plane::api::{self, AppState, DbSlot};
-use umstore_data_plane::crypto::LocalKeyProvider;
+use umstore_data_plane::api::{self, AppState, DbSlot, KeysSlot};
+use umstore_data_plane::crypto::rotation::{rotate_and_rewrap, RotationOptions};
+use umstore_data_plane::crypto::{
+    DataKeyCache, KeyProvider, KeyProviderConfig, Keyring, VaultAuth, VaultConfig,
+};
 use umstore_data_plane::db::Database;
 use umstore_data_plane::embedded::{default_data_dir, Embedded};
 use umstore_data_plane::metrics::Metrics;
@@ -35,8 +38,95 @@ struct Cli {
     #[arg(long, env = "UMSTORE_DATA_DIR", global = true)]
     data_dir: Option<PathBuf>,
 
+    #[command(flatten)]
+    keys: KeyArgs,
+
     #[command(subcommand)]
     command: Command,
+}
+
+/// Where data keys are wrapped: Vault transit, or (local runs only) a key file.
+#[derive(Debug, clap::Args)]
+struct KeyArgs {
+    /// Vault/OpenBao address; without it the local key file under --data-dir is used.
+    #[arg(long, env = "UMSTORE_VAULT_ADDR", global = true)]
+    vault_addr: Option<String>,
+    /// Vault token (or use --vault-k8s-role).
+    #[arg(long, env = "VAULT_TOKEN", global = true, hide_env_values = true)]
+    vault_token: Option<String>,
+    /// Log in with the pod's Kubernetes service account under this Vault role.
+    #[arg(long, env = "UMSTORE_VAULT_K8S_ROLE", global = true)]
+    vault_k8s_role: Option<String>,
+    /// Service-account token file for --vault-k8s-role.
+    #[arg(
+        long,
+        global = true,
+        default_value = "/var/run/secrets/kubernetes.io/serviceaccount/token"
+    )]
+    vault_k8s_token_path: PathBuf,
+    /// Mount of Vault's kubernetes auth method.
+    #[arg(long, global = true, default_value = "kubernetes")]
+    vault_k8s_mount: String,
+    /// PEM CA certificate that signed Vault's TLS certificate.
+    #[arg(long, env = "UMSTORE_VAULT_CACERT", global = true)]
+    vault_ca_cert: Option<PathBuf>,
+    /// Transit mount.
+    #[arg(
+        long,
+        env = "UMSTORE_TRANSIT_MOUNT",
+        global = true,
+        default_value = "transit"
+    )]
+    transit_mount: String,
+    /// Transit key that wraps the data keys.
+    #[arg(
+        long,
+        env = "UMSTORE_TRANSIT_KEY",
+        global = true,
+        default_value = "umstore-pii"
+    )]
+    transit_key: String,
+    /// Refuse to start without Vault (no local key file).
+    #[arg(long, env = "UMSTORE_REQUIRE_VAULT", global = true)]
+    require_vault: bool,
+}
+
+impl KeyArgs {
+    fn provider_config(&self, data_dir: &std::path::Path) -> Result<KeyProviderConfig> {
+        let Some(address) = &self.vault_addr else {
+            return Ok(KeyProviderConfig::Local {
+                dir: data_dir.to_path_buf(),
+                require_vault: self.require_vault,
+            });
+        };
+        let auth = match (&self.vault_token, &self.vault_k8s_role) {
+            (_, Some(role)) => VaultAuth::Kubernetes {
+                role: role.clone(),
+                token_path: self.vault_k8s_token_path.clone(),
+                mount: self.vault_k8s_mount.clone(),
+            },
+            (Some(token), None) => VaultAuth::Token(token.clone()),
+            (None, None) => {
+                bail!("--vault-addr needs --vault-token (VAULT_TOKEN) or --vault-k8s-role")
+            }
+        };
+        let mut config = VaultConfig::with_token(address.clone(), String::new());
+        config.auth = auth;
+        config.ca_cert = self.vault_ca_cert.clone();
+        config.transit_mount = self.transit_mount.clone();
+        config.key_name = self.transit_key.clone();
+        Ok(KeyProviderConfig::Vault(config))
+    }
+}
+
+async fn open_keyring(
+    args: &KeyArgs,
+    data_dir: &std::path::Path,
+    client: &tokio_postgres::Client,
+) -> Result<Keyring> {
+    let provider = KeyProvider::open(args.provider_config(data_dir)?).await?;
+    let cache = DataKeyCache::new(100_000, Duration::from_secs(300));
+    Ok(Keyring::open(provider, cache, client).await?)
 }
 
 #[derive(Debug, Subcommand)]
@@ -59,6 +149,11 @@ enum Command {
         #[arg(long)]
         write_copy_files: Option<PathBuf>,
     },
+    /// Data keys: rotation and crypto-shredding.
+    Keys {
+        #[command(subcommand)]
+        action: KeysAction,
+    },
     /// Serve /healthz, /readyz and /metrics.
     Serve {
         /// Address to listen on.
@@ -71,6 +166,30 @@ enum Command {
         #[arg(long)]
         no_migrate: bool,
     },
+}
+
+#[derive(Debug, Subcommand)]
+enum KeysAction {
+    /// Rotate the transit key, rewrap every data key in batches (resumable),
+    /// then retire the old key versions. Reads and writes go on meanwhile.
+    Rotate {
+        /// Keys per Vault call and per transaction.
+        #[arg(long, default_value_t = 500)]
+        batch_size: usize,
+    },
+    /// Destroy a user's data key: their PII, history included, becomes unreadable.
+    ForgetUser {
+        /// The user.
+        user_id: uuid::Uuid,
+        /// Who asks (recorded in the audit row).
+        #[arg(long)]
+        actor: String,
+        /// Why (recorded in the audit row; no PII).
+        #[arg(long)]
+        reason: Option<String>,
+    },
+    /// The key's versions and how many data keys each wraps.
+    Status,
 }
 
 #[derive(Debug, Subcommand)]
@@ -102,20 +221,6 @@ async fn main() -> Result<()> {
     let cli = Cli::parse();
     let data_dir = cli.data_dir.clone().unwrap_or_else(default_data_dir);
 
-    if let Command::Seed {
-        users,
-        seed,
-        write_copy_files: Some(dir),
-    } = &cli.command
-    {
-        let keys = Arc::new(LocalKeyProvider::open_or_create(&data_dir)?);
-        let dir = dir.clone();
-        let (users, seed) = (*users, *seed);
-        tokio::task::spawn_blocking(move || seed::write_copy_files(&dir, users, seed, keys))
-            .await??;
-        return Ok(());
-    }
-
     let (database, embedded) = match &cli.database_url {
         Some(url) => (Database::parse(url)?, None),
         None => {
@@ -126,14 +231,19 @@ async fn main() -> Result<()> {
             (embedded.database().clone(), Some(embedded))
         }
     };
-    let result = run(cli.command, &database, &data_dir).await;
+    let result = run(cli.command, &database, &data_dir, &cli.keys).await;
     if let Some(embedded) = embedded {
         embedded.stop();
     }
     result
 }
 
-async fn run(command: Command, database: &Database, data_dir: &std::path::Path) -> Result<()> {
+async fn run(
+    command: Command,
+    database: &Database,
+    data_dir: &std::path::Path,
+    key_args: &KeyArgs,
+) -> Result<()> {
     let runner = Runner::default();
     match command {
         Command::Migrate { action } => {
@@ -199,15 +309,20 @@ async fn run(command: Command, database: &Database, data_dir: &std::path::Path) 
         Command::Seed {
             users,
             seed,
-            write_copy_files: _,
+            write_copy_files,
         } => {
             let mut client = database.connect().await?;
             runner
                 .verify(&client)
                 .await
                 .context("the schema must be current before seeding: run `migrate up`")?;
-            let keys = Arc::new(LocalKeyProvider::open_or_create(data_dir)?);
-            let report = seed::seed(&mut client, users, seed, keys).await?;
+            let keyring = open_keyring(key_args, data_dir, &client).await?;
+            if let Some(dir) = write_copy_files {
+                seed::write_copy_files(&dir, users, seed, &keyring).await?;
+                println!("wrote COPY files and load.psql to {}", dir.display());
+                return Ok(());
+            }
+            let report = seed::seed(&mut client, users, seed, &keyring).await?;
             println!(
                 "seeded {} users in {:.2} s ({:.0} users/s)",
                 report.users,
@@ -215,11 +330,97 @@ async fn run(command: Command, database: &Database, data_dir: &std::path::Path) 
                 report.users_per_second()
             );
         }
+        Command::Keys { action } => {
+            let mut client = database.connect().await?;
+            runner
+                .verify(&client)
+                .await
+                .context("the schema must be current: run `migrate up`")?;
+            let keyring = open_keyring(key_args, data_dir, &client).await?;
+            keys_command(action, &mut client, &keyring).await?;
+        }
         Command::Serve {
             listen,
             demo,
             no_migrate,
-        } => serve(database, data_dir, &runner, listen, demo, no_migrate).await?,
+        } => {
+            serve(
+                database, data_dir, &runner, listen, demo, no_migrate, key_args,
+            )
+            .await?
+        }
+    }
+    Ok(())
+}
+
+async fn keys_command(
+    action: KeysAction,
+    client: &mut tokio_postgres::Client,
+    keyring: &Keyring,
+) -> Result<()> {
+    match action {
+        KeysAction::Rotate { batch_size } => {
+            let opts = RotationOptions {
+                batch_size,
+                stop_after_batches: None,
+            };
+            let started = std::time::Instant::now();
+            let report = rotate_and_rewrap(client, keyring.provider(), opts, |_| {}).await?;
+            println!(
+                "rotation {} done: every data key wrapped under version {} ({} rewrapped by this run{}) in {:.1} s; older versions retired",
+                report.rotation_id,
+                report.version,
+                report.rewrapped_now,
+                if report.resumed { ", resumed" } else { "" },
+                started.elapsed().as_secs_f64()
+            );
+        }
+        KeysAction::ForgetUser {
+            user_id,
+            actor,
+            reason,
+        } => {
+            let report = keyring
+                .forget_user(client, user_id, &actor, reason.as_deref())
+                .await?;
+            if report.destroyed_now {
+                println!(
+                    "user {user_id} ({}) erased: data key destroyed, PII unreadable",
+                    report.region
+                );
+            } else {
+                println!(
+                    "user {user_id} ({}) was already erased; nothing changed",
+                    report.region
+                );
+            }
+        }
+        KeysAction::Status => {
+            let versions = keyring.provider().versions().await?;
+            println!(
+                "key {}: latest version {}, min decryption version {}",
+                keyring.provider().kek_name(),
+                versions.latest,
+                versions.min_decryption
+            );
+            let rows = client
+                .query(
+                    "SELECT kek_name, kek_version, count(*) FILTER (WHERE wrapped_key IS NOT NULL),
+                            count(*) FILTER (WHERE wrapped_key IS NULL)
+                     FROM umstore.user_data_keys GROUP BY 1, 2 ORDER BY 1, 2",
+                    &[],
+                )
+                .await?;
+            for r in rows {
+                println!(
+                    "  {} v{}: {} data keys, {} destroyed",
+                    r.get::<_, String>(0),
+                    r.get::<_, i32>(1),
+                    r.get::<_, i64>(2),
+                    r.get::<_, i64>(3)
+                );
+            }
+        }
     }
     Ok(())
 }
@@ -231,9 +432,20 @@ async fn serve(
     listen: SocketAddr,
     demo: bool,
     no_migrate: bool,
+    key_args: &KeyArgs,
 ) -> Result<()> {
+    // Refuse a forbidden local provider before anything starts.
+    let provider_config = key_args.provider_config(data_dir)?;
+    if let KeyProviderConfig::Local {
+        require_vault: true,
+        ..
+    } = provider_config
+    {
+        bail!("--require-vault is set but no --vault-addr was given");
+    }
     let metrics = Arc::new(Metrics::new());
     let slot = DbSlot::new();
+    let keys = KeysSlot::new();
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("cannot listen on {listen}: pass --listen with a free address"))?;
@@ -244,19 +456,20 @@ async fn serve(
         metrics.clone(),
     ));
     let prepare = {
-        let (database, runner, data_dir) =
-            (database.clone(), runner.clone(), data_dir.to_path_buf());
+        let (database, runner, keys) = (database.clone(), runner.clone(), keys.clone());
         tokio::spawn(async move {
-            if let Err(e) = prepare(&database, &runner, &data_dir, demo, no_migrate).await {
-                error!(
-                    error = format!("{e:#}"),
-                    "preparing the store failed; /readyz reports the schema state"
-                );
+            if let Err(e) =
+                prepare(&database, &runner, provider_config, &keys, demo, no_migrate).await
+            {
+                let message = format!("{e:#}");
+                error!(error = %message, "preparing the store failed");
+                keys.set(Err(message)).await;
             }
         })
     };
     let state = AppState {
         db: slot,
+        keys,
         runner: Arc::new(runner.clone()),
         metrics,
     };
@@ -275,7 +488,8 @@ async fn serve(
 async fn prepare(
     database: &Database,
     runner: &Runner,
-    data_dir: &std::path::Path,
+    provider_config: KeyProviderConfig,
+    keys: &KeysSlot,
     demo: bool,
     no_migrate: bool,
 ) -> Result<()> {
@@ -293,6 +507,16 @@ async fn prepare(
             "schema migrated"
         );
     }
+    let provider = KeyProvider::open(provider_config).await?;
+    let keyring = Arc::new(
+        Keyring::open(
+            provider,
+            DataKeyCache::new(100_000, Duration::from_secs(300)),
+            &client,
+        )
+        .await?,
+    );
+    keys.set(Ok(keyring.clone())).await;
     if demo {
         let empty: bool = client
             .query_one(
@@ -302,8 +526,7 @@ async fn prepare(
             .await?
             .get(0);
         if empty {
-            let keys = Arc::new(LocalKeyProvider::open_or_create(data_dir)?);
-            let report = seed::seed(&mut client, 10_000, 1, keys).await?;
+            let report = seed::seed(&mut client, 10_000, 1, &keyring).await?;
             info!(
                 users = report.users,
                 secs = report.elapsed.as_secs_f64(),

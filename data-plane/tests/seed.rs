@@ -3,10 +3,12 @@
 
 mod support;
 
-use std::sync::Arc;
+use std::time::Duration;
 
 use support::*;
-use umstore_data_plane::crypto::{FieldAad, LocalKeyProvider, WrappedKey};
+use umstore_data_plane::crypto::{
+    DataKeyCache, FieldAad, KeyProvider, Keyring, LocalKeyProvider, UserKey,
+};
 use umstore_data_plane::seed::{self, Generator, SeedError};
 use umstore_migrations::Runner;
 
@@ -17,10 +19,19 @@ async fn migrated() -> tokio_postgres::Client {
     client
 }
 
-fn keys() -> (tempfile::TempDir, Arc<LocalKeyProvider>) {
+async fn keys(client: &tokio_postgres::Client) -> (tempfile::TempDir, Keyring) {
     let dir = tempfile::tempdir().expect("tempdir");
-    let keys = Arc::new(LocalKeyProvider::open_or_create(dir.path()).expect("keys"));
-    (dir, keys)
+    let provider = KeyProvider::Local(Box::new(
+        LocalKeyProvider::open_or_create(dir.path()).expect("keys"),
+    ));
+    let keyring = Keyring::open(
+        provider,
+        DataKeyCache::new(1_000, Duration::from_secs(60)),
+        client,
+    )
+    .await
+    .expect("keyring");
+    (dir, keyring)
 }
 
 async fn count(client: &tokio_postgres::Client, table: &str) -> i64 {
@@ -34,8 +45,8 @@ async fn count(client: &tokio_postgres::Client, table: &str) -> i64 {
 #[tokio::test]
 async fn seed_writes_every_table_and_pii_only_as_ciphertext() {
     let mut client = migrated().await;
-    let (_dir, keys) = keys();
-    let report = seed::seed(&mut client, 12_345, 42, keys.clone())
+    let (_dir, keys) = keys(&client).await;
+    let report = seed::seed(&mut client, 12_345, 42, &keys)
         .await
         .expect("seed");
     assert_eq!(report.users, 12_345);
@@ -63,15 +74,14 @@ async fn seed_writes_every_table_and_pii_only_as_ciphertext() {
     let profile = Generator::new(42, today).next_profile();
     let row = client
         .query_one(
-            "SELECT m.pincode_enc, m.full_name_enc, m.identity_token_bidx, k.wrapped_key, k.kek_name, k.kek_version,
-                    m::text
-             FROM umstore.user_metadata m JOIN umstore.user_data_keys k USING (region, user_id)
+            "SELECT m.pincode_enc, m.full_name_enc, m.identity_token_bidx, m::text
+             FROM umstore.user_metadata m
              WHERE m.region = umstore.user_region($1) AND m.user_id = $1",
             &[&profile.user_id],
         )
         .await
         .expect("first user");
-    let whole_row: String = row.get(6);
+    let whole_row: String = row.get(3);
     assert!(
         !whole_row.contains(&profile.pincode),
         "pincode stored in plaintext"
@@ -80,14 +90,13 @@ async fn seed_writes_every_table_and_pii_only_as_ciphertext() {
         !whole_row.contains(&hex_of(profile.full_name.as_bytes())),
         "name stored in plaintext"
     );
-    let wrapped = WrappedKey {
-        wrapped: row.get(3),
-        kek_name: row.get(4),
-        kek_version: row.get(5),
+    let UserKey::Active(key) = keys
+        .user_key(&client, profile.user_id, profile.region)
+        .await
+        .expect("unwrap")
+    else {
+        panic!("the key is active");
     };
-    let key = keys
-        .unwrap_key(profile.user_id, profile.region, &wrapped)
-        .expect("unwrap");
     let aad = |column| FieldAad {
         user_id: profile.user_id,
         region: profile.region,
@@ -109,7 +118,7 @@ async fn seed_writes_every_table_and_pii_only_as_ciphertext() {
     let bidx: Vec<u8> = row.get(2);
     assert_eq!(
         bidx,
-        keys.blind_index_key()
+        keys.blind_index()
             .index("identity_token", profile.identity_token.as_bytes())
     );
 }
@@ -121,11 +130,11 @@ fn hex_of(b: &[u8]) -> String {
 #[tokio::test]
 async fn seeding_the_same_seed_twice_is_refused_and_changes_nothing() {
     let mut client = migrated().await;
-    let (_dir, keys) = keys();
-    seed::seed(&mut client, 1_000, 7, keys.clone())
+    let (_dir, keys) = keys(&client).await;
+    seed::seed(&mut client, 1_000, 7, &keys)
         .await
         .expect("first seed");
-    let err = seed::seed(&mut client, 1_000, 7, keys.clone())
+    let err = seed::seed(&mut client, 1_000, 7, &keys)
         .await
         .expect_err("same seed again");
     assert!(
@@ -134,7 +143,7 @@ async fn seeding_the_same_seed_twice_is_refused_and_changes_nothing() {
     );
     assert!(err.to_string().contains("pass another --seed"));
     assert_eq!(count(&client, "user_metadata").await, 1_000);
-    seed::seed(&mut client, 500, 8, keys)
+    seed::seed(&mut client, 500, 8, &keys)
         .await
         .expect("another seed adds users");
     assert_eq!(count(&client, "user_metadata").await, 1_500);
@@ -143,8 +152,8 @@ async fn seeding_the_same_seed_twice_is_refused_and_changes_nothing() {
 #[tokio::test]
 async fn derived_attributes_agree_with_the_derive_function() {
     let mut client = migrated().await;
-    let (_dir, keys) = keys();
-    seed::seed(&mut client, 300, 11, keys).await.expect("seed");
+    let (_dir, keys) = keys(&client).await;
+    seed::seed(&mut client, 300, 11, &keys).await.expect("seed");
     let today = chrono::Utc::now().date_naive();
     let mut generator = Generator::new(11, today);
     for _ in 0..300 {

@@ -1,3 +1,9 @@
+-- Per-user tables are LIST-partitioned by region like user_metadata, and each
+-- partition's foreign key points at the same region's user_metadata partition:
+-- a region's rows live together (residency, moving or detaching a region), and
+-- the foreign-key check reads one plain table instead of routing through the
+-- partitioned parent (about ten times cheaper per row on bulk loads).
+
 -- Attributes derived from user_metadata on every metadata write.
 CREATE TABLE umstore.user_derived_attributes (
     user_id                 uuid NOT NULL,
@@ -17,8 +23,8 @@ CREATE TABLE umstore.user_derived_attributes (
     computed_at             timestamptz NOT NULL DEFAULT now(),
     source_version          bigint NOT NULL,
     PRIMARY KEY (region, user_id),
-    FOREIGN KEY (region, user_id) REFERENCES umstore.user_metadata (region, user_id) ON DELETE CASCADE
-);
+    FOREIGN KEY (region) REFERENCES umstore.regions (region)
+) PARTITION BY LIST (region);
 CREATE INDEX user_derived_life_stage_idx ON umstore.user_derived_attributes (region, life_stage);
 CREATE INDEX user_derived_income_bracket_idx ON umstore.user_derived_attributes (region, income_bracket);
 
@@ -33,8 +39,8 @@ CREATE TABLE umstore.user_risk_scores (
     model_version           text NOT NULL CHECK (model_version <> ''),
     computed_at             timestamptz NOT NULL,
     PRIMARY KEY (region, user_id),
-    FOREIGN KEY (region, user_id) REFERENCES umstore.user_metadata (region, user_id) ON DELETE CASCADE
-);
+    FOREIGN KEY (region) REFERENCES umstore.regions (region)
+) PARTITION BY LIST (region);
 CREATE INDEX user_risk_overall_idx ON umstore.user_risk_scores (region, overall_risk DESC);
 
 -- Scheme eligibility computed by the rules engine, valid until expires_at.
@@ -50,10 +56,32 @@ CREATE TABLE umstore.user_eligibility_cache (
     expires_at              timestamptz NOT NULL,
     CHECK (expires_at > computed_at),
     PRIMARY KEY (region, user_id, scheme_id),
-    FOREIGN KEY (region, user_id) REFERENCES umstore.user_metadata (region, user_id) ON DELETE CASCADE
-);
+    FOREIGN KEY (region) REFERENCES umstore.regions (region)
+) PARTITION BY LIST (region);
 CREATE INDEX user_eligibility_scheme_idx ON umstore.user_eligibility_cache (region, scheme_id, eligible);
 CREATE INDEX user_eligibility_expires_idx ON umstore.user_eligibility_cache (expires_at);
+
+-- One partition per region for each, referencing that region's user_metadata
+-- partition (ON DELETE CASCADE: an administrator's delete of a user removes
+-- what was derived from them).
+DO $$
+DECLARE
+    r text;
+    t text;
+BEGIN
+    FOR r IN SELECT region FROM umstore.regions ORDER BY region LOOP
+        FOREACH t IN ARRAY ARRAY['user_derived_attributes', 'user_risk_scores', 'user_eligibility_cache'] LOOP
+            EXECUTE format(
+                'CREATE TABLE umstore.%I PARTITION OF umstore.%I FOR VALUES IN (%L)',
+                t || '_' || lower(r), t, r);
+            EXECUTE format(
+                'ALTER TABLE umstore.%I ADD FOREIGN KEY (region, user_id) '
+                'REFERENCES umstore.%I (region, user_id) ON DELETE CASCADE',
+                t || '_' || lower(r), 'user_metadata_' || lower(r));
+        END LOOP;
+    END LOOP;
+END
+$$;
 
 -- Append-only change history: enough to rebuild a user's state at any time.
 -- Values of PII columns are recorded as their ciphertext, so destroying a

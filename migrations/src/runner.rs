@@ -56,6 +56,7 @@ pub fn embedded() -> Vec<Migration> {
         migration!(5, "0005", "keys_events_outbox"),
         migration!(6, "0006", "access_control"),
         migration!(7, "0007", "pg_stat_statements"),
+        migration!(8, "0008", "key_management"),
     ]
 }
 

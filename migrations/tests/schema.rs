@@ -208,7 +208,7 @@ async fn every_key_of_a_per_user_table_includes_region() {
                           WHERE attrelid = conrelid AND attnum = ANY (conkey))
              FROM pg_constraint c JOIN pg_class t ON t.oid = c.conrelid
              WHERE connamespace = 'umstore'::regnamespace AND contype IN ('p', 'u', 'f')
-               AND t.relname NOT IN ('regions', 'user_directory', 'schema_migrations')
+               AND t.relname NOT IN ('regions', 'user_directory', 'schema_migrations', 'key_material', 'key_rotations')
                AND conparentid = 0",
             &[],
         )
@@ -411,6 +411,48 @@ async fn risk_scores_outside_zero_to_one_and_missing_fields_are_refused() {
         count(&client, "SELECT count(*) FROM umstore.user_risk_scores").await,
         1
     );
+}
+
+#[tokio::test]
+async fn derived_scores_and_eligibility_need_the_user_in_the_same_region() {
+    let (_c, client) = migrated_db().await;
+    insert_user(&client, USER, "KA").await.expect("KA user");
+    let insert = "INSERT INTO umstore.user_risk_scores
+        (user_id, region, financial_risk, deadline_risk, benefit_loss_risk, overall_risk, model_version, computed_at)
+        VALUES ($1::text::uuid, $2, 0.1, 0.1, 0.1, 0.1, 'm1', now())";
+    let err = client
+        .execute(insert, &[&USER, &"TN"])
+        .await
+        .expect_err("the user is not in TN");
+    assert_eq!(
+        err.code(),
+        Some(&tokio_postgres::error::SqlState::FOREIGN_KEY_VIOLATION),
+        "{err:?}"
+    );
+    let unknown = "8b7e2a56-0f0e-4c55-9d3c-1f1f6d0c0aff";
+    let err = client
+        .execute(insert, &[&unknown, &"KA"])
+        .await
+        .expect_err("unknown user");
+    assert_eq!(
+        err.code(),
+        Some(&tokio_postgres::error::SqlState::FOREIGN_KEY_VIOLATION),
+        "{err:?}"
+    );
+    client
+        .execute(insert, &[&USER, &"KA"])
+        .await
+        .expect("the user's own region");
+    let partitions: i64 = client
+        .query_one(
+            "SELECT count(*) FROM pg_inherits WHERE inhparent IN ('umstore.user_derived_attributes'::regclass,
+                 'umstore.user_risk_scores'::regclass, 'umstore.user_eligibility_cache'::regclass)",
+            &[],
+        )
+        .await
+        .expect("partitions")
+        .get(0);
+    assert_eq!(partitions, 3 * 36);
 }
 
 #[tokio::test]

@@ -14,6 +14,7 @@ use tokio_postgres::Client;
 use tracing::{info, warn};
 
 use super::AppState;
+use crate::crypto::Keyring;
 use crate::db::Database;
 use crate::metrics::{HttpLabels, Metrics};
 
@@ -129,6 +130,35 @@ pub async fn metrics(State(state): State<AppState>) -> Response {
         state.metrics.encode(),
     )
         .into_response()
+}
+
+/// The keyring, once the key provider answered, or the reason there is none.
+#[derive(Clone)]
+pub struct KeysSlot(Arc<RwLock<Result<Arc<Keyring>, String>>>);
+
+impl KeysSlot {
+    /// A slot holding no keyring yet.
+    pub fn new() -> Self {
+        Self(Arc::new(RwLock::new(Err(
+            "opening the key provider".to_owned()
+        ))))
+    }
+
+    /// The keyring, or why there is none.
+    pub async fn get(&self) -> Result<Arc<Keyring>, String> {
+        self.0.read().await.clone()
+    }
+
+    /// Replaces the keyring (or the reason there is none).
+    pub async fn set(&self, v: Result<Arc<Keyring>, String>) {
+        *self.0.write().await = v;
+    }
+}
+
+impl Default for KeysSlot {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 impl Default for DbSlot {

@@ -9,7 +9,7 @@ use axum::routing::get;
 use axum::Router;
 use umstore_migrations::Runner;
 
-pub use health::{supervise_database, DbSlot};
+pub use health::{supervise_database, DbSlot, KeysSlot};
 
 use crate::metrics::Metrics;
 
@@ -18,6 +18,8 @@ use crate::metrics::Metrics;
 pub struct AppState {
     /// The current database connection, if any, and why not.
     pub db: DbSlot,
+    /// The keyring once the key provider is up, or why not.
+    pub keys: KeysSlot,
     /// The migrations this binary expects.
     pub runner: Arc<Runner>,
     /// Metrics registry.

@@ -12,9 +12,9 @@ use tracing::warn;
 use uuid::Uuid;
 use zeroize::Zeroizing;
 
-use super::{BlindIndexKey, CryptoError, DataKey};
+use super::{CryptoError, DataKey};
 
-const KEY_FILE_LEN: usize = 64;
+const KEY_FILE_LEN: usize = 32;
 const NONCE_LEN: usize = 12;
 
 /// A data key wrapped by a KEK, as stored in `umstore.user_data_keys`.
@@ -31,7 +31,6 @@ pub struct WrappedKey {
 /// Wraps data keys with a key-encryption key held in a local file (0600).
 pub struct LocalKeyProvider {
     kek: Aes256Gcm,
-    blind_index: BlindIndexKey,
 }
 
 impl std::fmt::Debug for LocalKeyProvider {
@@ -57,8 +56,7 @@ impl LocalKeyProvider {
             Ok(bytes) => Zeroizing::new(bytes),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 let mut fresh = Zeroizing::new(vec![0u8; KEY_FILE_LEN]);
-                fresh[..32].copy_from_slice(DataKey::generate().expose());
-                fresh[32..].copy_from_slice(DataKey::generate().expose());
+                fresh.copy_from_slice(DataKey::generate().expose());
                 let mut file = OpenOptions::new()
                     .write(true)
                     .create_new(true)
@@ -83,23 +81,13 @@ impl LocalKeyProvider {
             "USING THE LOCAL KEY PROVIDER: data keys are wrapped by a key file on this disk, \
              not by Vault. For local runs only; configure Vault transit for anything real"
         );
-        let kek = Aes256Gcm::new(Key::<Aes256Gcm>::from_slice(&bytes[..32]));
-        let mut bidx = [0u8; 32];
-        bidx.copy_from_slice(&bytes[32..]);
-        Ok(Self {
-            kek,
-            blind_index: BlindIndexKey::from_bytes(bidx),
-        })
+        let kek = Aes256Gcm::new(Key::<Aes256Gcm>::from_slice(&bytes));
+        Ok(Self { kek })
     }
 
     /// Path of the key file in `dir`.
     pub fn key_file(dir: &Path) -> PathBuf {
         dir.join("local-keys.bin")
-    }
-
-    /// The blind-index key.
-    pub fn blind_index_key(&self) -> &BlindIndexKey {
-        &self.blind_index
     }
 
     fn aad(user_id: Uuid, region: &str) -> Vec<u8> {
@@ -226,7 +214,7 @@ mod tests {
             .map(|e| e.to_string())
             .unwrap_or_default();
         assert!(
-            err.contains("local-keys.bin is malformed (5 bytes, 64 expected)"),
+            err.contains("local-keys.bin is malformed (5 bytes, 32 expected)"),
             "{err}"
         );
     }

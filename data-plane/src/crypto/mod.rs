@@ -6,13 +6,22 @@
 //! to another user or column fails to open. Equality lookups use a keyed blind
 //! index (HMAC-SHA256) under a key separate from the data keys.
 
+mod cache;
 mod envelope;
+mod keyring;
 mod local;
 mod pii;
+mod provider;
+pub mod rotation;
+mod vault;
 
+pub use cache::DataKeyCache;
 pub use envelope::{BlindIndexKey, DataKey, FieldAad, SealedField, FIELD_FORMAT_V1};
+pub use keyring::{ForgetReport, Keyring, KeyringError, UserKey};
 pub use local::{LocalKeyProvider, WrappedKey};
 pub use pii::{seal_pii, SealedPii, PII_COLUMNS};
+pub use provider::{KeyProvider, KeyProviderConfig};
+pub use vault::{ciphertext_version, KekVersions, VaultAuth, VaultConfig, VaultKeyProvider};
 
 use thiserror::Error;
 
@@ -55,6 +64,33 @@ pub enum CryptoError {
         /// KEK version recorded with the wrapped key.
         kek_version: i32,
     },
+    /// A call to Vault failed (after retries where retrying made sense).
+    #[error("Vault at {address}: {what} failed: {detail}")]
+    Vault {
+        /// What the provider was doing.
+        what: &'static str,
+        /// Vault's address.
+        address: String,
+        /// Vault's answer or the transport error.
+        detail: String,
+    },
+    /// The wrapped key's KEK version was retired (below min_decryption_version).
+    #[error(
+        "the data key of user {user_id} is wrapped under retired key version {kek_version}: \
+         finish the key rotation (`keys rotate`) before raising min_decryption_version"
+    )]
+    RetiredKeyVersion {
+        /// Owner of the data key.
+        user_id: uuid::Uuid,
+        /// Its KEK version.
+        kek_version: i32,
+    },
+    /// The operation needs Vault transit.
+    #[error("{0} needs the Vault transit key provider; the local key provider cannot do it")]
+    NeedsVault(&'static str),
+    /// The local provider was refused.
+    #[error("the local key provider is refused here ({0}): configure Vault with --vault-addr and a token or Kubernetes role")]
+    LocalRefused(&'static str),
     /// Reading or creating the local key file failed.
     #[error("local key file {path}: {source}")]
     KeyFile {

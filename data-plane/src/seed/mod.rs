@@ -20,7 +20,7 @@ use tracing::info;
 pub use copy_text::CopyText;
 pub use generate::Generator;
 
-use crate::crypto::{seal_pii, DataKey, LocalKeyProvider};
+use crate::crypto::{seal_pii, BlindIndexKey, CryptoError, DataKey, Keyring};
 use crate::derive::derive;
 
 /// Users per batch handed from the generator to the COPY stream.
@@ -81,6 +81,9 @@ pub enum SeedError {
         #[source]
         source: std::io::Error,
     },
+    /// Wrapping the data keys failed.
+    #[error("wrapping data keys failed, nothing was written: {0}")]
+    Keys(#[from] CryptoError),
     /// The generator thread stopped unexpectedly.
     #[error("the generator thread stopped unexpectedly")]
     Generator,
@@ -102,26 +105,45 @@ impl SeedReport {
     }
 }
 
-/// One batch of COPY text, one stream per table of [`TABLES`].
-struct Batch([CopyText; 5]);
+/// One batch of COPY text, one stream per table of [`TABLES`]; the data keys
+/// table is rendered once the batch's keys are wrapped.
+struct Batch {
+    tables: [CopyText; 5],
+    keys: Vec<(uuid::Uuid, &'static str, DataKey)>,
+}
 
-fn render_batch(gen: &mut Generator, keys: &LocalKeyProvider, n: usize, today: NaiveDate) -> Batch {
+impl Batch {
+    /// Wraps the batch's data keys (one provider call) and renders their rows.
+    async fn wrap_keys(&mut self, keyring: &Keyring) -> Result<(), SeedError> {
+        let refs: Vec<(uuid::Uuid, &str, &DataKey)> =
+            self.keys.iter().map(|(u, r, k)| (*u, *r, k)).collect();
+        let wrapped = keyring.provider().wrap_batch(&refs).await?;
+        for ((user_id, region, _), w) in self.keys.iter().zip(&wrapped) {
+            self.tables[1]
+                .plain(user_id)
+                .text(region)
+                .bytea(&w.wrapped)
+                .text(&w.kek_name)
+                .plain(w.kek_version)
+                .end_row();
+        }
+        self.keys.clear();
+        Ok(())
+    }
+}
+
+fn render_batch(gen: &mut Generator, bidx: &BlindIndexKey, n: usize, today: NaiveDate) -> Batch {
     let mut t: [CopyText; 5] = Default::default();
+    let mut keys = Vec::with_capacity(n);
     let year = gen.year();
     for _ in 0..n {
         let p = gen.next_profile();
         let key = DataKey::generate();
-        let wrapped = keys.wrap(p.user_id, p.region, &key);
-        let pii = seal_pii(&p, &key, keys.blind_index_key());
+        let pii = seal_pii(&p, &key, bidx);
         let d = derive(&p, today);
+        keys.push((p.user_id, p.region, key));
 
         t[0].plain(p.user_id).text(p.region).end_row();
-        t[1].plain(p.user_id)
-            .text(p.region)
-            .bytea(&wrapped.wrapped)
-            .text(&wrapped.kek_name)
-            .plain(wrapped.kek_version)
-            .end_row();
         let birth_year = chrono::Datelike::year(&p.date_of_birth).clamp(1900, year);
         let land = format!(
             "{}.{:02}",
@@ -169,22 +191,17 @@ fn render_batch(gen: &mut Generator, keys: &LocalKeyProvider, n: usize, today: N
             .plain(format!("{:.2}", d.per_capita_income_lakh))
             .plain(1)
             .end_row();
-        // History values of PII columns are their ciphertext (hex), so
-        // destroying the data key makes the history unreadable too.
+        // A `created` row lists every field and records the non-PII values;
+        // the PII ciphertexts are in the current row, and state as of an
+        // earlier time is rebuilt from the current row and the old values of
+        // later changes (see docs/data-model.md).
         let new_values = serde_json::json!({
-            "full_name_enc": hex::encode(&pii.full_name),
-            "date_of_birth_enc": hex::encode(&pii.date_of_birth),
             "birth_year": birth_year,
             "gender": p.gender,
             "marital_status": p.marital_status,
-            "district_enc": hex::encode(&pii.district),
-            "pincode_enc": hex::encode(&pii.pincode),
             "area_type": p.area_type,
             "social_category": p.social_category,
             "disability": p.disability,
-            "phone_enc": hex::encode(&pii.phone),
-            "identity_token_enc": hex::encode(&pii.identity_token),
-            "annual_income_enc": hex::encode(&pii.annual_income),
             "income_lakh": p.income_lakh(),
             "occupation": p.occupation,
             "employment_type": p.employment_type,
@@ -200,21 +217,27 @@ fn render_batch(gen: &mut Generator, keys: &LocalKeyProvider, n: usize, today: N
         t[4].plain(p.user_id)
             .text(p.region)
             .text("created")
-            .plain("{*}")
+            .plain(CREATED_FIELDS)
             .text(&new_values.to_string())
             .text("seed")
             .plain(1)
             .end_row();
     }
-    Batch(t)
+    Batch { tables: t, keys }
 }
+
+/// `changed_fields` of a `created` history row: every column.
+const CREATED_FIELDS: &str = "{full_name_enc,date_of_birth_enc,birth_year,gender,marital_status,\
+district_enc,pincode_enc,area_type,social_category,disability,phone_enc,identity_token_enc,\
+identity_token_bidx,annual_income_enc,income_lakh,occupation,employment_type,land_holding_acres,\
+has_bank_account,ration_card,household_size,dependents,children,senior_members,head_of_household}";
 
 /// Spawns the generator thread: batches of rendered COPY text for `users`.
 fn spawn_generator(
     users: u64,
     seed: u64,
     today: NaiveDate,
-    keys: std::sync::Arc<LocalKeyProvider>,
+    bidx: BlindIndexKey,
 ) -> tokio::sync::mpsc::Receiver<Batch> {
     let (tx, rx) = tokio::sync::mpsc::channel::<Batch>(2);
     std::thread::spawn(move || {
@@ -224,7 +247,7 @@ fn spawn_generator(
             let n = left.min(BATCH as u64) as usize;
             left -= n as u64;
             if tx
-                .blocking_send(render_batch(&mut gen, &keys, n, today))
+                .blocking_send(render_batch(&mut gen, &bidx, n, today))
                 .is_err()
             {
                 return;
@@ -244,7 +267,7 @@ pub async fn seed(
     client: &mut Client,
     users: u64,
     seed: u64,
-    keys: std::sync::Arc<LocalKeyProvider>,
+    keyring: &Keyring,
 ) -> Result<SeedReport, SeedError> {
     let started = Instant::now();
     let today = chrono::Utc::now().date_naive();
@@ -266,7 +289,7 @@ pub async fn seed(
             user_id: first,
         });
     }
-    let mut rx = spawn_generator(users, seed, today, keys);
+    let mut rx = spawn_generator(users, seed, today, keyring.blind_index().clone());
     let tx = client
         .transaction()
         .await
@@ -276,8 +299,9 @@ pub async fn seed(
         })?;
     let mut written = 0u64;
     while written < users {
-        let batch = rx.recv().await.ok_or(SeedError::Generator)?;
-        for ((table, columns), text) in TABLES.iter().zip(batch.0.iter()) {
+        let mut batch = rx.recv().await.ok_or(SeedError::Generator)?;
+        batch.wrap_keys(keyring).await?;
+        for ((table, columns), text) in TABLES.iter().zip(batch.tables.iter()) {
             let err = |source| SeedError::Copy { table, source };
             let sink = tx
                 .copy_in::<_, Bytes>(&format!("COPY {table} ({columns}) FROM STDIN"))
@@ -307,11 +331,11 @@ pub async fn seed(
 /// Writes the COPY text `seed` would load into one file per table in `dir`
 /// (`<table>.copy`), and `load.psql`, a psql script that loads them in one
 /// transaction with `\copy` (the baseline of the seed benchmark).
-pub fn write_copy_files(
+pub async fn write_copy_files(
     dir: &Path,
     users: u64,
     seed: u64,
-    keys: std::sync::Arc<LocalKeyProvider>,
+    keyring: &Keyring,
 ) -> Result<(), SeedError> {
     use std::io::Write;
     let today = chrono::Utc::now().date_naive();
@@ -326,9 +350,10 @@ pub fn write_copy_files(
         let f = std::fs::File::create(&path).map_err(ferr(&path))?;
         files.push((path, std::io::BufWriter::new(f)));
     }
-    let mut rx = spawn_generator(users, seed, today, keys);
-    while let Some(batch) = rx.blocking_recv() {
-        for ((path, f), text) in files.iter_mut().zip(batch.0.iter()) {
+    let mut rx = spawn_generator(users, seed, today, keyring.blind_index().clone());
+    while let Some(mut batch) = rx.recv().await {
+        batch.wrap_keys(keyring).await?;
+        for ((path, f), text) in files.iter_mut().zip(batch.tables.iter()) {
             f.write_all(text.as_bytes()).map_err(ferr(path))?;
         }
     }

@@ -1,0 +1,281 @@
+//! The keyring: a key provider, the cache of unwrapped data keys and the
+//! blind-index key, with the SQL that stores wrapped keys.
+
+use std::sync::Arc;
+
+use thiserror::Error;
+use tokio_postgres::{Client, GenericClient};
+use tracing::info;
+use uuid::Uuid;
+
+use super::{BlindIndexKey, CryptoError, DataKey, DataKeyCache, KeyProvider, WrappedKey};
+
+const SELECT_USER_KEY: &str = "SELECT wrapped_key, kek_name, kek_version, destroyed_at::text
+     FROM umstore.user_data_keys WHERE region = $1 AND user_id = $2";
+const INSERT_USER_KEY: &str =
+    "INSERT INTO umstore.user_data_keys (user_id, region, wrapped_key, kek_name, kek_version)
+     VALUES ($1, $2, $3, $4, $5) ON CONFLICT (region, user_id) DO NOTHING";
+const SELECT_BLIND_INDEX: &str =
+    "SELECT wrapped_key, kek_name, kek_version FROM umstore.key_material WHERE name = 'blind_index'";
+const INSERT_BLIND_INDEX: &str =
+    "INSERT INTO umstore.key_material (name, wrapped_key, kek_name, kek_version)
+     VALUES ('blind_index', $1, $2, $3) ON CONFLICT (name) DO NOTHING";
+
+/// The blind-index key is wrapped with this identity (it belongs to no user).
+const STORE_KEY_OWNER: Uuid = Uuid::nil();
+const STORE_KEY_REGION: &str = "--";
+
+/// Why a keyring operation failed.
+#[derive(Debug, Error)]
+pub enum KeyringError {
+    /// Wrapping, unwrapping or talking to Vault failed.
+    #[error(transparent)]
+    Crypto(#[from] CryptoError),
+    /// A query failed.
+    #[error("{what}: {source}")]
+    Database {
+        /// What the keyring was doing.
+        what: &'static str,
+        /// The database error.
+        #[source]
+        source: tokio_postgres::Error,
+    },
+    /// No such user.
+    #[error("user {0} is not in the store")]
+    UnknownUser(Uuid),
+}
+
+fn db(what: &'static str) -> impl FnOnce(tokio_postgres::Error) -> KeyringError {
+    move |source| KeyringError::Database { what, source }
+}
+
+/// A user's data key, or the fact that it was destroyed.
+#[derive(Debug, Clone)]
+pub enum UserKey {
+    /// The unwrapped key.
+    Active(Arc<DataKey>),
+    /// Crypto-shredded at this time (RFC 3339): the user's PII cannot be read.
+    Erased(String),
+}
+
+/// What `forget_user` did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ForgetReport {
+    /// The user's region.
+    pub region: String,
+    /// False when the key was already destroyed earlier (nothing changed).
+    pub destroyed_now: bool,
+}
+
+/// Provider + cache + blind-index key.
+#[derive(Debug)]
+pub struct Keyring {
+    provider: KeyProvider,
+    cache: DataKeyCache,
+    blind_index: BlindIndexKey,
+}
+
+impl Keyring {
+    /// Opens the keyring: loads the blind-index key from `umstore.key_material`
+    /// (creating and storing it wrapped on first use).
+    pub async fn open(
+        provider: KeyProvider,
+        cache: DataKeyCache,
+        client: &impl GenericClient,
+    ) -> Result<Self, KeyringError> {
+        let blind_index = match load_blind_index(&provider, client).await? {
+            Some(key) => key,
+            None => {
+                let (key, raw) = KeyProvider::new_blind_index_key();
+                let wrapped = provider
+                    .wrap(
+                        STORE_KEY_OWNER,
+                        STORE_KEY_REGION,
+                        &DataKey::from_bytes(*raw),
+                    )
+                    .await?;
+                client
+                    .execute(
+                        INSERT_BLIND_INDEX,
+                        &[&wrapped.wrapped, &wrapped.kek_name, &wrapped.kek_version],
+                    )
+                    .await
+                    .map_err(db("storing the blind-index key"))?;
+                // Another process may have stored one first: use whichever won.
+                match load_blind_index(&provider, client).await? {
+                    Some(stored) => stored,
+                    None => key,
+                }
+            }
+        };
+        Ok(Self {
+            provider,
+            cache,
+            blind_index,
+        })
+    }
+
+    /// The key provider.
+    pub fn provider(&self) -> &KeyProvider {
+        &self.provider
+    }
+
+    /// The blind-index key.
+    pub fn blind_index(&self) -> &BlindIndexKey {
+        &self.blind_index
+    }
+
+    /// The cache of unwrapped keys.
+    pub fn cache(&self) -> &DataKeyCache {
+        &self.cache
+    }
+
+    /// The data key of `user_id` (from the cache, else unwrapped and cached).
+    pub async fn user_key(
+        &self,
+        client: &impl GenericClient,
+        user_id: Uuid,
+        region: &str,
+    ) -> Result<UserKey, KeyringError> {
+        if let Some(key) = self.cache.get(&user_id) {
+            return Ok(UserKey::Active(key));
+        }
+        let row = client
+            .query_opt(SELECT_USER_KEY, &[&region, &user_id])
+            .await
+            .map_err(db("reading a data key"))?
+            .ok_or(KeyringError::UnknownUser(user_id))?;
+        let wrapped: Option<Vec<u8>> = row.get(0);
+        let Some(wrapped) = wrapped else {
+            let at: Option<String> = row.get(3);
+            return Ok(UserKey::Erased(at.unwrap_or_default()));
+        };
+        let wrapped = WrappedKey {
+            wrapped,
+            kek_name: row.get(1),
+            kek_version: row.get(2),
+        };
+        let key = Arc::new(self.provider.unwrap(user_id, region, &wrapped).await?);
+        self.cache.insert(user_id, key.clone());
+        Ok(UserKey::Active(key))
+    }
+
+    /// Creates and stores a data key for a new user; when one exists already
+    /// (a concurrent writer), returns that one.
+    pub async fn create_user_key(
+        &self,
+        client: &impl GenericClient,
+        user_id: Uuid,
+        region: &str,
+    ) -> Result<UserKey, KeyringError> {
+        let key = DataKey::generate();
+        let wrapped = self.provider.wrap(user_id, region, &key).await?;
+        let inserted = client
+            .execute(
+                INSERT_USER_KEY,
+                &[
+                    &user_id,
+                    &region,
+                    &wrapped.wrapped,
+                    &wrapped.kek_name,
+                    &wrapped.kek_version,
+                ],
+            )
+            .await
+            .map_err(db("storing a data key"))?;
+        if inserted == 0 {
+            return self.user_key(client, user_id, region).await;
+        }
+        let key = Arc::new(key);
+        self.cache.insert(user_id, key.clone());
+        Ok(UserKey::Active(key))
+    }
+
+    /// Crypto-shredding: destroys the user's data key, marks the user erased,
+    /// appends an `erased` history row and an audit row (who, when, why; no
+    /// PII), in one transaction, and drops the key from the cache. Afterwards
+    /// the user's PII, history included, cannot be decrypted. Repeating it
+    /// changes nothing.
+    pub async fn forget_user(
+        &self,
+        client: &mut Client,
+        user_id: Uuid,
+        actor: &str,
+        reason: Option<&str>,
+    ) -> Result<ForgetReport, KeyringError> {
+        let tx = client
+            .transaction()
+            .await
+            .map_err(db("starting the erasure"))?;
+        let region: String = tx
+            .query_opt(
+                "SELECT region::text FROM umstore.user_directory WHERE user_id = $1",
+                &[&user_id],
+            )
+            .await
+            .map_err(db("finding the user's region"))?
+            .ok_or(KeyringError::UnknownUser(user_id))?
+            .get(0);
+        let destroyed = tx
+            .execute(
+                "UPDATE umstore.user_data_keys SET wrapped_key = NULL, destroyed_at = now()
+                 WHERE region = $1 AND user_id = $2 AND wrapped_key IS NOT NULL",
+                &[&region, &user_id],
+            )
+            .await
+            .map_err(db("destroying the data key"))?;
+        if destroyed > 0 {
+            tx.execute(
+                "UPDATE umstore.user_metadata SET erased_at = now(), updated_at = now(), version = version + 1
+                 WHERE region = $1 AND user_id = $2",
+                &[&region, &user_id],
+            )
+            .await
+            .map_err(db("marking the user erased"))?;
+            tx.execute(
+                "INSERT INTO umstore.user_metadata_history
+                     (user_id, region, change_type, changed_fields, changed_by, version)
+                 SELECT user_id, region, 'erased', '{}', $3, version
+                 FROM umstore.user_metadata WHERE region = $1 AND user_id = $2",
+                &[&region, &user_id, &actor],
+            )
+            .await
+            .map_err(db("recording the erasure in history"))?;
+            tx.execute(
+                "INSERT INTO umstore.erasure_audit (region, user_id, erased_by, reason) VALUES ($1, $2, $3, $4)",
+                &[&region, &user_id, &actor, &reason],
+            )
+            .await
+            .map_err(db("writing the erasure audit row"))?;
+        }
+        tx.commit().await.map_err(db("committing the erasure"))?;
+        self.cache.forget(&user_id);
+        info!(%user_id, region = %region, destroyed_now = destroyed > 0, "user crypto-shredded");
+        Ok(ForgetReport {
+            region,
+            destroyed_now: destroyed > 0,
+        })
+    }
+}
+
+async fn load_blind_index(
+    provider: &KeyProvider,
+    client: &impl GenericClient,
+) -> Result<Option<BlindIndexKey>, KeyringError> {
+    let Some(row) = client
+        .query_opt(SELECT_BLIND_INDEX, &[])
+        .await
+        .map_err(db("reading the blind-index key"))?
+    else {
+        return Ok(None);
+    };
+    let wrapped = WrappedKey {
+        wrapped: row.get(0),
+        kek_name: row.get(1),
+        kek_version: row.get(2),
+    };
+    let key = provider
+        .unwrap(STORE_KEY_OWNER, STORE_KEY_REGION, &wrapped)
+        .await?;
+    Ok(Some(BlindIndexKey::from_bytes(*key.expose())))
+}

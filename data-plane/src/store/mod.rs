@@ -1,0 +1,3 @@
+//! SQL and typed rows, one module per table family.
+
+pub mod users;
