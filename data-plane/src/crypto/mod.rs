@@ -21,7 +21,9 @@ pub use keyring::{ForgetReport, Keyring, KeyringError, UserKey};
 pub use local::{LocalKeyProvider, WrappedKey};
 pub use pii::{seal_pii, SealedPii, PII_COLUMNS};
 pub use provider::{KeyProvider, KeyProviderConfig};
-pub use vault::{ciphertext_version, KekVersions, VaultAuth, VaultConfig, VaultKeyProvider};
+pub use vault::{
+    ciphertext_version, KekVersions, VaultAuth, VaultConfig, VaultKeyProvider, MAX_BATCH,
+};
 
 use thiserror::Error;
 
