@@ -137,6 +137,9 @@ async fn vault_benchmarks(keys: usize) {
         println!("skipping the OpenBao benchmarks: cannot open the provider");
         return;
     };
+    let KeyProvider::Vault(vault) = &provider else {
+        return;
+    };
     let user = Uuid::new_v4();
 
     // Cache miss: one unwrap through OpenBao.
@@ -175,7 +178,7 @@ async fn vault_benchmarks(keys: usize) {
     let mut single = 0usize;
     for w in &wrapped {
         let one: &WrappedKey = w;
-        if provider.rewrap_one(one).await.is_ok() {
+        if vault.rewrap_one(one).await.is_ok() {
             single += 1;
         }
     }
