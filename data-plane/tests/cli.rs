@@ -359,3 +359,32 @@ async fn keys_rotate_through_the_cli_with_openbao() {
         "the token never reaches the output"
     );
 }
+
+#[tokio::test]
+async fn the_local_key_provider_is_refused_inside_kubernetes() {
+    let db = fresh_db().await;
+    assert!(cli(&["migrate", "up", "--database-url", &db])
+        .status
+        .success());
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = std::process::Command::new(BIN)
+        .args(["seed", "--users", "5", "--database-url", &db, "--data-dir"])
+        .arg(dir.path())
+        .env("KUBERNETES_SERVICE_HOST", "10.96.0.1")
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("run");
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("the local key provider is refused here (running inside Kubernetes)"),
+        "{}",
+        stderr(&out)
+    );
+    let client = connect(&db).await;
+    let users: i64 = client
+        .query_one("SELECT count(*) FROM umstore.user_metadata", &[])
+        .await
+        .expect("count")
+        .get(0);
+    assert_eq!(users, 0, "nothing written");
+}

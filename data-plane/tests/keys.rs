@@ -575,3 +575,28 @@ fn no_key_material_or_plaintext_pii_reaches_the_logs() {
         assert!(!logs.contains(secret.as_str()), "a secret reached the logs");
     }
 }
+
+#[tokio::test]
+async fn vault_over_tls_is_verified_against_the_given_ca() {
+    let (_db, client) = migrated().await;
+    let tls = umstore_e2e::OpenBao::start_tls().expect("OpenBao with -dev-tls");
+    assert!(tls.address().starts_with("https://"));
+    let mut config = vault_config(&tls);
+    config.ca_cert = tls.tls_ca().map(|p| p.to_path_buf());
+    let keyring = vault_keyring(&client, config.clone(), 10).await;
+    let key = DataKey::generate();
+    let wrapped = keyring
+        .provider()
+        .wrap(Uuid::new_v4(), "KA", &key)
+        .await
+        .expect("wrap over TLS");
+    assert!(wrapped.wrapped.starts_with(b"vault:v1:"));
+
+    // Without the CA the server's certificate is not trusted.
+    config.ca_cert = None;
+    config.attempts = 1;
+    let err = KeyProvider::open(KeyProviderConfig::Vault(config))
+        .await
+        .expect_err("untrusted certificate");
+    assert!(matches!(err, CryptoError::Vault { .. }), "{err}");
+}

@@ -20,11 +20,22 @@ pub struct OpenBao {
     port: u16,
     token: String,
     dir: TestDir,
+    tls_ca: Option<PathBuf>,
 }
 
 impl OpenBao {
     /// Starts the dev server, waits for `/v1/sys/health`, and enables transit.
     pub fn start() -> Result<Self, HarnessError> {
+        Self::start_with(false)
+    }
+
+    /// Starts the dev server with TLS (`-dev-tls`): HTTPS on loopback with a
+    /// generated CA, whose PEM file is [`OpenBao::tls_ca`].
+    pub fn start_tls() -> Result<Self, HarnessError> {
+        Self::start_with(true)
+    }
+
+    fn start_with(tls: bool) -> Result<Self, HarnessError> {
         let bao = find_bao()?;
         let dir = TestDir::new("openbao")?;
         let port = free_port()?;
@@ -38,18 +49,56 @@ impl OpenBao {
         ])
         // The dev server stores its token through the token helper in $HOME.
         .env("HOME", dir.path());
+        let tls_dir = dir.path().join("tls");
+        if tls {
+            std::fs::create_dir_all(&tls_dir)
+                .map_err(|e| HarnessError::io("could not create the TLS directory", e))?;
+            cmd.arg("-dev-tls")
+                .arg(format!("-dev-tls-cert-dir={}", tls_dir.display()));
+        }
         let log = dir.path().join("bao.log");
         let mut process = ServerProcess::spawn("OpenBao", cmd, ChildSetup::same_user(), log)?;
-        process.wait_until(|| accepts_tcp(port) && health_ok(port))?;
-        let bao_server = Self {
-            process,
-            bao,
-            port,
-            token,
-            dir,
+        let mut bao_server = if tls {
+            let ca = tls_dir.join("vault-ca.pem");
+            process.wait_until(|| accepts_tcp(port) && ca.is_file())?;
+            Self {
+                process,
+                bao,
+                port,
+                token,
+                dir,
+                tls_ca: Some(ca),
+            }
+        } else {
+            process.wait_until(|| accepts_tcp(port) && health_ok(port))?;
+            Self {
+                process,
+                bao,
+                port,
+                token,
+                dir,
+                tls_ca: None,
+            }
         };
+        if tls {
+            // Over TLS, readiness is the CLI getting an answer.
+            let probe = bao_server.command();
+            let mut probe = probe;
+            probe
+                .args(["status"])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null());
+            bao_server
+                .process
+                .wait_until(|| probe.status().is_ok_and(|s| s.success()))?;
+        }
         bao_server.cli(&["secrets", "enable", "transit"])?;
         Ok(bao_server)
+    }
+
+    /// The CA certificate (PEM) of a TLS server.
+    pub fn tls_ca(&self) -> Option<&std::path::Path> {
+        self.tls_ca.as_deref()
     }
 
     pub(crate) fn stop_at_exit(mut self) -> Self {
@@ -60,9 +109,14 @@ impl OpenBao {
         self
     }
 
-    /// `http://127.0.0.1:<port>`.
+    /// `http://127.0.0.1:<port>` (`https://` with TLS).
     pub fn address(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
+        let scheme = if self.tls_ca.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        format!("{scheme}://127.0.0.1:{}", self.port)
     }
 
     /// The root token.
@@ -95,6 +149,9 @@ impl OpenBao {
             .env("VAULT_TOKEN", &self.token)
             .env("HOME", self.dir.path())
             .stdin(Stdio::null());
+        if let Some(ca) = &self.tls_ca {
+            cmd.env("BAO_CACERT", ca).env("VAULT_CACERT", ca);
+        }
         cmd
     }
 
