@@ -52,6 +52,35 @@ pub const TABLES: [(&str, &str); 5] = [
     ),
 ];
 
+/// Index of `user_derived_attributes` in [`TABLES`]. Its rows are loaded after
+/// every `user_metadata` row: each partition's foreign-key check plans its
+/// lookup once per connection, and planned against a nearly empty partition
+/// it scans the partition for every row, which made loading quadratic.
+const DERIVED: usize = 3;
+
+async fn copy_into(
+    tx: &tokio_postgres::Transaction<'_>,
+    table_index: usize,
+    text: Bytes,
+) -> Result<(), SeedError> {
+    let (table, columns) = TABLES[table_index];
+    let err = |source| SeedError::Copy { table, source };
+    let started = Instant::now();
+    let sink = tx
+        .copy_in::<_, Bytes>(&format!("COPY {table} ({columns}) FROM STDIN"))
+        .await
+        .map_err(err)?;
+    futures_util::pin_mut!(sink);
+    sink.send(text).await.map_err(err)?;
+    sink.finish().await.map_err(err)?;
+    tracing::debug!(
+        table,
+        ms = started.elapsed().as_millis() as u64,
+        "copied a batch"
+    );
+    Ok(())
+}
+
 /// Why seeding failed. Nothing was written.
 #[derive(Debug, Error)]
 pub enum SeedError {
@@ -298,25 +327,25 @@ pub async fn seed(
             source,
         })?;
     let mut written = 0u64;
+    let mut derived_later = Vec::new();
     while written < users {
         let mut batch = rx.recv().await.ok_or(SeedError::Generator)?;
         batch.wrap_keys(keyring).await?;
-        for ((table, columns), text) in TABLES.iter().zip(batch.tables.iter()) {
-            let err = |source| SeedError::Copy { table, source };
-            let sink = tx
-                .copy_in::<_, Bytes>(&format!("COPY {table} ({columns}) FROM STDIN"))
-                .await
-                .map_err(err)?;
-            futures_util::pin_mut!(sink);
-            sink.send(Bytes::copy_from_slice(text.as_bytes()))
-                .await
-                .map_err(err)?;
-            sink.finish().await.map_err(err)?;
+        for (i, text) in batch.tables.iter().enumerate() {
+            if i == DERIVED {
+                // Loaded last (see DERIVED).
+                derived_later.push(Bytes::copy_from_slice(text.as_bytes()));
+                continue;
+            }
+            copy_into(&tx, i, Bytes::copy_from_slice(text.as_bytes())).await?;
         }
         written += (users - written).min(BATCH as u64);
         if written % 100_000 < BATCH as u64 {
             info!(written, users, "seeding");
         }
+    }
+    for text in derived_later {
+        copy_into(&tx, DERIVED, text).await?;
     }
     tx.commit().await.map_err(|source| SeedError::Copy {
         table: "commit",
