@@ -444,8 +444,8 @@ async fn serve(
         bail!("--require-vault is set but no --vault-addr was given");
     }
     let metrics = Arc::new(Metrics::new());
-    let slot = DbSlot::new();
-    let keys = KeysSlot::new();
+    let slot = DbSlot::empty("connecting to the database");
+    let keys = KeysSlot::empty("opening the key provider");
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("cannot listen on {listen}: pass --listen with a free address"))?;

@@ -18,28 +18,38 @@ use crate::crypto::Keyring;
 use crate::db::Database;
 use crate::metrics::{HttpLabels, Metrics};
 
-/// The connection the handlers use, or the reason there is none.
-#[derive(Clone)]
-pub struct DbSlot(Arc<RwLock<Result<Arc<Client>, String>>>);
+/// A value shared with the handlers once it exists (a database connection,
+/// the keyring), or the reason it does not exist yet.
+pub struct Slot<T>(Arc<RwLock<Result<Arc<T>, String>>>);
 
-impl DbSlot {
-    /// A slot holding no connection yet.
-    pub fn new() -> Self {
-        Self(Arc::new(RwLock::new(Err(
-            "connecting to the database".to_owned()
-        ))))
+impl<T> Clone for Slot<T> {
+    fn clone(&self) -> Self {
+        Self(self.0.clone())
+    }
+}
+
+impl<T> Slot<T> {
+    /// An empty slot, with the reason it is empty.
+    pub fn empty(reason: &str) -> Self {
+        Self(Arc::new(RwLock::new(Err(reason.to_owned()))))
     }
 
-    /// The connection, or why there is none.
-    pub async fn get(&self) -> Result<Arc<Client>, String> {
+    /// The value, or why there is none.
+    pub async fn get(&self) -> Result<Arc<T>, String> {
         self.0.read().await.clone()
     }
 
-    /// Replaces the connection (or the reason there is none).
-    pub async fn set(&self, v: Result<Arc<Client>, String>) {
+    /// Replaces the value (or the reason there is none).
+    pub async fn set(&self, v: Result<Arc<T>, String>) {
         *self.0.write().await = v;
     }
 }
+
+/// The connection the handlers use, or the reason there is none.
+pub type DbSlot = Slot<Client>;
+
+/// The keyring, once the key provider answered, or the reason there is none.
+pub type KeysSlot = Slot<Keyring>;
 
 /// Keeps a connection in `slot`: connects with exponential backoff (100 ms to
 /// 5 s), and reconnects when the connection drops. Runs until cancelled.
@@ -130,39 +140,4 @@ pub async fn metrics(State(state): State<AppState>) -> Response {
         state.metrics.encode(),
     )
         .into_response()
-}
-
-/// The keyring, once the key provider answered, or the reason there is none.
-#[derive(Clone)]
-pub struct KeysSlot(Arc<RwLock<Result<Arc<Keyring>, String>>>);
-
-impl KeysSlot {
-    /// A slot holding no keyring yet.
-    pub fn new() -> Self {
-        Self(Arc::new(RwLock::new(Err(
-            "opening the key provider".to_owned()
-        ))))
-    }
-
-    /// The keyring, or why there is none.
-    pub async fn get(&self) -> Result<Arc<Keyring>, String> {
-        self.0.read().await.clone()
-    }
-
-    /// Replaces the keyring (or the reason there is none).
-    pub async fn set(&self, v: Result<Arc<Keyring>, String>) {
-        *self.0.write().await = v;
-    }
-}
-
-impl Default for KeysSlot {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
-impl Default for DbSlot {
-    fn default() -> Self {
-        Self::new()
-    }
 }

@@ -9,7 +9,7 @@ use axum::routing::get;
 use axum::Router;
 use umstore_migrations::Runner;
 
-pub use health::{supervise_database, DbSlot, KeysSlot};
+pub use health::{supervise_database, DbSlot, KeysSlot, Slot};
 
 use crate::metrics::Metrics;
 
