@@ -1,5 +1,28 @@
 //! The umstore operator: a kube-rs controller reconciling `UserMetadataStore`
-//! resources through the fixed pipeline
-//! `validate → credentials → topology → bootstrap → migrate → distribute → keys → status`.
+//! resources through the fixed pipeline of SPEC §3
+//! (`validate → credentials → topology → … → status`, see [`pipeline`]).
 //!
-//! The migrate step uses [`umstore_migrations`], the same runner the data plane uses.
+//! - [`validated`]: the spec checked once into a typed value.
+//! - [`builders`]: pure functions from a validated store to every Kubernetes object of its tier.
+//! - [`apply`]: the thin layer that server-side applies them and deletes what is no longer wanted.
+//! - [`steps`] and [`pipeline`]: the reconcile steps, in order.
+//! - [`controller`]: the kube-runtime `Controller`, finalizer, events and error policy;
+//!   [`cleanup`]: what the finalizer does.
+//! - [`leader`]: leader election with a `coordination.k8s.io` Lease.
+//! - [`metrics`]: Prometheus metrics and the health endpoints.
+
+pub mod apply;
+pub mod builders;
+pub mod cleanup;
+pub mod context;
+pub mod controller;
+pub mod error;
+pub mod leader;
+pub mod meta;
+pub mod metrics;
+pub mod pipeline;
+pub mod steps;
+pub mod validated;
+
+pub use context::Context;
+pub use error::Error;

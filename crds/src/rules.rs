@@ -1,0 +1,110 @@
+//! The CEL rules (`x-kubernetes-validations`) the API server enforces at
+//! admission. They are built here, from [`umstore_migrations::regions::REGIONS`],
+//! so the list of region codes is written once in the workspace.
+
+use kube::core::{Message, Rule};
+use umstore_migrations::regions::REGIONS;
+
+/// Largest number of worker groups; bounds the CEL cost of the overlap rule.
+pub const MAX_WORKER_GROUPS: u32 = 12;
+
+/// The 36 region codes as a CEL list literal: `['AN', 'AP', ...]`.
+pub fn region_list_literal() -> String {
+    let codes: Vec<String> = REGIONS.iter().map(|r| format!("'{}'", r.code)).collect();
+    format!("[{}]", codes.join(", "))
+}
+
+/// The 36 region codes separated by spaces, for messages.
+pub fn region_codes_text() -> String {
+    REGIONS.iter().map(|r| r.code).collect::<Vec<_>>().join(" ")
+}
+
+/// On a list of region codes: every entry is one of the 36 codes.
+pub fn regions_known() -> Rule {
+    Rule::new(format!("self.all(r, r in {})", region_list_literal())).message(Message::Message(
+        format!(
+        "unknown region code; use the two-letter codes of the 36 states and union territories: {}",
+        region_codes_text()
+    ),
+    ))
+}
+
+/// On `spec.tier`: 1 to 4.
+pub fn tier_range() -> Rule {
+    Rule::new("self >= 1 && self <= 4").message("tier must be 1, 2, 3 or 4")
+}
+
+/// On `spec.tier`: a transition rule, the tier never goes down.
+pub fn tier_never_decreases() -> Rule {
+    Rule::new("self >= oldSelf").message(
+        "tier cannot be decreased: the operator promotes but never demotes a store; \
+         set spec.tier back to its previous value",
+    )
+}
+
+/// On the spec: from tier 3 the regions live on Citus worker groups.
+pub fn worker_groups_from_tier_3() -> Rule {
+    Rule::new("self.tier < 3 || (has(self.workerGroups) && size(self.workerGroups) > 0)")
+        .message(
+            "tier 3 and 4 need spec.workerGroups: at least one group with the regions it holds",
+        )
+        .field_path(".workerGroups")
+}
+
+/// On the spec: no region is held by two worker groups.
+pub fn region_in_one_worker_group() -> Rule {
+    Rule::new(
+        "!has(self.workerGroups) || self.workerGroups.all(g, self.workerGroups.all(h, \
+         g.name == h.name || !g.regions.exists(r, r in h.regions)))",
+    )
+    .message(
+        "a region is listed in two worker groups; each region must belong to exactly one group",
+    )
+    .field_path(".workerGroups")
+}
+
+/// On the spec: from tier 3, every region of `spec.regions` is held by a worker group.
+pub fn every_region_placed() -> Rule {
+    Rule::new(
+        "self.tier < 3 || !has(self.workerGroups) || self.regions.all(r, \
+         self.workerGroups.exists(g, r in g.regions))",
+    )
+    .message("from tier 3 every region in spec.regions must be assigned to a worker group")
+    .field_path(".workerGroups")
+}
+
+/// On the spec: worker groups hold only regions the store serves.
+pub fn worker_regions_served() -> Rule {
+    Rule::new(
+        "!has(self.workerGroups) || self.workerGroups.all(g, g.regions.all(r, r in self.regions))",
+    )
+    .message("a worker group lists a region that is not in spec.regions")
+    .field_path(".workerGroups")
+}
+
+/// On a Go-style duration string (`24h`, `90m`, `1h30m`): well-formed and positive.
+pub fn duration_well_formed() -> Rule {
+    Rule::new("self.matches('^([0-9]+(h|m|s|ms))+$') && duration(self) > duration('0s')")
+        .message("must be a positive duration such as 24h, 90m or 1h30m")
+}
+
+/// On a GPU count: zero or more.
+pub fn non_negative() -> Rule {
+    Rule::new("self >= 0").message("must be zero or more")
+}
+
+/// On a replica count: at least one.
+pub fn at_least_one() -> Rule {
+    Rule::new("self >= 1").message("must be at least 1")
+}
+
+/// On `pgbouncer.maxClientConnections`: 1 to 500 (SPEC §2).
+pub fn max_client_connections() -> Rule {
+    Rule::new("self >= 1 && self <= 500").message("must be between 1 and 500 (SPEC §2)")
+}
+
+/// On names that become parts of object names: a DNS label of at most 30 characters.
+pub fn dns_label() -> Rule {
+    Rule::new("self.matches('^[a-z0-9]([-a-z0-9]*[a-z0-9])?$') && size(self) <= 30")
+        .message("must be a lowercase DNS label (a-z, 0-9, '-') of at most 30 characters")
+}

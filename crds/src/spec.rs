@@ -1,0 +1,531 @@
+//! `spec`: what the store should be (SPEC §3). Every field carries a doc comment,
+//! which becomes its `kubectl explain` text, and a default where one is sensible.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::{ResourceRequirements, Toleration};
+use kube::{CustomResource, KubeSchema};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+use umstore_migrations::regions::REGIONS;
+
+use crate::rules;
+use crate::status::UserMetadataStoreStatus;
+
+/// A Processed User Metadata Store: PostgreSQL/Citus sharded by region, PgBouncer,
+/// read-replica pools and the umstore data plane, at one of four scale tiers.
+// clippy reads repeated `type_ = ...` inside the printcolumn entries as duplicated attributes.
+#[allow(clippy::duplicated_attributes)]
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "umstore.io",
+    version = "v1alpha1",
+    kind = "UserMetadataStore",
+    plural = "usermetadatastores",
+    shortname = "ums",
+    category = "umstore",
+    namespaced,
+    status = "UserMetadataStoreStatus",
+    derive = "PartialEq",
+    doc = "A Processed User Metadata Store: region-sharded PostgreSQL/Citus, PgBouncer, replica pools and the data plane",
+    printcolumn(
+        name = "Tier",
+        type_ = "integer",
+        json_path = ".status.tier",
+        description = "current tier"
+    ),
+    printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
+    printcolumn(
+        name = "Schema",
+        type_ = "integer",
+        json_path = ".status.schemaVersion",
+        description = "applied schema version"
+    ),
+    printcolumn(
+        name = "Ready",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].status"
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
+)]
+#[x_kube(
+    validation = rules::worker_groups_from_tier_3(),
+    validation = rules::region_in_one_worker_group(),
+    validation = rules::worker_regions_served(),
+    validation = rules::every_region_placed()
+)]
+#[serde(rename_all = "camelCase")]
+pub struct UserMetadataStoreSpec {
+    /// Scale tier floor, 1 to 4 (SPEC §2): 1 one PostgreSQL; 2 adds PgBouncer and the
+    /// `ai` and `analytics` replica pools; 3 Citus with regional worker groups; 4 several
+    /// regional Citus clusters. The tier can be raised, never lowered.
+    #[serde(default = "default_tier")]
+    #[x_kube(validation = rules::tier_range(), validation = rules::tier_never_decreases())]
+    pub tier: i32,
+
+    /// Automatic promotion: when on, the operator measures the user count and raises the
+    /// tier when a threshold (10K, 1M, 10M users) is crossed.
+    #[serde(default)]
+    pub auto_promotion: AutoPromotionSpec,
+
+    /// PostgreSQL/Citus image, exporter image, TLS, and resources and storage of the
+    /// coordinator, the workers and the replicas.
+    #[serde(default)]
+    pub postgres: PostgresSpec,
+
+    /// The regions (two-letter codes of Indian states and union territories) this store
+    /// serves. Defaults to all 36.
+    #[serde(default = "all_regions")]
+    #[schemars(length(max = 36))]
+    #[x_kube(validation = rules::regions_known(), merge_strategy = ListMerge::Set)]
+    pub regions: Vec<String>,
+
+    /// Citus worker groups (tier 3 and up): each holds the shards of the regions it lists.
+    /// A region belongs to exactly one group. Removing a group deletes its StatefulSet only
+    /// after its regions have been moved off it.
+    #[serde(default)]
+    #[schemars(length(max = 12))]
+    #[x_kube(merge_strategy = ListMerge::Map(vec!["name".into()]))]
+    pub worker_groups: Vec<WorkerGroupSpec>,
+
+    /// Read-replica pools (tier 2 and up), one per purpose, streaming from the primary.
+    /// Defaults to an `ai` pool and an `analytics` pool with one replica each.
+    #[serde(default = "default_replica_pools")]
+    #[schemars(length(max = 2))]
+    #[x_kube(merge_strategy = ListMerge::Map(vec!["purpose".into()]))]
+    pub replica_pools: Vec<ReplicaPoolSpec>,
+
+    /// PgBouncer in front of the primary (tier 2 and up), transaction pooling.
+    #[serde(default)]
+    pub pgbouncer: PgBouncerSpec,
+
+    /// The umstore data plane: write workers and read API.
+    #[serde(default)]
+    pub data_plane: DataPlaneSpec,
+
+    /// Envelope encryption of PII: Vault (or OpenBao) transit key wrapping per-user data keys.
+    #[serde(default)]
+    pub encryption: EncryptionSpec,
+
+    /// How schema migrations are applied.
+    #[serde(default)]
+    pub migrations: MigrationsSpec,
+
+    /// How long a cached eligibility result stays valid, as a duration (`24h`, `90m`).
+    #[serde(default = "default_eligibility_ttl")]
+    #[x_kube(validation = rules::duration_well_formed())]
+    pub eligibility_cache_ttl: String,
+
+    /// What happens to PersistentVolumeClaims and credential Secrets when the store is
+    /// deleted: `Retain` (default) keeps them, `Delete` removes them.
+    #[serde(default)]
+    pub reclaim_policy: ReclaimPolicy,
+}
+
+fn default_tier() -> i32 {
+    1
+}
+
+fn all_regions() -> Vec<String> {
+    REGIONS.iter().map(|r| r.code.to_string()).collect()
+}
+
+fn default_replica_pools() -> Vec<ReplicaPoolSpec> {
+    vec![
+        ReplicaPoolSpec {
+            purpose: ReplicaPurpose::Ai,
+            replicas: 1,
+        },
+        ReplicaPoolSpec {
+            purpose: ReplicaPurpose::Analytics,
+            replicas: 1,
+        },
+    ]
+}
+
+fn default_eligibility_ttl() -> String {
+    "24h".into()
+}
+
+fn default_true() -> bool {
+    true
+}
+
+fn default_one() -> i32 {
+    1
+}
+
+fn default_two() -> i32 {
+    2
+}
+
+/// Automatic tier promotion.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AutoPromotionSpec {
+    /// Promote automatically when the measured user count crosses a tier threshold.
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+}
+
+impl Default for AutoPromotionSpec {
+    fn default() -> Self {
+        Self { enabled: true }
+    }
+}
+
+/// PostgreSQL and Citus.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PostgresSpec {
+    /// Image for every PostgreSQL pod (the Citus image, used as plain PostgreSQL below tier 3).
+    #[serde(default = "default_postgres_image")]
+    pub image: String,
+    /// Image of the `postgres_exporter` sidecar in each PostgreSQL pod.
+    #[serde(default = "default_exporter_image")]
+    pub exporter_image: String,
+    /// The primary (tiers 1–2) or Citus coordinator (tiers 3–4).
+    #[serde(default)]
+    pub coordinator: InstanceSpec,
+    /// Each Citus worker pod (tier 3 and up).
+    #[serde(default)]
+    pub workers: InstanceSpec,
+    /// Each read-replica pod.
+    #[serde(default)]
+    pub replicas: InstanceSpec,
+    /// TLS for client connections. Without it, connections are not encrypted in transit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<TlsSpec>,
+}
+
+fn default_postgres_image() -> String {
+    "docker.io/citusdata/citus:13.0.3".into()
+}
+
+fn default_exporter_image() -> String {
+    "quay.io/prometheuscommunity/postgres-exporter:v0.17.1".into()
+}
+
+impl Default for PostgresSpec {
+    fn default() -> Self {
+        Self {
+            image: default_postgres_image(),
+            exporter_image: default_exporter_image(),
+            coordinator: InstanceSpec::default(),
+            workers: InstanceSpec::default(),
+            replicas: InstanceSpec::default(),
+            tls: None,
+        }
+    }
+}
+
+/// Resources and storage of one kind of PostgreSQL pod.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct InstanceSpec {
+    /// CPU and memory requests and limits of the PostgreSQL container.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourceRequirements>,
+    /// The data volume of each pod.
+    #[serde(default)]
+    pub storage: StorageSpec,
+}
+
+/// A PersistentVolumeClaim template.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct StorageSpec {
+    /// Requested size, a Kubernetes quantity (`10Gi`).
+    #[serde(default = "default_storage_size")]
+    pub size: String,
+    /// StorageClass; the cluster default when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub storage_class_name: Option<String>,
+}
+
+fn default_storage_size() -> String {
+    "10Gi".into()
+}
+
+impl Default for StorageSpec {
+    fn default() -> Self {
+        Self {
+            size: default_storage_size(),
+            storage_class_name: None,
+        }
+    }
+}
+
+/// Server TLS.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TlsSpec {
+    /// A `kubernetes.io/tls` Secret (keys `tls.crt`, `tls.key`) in the store's namespace.
+    /// With it, pg_hba.conf accepts remote connections only over TLS.
+    pub secret_name: String,
+}
+
+/// One Citus worker group (tier 3 and up).
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct WorkerGroupSpec {
+    /// Name of the group, a DNS label; part of its StatefulSet's name.
+    #[x_kube(validation = rules::dns_label())]
+    pub name: String,
+    /// Regions whose shards this group holds.
+    #[schemars(length(max = 36))]
+    #[x_kube(validation = rules::regions_known(), merge_strategy = ListMerge::Set)]
+    pub regions: Vec<String>,
+    /// Pods in the group: one primary and `replicas - 1` hot standbys.
+    #[serde(default = "default_one")]
+    #[x_kube(validation = rules::at_least_one())]
+    pub replicas: i32,
+}
+
+/// One read-replica pool.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ReplicaPoolSpec {
+    /// Who reads from this pool: `ai` (AI core, rules engine, JSON generator) or `analytics`.
+    pub purpose: ReplicaPurpose,
+    /// Hot-standby replicas in the pool.
+    #[serde(default = "default_one")]
+    #[x_kube(validation = rules::at_least_one())]
+    pub replicas: i32,
+}
+
+/// The purpose of a replica pool.
+#[derive(
+    Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, JsonSchema,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum ReplicaPurpose {
+    /// AI core, eligibility rules engine, JSON profile generator.
+    Ai,
+    /// Analytics and dashboards (no PII columns).
+    Analytics,
+}
+
+impl ReplicaPurpose {
+    /// The lowercase name used in object names and labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Ai => "ai",
+            Self::Analytics => "analytics",
+        }
+    }
+}
+
+/// PgBouncer (tier 2 and up).
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct PgBouncerSpec {
+    /// PgBouncer image; it must have `pgbouncer` on its PATH.
+    #[serde(default = "default_pgbouncer_image")]
+    pub image: String,
+    /// PgBouncer pods.
+    #[serde(default = "default_two")]
+    #[x_kube(validation = rules::at_least_one())]
+    pub replicas: i32,
+    /// Client connections each PgBouncer accepts, at most 500.
+    #[serde(default = "default_max_client_connections")]
+    #[x_kube(validation = rules::max_client_connections())]
+    pub max_client_connections: i32,
+    /// Server connections per (database, user) pool.
+    #[serde(default = "default_pool_size")]
+    #[x_kube(validation = rules::at_least_one())]
+    pub default_pool_size: i32,
+}
+
+fn default_pgbouncer_image() -> String {
+    "ghcr.io/cloudnative-pg/pgbouncer:1.24.1".into()
+}
+
+fn default_max_client_connections() -> i32 {
+    500
+}
+
+fn default_pool_size() -> i32 {
+    20
+}
+
+impl Default for PgBouncerSpec {
+    fn default() -> Self {
+        Self {
+            image: default_pgbouncer_image(),
+            replicas: default_two(),
+            max_client_connections: default_max_client_connections(),
+            default_pool_size: default_pool_size(),
+        }
+    }
+}
+
+/// The data plane.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct DataPlaneSpec {
+    /// Data-plane image.
+    #[serde(default = "default_data_plane_image")]
+    pub image: String,
+    /// Data-plane pods.
+    #[serde(default = "default_two")]
+    #[x_kube(validation = rules::at_least_one())]
+    pub replicas: i32,
+    /// CPU and memory requests and limits (GPUs are set under `gpu`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourceRequirements>,
+    /// GPU scheduling for the bulk path; none when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gpu: Option<GpuSpec>,
+}
+
+fn default_data_plane_image() -> String {
+    "ghcr.io/umstore/data-plane:0.1.0".into()
+}
+
+impl Default for DataPlaneSpec {
+    fn default() -> Self {
+        Self {
+            image: default_data_plane_image(),
+            replicas: default_two(),
+            resources: None,
+            gpu: None,
+        }
+    }
+}
+
+/// GPU scheduling of data-plane pods.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct GpuSpec {
+    /// GPUs per pod, set as the limit of `resourceName`; 0 schedules no GPU.
+    #[serde(default = "default_one")]
+    #[x_kube(validation = rules::non_negative())]
+    pub count: i32,
+    /// Extended resource name of the GPU.
+    #[serde(default = "default_gpu_resource")]
+    pub resource_name: String,
+    /// Node labels the pods must match (GPU nodes).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub node_selector: BTreeMap<String, String>,
+    /// Tolerations for tainted GPU nodes.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tolerations: Vec<Toleration>,
+    /// RuntimeClass of the pods (e.g. `nvidia`), if the cluster needs one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub runtime_class_name: Option<String>,
+}
+
+fn default_gpu_resource() -> String {
+    "nvidia.com/gpu".into()
+}
+
+/// Envelope encryption of PII.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct EncryptionSpec {
+    /// Vault or OpenBao address (`https://vault.vault:8200`). Needed in a cluster: the
+    /// data plane refuses to start there without Vault (local keys are for development
+    /// only); while unset the store reports `Degraded` (reason `NoVault`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vault_address: Option<String>,
+    /// How the data plane logs in to Vault.
+    #[serde(default)]
+    pub auth: VaultAuthSpec,
+    /// Mount path of the transit secrets engine.
+    #[serde(default = "default_transit_mount")]
+    pub transit_mount: String,
+    /// Name of the transit key that wraps the per-user data keys.
+    #[serde(default = "default_key_name")]
+    pub key_name: String,
+    /// How often the transit key is rotated, as a duration (`720h`).
+    #[serde(default = "default_rotation_interval")]
+    #[x_kube(validation = rules::duration_well_formed())]
+    pub rotation_interval: String,
+}
+
+fn default_transit_mount() -> String {
+    "transit".into()
+}
+
+fn default_key_name() -> String {
+    "umstore-pii".into()
+}
+
+fn default_rotation_interval() -> String {
+    "720h".into()
+}
+
+impl Default for EncryptionSpec {
+    fn default() -> Self {
+        Self {
+            vault_address: None,
+            auth: VaultAuthSpec::default(),
+            transit_mount: default_transit_mount(),
+            key_name: default_key_name(),
+            rotation_interval: default_rotation_interval(),
+        }
+    }
+}
+
+/// Vault Kubernetes auth: the data plane's ServiceAccount token is exchanged for a token.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct VaultAuthSpec {
+    /// Mount path of the Kubernetes auth method.
+    #[serde(default = "default_auth_mount")]
+    pub mount_path: String,
+    /// Vault role bound to the data plane's ServiceAccount.
+    #[serde(default = "default_auth_role")]
+    pub role: String,
+}
+
+fn default_auth_mount() -> String {
+    "kubernetes".into()
+}
+
+fn default_auth_role() -> String {
+    "umstore".into()
+}
+
+impl Default for VaultAuthSpec {
+    fn default() -> Self {
+        Self {
+            mount_path: default_auth_mount(),
+            role: default_auth_role(),
+        }
+    }
+}
+
+/// Schema migrations.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MigrationsSpec {
+    /// `Auto` applies pending migrations during reconcile; `Manual` only reports them.
+    #[serde(default)]
+    pub policy: MigrationPolicy,
+}
+
+/// When migrations run.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum MigrationPolicy {
+    /// Apply pending migrations during reconcile.
+    #[default]
+    Auto,
+    /// Report pending migrations in status; apply nothing.
+    Manual,
+}
+
+/// What deleting the store does to its data.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum ReclaimPolicy {
+    /// Keep PersistentVolumeClaims and credential Secrets.
+    #[default]
+    Retain,
+    /// Delete them with the store.
+    Delete,
+}

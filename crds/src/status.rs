@@ -1,0 +1,121 @@
+//! `status`: what the store is (SPEC §3). Written only by the operator, through the
+//! status subresource.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::KubeSchema;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// Condition types, in pipeline order (SPEC §3).
+pub mod condition {
+    /// Every step is done and every component is ready.
+    pub const READY: &str = "Ready";
+    /// Every owned object is applied (validate, credentials, topology done).
+    pub const PROVISIONED: &str = "Provisioned";
+    /// Databases, roles, extensions and worker registration are done.
+    pub const BOOTSTRAPPED: &str = "Bootstrapped";
+    /// The schema is at the latest migration.
+    pub const SCHEMA_READY: &str = "SchemaReady";
+    /// Tables are distributed over the worker groups (tier 3 and up).
+    pub const DISTRIBUTED: &str = "Distributed";
+    /// Encryption keys exist and are rotated on schedule.
+    pub const KEYS_READY: &str = "KeysReady";
+    /// A tier promotion is under way.
+    pub const PROMOTING: &str = "Promoting";
+    /// Something needs attention; the message says what.
+    pub const DEGRADED: &str = "Degraded";
+}
+
+/// The store's observed state.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct UserMetadataStoreStatus {
+    /// The `metadata.generation` this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// The tier the running topology implements.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tier: Option<i32>,
+    /// One-word summary: Pending, Provisioning, Ready, Degraded, Invalid, Deleting.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<Phase>,
+    /// Ready, Provisioned, Bootstrapped, SchemaReady, Distributed, KeysReady, Promoting,
+    /// Degraded. `lastTransitionTime` changes only when a condition's status changes.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[x_kube(merge_strategy = ListMerge::Map(vec!["type".into()]))]
+    pub conditions: Vec<Condition>,
+    /// The applied schema migration version.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schema_version: Option<i32>,
+    /// The transit key version that wraps the data keys.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_version: Option<i32>,
+    /// When the transit key was last rotated (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_key_rotation: Option<String>,
+    /// Readiness of each component (StatefulSets and Deployments), by name.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[x_kube(merge_strategy = ListMerge::Map(vec!["name".into()]))]
+    pub components: Vec<ComponentStatus>,
+    /// Replication lag of each replica pool, in milliseconds, by purpose.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub replica_lag_ms: BTreeMap<String, i64>,
+    /// Where clients connect.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoints: Option<Endpoints>,
+    /// The regions each worker group holds shards of, as last distributed. A removed
+    /// worker group is deleted only once it holds none.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub placement: BTreeMap<String, Vec<String>>,
+}
+
+/// One-word state of the store.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum Phase {
+    /// Accepted, nothing applied yet.
+    Pending,
+    /// Objects applied, components not all ready.
+    Provisioning,
+    /// Everything ready.
+    Ready,
+    /// Running, but a condition needs attention.
+    Degraded,
+    /// The spec cannot be realised; the `Ready` condition's message says what to change.
+    Invalid,
+    /// Being deleted.
+    Deleting,
+}
+
+/// Readiness of one workload.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ComponentStatus {
+    /// Workload name.
+    pub name: String,
+    /// `StatefulSet` or `Deployment`.
+    pub kind: String,
+    /// Desired pods.
+    pub replicas: i32,
+    /// Ready pods.
+    pub ready_replicas: i32,
+    /// All desired pods are ready.
+    pub ready: bool,
+}
+
+/// Client endpoints (`host:port`).
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Endpoints {
+    /// Read-write: PgBouncer from tier 2, the primary below.
+    pub read_write: String,
+    /// Read-only endpoint of each replica pool, by purpose.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub replica_pools: BTreeMap<String, String>,
+    /// The data plane's HTTP API.
+    pub api: String,
+    /// Connection Secret of each purpose (keys uri, host, port, dbname, user, password).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub secrets: BTreeMap<String, String>,
+}

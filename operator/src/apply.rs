@@ -1,0 +1,208 @@
+//! The thin layer between the pure builders and the API server: observe what the
+//! store owns, server-side apply what changed (one field manager, `force`), create
+//! once-only objects, and delete what is no longer wanted by owner uid.
+//!
+//! "Changed" is decided by the [`APPLIED_HASH`] annotation: the SHA-256 of the
+//! desired object as last applied. An unchanged desired object is not sent at all,
+//! so a reconcile with nothing to do writes nothing.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use kube::api::{
+    Api, ApiResource, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PostParams,
+    Preconditions,
+};
+use kube::{Client, ResourceExt};
+
+use crate::builders::{owned_kinds, Object};
+use crate::error::Error;
+use crate::meta::{hash_of, APPLIED_HASH, MANAGER};
+
+/// `(kind, name)`.
+pub type ObjectKey = (String, String);
+
+/// What the store owns now, by kind and name (one LIST per owned kind).
+#[derive(Clone, Debug, Default)]
+pub struct Observed {
+    /// Objects by `(kind, name)`.
+    pub objects: BTreeMap<ObjectKey, DynamicObject>,
+}
+
+impl Observed {
+    /// The observed object of `kind` named `name`.
+    pub fn get(&self, kind: &str, name: &str) -> Option<&DynamicObject> {
+        self.objects.get(&(kind.to_string(), name.to_string()))
+    }
+}
+
+/// Lists every owned kind in `namespace` with the store's label selector.
+pub async fn observe(client: &Client, namespace: &str, selector: &str) -> Result<Observed, Error> {
+    let mut observed = Observed::default();
+    let params = ListParams::default().labels(selector);
+    for ar in owned_kinds() {
+        let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), namespace, &ar);
+        let list = api
+            .list(&params)
+            .await
+            .map_err(Error::kube(format!("listing {}", ar.plural)))?;
+        for obj in list.items {
+            observed
+                .objects
+                .insert((ar.kind.clone(), obj.name_any()), obj);
+        }
+    }
+    Ok(observed)
+}
+
+/// The desired object as JSON with its [`APPLIED_HASH`] annotation set.
+pub fn with_hash(object: &Object) -> Result<(serde_json::Value, String), Error> {
+    let mut value = object.to_value().map_err(|source| Error::Serialize {
+        what: object.key(),
+        source,
+    })?;
+    let hash = hash_of(&value);
+    if let Some(meta) = value.get_mut("metadata").and_then(|m| m.as_object_mut()) {
+        let annotations = meta
+            .entry("annotations")
+            .or_insert_with(|| serde_json::json!({}));
+        if let Some(map) = annotations.as_object_mut() {
+            map.insert(
+                APPLIED_HASH.to_string(),
+                serde_json::Value::String(hash.clone()),
+            );
+        }
+    }
+    Ok((value, hash))
+}
+
+/// Whether the observed object already carries the desired hash.
+pub fn unchanged(observed: Option<&DynamicObject>, hash: &str) -> bool {
+    observed
+        .and_then(|o| o.annotations().get(APPLIED_HASH))
+        .is_some_and(|h| h == hash)
+}
+
+/// Server-side applies `object` unless the observed copy has the same hash.
+/// Returns whether a request was sent.
+pub async fn apply(
+    client: &Client,
+    namespace: &str,
+    object: &Object,
+    observed: &Observed,
+) -> Result<bool, Error> {
+    let ar = object.api_resource();
+    let (value, hash) = with_hash(object)?;
+    if unchanged(observed.get(&ar.kind, object.name()), &hash) {
+        return Ok(false);
+    }
+    let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), namespace, &ar);
+    api.patch(
+        object.name(),
+        &PatchParams::apply(MANAGER).force(),
+        &Patch::Apply(&value),
+    )
+    .await
+    .map_err(Error::kube(format!("applying {}", object.key())))?;
+    Ok(true)
+}
+
+/// Creates `object` if absent; an existing one is left exactly as it is.
+/// Returns whether it was created.
+pub async fn create_if_absent(
+    client: &Client,
+    namespace: &str,
+    object: &Object,
+) -> Result<bool, Error> {
+    let ar = object.api_resource();
+    let value = object.to_value().map_err(|source| Error::Serialize {
+        what: object.key(),
+        source,
+    })?;
+    let obj: DynamicObject = serde_json::from_value(value).map_err(|source| Error::Serialize {
+        what: object.key(),
+        source,
+    })?;
+    let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), namespace, &ar);
+    match api
+        .create(
+            &PostParams {
+                field_manager: Some(MANAGER.into()),
+                ..PostParams::default()
+            },
+            &obj,
+        )
+        .await
+    {
+        Ok(_) => Ok(true),
+        Err(kube::Error::Api(status)) if status.code == 409 => Ok(false),
+        Err(source) => Err(Error::Kube {
+            action: format!("creating {}", object.key()),
+            source,
+        }),
+    }
+}
+
+/// Whether `obj` is controlled by the store with uid `owner_uid`.
+pub fn owned_by(obj: &DynamicObject, owner_uid: &str) -> bool {
+    obj.owner_references()
+        .iter()
+        .any(|r| r.uid == owner_uid && r.controller == Some(true))
+}
+
+/// Observed objects controlled by `owner_uid` that are not in `desired`, in reverse
+/// apply order (workloads before the configuration they read).
+pub fn unwanted<'a>(
+    observed: &'a Observed,
+    desired: &BTreeSet<ObjectKey>,
+    owner_uid: &str,
+) -> Vec<(&'a str, &'a DynamicObject)> {
+    let kinds = owned_kinds();
+    let mut out: Vec<(usize, &str, &DynamicObject)> = observed
+        .objects
+        .iter()
+        .filter(|(key, obj)| !desired.contains(*key) && owned_by(obj, owner_uid))
+        .map(|((kind, _), obj)| {
+            (
+                kinds.iter().position(|k| &k.kind == kind).unwrap_or(0),
+                kind.as_str(),
+                obj,
+            )
+        })
+        .collect();
+    out.sort_by_key(|(pos, _, obj)| (std::cmp::Reverse(*pos), obj.name_any()));
+    out.into_iter().map(|(_, kind, o)| (kind, o)).collect()
+}
+
+/// The [`ApiResource`] of an observed object's kind.
+pub fn api_resource_of_kind(kind: &str) -> Option<ApiResource> {
+    owned_kinds().into_iter().find(|k| k.kind == kind)
+}
+
+/// Deletes an observed object, on condition that its uid is still the one observed
+/// (a same-named object created since is left alone).
+pub async fn delete(
+    client: &Client,
+    namespace: &str,
+    kind: &str,
+    obj: &DynamicObject,
+) -> Result<(), Error> {
+    let Some(ar) = api_resource_of_kind(kind) else {
+        return Ok(());
+    };
+    let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), namespace, &ar);
+    let params = DeleteParams {
+        preconditions: Some(Preconditions {
+            uid: obj.uid(),
+            resource_version: None,
+        }),
+        ..DeleteParams::background()
+    };
+    match api.delete(&obj.name_any(), &params).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(status)) if status.code == 404 => Ok(()),
+        Err(source) => Err(Error::Kube {
+            action: format!("deleting {kind}/{}", obj.name_any()),
+            source,
+        }),
+    }
+}

@@ -1,0 +1,61 @@
+//! Services of the PostgreSQL workloads: a headless Service per StatefulSet (stable pod
+//! DNS names, used by standbys to find their primary) and a client Service.
+
+use k8s_openapi::api::core::v1::{Service, ServicePort, ServiceSpec};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+
+use super::postgres::PgRole;
+use crate::meta::{EXPORTER_PORT, PG_PORT};
+use crate::validated::Validated;
+
+fn port(name: &str, port: i32) -> ServicePort {
+    ServicePort {
+        name: Some(name.into()),
+        port,
+        target_port: Some(IntOrString::String(name.into())),
+        ..ServicePort::default()
+    }
+}
+
+/// The headless Service giving each pod a stable DNS name.
+pub fn headless_service(v: &Validated, role: &PgRole<'_>) -> Service {
+    let labels = role.labels(v);
+    Service {
+        metadata: v.owner.object_meta(&role.headless_name(v), labels.clone()),
+        spec: Some(ServiceSpec {
+            cluster_ip: Some("None".into()),
+            publish_not_ready_addresses: Some(true),
+            selector: Some(labels),
+            ports: Some(vec![port("postgres", PG_PORT)]),
+            ..ServiceSpec::default()
+        }),
+        status: None,
+    }
+}
+
+/// The client Service: for the coordinator and worker groups it selects pod 0 (the
+/// primary); for a replica pool every pod.
+pub fn client_service(v: &Validated, role: &PgRole<'_>) -> Service {
+    let name = role.name(v);
+    let labels = role.labels(v);
+    let mut selector = labels.clone();
+    if !matches!(role, PgRole::Replica { .. }) {
+        selector.insert(
+            "statefulset.kubernetes.io/pod-name".into(),
+            format!("{name}-0"),
+        );
+    }
+    Service {
+        metadata: v.owner.object_meta(&name, labels),
+        spec: Some(ServiceSpec {
+            type_: Some("ClusterIP".into()),
+            selector: Some(selector),
+            ports: Some(vec![
+                port("postgres", PG_PORT),
+                port("metrics", EXPORTER_PORT),
+            ]),
+            ..ServiceSpec::default()
+        }),
+        status: None,
+    }
+}

@@ -1,0 +1,85 @@
+//! What the finalizer does before the store goes: honour `reclaimPolicy`.
+//!
+//! - `Retain` (default): PVCs stay (StatefulSets set `whenDeleted: Retain`) and the
+//!   credential and connection Secrets are orphaned (owner reference removed) so
+//!   garbage collection keeps them: the data and its passwords survive.
+//! - `Delete`: nothing is orphaned; garbage collection removes every owned object
+//!   and the StatefulSets' `whenDeleted: Delete` removes the PVCs.
+
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::{Api, ListParams, Patch, PatchParams};
+use kube::runtime::controller::Action;
+use kube::runtime::events::{Event, EventType};
+use kube::{Resource, ResourceExt};
+use tracing::info;
+use umstore_crds::{ReclaimPolicy, UserMetadataStore};
+
+use crate::context::Context;
+use crate::error::Error;
+use crate::meta::Owner;
+
+/// Runs the cleanup of `store`.
+pub async fn run(ctx: &Context, store: &UserMetadataStore) -> Result<Action, Error> {
+    let name = store.metadata.name.clone().ok_or(Error::MissingMetadata)?;
+    let namespace = store
+        .metadata
+        .namespace
+        .clone()
+        .ok_or(Error::MissingMetadata)?;
+    let uid = store.metadata.uid.clone().unwrap_or_default();
+    let owner = Owner {
+        name: name.clone(),
+        namespace: namespace.clone(),
+        uid: uid.clone(),
+    };
+    let note = match store.spec.reclaim_policy {
+        ReclaimPolicy::Retain => {
+            let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &namespace);
+            let secrets = api
+                .list(&ListParams::default().labels(&owner.selector_string()))
+                .await
+                .map_err(Error::kube("listing Secrets to retain"))?;
+            let mut kept = Vec::new();
+            for secret in secrets.items {
+                if !secret.owner_references().iter().any(|r| r.uid == uid) {
+                    continue;
+                }
+                let patch = serde_json::json!({"metadata": {"ownerReferences": null}});
+                api.patch(
+                    &secret.name_any(),
+                    &PatchParams::default(),
+                    &Patch::Merge(&patch),
+                )
+                .await
+                .map_err(Error::kube(format!(
+                    "orphaning Secret/{}",
+                    secret.name_any()
+                )))?;
+                kept.push(secret.name_any());
+            }
+            format!(
+                "reclaimPolicy Retain: PersistentVolumeClaims and Secrets {} are kept",
+                if kept.is_empty() {
+                    "(none)".to_string()
+                } else {
+                    kept.join(", ")
+                }
+            )
+        }
+        ReclaimPolicy::Delete => {
+            "reclaimPolicy Delete: every owned object and PersistentVolumeClaim is deleted".into()
+        }
+    };
+    info!(%namespace, %name, "{note}");
+    let event = Event {
+        type_: EventType::Normal,
+        reason: "Deleting".into(),
+        note: Some(note),
+        action: "Cleanup".into(),
+        secondary: None,
+    };
+    if let Err(error) = ctx.recorder.publish(&event, &store.object_ref(&())).await {
+        tracing::warn!(%error, "could not publish the Deleting Event");
+    }
+    Ok(Action::await_change())
+}

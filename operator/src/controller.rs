@@ -1,0 +1,221 @@
+//! The kube-runtime `Controller`: watches `UserMetadataStore`s (through
+//! `DeserializeGuard`, so one malformed object is reported on itself and never
+//! stalls the others) and the objects they own, runs the finalizer and the
+//! pipeline, and retries failures with a per-object backoff.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
+use k8s_openapi::api::core::v1::{ConfigMap, ObjectReference, Secret, Service, ServiceAccount};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::api::{Api, ApiResource, DynamicObject, Patch, PatchParams};
+use kube::core::error_boundary::InvalidObject;
+use kube::core::DeserializeGuard;
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::events::{Event, EventType};
+use kube::runtime::finalizer::{finalizer, Event as Finalizer};
+use kube::runtime::watcher::Config;
+use kube::runtime::{predicates, reflector, watcher, Predicate, WatchStreamExt};
+use kube::{Client, Resource};
+use serde::de::DeserializeOwned;
+use tracing::{info, info_span, warn, Instrument};
+use umstore_crds::UserMetadataStore;
+
+use crate::context::Context;
+use crate::error::Error;
+use crate::meta::{FINALIZER, MANAGED_BY_LABEL, MANAGER};
+use crate::{cleanup, pipeline};
+
+/// How long a replica that is not the leader waits before looking again.
+pub const NOT_LEADER_RECHECK: Duration = Duration::from_secs(5);
+
+/// The object as the controller sees it.
+pub type Guarded = DeserializeGuard<UserMetadataStore>;
+
+/// Reconciles one store. Without the leader Lease it does nothing (no request at
+/// all) and looks again shortly.
+pub async fn reconcile(obj: Arc<Guarded>, ctx: Arc<Context>) -> Result<Action, Error> {
+    if !ctx.leader.is_leader() {
+        return Ok(Action::requeue(NOT_LEADER_RECHECK));
+    }
+    let store = match &obj.0 {
+        Ok(store) => store,
+        Err(invalid) => return report_malformed(&ctx, invalid).await,
+    };
+    let namespace = store
+        .metadata
+        .namespace
+        .clone()
+        .ok_or(Error::MissingMetadata)?;
+    let name = store.metadata.name.clone().ok_or(Error::MissingMetadata)?;
+    let span = info_span!("reconcile", %namespace, %name, generation = store.metadata.generation);
+    async {
+        let started = ctx.metrics.reconcile_started();
+        let api: Api<UserMetadataStore> = Api::namespaced(ctx.client.clone(), &namespace);
+        let result = finalizer(&api, FINALIZER, Arc::new(store.clone()), |event| async {
+            match event {
+                Finalizer::Apply(store) => pipeline::run(&ctx, &store)
+                    .await
+                    .map(|report| report.action),
+                Finalizer::Cleanup(store) => cleanup::run(&ctx, &store).await,
+            }
+        })
+        .await
+        .map_err(|e| Error::Finalizer(Box::new(e)));
+        ctx.metrics.reconcile_finished(started);
+        if result.is_ok() {
+            ctx.succeeded(&format!("{namespace}/{name}"));
+        }
+        result
+    }
+    .instrument(span)
+    .await
+}
+
+/// Requeue with backoff after a failure, and count it by kind.
+pub fn error_policy(obj: Arc<Guarded>, error: &Error, ctx: Arc<Context>) -> Action {
+    let meta = obj.meta();
+    let key = format!(
+        "{}/{}",
+        meta.namespace.as_deref().unwrap_or_default(),
+        meta.name.as_deref().unwrap_or_default()
+    );
+    ctx.metrics.reconcile_failed(error.metric_label());
+    let wait = ctx.backoff(&key);
+    warn!(object = %key, %error, retry_in = ?wait, "reconcile failed");
+    Action::requeue(wait)
+}
+
+/// A store that does not deserialize: a Warning Event and an `Invalid` phase on the
+/// object itself; then wait for it to change.
+async fn report_malformed(ctx: &Context, invalid: &InvalidObject) -> Result<Action, Error> {
+    let meta = &invalid.metadata;
+    let (Some(name), Some(namespace)) = (meta.name.clone(), meta.namespace.clone()) else {
+        return Err(Error::MissingMetadata);
+    };
+    warn!(%namespace, %name, error = %invalid.error, "malformed UserMetadataStore");
+    let message = format!(
+        "the object does not match the UserMetadataStore schema: {}",
+        invalid.error
+    );
+    let reference = ObjectReference {
+        api_version: Some("umstore.io/v1alpha1".into()),
+        kind: Some("UserMetadataStore".into()),
+        name: Some(name.clone()),
+        namespace: Some(namespace.clone()),
+        uid: meta.uid.clone(),
+        resource_version: meta.resource_version.clone(),
+        ..ObjectReference::default()
+    };
+    let event = Event {
+        type_: EventType::Warning,
+        reason: "Malformed".into(),
+        note: Some(message.chars().take(1000).collect()),
+        action: "Reconcile".into(),
+        secondary: None,
+    };
+    if let Err(error) = ctx.recorder.publish(&event, &reference).await {
+        warn!(%error, "could not publish the Malformed Event");
+    }
+    let ar = ApiResource::erase::<UserMetadataStore>(&());
+    let api: Api<DynamicObject> = Api::namespaced_with(ctx.client.clone(), &namespace, &ar);
+    let now = Time(k8s_openapi::jiff::Timestamp::now());
+    let patch = serde_json::json!({
+        "apiVersion": "umstore.io/v1alpha1",
+        "kind": "UserMetadataStore",
+        "status": {
+            "observedGeneration": meta.generation,
+            "phase": "Invalid",
+            "conditions": [{
+                "type": "Ready", "status": "False", "reason": "Malformed",
+                "message": message, "lastTransitionTime": now,
+                "observedGeneration": meta.generation,
+            }],
+        },
+    });
+    api.patch_status(
+        &name,
+        &PatchParams::apply(MANAGER).force(),
+        &Patch::Apply(&patch),
+    )
+    .await
+    .map_err(Error::kube(format!(
+        "writing the status of malformed {namespace}/{name}"
+    )))?;
+    Ok(Action::await_change())
+}
+
+fn owned_stream<K>(
+    client: &Client,
+    namespace: Option<&str>,
+) -> impl futures_util::Stream<Item = Result<kube::core::PartialObjectMeta<K>, watcher::Error>>
+       + Send
+       + 'static
+where
+    K: Resource<DynamicType = (), Scope = kube::core::NamespaceResourceScope>
+        + Clone
+        + DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
+{
+    // Metadata only (`PartialObjectMeta`): enough to map a change to its owner, and
+    // small in memory; the reconcile re-lists what it needs.
+    let api: Api<kube::core::PartialObjectMeta<K>> = match namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    };
+    watcher(
+        api,
+        Config::default().labels(&format!("{MANAGED_BY_LABEL}={MANAGER}")),
+    )
+    .touched_objects()
+    .predicate_filter(predicates::resource_version, Default::default())
+}
+
+/// Runs the controller until SIGTERM/ctrl-c. `namespace` limits it to one namespace.
+pub async fn run(ctx: Arc<Context>, namespace: Option<String>, ready: Arc<AtomicBool>) {
+    let client = ctx.client.clone();
+    let ns = namespace.as_deref();
+    let stores: Api<Guarded> = match ns {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    };
+    let (reader, writer) = reflector::store();
+    // Status writes do not change the generation: they never trigger a reconcile.
+    // Finalizer changes do (the finalizer helper waits for one after adding it).
+    let trigger = reflector(writer, watcher(stores, Config::default().any_semantic()))
+        .default_backoff()
+        .touched_objects()
+        .predicate_filter(
+            predicates::generation.combine(predicates::finalizers),
+            Default::default(),
+        );
+    let controller = Controller::for_stream(trigger, reader)
+        .owns_stream(owned_stream::<ServiceAccount>(&client, ns))
+        .owns_stream(owned_stream::<ConfigMap>(&client, ns))
+        .owns_stream(owned_stream::<Secret>(&client, ns))
+        .owns_stream(owned_stream::<Service>(&client, ns))
+        .owns_stream(owned_stream::<StatefulSet>(&client, ns))
+        .owns_stream(owned_stream::<Deployment>(&client, ns))
+        .owns_stream(owned_stream::<PodDisruptionBudget>(&client, ns))
+        .owns_stream(owned_stream::<NetworkPolicy>(&client, ns))
+        .shutdown_on_signal();
+    ready.store(true, Ordering::Release);
+    info!(namespace = ns.unwrap_or("<all>"), "controller started");
+    controller
+        .run(reconcile, error_policy, ctx)
+        .for_each(|result| async move {
+            if let Err(error) = result {
+                tracing::debug!(%error, "reconcile result");
+            }
+        })
+        .await;
+    info!("controller stopped");
+}

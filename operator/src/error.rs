@@ -1,0 +1,74 @@
+//! The operator's error type: each variant says what failed and what to check.
+
+/// Errors of a reconcile.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A Kubernetes API call failed.
+    #[error("Kubernetes API call failed while {action}: {source}; check the API server and the operator's RBAC")]
+    Kube {
+        /// What the operator was doing.
+        action: String,
+        /// The client error.
+        #[source]
+        source: kube::Error,
+    },
+    /// An object could not be turned into JSON.
+    #[error("serializing {what}: {source}")]
+    Serialize {
+        /// Which object.
+        what: String,
+        /// The serde error.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// The OS random source failed while generating a password.
+    #[error("generating a password failed: {0}; the OS random source is unavailable")]
+    Entropy(String),
+    /// A role Secret exists but holds no usable password.
+    #[error(
+        "Secret {name} has no `password` key; restore it from backup (the database role still \
+         uses the old password) or delete it to have a new one generated"
+    )]
+    CorruptSecret {
+        /// The Secret's name.
+        name: String,
+    },
+    /// The object lacks a name or namespace.
+    #[error("the UserMetadataStore has no name or namespace")]
+    MissingMetadata,
+    /// Adding or removing the finalizer failed, or cleanup failed.
+    #[error("finalizer: {0}")]
+    Finalizer(#[source] Box<kube::runtime::finalizer::Error<Error>>),
+}
+
+impl Error {
+    /// Wraps a client error with what the operator was doing.
+    pub fn kube(action: impl Into<String>) -> impl FnOnce(kube::Error) -> Error {
+        let action = action.into();
+        move |source| Error::Kube { action, source }
+    }
+
+    /// The `error` label of the reconcile-failure counter.
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            Error::Kube {
+                source: kube::Error::Api(status),
+                ..
+            } if status.code == 409 => "conflict",
+            Error::Kube {
+                source: kube::Error::Api(status),
+                ..
+            } if status.code == 403 => "forbidden",
+            Error::Kube { .. } => "kube",
+            Error::Serialize { .. } => "serialize",
+            Error::Entropy(_) => "entropy",
+            Error::CorruptSecret { .. } => "corrupt_secret",
+            Error::MissingMetadata => "missing_metadata",
+            Error::Finalizer(inner) => match inner.as_ref() {
+                kube::runtime::finalizer::Error::ApplyFailed(e)
+                | kube::runtime::finalizer::Error::CleanupFailed(e) => e.metric_label(),
+                _ => "finalizer",
+            },
+        }
+    }
+}

@@ -1,0 +1,215 @@
+//! Prometheus metrics (prometheus-client) and the HTTP endpoints `/metrics`,
+//! `/healthz` and `/readyz`.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use axum::Router;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+/// Label of the failure counter.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ErrorLabels {
+    /// [`Error::metric_label`](crate::error::Error::metric_label).
+    pub error: String,
+}
+
+/// The operator's metrics.
+pub struct Metrics {
+    registry: Registry,
+    reconciles: Counter,
+    failures: Family<ErrorLabels, Counter>,
+    duration: Histogram,
+    objects_applied: Counter,
+    leader: Gauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// Registers every metric under the `umstore_operator` prefix.
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("umstore_operator");
+        let reconciles = Counter::default();
+        let failures = Family::<ErrorLabels, Counter>::default();
+        let duration = Histogram::new([
+            0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+        ]);
+        let objects_applied = Counter::default();
+        let leader = Gauge::default();
+        registry.register("reconciles", "Reconciles started", reconciles.clone());
+        registry.register(
+            "reconcile_failures",
+            "Reconciles that failed, by error kind",
+            failures.clone(),
+        );
+        registry.register(
+            "reconcile_duration_seconds",
+            "Reconcile duration",
+            duration.clone(),
+        );
+        registry.register(
+            "objects_applied",
+            "Objects server-side applied or created",
+            objects_applied.clone(),
+        );
+        registry.register(
+            "leader",
+            "1 while this replica holds the leader Lease",
+            leader.clone(),
+        );
+        Self {
+            registry,
+            reconciles,
+            failures,
+            duration,
+            objects_applied,
+            leader,
+        }
+    }
+
+    /// Counts a reconcile and returns its start time.
+    pub fn reconcile_started(&self) -> Instant {
+        self.reconciles.inc();
+        Instant::now()
+    }
+
+    /// Records a reconcile's duration.
+    pub fn reconcile_finished(&self, started: Instant) {
+        self.duration.observe(started.elapsed().as_secs_f64());
+    }
+
+    /// Counts a failed reconcile.
+    pub fn reconcile_failed(&self, error: &str) {
+        self.failures
+            .get_or_create(&ErrorLabels {
+                error: error.to_string(),
+            })
+            .inc();
+    }
+
+    /// Counts applied objects.
+    pub fn objects_applied(&self, n: usize) {
+        self.objects_applied.inc_by(n as u64);
+    }
+
+    /// Sets the leader gauge.
+    pub fn set_leader(&self, leader: bool) {
+        self.leader.set(i64::from(leader));
+    }
+
+    /// The metrics in the Prometheus text format.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        if let Err(error) = prometheus_client::encoding::text::encode(&mut out, &self.registry) {
+            tracing::warn!(%error, "encoding metrics failed");
+        }
+        out
+    }
+}
+
+/// State of the HTTP endpoints.
+#[derive(Clone)]
+pub struct Health {
+    /// The metrics to serve.
+    pub metrics: Arc<Metrics>,
+    /// Set once the controller's watches are running.
+    pub ready: Arc<AtomicBool>,
+}
+
+async fn metrics(State(h): State<Health>) -> impl IntoResponse {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        h.metrics.encode(),
+    )
+}
+
+async fn healthz() -> &'static str {
+    "ok"
+}
+
+async fn readyz(State(h): State<Health>) -> impl IntoResponse {
+    if h.ready.load(Ordering::Acquire) {
+        (StatusCode::OK, "ready")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "controller not started")
+    }
+}
+
+/// The router serving `/metrics`, `/healthz` and `/readyz`.
+pub fn router(health: Health) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .with_state(health)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn get(addr: std::net::SocketAddr, path: &str) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let request = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+        stream.write_all(request.as_bytes()).await.expect("write");
+        let mut response = String::new();
+        stream.read_to_string(&mut response).await.expect("read");
+        response
+    }
+
+    #[tokio::test]
+    async fn endpoints_report_health_readiness_and_metrics() {
+        let metrics = Arc::new(Metrics::new());
+        let ready = Arc::new(AtomicBool::new(false));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let app = router(Health {
+            metrics: metrics.clone(),
+            ready: ready.clone(),
+        });
+        tokio::spawn(async move { axum::serve(listener, app).await });
+
+        assert!(get(addr, "/healthz").await.starts_with("HTTP/1.1 200"));
+        assert!(
+            get(addr, "/readyz").await.starts_with("HTTP/1.1 503"),
+            "not ready before the controller starts"
+        );
+        ready.store(true, Ordering::Release);
+        assert!(get(addr, "/readyz").await.starts_with("HTTP/1.1 200"));
+
+        let started = metrics.reconcile_started();
+        metrics.reconcile_finished(started);
+        metrics.reconcile_failed("conflict");
+        metrics.set_leader(true);
+        let body = get(addr, "/metrics").await;
+        for line in [
+            "umstore_operator_reconciles_total 1",
+            "umstore_operator_reconcile_failures_total{error=\"conflict\"} 1",
+            "umstore_operator_reconcile_duration_seconds_count 1",
+            "umstore_operator_leader 1",
+        ] {
+            assert!(body.contains(line), "missing `{line}` in {body}");
+        }
+    }
+}

@@ -1,0 +1,439 @@
+//! The spec checked once into a typed value ([`Validated`]), so that later steps and
+//! the builders never see an unchecked spec. The checks repeat the CRD's CEL rules
+//! (objects may predate a rule, or come from a cluster without CEL) and add what CEL
+//! cannot express: name lengths, quantities, the tier floor recorded in status.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use umstore_crds::{ReplicaPurpose, UserMetadataStore, UserMetadataStoreSpec};
+use umstore_migrations::regions;
+
+use crate::meta::Owner;
+
+/// Longest store name: child names (`<store>-worker-<group>-hl`) must stay DNS labels.
+pub const MAX_STORE_NAME: usize = 30;
+/// Longest store name plus worker-group name.
+pub const MAX_STORE_AND_GROUP_NAME: usize = 40;
+
+/// A store whose spec passed every check.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Validated {
+    /// Who owns the objects built for it.
+    pub owner: Owner,
+    /// `metadata.generation` that was validated.
+    pub generation: Option<i64>,
+    /// The tier to build: the spec's tier, or the tier already running if higher
+    /// (the operator never demotes).
+    pub tier: i32,
+    /// Set when the spec asks for a lower tier than the one running: what to tell the user.
+    pub demotion_refused: Option<String>,
+    /// The checked spec. Below tier 3 `worker_groups` is empty; below tier 2
+    /// `replica_pools` is empty.
+    pub spec: UserMetadataStoreSpec,
+}
+
+impl Validated {
+    /// Citus is in use (tier 3 and up).
+    pub fn citus(&self) -> bool {
+        self.tier >= 3
+    }
+
+    /// PgBouncer and replica pools are in use (tier 2 and up).
+    pub fn pooled(&self) -> bool {
+        self.tier >= 2
+    }
+
+    /// Replica pool purposes in use, sorted.
+    pub fn pool_purposes(&self) -> Vec<ReplicaPurpose> {
+        let mut purposes: Vec<_> = self.spec.replica_pools.iter().map(|p| p.purpose).collect();
+        purposes.sort();
+        purposes
+    }
+}
+
+/// Why a spec was refused: one line per problem, each saying what to change.
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+#[error("{}", problems.join("; "))]
+pub struct Invalid {
+    /// The problems found.
+    pub problems: Vec<String>,
+}
+
+/// Checks a store's spec (and the tier floor in its status) into a [`Validated`].
+pub fn validate(store: &UserMetadataStore) -> Result<Validated, Invalid> {
+    let mut problems = Vec::new();
+    let meta = &store.metadata;
+    let name = meta.name.clone().unwrap_or_default();
+    let namespace = meta.namespace.clone().unwrap_or_default();
+    let uid = meta.uid.clone().unwrap_or_default();
+    if name.is_empty() || namespace.is_empty() || uid.is_empty() {
+        problems.push("metadata: name, namespace and uid are required".to_string());
+    }
+    if name.len() > MAX_STORE_NAME {
+        problems.push(format!(
+            "metadata.name: '{name}' has {} characters; use at most {MAX_STORE_NAME} so the names of \
+             its StatefulSets and Services stay valid",
+            name.len()
+        ));
+    }
+    let spec = store.spec.clone();
+    check_spec(&spec, &name, &mut problems);
+
+    let running = store.status.as_ref().and_then(|s| s.tier).unwrap_or(0);
+    let (tier, demotion_refused) = if (1..=4).contains(&spec.tier) && spec.tier < running {
+        (
+            running,
+            Some(format!(
+                "spec.tier is {} but the store runs tier {running}; the operator never demotes: \
+                 set spec.tier to {running} or higher",
+                spec.tier
+            )),
+        )
+    } else {
+        (spec.tier, None)
+    };
+
+    if !problems.is_empty() {
+        return Err(Invalid { problems });
+    }
+    let mut spec = spec;
+    if tier < 3 {
+        spec.worker_groups.clear();
+    }
+    if tier < 2 {
+        spec.replica_pools.clear();
+    }
+    Ok(Validated {
+        owner: Owner {
+            name,
+            namespace,
+            uid,
+        },
+        generation: meta.generation,
+        tier,
+        demotion_refused,
+        spec,
+    })
+}
+
+fn check_spec(spec: &UserMetadataStoreSpec, store_name: &str, problems: &mut Vec<String>) {
+    if !(1..=4).contains(&spec.tier) {
+        problems.push(format!(
+            "spec.tier: {} is not a tier; use 1, 2, 3 or 4",
+            spec.tier
+        ));
+    }
+    check_regions("spec.regions", &spec.regions, problems);
+    if spec.tier >= 3 {
+        check_worker_groups(spec, store_name, problems);
+    }
+    let mut purposes = BTreeSet::new();
+    for pool in &spec.replica_pools {
+        if !purposes.insert(pool.purpose) {
+            problems.push(format!(
+                "spec.replicaPools: purpose '{}' appears twice; keep one pool per purpose",
+                pool.purpose.as_str()
+            ));
+        }
+        positive(
+            &format!("spec.replicaPools[{}].replicas", pool.purpose.as_str()),
+            pool.replicas,
+            problems,
+        );
+    }
+    let pgb = &spec.pgbouncer;
+    if !(1..=500).contains(&pgb.max_client_connections) {
+        problems.push(format!(
+            "spec.pgbouncer.maxClientConnections: {} is outside 1..500",
+            pgb.max_client_connections
+        ));
+    }
+    positive("spec.pgbouncer.replicas", pgb.replicas, problems);
+    positive(
+        "spec.pgbouncer.defaultPoolSize",
+        pgb.default_pool_size,
+        problems,
+    );
+    positive(
+        "spec.dataPlane.replicas",
+        spec.data_plane.replicas,
+        problems,
+    );
+    if let Some(gpu) = &spec.data_plane.gpu {
+        if gpu.count < 0 {
+            problems.push(format!(
+                "spec.dataPlane.gpu.count: {} is negative; use 0 or more",
+                gpu.count
+            ));
+        }
+        if gpu.resource_name.trim().is_empty() {
+            problems.push("spec.dataPlane.gpu.resourceName: empty; use e.g. nvidia.com/gpu".into());
+        }
+    }
+    for (field, image) in [
+        ("spec.postgres.image", &spec.postgres.image),
+        ("spec.postgres.exporterImage", &spec.postgres.exporter_image),
+        ("spec.pgbouncer.image", &spec.pgbouncer.image),
+        ("spec.dataPlane.image", &spec.data_plane.image),
+    ] {
+        if image.trim().is_empty() {
+            problems.push(format!("{field}: empty; set an image reference"));
+        }
+    }
+    for (field, size) in [
+        (
+            "spec.postgres.coordinator.storage.size",
+            &spec.postgres.coordinator.storage.size,
+        ),
+        (
+            "spec.postgres.workers.storage.size",
+            &spec.postgres.workers.storage.size,
+        ),
+        (
+            "spec.postgres.replicas.storage.size",
+            &spec.postgres.replicas.storage.size,
+        ),
+    ] {
+        if !is_quantity(size) {
+            problems.push(format!(
+                "{field}: '{size}' is not a quantity; use e.g. 10Gi"
+            ));
+        }
+    }
+    for (field, value) in [
+        ("spec.eligibilityCacheTtl", &spec.eligibility_cache_ttl),
+        (
+            "spec.encryption.rotationInterval",
+            &spec.encryption.rotation_interval,
+        ),
+    ] {
+        if parse_duration_secs(value).is_none_or(|s| s == 0) {
+            problems.push(format!(
+                "{field}: '{value}' is not a positive duration; use e.g. 24h or 90m"
+            ));
+        }
+    }
+}
+
+fn positive(field: &str, value: i32, problems: &mut Vec<String>) {
+    if value < 1 {
+        problems.push(format!("{field}: {value} must be at least 1"));
+    }
+}
+
+fn check_regions(field: &str, codes: &[String], problems: &mut Vec<String>) {
+    let mut seen = BTreeSet::new();
+    for code in codes {
+        if regions::region(code).is_none() {
+            problems.push(format!(
+                "{field}: '{code}' is not a region code; use one of the 36 two-letter codes (AN AP ... WB)"
+            ));
+        }
+        if !seen.insert(code) {
+            problems.push(format!("{field}: '{code}' is listed twice"));
+        }
+    }
+}
+
+fn check_worker_groups(spec: &UserMetadataStoreSpec, store_name: &str, problems: &mut Vec<String>) {
+    if spec.worker_groups.is_empty() {
+        problems.push(
+            "spec.workerGroups: tier 3 and 4 need at least one worker group listing the regions it holds"
+                .into(),
+        );
+        return;
+    }
+    let mut holder: BTreeMap<&str, &str> = BTreeMap::new();
+    let mut names = BTreeSet::new();
+    for group in &spec.worker_groups {
+        let name = group.name.as_str();
+        if !is_dns_label(name) {
+            problems.push(format!(
+                "spec.workerGroups: name '{name}' is not a lowercase DNS label"
+            ));
+        }
+        if store_name.len() + name.len() > MAX_STORE_AND_GROUP_NAME {
+            problems.push(format!(
+                "spec.workerGroups: '{store_name}' plus group '{name}' is longer than \
+                 {MAX_STORE_AND_GROUP_NAME} characters; shorten the group name"
+            ));
+        }
+        if !names.insert(name) {
+            problems.push(format!("spec.workerGroups: name '{name}' appears twice"));
+        }
+        positive(
+            &format!("spec.workerGroups[{name}].replicas"),
+            group.replicas,
+            problems,
+        );
+        check_regions(
+            &format!("spec.workerGroups[{name}].regions"),
+            &group.regions,
+            problems,
+        );
+        for code in &group.regions {
+            if let Some(other) = holder.insert(code, name) {
+                if other != name {
+                    problems.push(format!(
+                        "spec.workerGroups: region {code} is in groups '{other}' and '{name}'; keep it in one"
+                    ));
+                }
+            }
+            if !spec.regions.contains(code) {
+                problems.push(format!(
+                    "spec.workerGroups[{name}]: region {code} is not in spec.regions; add it there or remove it"
+                ));
+            }
+        }
+    }
+    let unplaced: Vec<&str> = spec
+        .regions
+        .iter()
+        .map(String::as_str)
+        .filter(|c| !holder.contains_key(c))
+        .collect();
+    if !unplaced.is_empty() {
+        problems.push(format!(
+            "spec.workerGroups: regions {} are in spec.regions but in no worker group; assign each to one",
+            unplaced.join(", ")
+        ));
+    }
+}
+
+fn is_dns_label(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+        && !s.ends_with('-')
+}
+
+/// A Kubernetes quantity of the forms the storage fields use (`10Gi`, `500M`, `1.5Ti`).
+fn is_quantity(s: &str) -> bool {
+    let digits_end = s
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(s.len());
+    let (number, suffix) = s.split_at(digits_end);
+    !number.is_empty()
+        && number.parse::<f64>().is_ok_and(|n| n > 0.0)
+        && [
+            "", "Ki", "Mi", "Gi", "Ti", "Pi", "Ei", "k", "M", "G", "T", "P", "E",
+        ]
+        .contains(&suffix)
+}
+
+/// Parses a Go-style duration of `h`, `m`, `s` and `ms` parts (`1h30m`) into whole
+/// seconds (rounded down). `None` when malformed.
+pub fn parse_duration_secs(s: &str) -> Option<u64> {
+    let mut total_ms: u64 = 0;
+    let mut rest = s;
+    if rest.is_empty() {
+        return None;
+    }
+    while !rest.is_empty() {
+        let digits = rest.find(|c: char| !c.is_ascii_digit())?;
+        if digits == 0 {
+            return None;
+        }
+        let value: u64 = rest[..digits].parse().ok()?;
+        rest = &rest[digits..];
+        let (unit_ms, len) = if rest.starts_with("ms") {
+            (1, 2)
+        } else if rest.starts_with('h') {
+            (3_600_000, 1)
+        } else if rest.starts_with('m') {
+            (60_000, 1)
+        } else if rest.starts_with('s') {
+            (1_000, 1)
+        } else {
+            return None;
+        };
+        total_ms = total_ms.checked_add(value.checked_mul(unit_ms)?)?;
+        rest = &rest[len..];
+    }
+    Some(total_ms / 1000)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn store(spec: serde_json::Value, status_tier: Option<i32>) -> UserMetadataStore {
+        let mut value = json!({
+            "apiVersion": "umstore.io/v1alpha1", "kind": "UserMetadataStore",
+            "metadata": {"name": "s", "namespace": "ns", "uid": "u1", "generation": 1},
+            "spec": spec,
+        });
+        if let Some(t) = status_tier {
+            value["status"] = json!({"tier": t});
+        }
+        serde_json::from_value(value).expect("store")
+    }
+
+    #[test]
+    fn durations_parse_like_go() {
+        assert_eq!(parse_duration_secs("24h"), Some(86_400));
+        assert_eq!(parse_duration_secs("1h30m"), Some(5_400));
+        assert_eq!(parse_duration_secs("1500ms"), Some(1));
+        for bad in ["", "24", "1d", "h", "-1h", "1h 30m"] {
+            assert_eq!(parse_duration_secs(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn quantities() {
+        assert!(is_quantity("10Gi") && is_quantity("1.5Ti") && is_quantity("500M"));
+        assert!(!is_quantity("Gi") && !is_quantity("10GB") && !is_quantity("0"));
+    }
+
+    #[test]
+    fn tier_one_drops_pools_and_groups() {
+        let v = validate(&store(json!({"tier": 1}), None)).expect("valid");
+        assert!(v.spec.replica_pools.is_empty() && v.spec.worker_groups.is_empty());
+        assert!(!v.pooled() && !v.citus());
+    }
+
+    #[test]
+    fn demotion_keeps_the_running_tier_and_says_why() {
+        let v = validate(&store(json!({"tier": 1}), Some(2))).expect("valid");
+        assert_eq!(v.tier, 2);
+        let msg = v.demotion_refused.expect("refused");
+        assert!(
+            msg.contains("never demotes") && msg.contains("set spec.tier to 2"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn invalid_spec_lists_every_problem_with_a_fix() {
+        let err = validate(&store(
+            json!({"tier": 3, "regions": ["KA", "TN", "DL", "XX"],
+                   "workerGroups": [{"name": "a", "regions": ["KA", "TN"]},
+                                    {"name": "b", "regions": ["TN"]}],
+                   "eligibilityCacheTtl": "1d"}),
+            None,
+        ))
+        .expect_err("invalid");
+        let text = err.to_string();
+        for needle in [
+            "'XX' is not a region code",
+            "region TN is in groups 'a' and 'b'",
+            "regions DL, XX are in spec.regions but in no worker group",
+            "spec.eligibilityCacheTtl: '1d' is not a positive duration",
+        ] {
+            assert!(text.contains(needle), "missing `{needle}` in {text}");
+        }
+    }
+
+    #[test]
+    fn long_names_are_refused() {
+        let mut s = store(json!({}), None);
+        s.metadata.name = Some("x".repeat(31));
+        assert!(validate(&s)
+            .expect_err("too long")
+            .to_string()
+            .contains("at most 30"));
+    }
+}

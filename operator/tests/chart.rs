@@ -1,0 +1,232 @@
+//! The Helm chart `charts/umstore-operator`: its CRD is the generated one, and it
+//! renders (with `helm template`, default values and each `ci/*-values.yaml`) to
+//! manifests that parse into k8s-openapi types, run the operator hardened, and grant
+//! exactly the RBAC the operator uses. The rendering tests need a `helm` binary
+//! (`$HELM` or on `PATH`; docs/operator.md says how to build one from its Go module)
+//! and skip with a message without it.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{Service, ServiceAccount};
+use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use serde_yaml_ng::Value;
+use umstore_operator::builders::owned_kinds;
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn chart() -> PathBuf {
+    repo().join("charts/umstore-operator")
+}
+
+#[test]
+fn chart_crd_is_the_generated_crd() {
+    let generated = std::fs::read_to_string(repo().join("crds/umstore.io_usermetadatastores.yaml"))
+        .expect("crd");
+    let path = chart().join("crds/umstore.io_usermetadatastores.yaml");
+    if std::env::var_os("UPDATE_GOLDEN").is_some() {
+        std::fs::write(&path, &generated).expect("copy CRD into the chart");
+    }
+    let in_chart = std::fs::read_to_string(&path).unwrap_or_default();
+    assert!(
+        in_chart == generated,
+        "{} is stale: rerun with UPDATE_GOLDEN=1",
+        path.display()
+    );
+}
+
+fn helm() -> Option<PathBuf> {
+    if let Some(h) = std::env::var_os("HELM") {
+        return Some(PathBuf::from(h));
+    }
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|d| d.join("helm"))
+        .find(|p| p.is_file())
+}
+
+/// `helm template` of the chart with `values` (None: defaults), as parsed documents.
+fn render(helm: &Path, values: Option<&Path>) -> Vec<Value> {
+    let mut cmd = Command::new(helm);
+    cmd.args([
+        "template",
+        "umstore",
+        "--namespace",
+        "umstore-system",
+        "--include-crds",
+    ])
+    .args(["--kube-version", "1.33.0"])
+    .arg(chart());
+    if let Some(v) = values {
+        cmd.arg("--values").arg(v);
+    }
+    let out = cmd.output().expect("run helm");
+    assert!(
+        out.status.success(),
+        "helm template failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).expect("utf-8");
+    text.split("\n---")
+        .map(|doc| serde_yaml_ng::from_str::<Value>(doc).expect("valid YAML"))
+        .filter(|v| !v.is_null())
+        .collect()
+}
+
+fn typed<T: serde::de::DeserializeOwned>(doc: &Value) -> T {
+    serde_yaml_ng::from_value(doc.clone()).unwrap_or_else(|e| panic!("{doc:?} does not parse: {e}"))
+}
+
+fn value_files() -> Vec<Option<PathBuf>> {
+    let mut files: Vec<Option<PathBuf>> = vec![None];
+    let mut ci: Vec<PathBuf> = std::fs::read_dir(chart().join("ci"))
+        .expect("ci dir")
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.to_string_lossy().ends_with("-values.yaml"))
+        .collect();
+    ci.sort();
+    files.extend(ci.into_iter().map(Some));
+    files
+}
+
+#[test]
+fn chart_renders_to_valid_hardened_manifests() {
+    let Some(helm) = helm() else {
+        eprintln!("skipping: no helm binary ($HELM or PATH); see docs/operator.md to build one");
+        return;
+    };
+    for values in value_files() {
+        let docs = render(&helm, values.as_deref());
+        let label = values
+            .as_ref()
+            .map_or("defaults".to_string(), |p| p.display().to_string());
+        let mut kinds = Vec::new();
+        for doc in &docs {
+            let kind = doc["kind"].as_str().unwrap_or_default().to_string();
+            match kind.as_str() {
+                "CustomResourceDefinition" => {
+                    let crd: CustomResourceDefinition = typed(doc);
+                    assert_eq!(crd.spec.group, "umstore.io");
+                }
+                "ServiceAccount" => drop(typed::<ServiceAccount>(doc)),
+                "ClusterRole" => drop(typed::<ClusterRole>(doc)),
+                "ClusterRoleBinding" => drop(typed::<ClusterRoleBinding>(doc)),
+                "Role" => drop(typed::<Role>(doc)),
+                "RoleBinding" => drop(typed::<RoleBinding>(doc)),
+                "Service" => drop(typed::<Service>(doc)),
+                "Deployment" => {
+                    let d: Deployment = typed(doc);
+                    let pod = d.spec.template.spec.expect("pod spec");
+                    assert_eq!(
+                        pod.security_context
+                            .as_ref()
+                            .and_then(|s| s.run_as_non_root),
+                        Some(true),
+                        "{label}"
+                    );
+                    let c = &pod.containers[0];
+                    let sc = c
+                        .security_context
+                        .as_ref()
+                        .expect("container securityContext");
+                    assert_eq!(sc.read_only_root_filesystem, Some(true), "{label}");
+                    assert_eq!(sc.allow_privilege_escalation, Some(false), "{label}");
+                    assert!(
+                        c.liveness_probe.is_some() && c.readiness_probe.is_some(),
+                        "{label}"
+                    );
+                    assert!(
+                        c.resources
+                            .as_ref()
+                            .and_then(|r| r.limits.as_ref())
+                            .is_some(),
+                        "{label}"
+                    );
+                    let env: Vec<&str> = c.env.iter().flatten().map(|e| e.name.as_str()).collect();
+                    assert!(
+                        env.contains(&"POD_NAME") && env.contains(&"POD_NAMESPACE"),
+                        "{label}"
+                    );
+                }
+                other => panic!("unexpected kind {other} in {label}"),
+            }
+            kinds.push(kind);
+        }
+        for required in [
+            "CustomResourceDefinition",
+            "ClusterRole",
+            "ClusterRoleBinding",
+            "Role",
+            "RoleBinding",
+            "Deployment",
+        ] {
+            assert!(
+                kinds.iter().any(|k| k == required),
+                "{label}: no {required}"
+            );
+        }
+    }
+}
+
+#[test]
+fn cluster_role_grants_exactly_what_the_operator_uses() {
+    let Some(helm) = helm() else {
+        eprintln!("skipping: no helm binary ($HELM or PATH); see docs/operator.md to build one");
+        return;
+    };
+    let docs = render(&helm, None);
+    let role: ClusterRole = typed(
+        docs.iter()
+            .find(|d| d["kind"] == "ClusterRole")
+            .expect("ClusterRole"),
+    );
+    let rules = role.rules.unwrap_or_default();
+    let verbs_for = |group: &str, resource: &str| -> Vec<String> {
+        rules
+            .iter()
+            .filter(|r| r.api_groups.iter().flatten().any(|g| g == group))
+            .filter(|r| r.resources.iter().flatten().any(|x| x == resource))
+            .flat_map(|r| r.verbs.clone())
+            .collect()
+    };
+    for rule in &rules {
+        assert!(!rule.verbs.iter().any(|v| v == "*"), "no wildcard verbs");
+        assert!(
+            !rule.resources.iter().flatten().any(|r| r == "*"),
+            "no wildcard resources"
+        );
+    }
+    for ar in owned_kinds() {
+        let verbs = verbs_for(&ar.group, &ar.plural);
+        for v in ["list", "watch", "create", "patch", "delete"] {
+            assert!(
+                verbs.iter().any(|x| x == v),
+                "{} lacks {v}: {verbs:?}",
+                ar.plural
+            );
+        }
+        assert!(
+            !verbs.iter().any(|x| x == "update"),
+            "{}: SSA needs no update",
+            ar.plural
+        );
+    }
+    assert_eq!(
+        verbs_for("umstore.io", "usermetadatastores"),
+        ["get", "list", "watch", "patch"]
+    );
+    assert_eq!(
+        verbs_for("umstore.io", "usermetadatastores/status"),
+        ["patch"]
+    );
+    assert_eq!(verbs_for("events.k8s.io", "events"), ["create", "patch"]);
+    let lease: Role = typed(docs.iter().find(|d| d["kind"] == "Role").expect("Role"));
+    assert_eq!(
+        lease.rules.unwrap_or_default()[0].verbs,
+        ["get", "create", "update"]
+    );
+}

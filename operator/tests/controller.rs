@@ -1,0 +1,666 @@
+//! The controller against the mocked API (`support::FakeApi`): which requests each
+//! reconcile makes, in order, and what they carry.
+
+mod support;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use kube::core::DeserializeGuard;
+use kube::runtime::controller::Action;
+use serde_json::{json, Value};
+use support::{paths, FakeApi, Recorded};
+use umstore_crds::UserMetadataStore;
+use umstore_operator::builders::credentials::Credentials;
+use umstore_operator::builders::{topology, Env};
+use umstore_operator::controller::{error_policy, reconcile, Guarded, NOT_LEADER_RECHECK};
+use umstore_operator::leader::Leadership;
+use umstore_operator::metrics::Metrics;
+use umstore_operator::validated::validate;
+use umstore_operator::{Context, Error};
+
+const NS: &str = "umstore";
+
+fn example(tier: i32) -> Value {
+    let path =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(format!("../examples/tier{tier}.yaml"));
+    serde_yaml_ng::from_str(&std::fs::read_to_string(path).expect("example")).expect("yaml")
+}
+
+fn context(client: kube::Client, leader: bool) -> Arc<Context> {
+    Arc::new(Context::new(
+        client,
+        Arc::new(Metrics::new()),
+        Leadership::new(leader),
+        Env {
+            operator_namespace: "umstore-system".into(),
+        },
+        Some("test".into()),
+    ))
+}
+
+fn stored(api: &FakeApi, name: &str) -> Arc<Guarded> {
+    let value = api.get(&paths::stores(NS), name).expect("store exists");
+    Arc::new(serde_json::from_value(value).expect("guard deserializes"))
+}
+
+/// Seeds the store and runs the first reconcile (which only adds the finalizer).
+async fn seeded(spec_of: Value) -> (FakeApi, Arc<Context>, String) {
+    let (client, api) = FakeApi::start();
+    let name = spec_of["metadata"]["name"]
+        .as_str()
+        .expect("name")
+        .to_string();
+    api.insert(&paths::stores(NS), spec_of);
+    let ctx = context(client, true);
+    let action = reconcile(stored(&api, &name), ctx.clone())
+        .await
+        .expect("finalizer added");
+    assert_eq!(action, Action::await_change());
+    let writes = api.writes();
+    assert_eq!(writes.len(), 1, "{writes:#?}");
+    assert_eq!(
+        writes[0].line(),
+        format!("PATCH {}/{name}", paths::stores(NS))
+    );
+    assert_eq!(writes[0].content_type, "application/json-patch+json");
+    api.clear_log();
+    (api, ctx, name)
+}
+
+fn lines(writes: &[Recorded]) -> Vec<String> {
+    writes.iter().map(Recorded::line).collect()
+}
+
+fn applies(writes: &[Recorded]) -> Vec<&Recorded> {
+    writes
+        .iter()
+        .filter(|w| w.content_type.starts_with("application/apply-patch"))
+        .collect()
+}
+
+fn events(writes: &[Recorded]) -> Vec<String> {
+    writes
+        .iter()
+        .filter(|w| w.path == paths::events(NS))
+        .map(|w| {
+            w.body
+                .as_ref()
+                .and_then(|b| b["reason"].as_str())
+                .unwrap_or_default()
+                .to_string()
+        })
+        .collect()
+}
+
+fn status_of(api: &FakeApi, name: &str) -> Value {
+    api.get(&paths::stores(NS), name).expect("store")["status"].clone()
+}
+
+fn condition<'a>(status: &'a Value, type_: &str) -> &'a Value {
+    status["conditions"]
+        .as_array()
+        .and_then(|cs| cs.iter().find(|c| c["type"] == type_))
+        .unwrap_or(&Value::Null)
+}
+
+#[tokio::test]
+async fn first_reconcile_applies_every_object_then_the_status() {
+    let (api, ctx, name) = seeded(example(2)).await;
+    reconcile(stored(&api, &name), ctx)
+        .await
+        .expect("reconcile");
+    let writes = api.writes();
+
+    // Role Secrets first, each created once.
+    let created: Vec<String> = writes
+        .iter()
+        .filter(|w| w.method == "POST" && w.path == paths::secrets(NS))
+        .map(|w| {
+            w.body.as_ref().expect("body")["metadata"]["name"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string()
+        })
+        .collect();
+    assert_eq!(created.len(), 8, "{created:?}");
+    assert!(created.contains(&"state-rollout-role-writer".to_string()));
+
+    // Then every object of the tier, server-side applied in builder order, then the status.
+    let store: UserMetadataStore =
+        serde_json::from_value(api.get(&paths::stores(NS), &name).expect("store")).expect("store");
+    let desired = topology(
+        &validate(&store).expect("valid"),
+        &Credentials::fixed_for_tests(),
+        &Env {
+            operator_namespace: "umstore-system".into(),
+        },
+    );
+    let applied = applies(&writes);
+    assert_eq!(applied.len(), desired.len() + 1, "{:#?}", lines(&writes));
+    for (w, o) in applied.iter().zip(&desired) {
+        assert!(
+            w.path.ends_with(&format!("/{}", o.name())),
+            "{} vs {}",
+            w.path,
+            o.key()
+        );
+        assert!(
+            w.query.contains("fieldManager=umstore-operator") && w.query.contains("force=true"),
+            "{}",
+            w.query
+        );
+        let body = w.body.as_ref().expect("body");
+        assert_eq!(body["kind"], o.api_resource().kind);
+        assert!(body["metadata"]["annotations"]["umstore.io/applied-hash"].is_string());
+    }
+    let status_write = applied.last().expect("status");
+    assert_eq!(
+        status_write.path,
+        format!("{}/{name}/status", paths::stores(NS))
+    );
+
+    // The coordinator's StatefulSet carries what the builder made.
+    let sts = applied
+        .iter()
+        .find(|w| w.path.ends_with("/statefulsets/state-rollout-coordinator"))
+        .expect("sts");
+    let body = sts.body.as_ref().expect("body");
+    assert_eq!(
+        body["spec"]["template"]["spec"]["containers"][0]["name"],
+        "postgres"
+    );
+    assert_eq!(
+        body["spec"]["template"]["spec"]["containers"][1]["name"],
+        "exporter"
+    );
+
+    let status = status_of(&api, &name);
+    assert_eq!(status["observedGeneration"], 1);
+    assert_eq!(status["tier"], 2);
+    assert_eq!(status["phase"], "Provisioning");
+    assert_eq!(condition(&status, "Provisioned")["status"], "True");
+    assert_eq!(condition(&status, "Ready")["reason"], "ComponentsNotReady");
+    assert_eq!(
+        status["endpoints"]["readWrite"],
+        "state-rollout-pgbouncer.umstore.svc:6432"
+    );
+    assert_eq!(
+        status["endpoints"]["replicaPools"]["ai"],
+        "state-rollout-replica-ai.umstore.svc:5432"
+    );
+    let reasons = events(&writes);
+    for r in ["CredentialsCreated", "Applied"] {
+        assert!(reasons.contains(&r.to_string()), "{reasons:?}");
+    }
+}
+
+#[tokio::test]
+async fn second_reconcile_with_nothing_changed_writes_nothing() {
+    let (api, ctx, name) = seeded(example(1)).await;
+    reconcile(stored(&api, &name), ctx.clone())
+        .await
+        .expect("first");
+    api.clear_log();
+    let action = reconcile(stored(&api, &name), ctx).await.expect("second");
+    let log = api.log();
+    assert!(api.writes().is_empty(), "{:#?}", lines(&api.writes()));
+    assert!(log.iter().all(|r| r.method == "GET"), "only reads");
+    assert_eq!(
+        action,
+        Action::requeue(Duration::from_secs(30)),
+        "components are not ready yet"
+    );
+}
+
+#[tokio::test]
+async fn readiness_change_updates_only_the_status() {
+    let (api, ctx, name) = seeded(example(1)).await;
+    reconcile(stored(&api, &name), ctx.clone())
+        .await
+        .expect("first");
+    api.mark_workloads_ready();
+    api.clear_log();
+    let action = reconcile(stored(&api, &name), ctx).await.expect("second");
+    let writes = api.writes();
+    assert_eq!(
+        lines(&applies(&writes).into_iter().cloned().collect::<Vec<_>>()),
+        [format!("PATCH {}/{name}/status", paths::stores(NS))]
+    );
+    let status = status_of(&api, &name);
+    assert_eq!(status["phase"], "Ready");
+    assert_eq!(condition(&status, "Ready")["status"], "True");
+    assert_eq!(events(&writes), ["AllComponentsReady"]);
+    assert_eq!(action, Action::requeue(Duration::from_secs(300)));
+}
+
+#[tokio::test]
+async fn raising_the_tier_reports_promoting_until_the_new_tier_is_ready() {
+    let (api, ctx, name) = seeded(example(1)).await;
+    reconcile(stored(&api, &name), ctx.clone())
+        .await
+        .expect("first");
+    api.mark_workloads_ready();
+    reconcile(stored(&api, &name), ctx.clone())
+        .await
+        .expect("ready");
+    assert_eq!(status_of(&api, &name)["tier"], 1);
+
+    let mut store = api.get(&paths::stores(NS), &name).expect("store");
+    store["spec"]["tier"] = json!(2);
+    store["metadata"]["generation"] = json!(2);
+    api.put_raw(&paths::stores(NS), store);
+    api.clear_log();
+    reconcile(stored(&api, &name), ctx.clone())
+        .await
+        .expect("promote");
+    assert!(
+        api.get(&paths::deployments(NS), "pilot-pgbouncer")
+            .is_some(),
+        "tier-2 objects applied"
+    );
+    let status = status_of(&api, &name);
+    assert_eq!(status["tier"], 1, "still running tier 1");
+    assert_eq!(condition(&status, "Promoting")["status"], "True");
+    assert_eq!(status["phase"], "Provisioning");
+
+    api.mark_workloads_ready();
+    reconcile(stored(&api, &name), ctx).await.expect("promoted");
+    let status = status_of(&api, &name);
+    assert_eq!(status["tier"], 2);
+    assert_eq!(
+        condition(&status, "Promoting")["reason"],
+        "PromotionComplete"
+    );
+    assert_eq!(status["phase"], "Ready");
+}
+
+#[tokio::test]
+async fn spec_change_patches_only_what_changed() {
+    let (api, ctx, name) = seeded(example(2)).await;
+    reconcile(stored(&api, &name), ctx.clone())
+        .await
+        .expect("first");
+    let mut store = api.get(&paths::stores(NS), &name).expect("store");
+    store["spec"]["dataPlane"]["replicas"] = json!(5);
+    store["metadata"]["generation"] = json!(2);
+    api.put_raw(&paths::stores(NS), store);
+    api.clear_log();
+    reconcile(stored(&api, &name), ctx).await.expect("second");
+    let writes = api.writes();
+    assert_eq!(
+        lines(&applies(&writes).into_iter().cloned().collect::<Vec<_>>()),
+        [
+            "PATCH /apis/apps/v1/namespaces/umstore/deployments/state-rollout-data-plane"
+                .to_string(),
+            format!("PATCH {}/{name}/status", paths::stores(NS)),
+        ]
+    );
+    assert_eq!(status_of(&api, &name)["observedGeneration"], 2);
+}
+
+#[tokio::test]
+async fn removed_replica_pool_is_deleted_by_owner_uid_only() {
+    let (api, ctx, name) = seeded(example(2)).await;
+    reconcile(stored(&api, &name), ctx.clone())
+        .await
+        .expect("first");
+    // A look-alike with our labels but another owner must survive.
+    let mut foreign = api
+        .get(&paths::services(NS), "state-rollout-replica-analytics")
+        .expect("svc");
+    foreign["metadata"]["name"] = json!("state-rollout-lookalike");
+    foreign["metadata"]["ownerReferences"][0]["uid"] = json!("someone-else");
+    api.insert(&paths::services(NS), foreign);
+
+    let mut store = api.get(&paths::stores(NS), &name).expect("store");
+    store["spec"]["replicaPools"] = json!([{"purpose": "ai", "replicas": 2}]);
+    store["metadata"]["generation"] = json!(2);
+    api.put_raw(&paths::stores(NS), store);
+    api.clear_log();
+    reconcile(stored(&api, &name), ctx).await.expect("second");
+
+    let deletes: Vec<Recorded> = api
+        .writes()
+        .into_iter()
+        .filter(|w| w.method == "DELETE")
+        .collect();
+    let deleted: Vec<String> = deletes
+        .iter()
+        .map(|d| {
+            d.path
+                .rsplit("/namespaces/umstore/")
+                .next()
+                .unwrap_or_default()
+                .to_string()
+        })
+        .collect();
+    // Workloads before the Services they use; the one-replica pool had no PDB.
+    assert_eq!(
+        deleted,
+        [
+            "statefulsets/state-rollout-replica-analytics",
+            "services/state-rollout-replica-analytics",
+            "services/state-rollout-replica-analytics-hl",
+        ]
+    );
+    for d in &deletes {
+        assert!(
+            d.body
+                .as_ref()
+                .is_some_and(|b| b["preconditions"]["uid"].is_string()),
+            "uid precondition on {}",
+            d.path
+        );
+    }
+    assert!(api
+        .get(&paths::services(NS), "state-rollout-lookalike")
+        .is_some());
+    assert!(api
+        .get(&paths::statefulsets(NS), "state-rollout-replica-analytics")
+        .is_none());
+    // Analytics and dashboard now connect to the read-write endpoint.
+    let applied: Vec<String> = applies(&api.writes())
+        .iter()
+        .map(|w| w.path.clone())
+        .collect();
+    assert!(
+        applied
+            .iter()
+            .any(|p| p.ends_with("/secrets/state-rollout-conn-analytics")),
+        "{applied:?}"
+    );
+}
+
+#[tokio::test]
+async fn removed_worker_group_is_kept_until_its_regions_are_moved() {
+    let (api, ctx, name) = seeded(example(3)).await;
+    reconcile(stored(&api, &name), ctx.clone())
+        .await
+        .expect("first");
+    let mut store = api.get(&paths::stores(NS), &name).expect("store");
+    // The distribute step recorded that `central` holds CG and MP.
+    store["status"]["placement"] = json!({"central": ["CG", "MP"]});
+    // Remove `central`, moving its regions to `north` in the spec.
+    store["spec"]["workerGroups"] = json!([
+        {"name": "north", "replicas": 3, "regions": ["CH", "DL", "HP", "HR", "JK", "LA", "PB", "UK", "UP", "CG", "MP"]},
+        {"name": "west", "replicas": 3, "regions": ["DD", "GA", "GJ", "MH", "RJ"]},
+        {"name": "south", "replicas": 3, "regions": ["AN", "AP", "KA", "KL", "LD", "PY", "TN", "TS"]},
+        {"name": "east", "replicas": 3, "regions": ["AR", "AS", "BR", "JH", "ML", "MN", "MZ", "NL", "OD", "SK", "TR", "WB"]},
+    ]);
+    store["metadata"]["generation"] = json!(2);
+    api.put_raw(&paths::stores(NS), store.clone());
+    api.clear_log();
+    let action = reconcile(stored(&api, &name), ctx.clone())
+        .await
+        .expect("second");
+    assert!(
+        api.writes().iter().all(|w| w.method != "DELETE"),
+        "{:#?}",
+        lines(&api.writes())
+    );
+    assert!(api
+        .get(&paths::statefulsets(NS), "national-worker-central")
+        .is_some());
+    let status = status_of(&api, &name);
+    let provisioned = condition(&status, "Provisioned");
+    assert_eq!(provisioned["status"], "False");
+    assert_eq!(provisioned["reason"], "WorkerGroupDraining");
+    assert!(provisioned["message"]
+        .as_str()
+        .unwrap_or_default()
+        .contains("'central' still holds CG, MP"));
+    assert_eq!(action, Action::requeue(Duration::from_secs(60)));
+
+    // Once drained, the group goes.
+    let mut store = api.get(&paths::stores(NS), &name).expect("store");
+    store["status"]["placement"] = json!({"central": []});
+    api.put_raw(&paths::stores(NS), store);
+    reconcile(stored(&api, &name), ctx).await.expect("third");
+    assert!(api
+        .get(&paths::statefulsets(NS), "national-worker-central")
+        .is_none());
+}
+
+#[tokio::test]
+async fn invalid_spec_gives_a_condition_and_one_event_not_an_error_loop() {
+    let mut bad = example(3);
+    // CEL would refuse this at admission; the operator must still say what is wrong.
+    bad["spec"]["workerGroups"][1]["regions"] = json!(["DD", "GA", "GJ", "MH", "RJ", "UP"]);
+    let (api, ctx, name) = seeded(bad).await;
+    let action = reconcile(stored(&api, &name), ctx.clone())
+        .await
+        .expect("no error");
+    assert_eq!(action, Action::await_change());
+    let writes = api.writes();
+    assert_eq!(
+        lines(&writes),
+        [
+            format!("PATCH {}/{name}/status", paths::stores(NS)),
+            format!("POST {}", paths::events(NS))
+        ]
+    );
+    assert_eq!(
+        events(&writes),
+        ["InvalidSpec"],
+        "one Event although Provisioned and Ready both turn False"
+    );
+    let status = status_of(&api, &name);
+    assert_eq!(status["phase"], "Invalid");
+    let ready = condition(&status, "Ready");
+    assert_eq!(ready["reason"], "InvalidSpec");
+    assert!(
+        ready["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("region UP is in groups 'north' and 'west'"),
+        "{ready}"
+    );
+
+    api.clear_log();
+    reconcile(stored(&api, &name), ctx).await.expect("again");
+    assert!(
+        api.writes().is_empty(),
+        "no event spam: {:#?}",
+        lines(&api.writes())
+    );
+}
+
+#[tokio::test]
+async fn demotion_is_refused_and_the_running_tier_kept() {
+    let (api, ctx, name) = seeded(example(2)).await;
+    reconcile(stored(&api, &name), ctx.clone())
+        .await
+        .expect("first");
+    let mut store = api.get(&paths::stores(NS), &name).expect("store");
+    store["spec"]["tier"] = json!(1);
+    store["metadata"]["generation"] = json!(2);
+    api.put_raw(&paths::stores(NS), store);
+    api.clear_log();
+    reconcile(stored(&api, &name), ctx).await.expect("second");
+    let status = status_of(&api, &name);
+    assert_eq!(status["tier"], 2);
+    let degraded = condition(&status, "Degraded");
+    assert_eq!(degraded["status"], "True");
+    assert_eq!(degraded["reason"], "DemotionRefused");
+    assert!(
+        api.get(&paths::deployments(NS), "state-rollout-pgbouncer")
+            .is_some(),
+        "tier 2 objects stay"
+    );
+    assert!(api.writes().iter().all(|w| w.method != "DELETE"));
+    assert!(events(&api.writes()).contains(&"DemotionRefused".to_string()));
+}
+
+#[tokio::test]
+async fn role_passwords_are_never_regenerated() {
+    let (api, ctx, name) = seeded(example(2)).await;
+    reconcile(stored(&api, &name), ctx.clone())
+        .await
+        .expect("first");
+    let before = api
+        .get(&paths::secrets(NS), "state-rollout-role-writer")
+        .expect("secret");
+    let mut store = api.get(&paths::stores(NS), &name).expect("store");
+    store["spec"]["pgbouncer"]["replicas"] = json!(3);
+    store["metadata"]["generation"] = json!(2);
+    api.put_raw(&paths::stores(NS), store);
+    api.clear_log();
+    reconcile(stored(&api, &name), ctx).await.expect("second");
+    assert!(api
+        .writes()
+        .iter()
+        .all(|w| !(w.method == "POST" && w.path == paths::secrets(NS))));
+    assert_eq!(
+        api.get(&paths::secrets(NS), "state-rollout-role-writer")
+            .expect("secret")["data"],
+        before["data"]
+    );
+}
+
+#[tokio::test]
+async fn deletion_runs_the_finalizer_and_retains_secrets() {
+    let (api, ctx, name) = seeded(example(1)).await;
+    reconcile(stored(&api, &name), ctx.clone())
+        .await
+        .expect("first");
+    // kubectl delete: the finalizer holds the object, deletionTimestamp set.
+    let mut store = api.get(&paths::stores(NS), &name).expect("store");
+    store["metadata"]["deletionTimestamp"] = json!("2026-01-01T01:00:00Z");
+    api.put_raw(&paths::stores(NS), store);
+    api.clear_log();
+    reconcile(stored(&api, &name), ctx).await.expect("cleanup");
+    let writes = api.writes();
+    let orphaned: Vec<&Recorded> = writes
+        .iter()
+        .filter(|w| w.method == "PATCH" && w.path.contains("/secrets/"))
+        .collect();
+    assert_eq!(
+        orphaned.len(),
+        14,
+        "8 role + 6 connection Secrets: {:#?}",
+        lines(&writes)
+    );
+    for w in &orphaned {
+        assert_eq!(
+            w.body.as_ref().expect("body")["metadata"]["ownerReferences"],
+            Value::Null
+        );
+    }
+    assert_eq!(events(&writes), ["Deleting"]);
+    let last = writes.last().expect("finalizer removal");
+    assert_eq!(last.line(), format!("PATCH {}/{name}", paths::stores(NS)));
+    assert_eq!(last.content_type, "application/json-patch+json");
+    assert!(
+        api.get(&paths::stores(NS), &name).is_none(),
+        "finalizer removed, object gone"
+    );
+    let secret = api
+        .get(&paths::secrets(NS), "pilot-role-admin")
+        .expect("retained");
+    assert!(secret["metadata"]["ownerReferences"].is_null());
+}
+
+#[tokio::test]
+async fn not_being_leader_means_no_requests_at_all() {
+    let (client, api) = FakeApi::start();
+    api.insert(&paths::stores(NS), example(1));
+    let ctx = context(client, false);
+    let action = reconcile(stored(&api, "pilot"), ctx).await.expect("ok");
+    assert_eq!(action, Action::requeue(NOT_LEADER_RECHECK));
+    assert!(api.log().is_empty(), "{:#?}", api.log());
+}
+
+#[tokio::test]
+async fn malformed_object_is_reported_on_itself() {
+    let (client, api) = FakeApi::start();
+    let mut bad = example(1);
+    bad["spec"]["tier"] = json!("three");
+    api.insert(&paths::stores(NS), bad);
+    let guard: Arc<Guarded> = stored(&api, "pilot");
+    assert!(guard.0.is_err(), "tier is not a number");
+    let ctx = context(client, true);
+    let action = reconcile(guard, ctx).await.expect("reported, not an error");
+    assert_eq!(action, Action::await_change());
+    let writes = api.writes();
+    assert_eq!(events(&writes), ["Malformed"]);
+    let status = status_of(&api, "pilot");
+    assert_eq!(status["phase"], "Invalid");
+    assert_eq!(condition(&status, "Ready")["reason"], "Malformed");
+    let _: Option<DeserializeGuard<UserMetadataStore>> = None;
+}
+
+#[tokio::test]
+async fn a_refused_immutable_change_is_a_condition_not_an_error_loop() {
+    let (api, ctx, name) = seeded(example(1)).await;
+    reconcile(stored(&api, &name), ctx.clone())
+        .await
+        .expect("first");
+    let mut store = api.get(&paths::stores(NS), &name).expect("store");
+    store["spec"]["postgres"]["coordinator"]["storage"]["size"] = json!("50Gi");
+    store["spec"]["dataPlane"]["replicas"] = json!(2);
+    store["metadata"]["generation"] = json!(2);
+    api.put_raw(&paths::stores(NS), store);
+    // The API server forbids changing volumeClaimTemplates.
+    api.fail_next("PATCH", "/statefulsets/pilot-coordinator", 422);
+    api.clear_log();
+    let action = reconcile(stored(&api, &name), ctx)
+        .await
+        .expect("reported, not an error");
+    assert_eq!(action, Action::requeue(Duration::from_secs(300)));
+    let applied: Vec<String> = applies(&api.writes())
+        .iter()
+        .map(|w| w.path.clone())
+        .collect();
+    assert!(
+        applied
+            .iter()
+            .any(|p| p.ends_with("/deployments/pilot-data-plane")),
+        "others still applied: {applied:?}"
+    );
+    let provisioned = condition(&status_of(&api, &name), "Provisioned").clone();
+    assert_eq!(provisioned["reason"], "ApplyRejected");
+    assert!(provisioned["message"]
+        .as_str()
+        .unwrap_or_default()
+        .contains("StatefulSet/pilot-coordinator"));
+}
+
+#[tokio::test]
+async fn api_failure_is_retried_with_growing_backoff() {
+    let (api, ctx, name) = seeded(example(1)).await;
+    api.fail_next("PATCH", "/statefulsets/", 500);
+    let store = stored(&api, &name);
+    let error = reconcile(store.clone(), ctx.clone())
+        .await
+        .expect_err("injected failure");
+    assert_eq!(error.metric_label(), "kube");
+    assert!(
+        error
+            .to_string()
+            .contains("applying StatefulSet/pilot-coordinator"),
+        "{error}"
+    );
+    assert_eq!(
+        error_policy(store.clone(), &error, ctx.clone()),
+        Action::requeue(Duration::from_secs(5))
+    );
+    assert_eq!(
+        error_policy(store.clone(), &error, ctx.clone()),
+        Action::requeue(Duration::from_secs(10))
+    );
+    let metrics = ctx.metrics.encode();
+    assert!(
+        metrics.contains("umstore_operator_reconcile_failures_total{error=\"kube\"} 2"),
+        "{metrics}"
+    );
+    // The next reconcile succeeds and resets the backoff.
+    reconcile(store.clone(), ctx.clone())
+        .await
+        .expect("recovers");
+    assert_eq!(
+        error_policy(store, &Error::MissingMetadata, ctx),
+        Action::requeue(Duration::from_secs(5))
+    );
+}

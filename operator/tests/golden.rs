@@ -1,0 +1,195 @@
+//! Golden files: every object the builders produce for each example in `examples/`,
+//! so that every change to a manifest shows up in review. `UPDATE_GOLDEN=1`
+//! regenerates them.
+
+use std::path::PathBuf;
+
+use umstore_crds::UserMetadataStore;
+use umstore_operator::builders::credentials::Credentials;
+use umstore_operator::builders::{topology, Env, Object};
+use umstore_operator::validated::validate;
+
+fn example(tier: i32) -> UserMetadataStore {
+    let path =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(format!("../examples/tier{tier}.yaml"));
+    let text = std::fs::read_to_string(&path).expect("example exists");
+    let mut store: UserMetadataStore = serde_yaml_ng::from_str(&text).expect("example parses");
+    store.metadata.uid = Some(format!("00000000-0000-0000-0000-00000000000{tier}"));
+    store.metadata.generation = Some(1);
+    store
+}
+
+fn objects(tier: i32) -> Vec<Object> {
+    let v = validate(&example(tier)).expect("example is valid");
+    topology(
+        &v,
+        &Credentials::fixed_for_tests(),
+        &Env {
+            operator_namespace: "umstore-system".into(),
+        },
+    )
+}
+
+fn render(objects: &[Object]) -> String {
+    objects
+        .iter()
+        .map(|o| serde_yaml_ng::to_string(&o.to_value().expect("json")).expect("yaml"))
+        .collect::<Vec<_>>()
+        .join("---\n")
+}
+
+fn check_golden(tier: i32) {
+    let rendered = render(&objects(tier));
+    let path =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(format!("tests/golden/tier{tier}.yaml"));
+    if std::env::var_os("UPDATE_GOLDEN").is_some() {
+        std::fs::create_dir_all(path.parent().expect("dir")).expect("mkdir");
+        std::fs::write(&path, &rendered).expect("write golden");
+    }
+    let golden = std::fs::read_to_string(&path).unwrap_or_default();
+    assert!(
+        golden == rendered,
+        "{} differs from what the builders produce; rerun with UPDATE_GOLDEN=1 and review the diff",
+        path.display()
+    );
+}
+
+#[test]
+fn tier1_objects_match_golden() {
+    check_golden(1);
+}
+
+#[test]
+fn tier2_objects_match_golden() {
+    check_golden(2);
+}
+
+#[test]
+fn tier3_objects_match_golden() {
+    check_golden(3);
+}
+
+#[test]
+fn tier4_objects_match_golden() {
+    check_golden(4);
+}
+
+fn keys(objects: &[Object]) -> Vec<String> {
+    objects.iter().map(Object::key).collect()
+}
+
+#[test]
+fn tier1_is_one_postgres_and_the_data_plane() {
+    let keys = keys(&objects(1));
+    assert!(keys.contains(&"StatefulSet/pilot-coordinator".to_string()));
+    assert!(keys.contains(&"Deployment/pilot-data-plane".to_string()));
+    assert!(
+        !keys
+            .iter()
+            .any(|k| k.contains("pgbouncer") || k.contains("replica") || k.contains("worker")),
+        "{keys:?}"
+    );
+}
+
+#[test]
+fn tier2_adds_pgbouncer_and_two_replica_pools() {
+    let keys = keys(&objects(2));
+    for k in [
+        "Deployment/state-rollout-pgbouncer",
+        "Service/state-rollout-pgbouncer",
+        "StatefulSet/state-rollout-replica-ai",
+        "StatefulSet/state-rollout-replica-analytics",
+        "PodDisruptionBudget/state-rollout-replica-ai",
+    ] {
+        assert!(keys.contains(&k.to_string()), "missing {k} in {keys:?}");
+    }
+    assert!(!keys.iter().any(|k| k.contains("worker")));
+}
+
+#[test]
+fn tier3_has_one_statefulset_per_worker_group_and_gpu_limits() {
+    let objects = objects(3);
+    let keys = keys(&objects);
+    for g in ["north", "west", "south", "east", "central"] {
+        assert!(
+            keys.contains(&format!("StatefulSet/national-worker-{g}")),
+            "{g}"
+        );
+        assert!(
+            keys.contains(&format!("Service/national-worker-{g}-hl")),
+            "{g}"
+        );
+    }
+    let dp = objects
+        .iter()
+        .find_map(|o| match o {
+            Object::Deployment(d) if d.metadata.name.as_deref() == Some("national-data-plane") => {
+                Some(d)
+            }
+            _ => None,
+        })
+        .expect("data plane");
+    let pod = dp.spec.template.spec.as_ref().expect("pod spec");
+    let limits = pod.containers[0]
+        .resources
+        .as_ref()
+        .and_then(|r| r.limits.as_ref())
+        .expect("limits");
+    assert_eq!(
+        limits.get("nvidia.com/gpu").map(|q| q.0.as_str()),
+        Some("1")
+    );
+    assert!(pod.tolerations.as_ref().is_some_and(|t| t.len() == 1));
+    assert!(pod
+        .node_selector
+        .as_ref()
+        .is_some_and(|n| n.contains_key("nvidia.com/gpu.present")));
+}
+
+#[test]
+fn pgbouncer_ini_pools_transactions_with_at_most_500_clients() {
+    let objects = objects(2);
+    let ini = objects
+        .iter()
+        .find_map(|o| match o {
+            Object::ConfigMap(c)
+                if c.metadata.name.as_deref() == Some("state-rollout-pgbouncer") =>
+            {
+                c.data
+                    .as_ref()
+                    .and_then(|d| d.get("pgbouncer.ini"))
+                    .cloned()
+            }
+            _ => None,
+        })
+        .expect("pgbouncer.ini");
+    assert!(ini.contains("pool_mode = transaction"));
+    assert!(ini.contains("max_client_conn = 500"));
+    assert!(ini.contains("auth_type = scram-sha-256"));
+    assert!(
+        ini.contains("client_tls_sslmode = require"),
+        "tier 2 example sets a TLS secret"
+    );
+}
+
+#[test]
+fn every_object_is_owned_by_the_store_and_labelled() {
+    for tier in 1..=4 {
+        for o in objects(tier) {
+            let value = o.to_value().expect("json");
+            let meta = &value["metadata"];
+            assert_eq!(
+                meta["ownerReferences"][0]["uid"],
+                format!("00000000-0000-0000-0000-00000000000{tier}")
+            );
+            assert_eq!(meta["ownerReferences"][0]["controller"], true);
+            assert_eq!(
+                meta["labels"]["app.kubernetes.io/managed-by"],
+                "umstore-operator",
+                "{}",
+                o.key()
+            );
+            assert!(o.name().len() <= 63, "{}", o.key());
+        }
+    }
+}
