@@ -62,4 +62,5 @@ CREATE INDEX user_metadata_region_birth_year_idx ON umstore.user_metadata (regio
 CREATE INDEX user_metadata_income_idx ON umstore.user_metadata (income_lakh);
 CREATE INDEX user_metadata_identity_bidx_idx ON umstore.user_metadata (identity_token_bidx)
     WHERE identity_token_bidx IS NOT NULL;
-CREATE INDEX user_metadata_updated_at_idx ON umstore.user_metadata (updated_at);
+-- Deliberately no index on updated_at or version: every metadata write
+-- changes them, and an index on either would make every update non-HOT.
