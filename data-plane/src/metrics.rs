@@ -27,6 +27,12 @@ pub struct Metrics {
     pub schema_version: Gauge,
     /// HTTP requests by route and status.
     pub http_requests: Family<HttpLabels, Counter>,
+    /// 1 while a KEK rotation is unfinished (read from `umstore.key_rotations` at scrape).
+    pub key_rotation_in_progress: Gauge,
+    /// Data keys rewrapped by the newest rotation so far.
+    pub key_rotation_rewrapped: Gauge,
+    /// The KEK version the newest rotation rewraps to.
+    pub key_rotation_target_version: Gauge,
 }
 
 impl Default for Metrics {
@@ -63,12 +69,33 @@ impl Metrics {
             "HTTP requests served",
             http_requests.clone(),
         );
+        let key_rotation_in_progress = Gauge::default();
+        registry.register(
+            "key_rotation_in_progress",
+            "1 while a key-encryption-key rotation is rewrapping data keys",
+            key_rotation_in_progress.clone(),
+        );
+        let key_rotation_rewrapped = Gauge::default();
+        registry.register(
+            "key_rotation_rewrapped",
+            "Data keys rewrapped by the newest key rotation so far",
+            key_rotation_rewrapped.clone(),
+        );
+        let key_rotation_target_version = Gauge::default();
+        registry.register(
+            "key_rotation_target_version",
+            "Key-encryption-key version the newest rotation rewraps to",
+            key_rotation_target_version.clone(),
+        );
         Self {
             registry,
             db_connected,
             db_connect_failures,
             schema_version,
             http_requests,
+            key_rotation_in_progress,
+            key_rotation_rewrapped,
+            key_rotation_target_version,
         }
     }
 

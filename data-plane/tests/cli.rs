@@ -358,6 +358,41 @@ async fn keys_rotate_through_the_cli_with_openbao() {
         !stderr(&status).contains(bao.root_token()),
         "the token never reaches the output"
     );
+
+    // Every data plane's /metrics shows the rotation's progress.
+    let http = free_port();
+    let listen = format!("127.0.0.1:{http}");
+    let addr = bao.address();
+    let served = Served::start(&[
+        "serve",
+        "--database-url",
+        &db,
+        "--listen",
+        &listen,
+        "--vault-addr",
+        &addr,
+        "--vault-token",
+        bao.root_token(),
+        "--transit-key",
+        &key,
+    ]);
+    let ready = wait_for(http, "/readyz", Duration::from_secs(30), |s, _| s == 200);
+    assert_eq!(ready.as_ref().map(|r| r.0), Some(200), "{ready:?}");
+    let metrics = http_get(http, "/metrics").expect("metrics").1;
+    assert!(
+        metrics.contains("umstore_key_rotation_rewrapped 300"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("umstore_key_rotation_in_progress 0"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("umstore_key_rotation_target_version 2"),
+        "{metrics}"
+    );
+    let (code, _) = served.stop();
+    assert_eq!(code, Some(0));
 }
 
 #[tokio::test]

@@ -129,9 +129,36 @@ pub async fn readyz(State(state): State<AppState>) -> Response {
     (status, Json(body)).into_response()
 }
 
+/// Rotation progress from `umstore.key_rotations` (one indexed row), so a
+/// rotation run by any process shows on every data plane's /metrics.
+async fn refresh_rotation_gauges(state: &AppState) {
+    let Ok(client) = state.db.get().await else {
+        return;
+    };
+    let query = client.query_opt(
+        "SELECT target_version, rewrapped, finished_at IS NULL FROM umstore.key_rotations ORDER BY id DESC LIMIT 1",
+        &[],
+    );
+    if let Ok(Ok(Some(row))) = tokio::time::timeout(Duration::from_secs(1), query).await {
+        state
+            .metrics
+            .key_rotation_target_version
+            .set(i64::from(row.get::<_, i32>(0)));
+        state
+            .metrics
+            .key_rotation_rewrapped
+            .set(row.get::<_, i64>(1));
+        state
+            .metrics
+            .key_rotation_in_progress
+            .set(i64::from(row.get::<_, bool>(2)));
+    }
+}
+
 /// `GET /metrics`: Prometheus text format.
 pub async fn metrics(State(state): State<AppState>) -> Response {
     count(&state.metrics, "/metrics", StatusCode::OK);
+    refresh_rotation_gauges(&state).await;
     (
         [(
             header::CONTENT_TYPE,
