@@ -322,7 +322,10 @@ async fn run(
                 println!("wrote COPY files and load.psql to {}", dir.display());
                 return Ok(());
             }
-            let report = seed::seed(&mut client, users, seed, &keyring).await?;
+            // A second connection loads half of the tables in parallel.
+            let mut second = database.connect().await?;
+            let report =
+                seed::seed_with(&mut client, Some(&mut second), users, seed, &keyring).await?;
             println!(
                 "seeded {} users in {:.2} s ({:.0} users/s)",
                 report.users,

@@ -194,3 +194,36 @@ async fn seed_refuses_an_unmigrated_database() {
         stderr(&out)
     );
 }
+
+#[tokio::test]
+async fn a_seed_on_two_connections_loads_every_row_past_the_derived_backlog() {
+    let db = fresh_db().await;
+    let mut client = connect(&db).await;
+    Runner::default().up(&mut client).await.expect("migrate");
+    let mut second = connect(&db).await;
+    let (_dir, keys) = keys(&client).await;
+    // More users than the derived-attributes backlog holds back (50,000).
+    let users = 55_000;
+    seed::seed_with(&mut client, Some(&mut second), users, 31, &keys)
+        .await
+        .expect("seed");
+    for table in [
+        "user_directory",
+        "user_data_keys",
+        "user_metadata",
+        "user_derived_attributes",
+        "user_metadata_history",
+    ] {
+        assert_eq!(count(&client, table).await, users as i64, "{table}");
+    }
+    let orphans: i64 = client
+        .query_one(
+            "SELECT count(*) FROM umstore.user_directory d
+             LEFT JOIN umstore.user_metadata m USING (region, user_id) WHERE m.user_id IS NULL",
+            &[],
+        )
+        .await
+        .expect("orphans")
+        .get(0);
+    assert_eq!(orphans, 0, "every directory row has its metadata");
+}

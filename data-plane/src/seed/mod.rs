@@ -52,11 +52,19 @@ pub const TABLES: [(&str, &str); 5] = [
     ),
 ];
 
-/// Index of `user_derived_attributes` in [`TABLES`]. Its rows are loaded after
-/// every `user_metadata` row: each partition's foreign-key check plans its
-/// lookup once per connection, and planned against a nearly empty partition
-/// it scans the partition for every row, which made loading quadratic.
+/// Index of `user_metadata` in [`TABLES`].
+const METADATA: usize = 2;
+
+/// Index of `user_derived_attributes` in [`TABLES`].
 const DERIVED: usize = 3;
+
+/// Derived rows wait until this many users' metadata is loaded (or all of it,
+/// for smaller seeds). Each partition's foreign-key check plans its lookup
+/// once per connection; planned against a nearly empty partition it scans the
+/// partition for every row, and as the partition grows the load turned
+/// quadratic. Planned against a partition with a few hundred rows, it is an
+/// index lookup for good.
+const DERIVED_AFTER: u64 = 50_000;
 
 async fn copy_into(
     tx: &tokio_postgres::Transaction<'_>,
@@ -291,9 +299,28 @@ pub fn first_user(seed: u64, today: NaiveDate) -> uuid::Uuid {
     Generator::new(seed, today).next_profile().user_id
 }
 
-/// Seeds `users` synthetic users from `seed` into the database, in one transaction.
+/// Seeds `users` synthetic users from `seed` into the database, in one
+/// transaction on `client`.
 pub async fn seed(
     client: &mut Client,
+    users: u64,
+    seed: u64,
+    keyring: &Keyring,
+) -> Result<SeedReport, SeedError> {
+    seed_with(client, None, users, seed, keyring).await
+}
+
+/// Tables loaded on the second connection when there is one.
+const SECOND_CONNECTION: [usize; 3] = [0, 1, 4];
+
+/// Like [`seed`], with a second connection to load half of the tables in
+/// parallel (two server processes): `user_metadata` and
+/// `user_derived_attributes` in one transaction, the directory, keys and
+/// history in the other. Both commit only after every COPY succeeded; a
+/// failure before then leaves nothing.
+pub async fn seed_with(
+    client: &mut Client,
+    second: Option<&mut Client>,
     users: u64,
     seed: u64,
     keyring: &Keyring,
@@ -318,39 +345,68 @@ pub async fn seed(
             user_id: first,
         });
     }
+    let begin = |source| SeedError::Copy {
+        table: "transaction",
+        source,
+    };
     let mut rx = spawn_generator(users, seed, today, keyring.blind_index().clone());
-    let tx = client
-        .transaction()
-        .await
-        .map_err(|source| SeedError::Copy {
-            table: "transaction",
-            source,
-        })?;
+    let tx = client.transaction().await.map_err(begin)?;
+    let tx2 = match second {
+        Some(c) => Some(c.transaction().await.map_err(begin)?),
+        None => None,
+    };
     let mut written = 0u64;
-    let mut derived_later = Vec::new();
+    let mut derived_backlog: Vec<Bytes> = Vec::new();
     while written < users {
         let mut batch = rx.recv().await.ok_or(SeedError::Generator)?;
         batch.wrap_keys(keyring).await?;
-        for (i, text) in batch.tables.iter().enumerate() {
-            if i == DERIVED {
-                // Loaded last (see DERIVED).
-                derived_later.push(Bytes::copy_from_slice(text.as_bytes()));
-                continue;
-            }
-            copy_into(&tx, i, Bytes::copy_from_slice(text.as_bytes())).await?;
-        }
+        let text = |i: usize| Bytes::copy_from_slice(batch.tables[i].as_bytes());
         written += (users - written).min(BATCH as u64);
+        derived_backlog.push(text(DERIVED));
+        // See DERIVED_AFTER: hold derived rows back until enough metadata is in.
+        let derived_now = if written >= DERIVED_AFTER.min(users) {
+            std::mem::take(&mut derived_backlog)
+        } else {
+            Vec::new()
+        };
+        let main = async {
+            copy_into(&tx, METADATA, text(METADATA)).await?;
+            for d in derived_now {
+                copy_into(&tx, DERIVED, d).await?;
+            }
+            Ok::<(), SeedError>(())
+        };
+        match &tx2 {
+            Some(tx2) => {
+                let other = async {
+                    for i in SECOND_CONNECTION {
+                        copy_into(tx2, i, text(i)).await?;
+                    }
+                    Ok::<(), SeedError>(())
+                };
+                let (a, b) = tokio::join!(main, other);
+                a?;
+                b?;
+            }
+            None => {
+                for i in SECOND_CONNECTION {
+                    copy_into(&tx, i, text(i)).await?;
+                }
+                main.await?;
+            }
+        }
         if written % 100_000 < BATCH as u64 {
             info!(written, users, "seeding");
         }
     }
-    for text in derived_later {
-        copy_into(&tx, DERIVED, text).await?;
-    }
-    tx.commit().await.map_err(|source| SeedError::Copy {
+    let commit = |source| SeedError::Copy {
         table: "commit",
         source,
-    })?;
+    };
+    if let Some(tx2) = tx2 {
+        tx2.commit().await.map_err(commit)?;
+    }
+    tx.commit().await.map_err(commit)?;
     Ok(SeedReport {
         users,
         elapsed: started.elapsed(),
