@@ -136,7 +136,7 @@ enum Command {
         #[command(subcommand)]
         action: MigrateAction,
     },
-    /// Load deterministic synthetic users (COPY, one transaction).
+    /// Load deterministic synthetic users (COPY on two connections, committed together).
     Seed {
         /// How many users.
         #[arg(long, default_value_t = 10_000)]
