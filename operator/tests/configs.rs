@@ -37,15 +37,16 @@ fn is_root() -> bool {
 }
 
 /// A command run as the `postgres` user when we are root (PostgreSQL and PgBouncer
-/// refuse to run as root).
+/// refuse to run as root). The user is switched in the child itself (no `runuser`
+/// in between), so killing the child stops the server, and the server gets SIGKILL
+/// if this test process dies first.
 fn command(program: &Path) -> Command {
-    if is_root() {
-        let mut c = Command::new("runuser");
-        c.args(["-u", "postgres", "--"]).arg(program);
-        c
-    } else {
-        Command::new(program)
-    }
+    let mut c = Command::new(program);
+    umstore_data_plane::localpg::ChildSetup::postgres()
+        .death_signal(libc::SIGKILL)
+        .apply(&mut c)
+        .expect("run as postgres");
+    c
 }
 
 fn free_port() -> u16 {
