@@ -125,6 +125,25 @@ async fn inbound_transit_ciphertext_is_decrypted_by_the_provider() {
         .await
         .expect("decrypt");
     assert_eq!(plain.as_slice(), b"560001");
+    // Sealing an inbound field: the transit ciphertext is decrypted and the
+    // value re-sealed under the user's own data key; plain values are sealed as is.
+    let user = Uuid::new_v4();
+    let key = DataKey::generate();
+    let aad = umstore_data_plane::crypto::FieldAad {
+        user_id: user,
+        region: "KA",
+        column: "pincode_enc",
+    };
+    let sealed = keyring
+        .seal_inbound(&key, &aad, out.trim())
+        .await
+        .expect("seal inbound");
+    assert_eq!(key.open(&aad, &sealed.0).expect("opens"), b"560001");
+    let plain = keyring
+        .seal_inbound(&key, &aad, "110001")
+        .await
+        .expect("seal plain");
+    assert_eq!(key.open(&aad, &plain.0).expect("opens"), b"110001");
     let err = keyring
         .provider()
         .decrypt_inbound("vault:v1:bm90LWEtY2lwaGVydGV4dA==")

@@ -8,7 +8,10 @@ use tokio_postgres::{Client, GenericClient};
 use tracing::info;
 use uuid::Uuid;
 
-use super::{BlindIndexKey, CryptoError, DataKey, DataKeyCache, KeyProvider, WrappedKey};
+use super::{
+    BlindIndexKey, CryptoError, DataKey, DataKeyCache, FieldAad, KeyProvider, SealedField,
+    WrappedKey,
+};
 
 const SELECT_USER_KEY: &str = "SELECT wrapped_key, kek_name, kek_version, destroyed_at::text
      FROM umstore.user_data_keys WHERE region = $1 AND user_id = $2";
@@ -189,6 +192,24 @@ impl Keyring {
         let key = Arc::new(key);
         self.cache.insert(user_id, key.clone());
         Ok(UserKey::Active(key))
+    }
+
+    /// Seals an inbound PII value for storage under `key`. A value the
+    /// Metadata Engine already encrypted under the transit key (`vault:vN:...`)
+    /// is decrypted through Vault first, so what is stored is always sealed
+    /// under the user's own data key; the plaintext lives only in memory
+    /// (zeroized on drop).
+    pub async fn seal_inbound(
+        &self,
+        key: &DataKey,
+        aad: &FieldAad<'_>,
+        value: &str,
+    ) -> Result<SealedField, KeyringError> {
+        if super::ciphertext_version(value).is_some() {
+            let plain = self.provider.decrypt_inbound(value).await?;
+            return Ok(key.seal(aad, &plain));
+        }
+        Ok(key.seal(aad, value.as_bytes()))
     }
 
     /// Crypto-shredding: destroys the user's data key, marks the user erased,
