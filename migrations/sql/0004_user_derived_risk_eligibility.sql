@@ -2,7 +2,9 @@
 -- partition's foreign key points at the same region's user_metadata partition:
 -- a region's rows live together (residency, moving or detaching a region), and
 -- the foreign-key check reads one plain table instead of routing through the
--- partitioned parent (about ten times cheaper per row on bulk loads).
+-- partitioned parent (about ten times cheaper per row on bulk loads). Like
+-- user_metadata they need no key to umstore.regions: the partition bounds
+-- admit exactly the 36 regions.
 
 -- Attributes derived from user_metadata on every metadata write.
 CREATE TABLE umstore.user_derived_attributes (
@@ -22,8 +24,7 @@ CREATE TABLE umstore.user_derived_attributes (
     per_capita_income_lakh  numeric(8, 2) CHECK (per_capita_income_lakh >= 0),
     computed_at             timestamptz NOT NULL DEFAULT now(),
     source_version          bigint NOT NULL,
-    PRIMARY KEY (region, user_id),
-    FOREIGN KEY (region) REFERENCES umstore.regions (region)
+    PRIMARY KEY (region, user_id)
 ) PARTITION BY LIST (region);
 CREATE INDEX user_derived_life_stage_idx ON umstore.user_derived_attributes (region, life_stage);
 CREATE INDEX user_derived_income_bracket_idx ON umstore.user_derived_attributes (region, income_bracket);
@@ -38,8 +39,7 @@ CREATE TABLE umstore.user_risk_scores (
     overall_risk            numeric(3, 2) NOT NULL CHECK (overall_risk BETWEEN 0 AND 1),
     model_version           text NOT NULL CHECK (model_version <> ''),
     computed_at             timestamptz NOT NULL,
-    PRIMARY KEY (region, user_id),
-    FOREIGN KEY (region) REFERENCES umstore.regions (region)
+    PRIMARY KEY (region, user_id)
 ) PARTITION BY LIST (region);
 CREATE INDEX user_risk_overall_idx ON umstore.user_risk_scores (region, overall_risk DESC);
 
@@ -55,8 +55,7 @@ CREATE TABLE umstore.user_eligibility_cache (
     computed_at             timestamptz NOT NULL,
     expires_at              timestamptz NOT NULL,
     CHECK (expires_at > computed_at),
-    PRIMARY KEY (region, user_id, scheme_id),
-    FOREIGN KEY (region) REFERENCES umstore.regions (region)
+    PRIMARY KEY (region, user_id, scheme_id)
 ) PARTITION BY LIST (region);
 CREATE INDEX user_eligibility_scheme_idx ON umstore.user_eligibility_cache (region, scheme_id, eligible);
 CREATE INDEX user_eligibility_expires_idx ON umstore.user_eligibility_cache (expires_at);

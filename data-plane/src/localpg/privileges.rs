@@ -37,6 +37,23 @@ fn postgres_account() -> Result<Account, LocalPgError> {
     Ok(Account { uid, gid })
 }
 
+/// The `postgres` user's home directory, when the passwd database has one.
+fn postgres_home() -> Option<std::path::PathBuf> {
+    use std::os::unix::ffi::OsStrExt;
+    let name = CString::new(POSTGRES_USER).ok()?;
+    // SAFETY: as in postgres_account; pw_dir is copied out before any other getpw* call.
+    unsafe {
+        let entry = libc::getpwnam(name.as_ptr());
+        if entry.is_null() || (*entry).pw_dir.is_null() {
+            return None;
+        }
+        let dir = std::ffi::CStr::from_ptr((*entry).pw_dir);
+        Some(std::path::PathBuf::from(std::ffi::OsStr::from_bytes(
+            dir.to_bytes(),
+        )))
+    }
+}
+
 /// How a child process is set up between `fork` and `exec`.
 ///
 /// Credentials are changed first and the parent-death signal is set after, because
@@ -80,6 +97,14 @@ impl ChildSetup {
         };
         if account.is_some() && cmd.get_current_dir().is_none() {
             cmd.current_dir("/");
+        }
+        if account.is_some() {
+            // Our HOME is root's: libpq inside the server (Citus connecting to its
+            // workers, postgres_fdw) would try to read root's ~/.postgresql and fail.
+            match postgres_home() {
+                Some(home) => cmd.env("HOME", home),
+                None => cmd.env_remove("HOME"),
+            };
         }
         let death_signal = self.death_signal;
         if account.is_none() && death_signal.is_none() {
