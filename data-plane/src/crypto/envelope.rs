@@ -15,10 +15,23 @@ const NONCE_LEN: usize = 12;
 const TAG_LEN: usize = 16;
 const HEADER_LEN: usize = 1 + NONCE_LEN;
 
-/// A user's AES-256-GCM data key, in memory only. Zeroized on drop; its
-/// `Debug` output hides the key.
-#[derive(Clone, Zeroize, ZeroizeOnDrop)]
-pub struct DataKey([u8; 32]);
+/// A user's AES-256-GCM data key, in memory only, with its expanded cipher
+/// (built once, not per field). The key bytes are zeroized on drop, and so are
+/// the cipher's round keys and GHASH key (the `zeroize` features of `aes`,
+/// `ghash` and `polyval`); `Debug` output hides the key.
+#[derive(Clone)]
+pub struct DataKey {
+    key: [u8; 32],
+    cipher: Aes256Gcm,
+}
+
+impl Drop for DataKey {
+    fn drop(&mut self) {
+        self.key.zeroize();
+    }
+}
+
+impl ZeroizeOnDrop for DataKey {}
 
 impl std::fmt::Debug for DataKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -57,21 +70,24 @@ pub struct SealedField(pub Vec<u8>);
 impl DataKey {
     /// A fresh random key from the OS RNG.
     pub fn generate() -> Self {
-        let key = Aes256Gcm::generate_key(OsRng);
-        Self(key.into())
+        let mut key = Aes256Gcm::generate_key(OsRng);
+        let bytes: [u8; 32] = key.into();
+        key.zeroize();
+        Self::from_bytes(bytes)
     }
 
     /// Wraps raw key bytes (from an unwrap).
     pub fn from_bytes(bytes: [u8; 32]) -> Self {
-        Self(bytes)
+        let cipher = Aes256Gcm::new(Key::<Aes256Gcm>::from_slice(&bytes));
+        Self { key: bytes, cipher }
     }
 
     pub(crate) fn expose(&self) -> &[u8; 32] {
-        &self.0
+        &self.key
     }
 
-    fn cipher(&self) -> Aes256Gcm {
-        Aes256Gcm::new(Key::<Aes256Gcm>::from_slice(&self.0))
+    fn cipher(&self) -> &Aes256Gcm {
+        &self.cipher
     }
 
     /// Seals a field's plaintext with a random 96-bit nonce.
