@@ -233,6 +233,20 @@ async fn rotation_rewraps_every_key_without_reencrypting_fields_and_retires_the_
         matches!(err, CryptoError::RetiredKeyVersion { kek_version: 1, .. }),
         "{err}"
     );
+    let garbage = WrappedKey {
+        wrapped: b"vault:v2:AAAA".to_vec(),
+        kek_name: keyring.provider().kek_name().to_owned(),
+        kek_version: 2,
+    };
+    let err = keyring
+        .provider()
+        .unwrap(Uuid::new_v4(), "KA", &garbage)
+        .await
+        .expect_err("malformed wrapped key");
+    assert!(
+        matches!(err, CryptoError::Vault { .. }),
+        "a malformed key is not reported as a retired version: {err}"
+    );
     let profile = Generator::new(5, chrono::Utc::now().date_naive()).next_profile();
     let fresh = vault_keyring(&client, keyring_config_of(&keyring), 10).await;
     let user = read_user(&client, &fresh, profile.user_id, true)

@@ -85,6 +85,12 @@ impl VaultConfig {
     }
 }
 
+/// What Vault/OpenBao answer when a ciphertext's key version is below the
+/// key's `min_decryption_version` ("ciphertext or signature version is
+/// disallowed by policy (too old)"). Other 400s (a malformed ciphertext) stay
+/// Vault errors.
+const RETIRED_VERSION_MESSAGE: &str = "disallowed by policy (too old)";
+
 /// Items per `batch_input` call: OpenBao refuses JSON bodies with more than
 /// about a thousand strings ("refused JSON input due to high complexity").
 pub const MAX_BATCH: usize = 250;
@@ -418,9 +424,7 @@ impl VaultKeyProvider {
                 kek_version: wrapped.kek_version,
             })?;
         let plain = self.decrypt(ciphertext).await.map_err(|e| match e {
-            CryptoError::Vault { detail, .. }
-                if detail.contains("400") || detail.contains("min_decryption_version") =>
-            {
+            CryptoError::Vault { detail, .. } if detail.contains(RETIRED_VERSION_MESSAGE) => {
                 CryptoError::RetiredKeyVersion {
                     user_id,
                     kek_version: wrapped.kek_version,
