@@ -185,7 +185,14 @@ pub async fn rotate_and_rewrap(
             .collect();
         let new_bytes: Vec<&[u8]> = new.iter().map(|w| w.wrapped.as_slice()).collect();
         let new_versions: Vec<i32> = new.iter().map(|w| w.kek_version).collect();
-        let last = pending.last().map(|p| (p.region.clone(), p.user_id));
+        // The sweep (no cursor) leaves the saved cursor where the first pass ended.
+        if use_cursor {
+            cursor = pending.last().map(|p| (p.region.clone(), p.user_id));
+        }
+        let (cursor_region, cursor_user) = (
+            cursor.as_ref().map(|c| c.0.as_str()),
+            cursor.as_ref().map(|c| c.1),
+        );
 
         let tx = client
             .transaction()
@@ -205,24 +212,14 @@ pub async fn rotate_and_rewrap(
             .await
             .map_err(db("storing rewrapped keys"))?;
         let updated = i64::try_from(updated).unwrap_or(i64::MAX);
-        let (cr, cu) = match (&last, use_cursor) {
-            (Some((r, u)), true) => (Some(r.clone()), Some(*u)),
-            _ => (
-                cursor.as_ref().map(|c| c.0.clone()),
-                cursor.as_ref().map(|c| c.1),
-            ),
-        };
         tx.execute(
             "UPDATE umstore.key_rotations SET cursor_region = $2::text::char(2), cursor_user_id = $3,
                  rewrapped = rewrapped + $4 WHERE id = $1",
-            &[&rotation_id, &cr, &cu, &updated],
+            &[&rotation_id, &cursor_region, &cursor_user, &updated],
         )
         .await
         .map_err(db("saving the rotation cursor"))?;
         tx.commit().await.map_err(db("committing a rewrap batch"))?;
-        if use_cursor {
-            cursor = last;
-        }
         now += updated;
         total += updated;
         batches += 1;
