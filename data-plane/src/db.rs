@@ -7,6 +7,13 @@ use thiserror::Error;
 use tokio_postgres::{Client, Config, NoTls};
 use tracing::{debug, warn};
 
+use crate::backoff::Backoff;
+
+/// The backoff between database connection attempts: 100 ms doubling to 5 s.
+pub fn db_backoff() -> Backoff {
+    Backoff::new(Duration::from_millis(100), Duration::from_secs(5))
+}
+
 /// Why connecting failed.
 #[derive(Debug, Error)]
 pub enum DbError {
@@ -91,14 +98,14 @@ impl Database {
     /// for at most `patience`.
     pub async fn connect_with_retry(&self, patience: Duration) -> Result<Client, DbError> {
         let deadline = tokio::time::Instant::now() + patience;
-        let mut delay = Duration::from_millis(100);
+        let mut backoff = db_backoff();
         loop {
             match self.connect().await {
                 Ok(client) => return Ok(client),
-                Err(e) if tokio::time::Instant::now() + delay < deadline => {
+                Err(e) if tokio::time::Instant::now() + backoff.peek() < deadline => {
+                    let delay = backoff.next_delay();
                     warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "database not reachable yet");
                     tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(Duration::from_secs(5));
                 }
                 Err(e) => return Err(e),
             }

@@ -5,6 +5,7 @@
 //! metrics), [`db`] (connections).
 
 pub mod api;
+pub mod backoff;
 pub mod crypto;
 pub mod db;
 pub mod derive;

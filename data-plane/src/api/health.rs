@@ -15,7 +15,7 @@ use tracing::{info, warn};
 
 use super::AppState;
 use crate::crypto::Keyring;
-use crate::db::Database;
+use crate::db::{db_backoff, Database};
 use crate::metrics::{HttpLabels, Metrics};
 
 /// A value shared with the handlers once it exists (a database connection,
@@ -54,12 +54,12 @@ pub type KeysSlot = Slot<Keyring>;
 /// Keeps a connection in `slot`: connects with exponential backoff (100 ms to
 /// 5 s), and reconnects when the connection drops. Runs until cancelled.
 pub async fn supervise_database(database: Database, slot: DbSlot, metrics: Arc<Metrics>) {
-    let mut delay = Duration::from_millis(100);
+    let mut backoff = db_backoff();
     loop {
         match database.connect().await {
             Ok(client) => {
                 info!(database = %database.describe(), "database connected");
-                delay = Duration::from_millis(100);
+                backoff.reset();
                 let client = Arc::new(client);
                 slot.set(Ok(client.clone())).await;
                 metrics.db_connected.set(1);
@@ -73,11 +73,11 @@ pub async fn supervise_database(database: Database, slot: DbSlot, metrics: Arc<M
             }
             Err(e) => {
                 metrics.db_connect_failures.inc();
+                let delay = backoff.next_delay();
                 warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "database not reachable");
                 slot.set(Err(format!("{e}; retrying in {} ms", delay.as_millis())))
                     .await;
                 tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(Duration::from_secs(5));
             }
         }
     }

@@ -16,6 +16,7 @@ use vaultrs::error::ClientError;
 use zeroize::Zeroizing;
 
 use super::{CryptoError, DataKey, WrappedKey};
+use crate::backoff::Backoff;
 
 /// How the provider authenticates to Vault.
 #[derive(Clone)]
@@ -271,15 +272,15 @@ impl VaultKeyProvider {
         F: FnMut() -> Fut,
         Fut: std::future::Future<Output = Result<T, ClientError>>,
     {
-        let mut delay = Duration::from_millis(100);
+        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
         let mut attempt = 1;
         loop {
             match call().await {
                 Ok(v) => return Ok(v),
                 Err(e) if attempt < self.config.attempts && retryable(&e) => {
+                    let delay = backoff.next_delay();
                     warn!(what, attempt, error = %describe(&e), retry_in_ms = delay.as_millis() as u64, "Vault call failed; retrying");
                     tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(Duration::from_secs(2));
                     attempt += 1;
                 }
                 Err(e) => return Err(self.err(what)(e)),
