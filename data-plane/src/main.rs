@@ -119,12 +119,13 @@ impl KeyArgs {
     }
 }
 
+/// Opens the provider and the keyring, with the data-key cache every command
+/// uses (100,000 keys for 5 minutes).
 async fn open_keyring(
-    args: &KeyArgs,
-    data_dir: &std::path::Path,
+    config: KeyProviderConfig,
     client: &tokio_postgres::Client,
 ) -> Result<Keyring> {
-    let provider = KeyProvider::open(args.provider_config(data_dir)?).await?;
+    let provider = KeyProvider::open(config).await?;
     let cache = DataKeyCache::new(100_000, Duration::from_secs(300));
     Ok(Keyring::open(provider, cache, client).await?)
 }
@@ -316,7 +317,7 @@ async fn run(
                 .verify(&client)
                 .await
                 .context("the schema must be current before seeding: run `migrate up`")?;
-            let keyring = open_keyring(key_args, data_dir, &client).await?;
+            let keyring = open_keyring(key_args.provider_config(data_dir)?, &client).await?;
             if let Some(dir) = write_copy_files {
                 seed::write_copy_files(&dir, users, seed, &keyring).await?;
                 println!("wrote COPY files and load.psql to {}", dir.display());
@@ -339,7 +340,7 @@ async fn run(
                 .verify(&client)
                 .await
                 .context("the schema must be current: run `migrate up`")?;
-            let keyring = open_keyring(key_args, data_dir, &client).await?;
+            let keyring = open_keyring(key_args.provider_config(data_dir)?, &client).await?;
             keys_command(action, &mut client, &keyring).await?;
         }
         Command::Serve {
@@ -510,15 +511,7 @@ async fn prepare(
             "schema migrated"
         );
     }
-    let provider = KeyProvider::open(provider_config).await?;
-    let keyring = Arc::new(
-        Keyring::open(
-            provider,
-            DataKeyCache::new(100_000, Duration::from_secs(300)),
-            &client,
-        )
-        .await?,
-    );
+    let keyring = Arc::new(open_keyring(provider_config, &client).await?);
     keys.set(Ok(keyring.clone())).await;
     if demo {
         let empty: bool = client

@@ -102,7 +102,7 @@ async fn bad_database_url_is_a_clear_error() {
 }
 
 #[tokio::test]
-async fn serve_reports_an_unreachable_database_then_becomes_ready_when_it_appears() {
+async fn serve_reports_an_unreachable_database_in_readyz_and_stays_alive() {
     // A database URL whose port nothing listens on yet.
     let dead_port = free_port();
     let http = free_port();

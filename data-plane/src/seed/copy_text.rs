@@ -79,6 +79,11 @@ impl CopyText {
         self.buf.as_bytes()
     }
 
+    /// The stream, without copying it.
+    pub fn into_bytes(self) -> bytes::Bytes {
+        bytes::Bytes::from(self.buf)
+    }
+
     /// Whether no row was written.
     pub fn is_empty(&self) -> bool {
         self.buf.is_empty()

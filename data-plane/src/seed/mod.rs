@@ -360,7 +360,9 @@ pub async fn seed_with(
     while written < users {
         let mut batch = rx.recv().await.ok_or(SeedError::Generator)?;
         batch.wrap_keys(keyring).await?;
-        let text = |i: usize| Bytes::copy_from_slice(batch.tables[i].as_bytes());
+        // The rendered text moves into Bytes without a copy; clones share it.
+        let tables = batch.tables.map(CopyText::into_bytes);
+        let text = |i: usize| tables[i].clone();
         written += (users - written).min(BATCH as u64);
         derived_backlog.push(text(DERIVED));
         // See DERIVED_AFTER: hold derived rows back until enough metadata is in.
