@@ -13,7 +13,7 @@ use k8s_openapi::api::core::v1::{ConfigMap, ObjectReference, Secret, Service, Se
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-use kube::api::{Api, ApiResource, DynamicObject, Patch, PatchParams};
+use kube::api::Api;
 use kube::core::error_boundary::InvalidObject;
 use kube::core::DeserializeGuard;
 use kube::runtime::controller::{Action, Controller};
@@ -122,31 +122,17 @@ async fn report_malformed(ctx: &Context, invalid: &InvalidObject) -> Result<Acti
     if let Err(error) = ctx.recorder.publish(&event, &reference).await {
         warn!(%error, "could not publish the Malformed Event");
     }
-    let ar = ApiResource::erase::<UserMetadataStore>(&());
-    let api: Api<DynamicObject> = Api::namespaced_with(ctx.client.clone(), &namespace, &ar);
     let now = Time(k8s_openapi::jiff::Timestamp::now());
-    let patch = serde_json::json!({
-        "apiVersion": "umstore.io/v1alpha1",
-        "kind": "UserMetadataStore",
-        "status": {
+    let status = serde_json::json!({
+        "observedGeneration": meta.generation,
+        "phase": "Invalid",
+        "conditions": [{
+            "type": "Ready", "status": "False", "reason": "Malformed",
+            "message": message, "lastTransitionTime": now,
             "observedGeneration": meta.generation,
-            "phase": "Invalid",
-            "conditions": [{
-                "type": "Ready", "status": "False", "reason": "Malformed",
-                "message": message, "lastTransitionTime": now,
-                "observedGeneration": meta.generation,
-            }],
-        },
+        }],
     });
-    api.patch_status(
-        &name,
-        &PatchParams::apply(MANAGER).force(),
-        &Patch::Apply(&patch),
-    )
-    .await
-    .map_err(Error::kube(format!(
-        "writing the status of malformed {namespace}/{name}"
-    )))?;
+    crate::steps::status::apply_status(&ctx.client, &namespace, &name, status).await?;
     Ok(Action::await_change())
 }
 

@@ -7,8 +7,7 @@ use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec};
 use k8s_openapi::api::core::v1::{
     Capabilities, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, EnvVarSource,
     HTTPGetAction, PodSecurityContext, PodSpec, PodTemplateSpec, Probe, ResourceRequirements,
-    SecretKeySelector, SecurityContext, Service, ServiceAccount, ServicePort, ServiceSpec, Volume,
-    VolumeMount,
+    SecretKeySelector, SecurityContext, Service, ServiceAccount, Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
@@ -223,22 +222,7 @@ pub fn deployment(v: &Validated) -> Deployment {
 
 /// The Service `<store>-api`: the data plane's HTTP API.
 pub fn service(v: &Validated) -> Service {
-    let owner = &v.owner;
-    let labels = owner.component_labels(COMPONENT);
-    Service {
-        metadata: owner.object_meta(&owner.child("api"), labels.clone()),
-        spec: Some(ServiceSpec {
-            selector: Some(labels),
-            ports: Some(vec![ServicePort {
-                name: Some("http".into()),
-                port: API_PORT,
-                target_port: Some(IntOrString::String("http".into())),
-                ..ServicePort::default()
-            }]),
-            ..ServiceSpec::default()
-        }),
-        status: None,
-    }
+    super::services::component_service(v, "api", COMPONENT, "http", API_PORT)
 }
 
 /// The ServiceAccount `<store>-data-plane`.

@@ -8,7 +8,7 @@ use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec};
 use k8s_openapi::api::core::v1::{
     Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, PodSecurityContext,
     PodSpec, PodTemplateSpec, Probe, Secret, SecretVolumeSource, SecurityContext, Service,
-    ServicePort, ServiceSpec, TCPSocketAction, Volume, VolumeMount,
+    TCPSocketAction, Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -234,20 +234,5 @@ pub fn deployment(v: &Validated, creds: &Credentials) -> Deployment {
 
 /// The Service `<store>-pgbouncer`: the read-write endpoint from tier 2.
 pub fn service(v: &Validated) -> Service {
-    let owner = &v.owner;
-    let labels = owner.component_labels(COMPONENT);
-    Service {
-        metadata: owner.object_meta(&owner.child("pgbouncer"), labels.clone()),
-        spec: Some(ServiceSpec {
-            selector: Some(labels),
-            ports: Some(vec![ServicePort {
-                name: Some("pgbouncer".into()),
-                port: PGBOUNCER_PORT,
-                target_port: Some(IntOrString::String("pgbouncer".into())),
-                ..ServicePort::default()
-            }]),
-            ..ServiceSpec::default()
-        }),
-        status: None,
-    }
+    super::services::component_service(v, "pgbouncer", COMPONENT, "pgbouncer", PGBOUNCER_PORT)
 }

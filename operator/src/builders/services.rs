@@ -17,6 +17,28 @@ fn port(name: &str, port: i32) -> ServicePort {
     }
 }
 
+/// A ClusterIP Service `<store>-<child>` selecting a component's pods on one
+/// named port (the pooler, the data-plane API).
+pub(super) fn component_service(
+    v: &Validated,
+    child: &str,
+    component: &str,
+    port_name: &str,
+    number: i32,
+) -> Service {
+    let owner = &v.owner;
+    let labels = owner.component_labels(component);
+    Service {
+        metadata: owner.object_meta(&owner.child(child), labels.clone()),
+        spec: Some(ServiceSpec {
+            selector: Some(labels),
+            ports: Some(vec![port(port_name, number)]),
+            ..ServiceSpec::default()
+        }),
+        status: None,
+    }
+}
+
 /// The headless Service giving each pod a stable DNS name.
 pub fn headless_service(v: &Validated, role: &PgRole<'_>) -> Service {
     let labels = role.labels(v);

@@ -7,7 +7,7 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
-use kube::api::{Api, Patch, PatchParams};
+use kube::api::{Api, ApiResource, DynamicObject, Patch, PatchParams};
 use kube::runtime::events::EventType;
 use umstore_crds::{
     condition, ComponentStatus, Endpoints, Phase, UserMetadataStore, UserMetadataStoreStatus,
@@ -342,14 +342,32 @@ pub async fn run(
         .namespace
         .clone()
         .ok_or(Error::MissingMetadata)?;
-    let api: Api<UserMetadataStore> = Api::namespaced(ctx.client.clone(), &namespace);
+    let status = serde_json::to_value(status).map_err(|source| Error::Serialize {
+        what: format!("the status of {namespace}/{name}"),
+        source,
+    })?;
+    apply_status(&ctx.client, &namespace, &name, status).await?;
+    Ok(true)
+}
+
+/// Server-side applies `status` to the store's status subresource with the
+/// operator's field manager. Untyped, so it serves the objects that do not
+/// deserialize too (reported as malformed).
+pub(crate) async fn apply_status(
+    client: &kube::Client,
+    namespace: &str,
+    name: &str,
+    status: serde_json::Value,
+) -> Result<(), Error> {
+    let ar = ApiResource::erase::<UserMetadataStore>(&());
+    let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), namespace, &ar);
     let patch = serde_json::json!({
         "apiVersion": "umstore.io/v1alpha1",
         "kind": "UserMetadataStore",
         "status": status,
     });
     api.patch_status(
-        &name,
+        name,
         &PatchParams::apply(MANAGER).force(),
         &Patch::Apply(&patch),
     )
@@ -357,7 +375,7 @@ pub async fn run(
     .map_err(Error::kube(format!(
         "writing the status of {namespace}/{name}"
     )))?;
-    Ok(true)
+    Ok(())
 }
 
 #[cfg(test)]
