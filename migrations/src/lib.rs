@@ -15,6 +15,20 @@ pub mod regions;
 mod runner;
 
 pub use error::MigrateError;
+
+/// PII columns of `umstore.user_metadata`: stored only as ciphertext (and the
+/// identity token's blind index); migration 0006 grants the analytics role
+/// every column but these.
+pub const PII_COLUMNS: [&str; 8] = [
+    "full_name_enc",
+    "date_of_birth_enc",
+    "district_enc",
+    "pincode_enc",
+    "phone_enc",
+    "identity_token_enc",
+    "identity_token_bidx",
+    "annual_income_enc",
+];
 pub use runner::{
     checksum, embedded, AppliedMigration, Migration, MigrationState, MigrationStatus, Runner,
     UpReport, ADVISORY_LOCK_KEY, MIGRATIONS_TABLE,

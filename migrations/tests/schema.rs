@@ -504,16 +504,7 @@ async fn as_role<T>(
 async fn analytics_cannot_read_pii_columns_but_reads_the_rest() {
     let (_c, mut client) = migrated_db().await;
     insert_user(&client, USER, "KA").await.expect("user");
-    for column in [
-        "full_name_enc",
-        "date_of_birth_enc",
-        "district_enc",
-        "pincode_enc",
-        "phone_enc",
-        "identity_token_enc",
-        "identity_token_bidx",
-        "annual_income_enc",
-    ] {
+    for column in umstore_migrations::PII_COLUMNS {
         let err = as_role(&mut client, "umstore_analytics", async |tx| {
             tx.query(&format!("SELECT {column} FROM umstore.user_metadata"), &[])
                 .await

@@ -3,18 +3,8 @@
 use super::{BlindIndexKey, DataKey, FieldAad};
 use crate::model::Profile;
 
-/// PII columns of `umstore.user_metadata`: stored only as ciphertext (and the
-/// identity token's blind index). The analytics role is granted none of them.
-pub const PII_COLUMNS: [&str; 8] = [
-    "full_name_enc",
-    "date_of_birth_enc",
-    "district_enc",
-    "pincode_enc",
-    "phone_enc",
-    "identity_token_enc",
-    "identity_token_bidx",
-    "annual_income_enc",
-];
+/// PII columns of `umstore.user_metadata` (defined with the schema).
+pub use umstore_migrations::PII_COLUMNS;
 
 /// A profile's PII, sealed under the user's data key.
 #[derive(Debug, Clone)]
