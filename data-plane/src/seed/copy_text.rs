@@ -83,11 +83,6 @@ impl CopyText {
     pub fn into_bytes(self) -> bytes::Bytes {
         bytes::Bytes::from(self.buf)
     }
-
-    /// Whether no row was written.
-    pub fn is_empty(&self) -> bool {
-        self.buf.is_empty()
-    }
 }
 
 #[cfg(test)]

@@ -216,11 +216,6 @@ impl Generator {
         }
     }
 
-    /// The reference date for ages.
-    pub fn today(&self) -> NaiveDate {
-        self.today
-    }
-
     /// The reference year.
     pub fn year(&self) -> i32 {
         self.today.year()
