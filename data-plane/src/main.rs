@@ -475,6 +475,7 @@ async fn serve(
         db: slot,
         keys,
         runner: Arc::new(runner.clone()),
+        no_migrate,
         metrics,
     };
     let served = axum::serve(listener, api::router(state))
@@ -503,7 +504,9 @@ async fn prepare(
             Err(e) => warn!(error = %e, "still waiting for the database"),
         }
     };
-    if !no_migrate {
+    if no_migrate {
+        wait_for_schema(&client, runner, keys).await;
+    } else {
         let report = runner.up(&mut client).await?;
         info!(
             applied = report.applied.len(),
@@ -533,6 +536,28 @@ async fn prepare(
         }
     }
     Ok(())
+}
+
+/// With `--no-migrate` someone else (the operator's migrate step) applies the
+/// schema: wait until it is the one this binary was built for, saying so on /readyz.
+async fn wait_for_schema(client: &tokio_postgres::Client, runner: &Runner, keys: &KeysSlot) {
+    let version = runner.latest_version();
+    let mut backoff = umstore_data_plane::backoff::Backoff::new(
+        Duration::from_millis(500),
+        Duration::from_secs(10),
+    );
+    loop {
+        let reason = match runner.verify(client).await {
+            Ok(()) => return,
+            Err(e) => format!(
+                "waiting for schema version {version} (--no-migrate: the operator's migrate \
+                 step applies it): {e}"
+            ),
+        };
+        warn!(%reason, "schema not ready");
+        keys.set(Err(reason)).await;
+        tokio::time::sleep(backoff.next_delay()).await;
+    }
 }
 
 async fn shutdown_signal() {

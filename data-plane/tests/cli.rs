@@ -150,6 +150,46 @@ async fn serve_migrates_and_becomes_ready_against_a_database_url() {
     assert_eq!(code, Some(0));
 }
 
+#[tokio::test]
+async fn serve_with_no_migrate_waits_for_the_schema_then_becomes_ready() {
+    let db = fresh_db().await;
+    let http = free_port();
+    let listen = format!("127.0.0.1:{http}");
+    let served = Served::start(&[
+        "serve",
+        "--database-url",
+        &db,
+        "--listen",
+        &listen,
+        "--no-migrate",
+    ]);
+    let (status, body) = wait_for(http, "/readyz", Duration::from_secs(20), |s, b| {
+        s == 503 && b.contains("pending")
+    })
+    .expect("readyz answers");
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("--no-migrate"), "says why it waits: {body}");
+    let tables = connect(&db)
+        .await
+        .query_one(
+            "SELECT count(*) FROM pg_tables WHERE schemaname = 'umstore'",
+            &[],
+        )
+        .await
+        .expect("count")
+        .get::<_, i64>(0);
+    assert_eq!(tables, 0, "--no-migrate applies nothing");
+
+    // What the operator's migrate step does; the data plane notices on its own.
+    let out = cli(&["migrate", "up", "--database-url", &db]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let (status, body) = wait_for(http, "/readyz", Duration::from_secs(30), |s, _| s == 200)
+        .expect("readyz answers");
+    assert_eq!(status, 200, "{body}");
+    let (code, _) = served.stop();
+    assert_eq!(code, Some(0));
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn serve_without_a_database_url_runs_embedded_postgres_with_demo_users() {
     let dir = tempfile::Builder::new()

@@ -10,6 +10,7 @@ use kube::runtime::events::{Recorder, Reporter};
 use kube::Client;
 
 use crate::builders::Env;
+use crate::db::Connector;
 use crate::leader::Leadership;
 use crate::metrics::Metrics;
 
@@ -25,6 +26,8 @@ pub struct Context {
     pub leader: Leadership,
     /// The builders' environment.
     pub env: Env,
+    /// How the bootstrap and migrate steps reach a store's PostgreSQL.
+    pub connector: Connector,
     /// Consecutive failures per object (`namespace/name`), for the backoff.
     failures: Mutex<HashMap<String, u32>>,
 }
@@ -48,8 +51,15 @@ impl Context {
             metrics,
             leader,
             env,
+            connector: Connector::in_cluster(),
             failures: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// The same context, reaching PostgreSQL through `connector`.
+    pub fn with_connector(mut self, connector: Connector) -> Self {
+        self.connector = connector;
+        self
     }
 
     /// Records a failure of `key` and returns how long to wait before retrying:

@@ -36,6 +36,18 @@ pub enum Error {
     /// The object lacks a name or namespace.
     #[error("the UserMetadataStore has no name or namespace")]
     MissingMetadata,
+    /// A statement against the store's PostgreSQL failed (bootstrap, migrate).
+    #[error("PostgreSQL: {action}: {source}")]
+    Database {
+        /// What the operator was doing.
+        action: String,
+        /// The driver error.
+        #[source]
+        source: tokio_postgres::Error,
+    },
+    /// The migration runner lost its connection.
+    #[error("schema migrations: {0}")]
+    Migrate(#[source] umstore_migrations::MigrateError),
     /// Adding or removing the finalizer failed, or cleanup failed.
     #[error("finalizer: {0}")]
     Finalizer(#[source] Box<kube::runtime::finalizer::Error<Error>>),
@@ -46,6 +58,12 @@ impl Error {
     pub fn kube(action: impl Into<String>) -> impl FnOnce(kube::Error) -> Error {
         let action = action.into();
         move |source| Error::Kube { action, source }
+    }
+
+    /// Wraps a driver error with what the operator was doing.
+    pub fn db(action: impl Into<String>) -> impl FnOnce(tokio_postgres::Error) -> Error {
+        let action = action.into();
+        move |source| Error::Database { action, source }
     }
 
     /// The `error` label of the reconcile-failure counter.
@@ -64,6 +82,8 @@ impl Error {
             Error::Entropy(_) => "entropy",
             Error::CorruptSecret { .. } => "corrupt_secret",
             Error::MissingMetadata => "missing_metadata",
+            Error::Database { .. } => "database",
+            Error::Migrate(_) => "migrate",
             Error::Finalizer(inner) => match inner.as_ref() {
                 kube::runtime::finalizer::Error::ApplyFailed(e)
                 | kube::runtime::finalizer::Error::CleanupFailed(e) => e.metric_label(),

@@ -1,11 +1,12 @@
 //! The umstore operator: a kube-rs controller reconciling `UserMetadataStore`
 //! resources through the fixed pipeline of SPEC §3
-//! (`validate → credentials → topology → … → status`, see [`pipeline`]).
+//! (`validate → credentials → topology → bootstrap → migrate → … → status`, see [`pipeline`]).
 //!
 //! - [`validated`]: the spec checked once into a typed value.
 //! - [`builders`]: pure functions from a validated store to every Kubernetes object of its tier.
 //! - [`apply`]: the thin layer that server-side applies them and deletes what is no longer wanted.
-//! - [`steps`] and [`pipeline`]: the reconcile steps, in order.
+//! - [`steps`] and [`pipeline`]: the reconcile steps, in order; [`db`]: how the
+//!   bootstrap and migrate steps reach the store's PostgreSQL.
 //! - [`controller`]: the kube-runtime `Controller`, finalizer, events and error policy;
 //!   [`cleanup`]: what the finalizer does.
 //! - [`leader`]: leader election with a `coordination.k8s.io` Lease.
@@ -16,6 +17,7 @@ pub mod builders;
 pub mod cleanup;
 pub mod context;
 pub mod controller;
+pub mod db;
 pub mod error;
 pub mod leader;
 pub mod meta;

@@ -11,7 +11,9 @@ use umstore_crds::UserMetadataStore;
 
 use crate::context::Context;
 use crate::error::Error;
-use crate::steps::{credentials, status, topology, validate, Reconciliation, StepOutcome};
+use crate::steps::{
+    bootstrap, credentials, migrate, status, topology, validate, Reconciliation, Step, StepOutcome,
+};
 
 /// How often a healthy store is looked at again even without a change.
 pub const RESYNC: Duration = Duration::from_secs(300);
@@ -38,9 +40,9 @@ pub struct Report {
 /// Runs the pipeline for `store` and publishes its Events.
 pub async fn run(ctx: &Context, store: &UserMetadataStore) -> Result<Report, Error> {
     let mut r = Reconciliation::new(store);
-    // TODO(issue: bootstrap, migrate, distribute, keys): the later steps of SPEC §3
-    // (bootstrap → migrate → distribute (tier ≥ 3) → encryption keys) go here, after
-    // topology and in that order, each as its own module under `steps/`.
+    // TODO(issue: distribute, keys): the last steps of SPEC §3 (distribute (tier ≥ 3)
+    // → encryption keys) go after migrate, in that order, each as its own module
+    // under `steps/`, reusing `r.admin_db`.
     let outcome = 'pipeline: {
         let o = validate::run(ctx, &mut r).await?;
         if !o.is_done() {
@@ -50,8 +52,19 @@ pub async fn run(ctx: &Context, store: &UserMetadataStore) -> Result<Report, Err
         if !o.is_done() {
             break 'pipeline o;
         }
-        topology::run(ctx, &mut r).await?
+        let o = topology::run(ctx, &mut r).await?;
+        if !o.is_done() {
+            break 'pipeline o;
+        }
+        r.passed(Step::Provision, "");
+        let o = bootstrap::run(ctx, &mut r).await?;
+        if !o.is_done() {
+            break 'pipeline o;
+        }
+        migrate::run(ctx, &mut r).await?
     };
+    // The connection is not kept between reconciles.
+    r.admin_db = None;
     debug!(
         ?outcome,
         applied = r.applied.len(),

@@ -13,6 +13,7 @@ use tokio_postgres::NoTls;
 use umstore_crds::{TlsSpec, UserMetadataStore};
 use umstore_operator::builders::credentials::{Credentials, Role};
 use umstore_operator::builders::{pgbouncer, pgconfig};
+use umstore_operator::steps::bootstrap::{bootstrap as operator_bootstrap, ensure_database};
 use umstore_operator::validated::{validate, Validated};
 
 fn find(program: &str) -> Option<PathBuf> {
@@ -234,8 +235,8 @@ async fn connect(conninfo: &str) -> Result<tokio_postgres::Client, tokio_postgre
     Ok(client)
 }
 
-/// As the superuser over the unix socket (`local all all trust`): the database and
-/// the writer role with its generated password, as the bootstrap step will.
+/// As the superuser over the unix socket (`local all all trust`): the bootstrap
+/// step's database, roles and passwords.
 async fn bootstrap(server: &Server, creds: &Credentials) {
     // The port opens before startup finishes ("the database system is starting up").
     let socket = format!(
@@ -254,22 +255,17 @@ async fn bootstrap(server: &Server, creds: &Credentials) {
             Err(e) => panic!("superuser over the unix socket: {e}"),
         }
     };
-    admin
-        .batch_execute("CREATE DATABASE umstore")
+    ensure_database(&admin).await.expect("create db");
+    let store_db = socket.replace("dbname=postgres", "dbname=umstore");
+    let admin = connect(&store_db).await.expect("connect to umstore");
+    // The operator's own bootstrap: login users with their Secrets' passwords
+    // (pg_stat_statements comes with it).
+    let report = operator_bootstrap(&admin, creds, 2)
         .await
-        .expect("create db");
-    // Passwords are hex, so quoting is safe here (tests only; the bootstrap step binds them).
-    admin
-        .batch_execute(&format!(
-            "CREATE ROLE umstore_writer LOGIN PASSWORD '{}'",
-            creds.password(Role::Writer)
-        ))
-        .await
-        .expect("create role");
-    admin
-        .batch_execute("CREATE EXTENSION pg_stat_statements")
-        .await
-        .expect("preloaded");
+        .expect("bootstrap");
+    assert!(report
+        .extensions
+        .contains(&"pg_stat_statements".to_string()));
     let rows = admin
         .query("SELECT count(*) FROM pg_stat_statements", &[])
         .await
@@ -299,7 +295,7 @@ async fn rendered_postgres_and_pgbouncer_configs_accept_scram_clients() {
 
     // Directly over TCP: SCRAM with the right password works, a wrong one does not.
     let direct = format!(
-        "host=127.0.0.1 port={} user=umstore_writer dbname=umstore",
+        "host=127.0.0.1 port={} user=umstore_writer_login dbname=umstore",
         server.port
     );
     let client = connect(&format!("{direct} password={password}"))
@@ -360,7 +356,7 @@ async fn rendered_postgres_and_pgbouncer_configs_accept_scram_clients() {
         .expect("start pgbouncer");
     let _pgbouncer = Killed(child);
     wait_for_port(listen, "PgBouncer", &log);
-    let pooled = format!("host=127.0.0.1 port={listen} user=umstore_writer dbname=umstore");
+    let pooled = format!("host=127.0.0.1 port={listen} user=umstore_writer_login dbname=umstore");
     let client = connect(&format!("{pooled} password={password}"))
         .await
         .unwrap_or_else(|e| {
@@ -373,7 +369,7 @@ async fn rendered_postgres_and_pgbouncer_configs_accept_scram_clients() {
         .query("SELECT current_user::text", &[])
         .await
         .expect("query through the pooler");
-    assert_eq!(rows[0].get::<_, String>(0), "umstore_writer");
+    assert_eq!(rows[0].get::<_, String>(0), Role::Writer.user());
     assert!(
         connect(&format!("{pooled} password=wrong")).await.is_err(),
         "PgBouncer checks the password"
@@ -436,7 +432,7 @@ async fn with_a_tls_secret_remote_clients_must_use_tls() {
     );
     // In the pod, 127.0.0.1 is the exporter sidecar: plaintext with SCRAM is allowed there.
     let password = creds.password(Role::Writer);
-    connect(&format!("host=127.0.0.1 port={} user=umstore_writer dbname=umstore password={password} sslmode=disable", server.port))
+    connect(&format!("host=127.0.0.1 port={} user=umstore_writer_login dbname=umstore password={password} sslmode=disable", server.port))
         .await
         .expect("in-pod plaintext");
     // From any other address, plaintext is refused.
@@ -445,7 +441,7 @@ async fn with_a_tls_secret_remote_clients_must_use_tls() {
         return;
     };
     let plain = format!(
-        "host={ip} port={} user=umstore_writer dbname=umstore password={password} sslmode=disable",
+        "host={ip} port={} user=umstore_writer_login dbname=umstore password={password} sslmode=disable",
         server.port
     );
     let err = connect(&plain)

@@ -15,8 +15,10 @@ use umstore_crds::UserMetadataStore;
 use umstore_operator::builders::credentials::Credentials;
 use umstore_operator::builders::{topology, Env};
 use umstore_operator::controller::{error_policy, reconcile, Guarded, NOT_LEADER_RECHECK};
+use umstore_operator::db::Connector;
 use umstore_operator::leader::Leadership;
 use umstore_operator::metrics::Metrics;
+use umstore_operator::steps::bootstrap;
 use umstore_operator::validated::validate;
 use umstore_operator::{Context, Error};
 
@@ -28,16 +30,45 @@ fn example(tier: i32) -> Value {
     serde_yaml_ng::from_str(&std::fs::read_to_string(path).expect("example")).expect("yaml")
 }
 
+/// The bootstrap and migrate steps of every example store reach the harness's
+/// shared PostgreSQL (trust authentication, so any admin password works) through a
+/// `postgres` superuser, as in the image; the steps' SQL is tested with passwords in
+/// `tests/bootstrap.rs`.
+fn connector() -> Connector {
+    let pg = umstore_e2e::shared()
+        .postgres()
+        .expect("PostgreSQL for the bootstrap step (scripts/install-deps.sh installs it)");
+    pg.primary()
+        .psql(
+            "postgres",
+            "DO $$ BEGIN CREATE ROLE postgres SUPERUSER LOGIN; \
+             EXCEPTION WHEN duplicate_object OR unique_violation THEN NULL; END $$",
+        )
+        .expect("create the postgres superuser");
+    ["pilot", "state-rollout", "national", "nationwide"]
+        .iter()
+        .fold(Connector::in_cluster(), |c, name| {
+            c.with_address(
+                &format!("{name}-coordinator.{NS}.svc"),
+                5432,
+                ("127.0.0.1".to_string(), pg.port()),
+            )
+        })
+}
+
 fn context(client: kube::Client, leader: bool) -> Arc<Context> {
-    Arc::new(Context::new(
-        client,
-        Arc::new(Metrics::new()),
-        Leadership::new(leader),
-        Env {
-            operator_namespace: "umstore-system".into(),
-        },
-        Some("test".into()),
-    ))
+    Arc::new(
+        Context::new(
+            client,
+            Arc::new(Metrics::new()),
+            Leadership::new(leader),
+            Env {
+                operator_namespace: "umstore-system".into(),
+            },
+            Some("test".into()),
+        )
+        .with_connector(connector()),
+    )
 }
 
 fn stored(api: &FakeApi, name: &str) -> Arc<Guarded> {
@@ -181,7 +212,10 @@ async fn first_reconcile_applies_every_object_then_the_status() {
     assert_eq!(status["tier"], 2);
     assert_eq!(status["phase"], "Provisioning");
     assert_eq!(condition(&status, "Provisioned")["status"], "True");
-    assert_eq!(condition(&status, "Ready")["reason"], "ComponentsNotReady");
+    // The pipeline waits in bootstrap until the coordinator has a ready replica.
+    assert_eq!(condition(&status, "Bootstrapped")["status"], "False");
+    assert_eq!(condition(&status, "Ready")["reason"], "CoordinatorNotReady");
+    assert!(status["schemaVersion"].is_null());
     assert_eq!(
         status["endpoints"]["readWrite"],
         "state-rollout-pgbouncer.umstore.svc:6432"
@@ -209,8 +243,8 @@ async fn second_reconcile_with_nothing_changed_writes_nothing() {
     assert!(log.iter().all(|r| r.method == "GET"), "only reads");
     assert_eq!(
         action,
-        Action::requeue(Duration::from_secs(30)),
-        "components are not ready yet"
+        Action::requeue(bootstrap::RECHECK),
+        "the coordinator is not ready yet"
     );
 }
 
@@ -231,7 +265,17 @@ async fn readiness_change_updates_only_the_status() {
     let status = status_of(&api, &name);
     assert_eq!(status["phase"], "Ready");
     assert_eq!(condition(&status, "Ready")["status"], "True");
-    assert_eq!(events(&writes), ["AllComponentsReady"]);
+    assert_eq!(condition(&status, "Bootstrapped")["status"], "True");
+    assert_eq!(condition(&status, "SchemaReady")["status"], "True");
+    assert_eq!(
+        status["schemaVersion"],
+        umstore_migrations::Runner::default().latest_version()
+    );
+    let reasons = events(&writes);
+    assert!(
+        reasons.contains(&"AllComponentsReady".to_string()),
+        "{reasons:?}"
+    );
     assert_eq!(action, Action::requeue(Duration::from_secs(300)));
 }
 

@@ -99,7 +99,7 @@ pub async fn healthz(State(state): State<AppState>) -> Response {
     Json(json!({ "status": "ok" })).into_response()
 }
 
-/// `GET /readyz`: the database answers and its schema is current.
+/// `GET /readyz`: the database answers, its schema is current and the keys are open.
 pub async fn readyz(State(state): State<AppState>) -> Response {
     let expected = state.runner.latest_version();
     let verdict = match state.db.get().await {
@@ -107,8 +107,13 @@ pub async fn readyz(State(state): State<AppState>) -> Response {
         Ok(client) => {
             match tokio::time::timeout(Duration::from_secs(2), state.runner.verify(&client)).await {
                 Err(_) => Err("database did not answer within 2 s".to_owned()),
+                Ok(Err(e)) if state.no_migrate => Err(format!(
+                    "{e} (this data plane runs with --no-migrate and waits for the operator's \
+                     migrate step to apply them)"
+                )),
                 Ok(Err(e)) => Err(e.to_string()),
-                Ok(Ok(())) => Ok(()),
+                // The schema is current; the keys must be open too before we serve.
+                Ok(Ok(())) => state.keys.get().await.map(|_| ()),
             }
         }
     };

@@ -22,6 +22,8 @@ pub struct AppState {
     pub keys: KeysSlot,
     /// The migrations this binary expects.
     pub runner: Arc<Runner>,
+    /// Started with `--no-migrate`: someone else (the operator) applies the schema.
+    pub no_migrate: bool,
     /// Metrics registry.
     pub metrics: Arc<Metrics>,
 }

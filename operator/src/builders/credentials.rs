@@ -69,17 +69,32 @@ impl Role {
         }
     }
 
-    /// The PostgreSQL user name.
+    /// The PostgreSQL user this role logs in as. Client roles log in as their own
+    /// user, a member of the purpose's group role that the migrations grant to
+    /// (see [`Role::group`]); the bootstrap step creates both.
     pub fn user(self) -> &'static str {
         match self {
             Role::Admin => "postgres",
             Role::Replicator => "replicator",
-            Role::Writer => "umstore_writer",
-            Role::Ai => "umstore_ai",
-            Role::Rules => "umstore_rules",
-            Role::JsonGenerator => "umstore_json_generator",
-            Role::Dashboard => "umstore_dashboard",
-            Role::Analytics => "umstore_analytics",
+            Role::Writer => "umstore_writer_login",
+            Role::Ai => "umstore_ai_login",
+            Role::Rules => "umstore_rules_login",
+            Role::JsonGenerator => "umstore_json_generator_login",
+            Role::Dashboard => "umstore_dashboard_login",
+            Role::Analytics => "umstore_analytics_login",
+        }
+    }
+
+    /// The group role whose grants this role's user receives.
+    pub fn group(self) -> Option<&'static str> {
+        match self {
+            Role::Admin | Role::Replicator => None,
+            Role::Writer => Some("umstore_writer"),
+            Role::Ai => Some("umstore_ai"),
+            Role::Rules => Some("umstore_rules"),
+            Role::JsonGenerator => Some("umstore_json_generator"),
+            Role::Dashboard => Some("umstore_dashboard"),
+            Role::Analytics => Some("umstore_analytics"),
         }
     }
 

@@ -156,6 +156,9 @@ pub fn deployment(v: &Validated) -> Deployment {
             "serve".into(),
             "--listen".into(),
             format!("0.0.0.0:{API_PORT}"),
+            // The operator's migrate step applies migrations as the admin role; the
+            // data plane waits for the schema it was built for.
+            "--no-migrate".into(),
         ]),
         env: Some(environment(v)),
         ports: Some(vec![ContainerPort {

@@ -3,7 +3,9 @@
 //! [`Reconciliation`] carries what earlier steps learned (the validated spec, the
 //! credentials, the observed objects) so later steps never recompute or re-read it.
 
+pub mod bootstrap;
 pub mod credentials;
+pub mod migrate;
 pub mod status;
 pub mod topology;
 pub mod validate;
@@ -20,6 +22,28 @@ use crate::builders::Object;
 use crate::context::Context;
 use crate::error::Error;
 use crate::validated::Validated;
+
+/// The steps that report a condition of their own, in pipeline order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Step {
+    /// validate, credentials and topology: `Provisioned`.
+    Provision,
+    /// bootstrap: `Bootstrapped`.
+    Bootstrap,
+    /// migrate: `SchemaReady`.
+    Migrate,
+}
+
+impl Step {
+    /// The condition type this step reports.
+    pub fn condition(self) -> &'static str {
+        match self {
+            Step::Provision => umstore_crds::condition::PROVISIONED,
+            Step::Bootstrap => umstore_crds::condition::BOOTSTRAPPED,
+            Step::Migrate => umstore_crds::condition::SCHEMA_READY,
+        }
+    }
+}
 
 /// What a step achieved.
 #[derive(Clone, Debug, PartialEq)]
@@ -77,6 +101,12 @@ pub struct Reconciliation<'a> {
     pub draining: BTreeMap<String, Vec<String>>,
     /// Events to publish.
     pub events: Vec<Note>,
+    /// Steps that finished, with the message of their condition.
+    pub passed: Vec<(Step, String)>,
+    /// The superuser connection opened by the bootstrap step, reused by the later ones.
+    pub admin_db: Option<tokio_postgres::Client>,
+    /// The schema version the migrate step found or left.
+    pub schema_version: Option<i32>,
 }
 
 impl<'a> Reconciliation<'a> {
@@ -93,7 +123,15 @@ impl<'a> Reconciliation<'a> {
             deleted: Vec::new(),
             draining: BTreeMap::new(),
             events: Vec::new(),
+            passed: Vec::new(),
+            admin_db: None,
+            schema_version: None,
         }
+    }
+
+    /// Records that `step` finished; its condition becomes true with `message`.
+    pub fn passed(&mut self, step: Step, message: impl Into<String>) {
+        self.passed.push((step, message.into()));
     }
 
     /// The objects the store owns, listed on first use.

@@ -1,8 +1,10 @@
 //! Last step, status: computes what is (tier, phase, conditions, components,
 //! endpoints) and writes it through the status subresource with server-side apply,
 //! only when it differs from what is there. Conditions keep `lastTransitionTime`
-//! when their status did not change. Fields later steps own (schema and key
-//! versions, replica lag, placement) are carried over untouched.
+//! when their status did not change. Each step's condition (`Provisioned`,
+//! `Bootstrapped`, `SchemaReady`) is true once the step finished and false with
+//! the reason where the pipeline stopped. Fields later steps own (key versions,
+//! replica lag, placement) are carried over untouched.
 
 use std::collections::BTreeMap;
 
@@ -13,7 +15,7 @@ use umstore_crds::{
     condition, ComponentStatus, Endpoints, Phase, UserMetadataStore, UserMetadataStoreStatus,
 };
 
-use super::{Reconciliation, StepOutcome};
+use super::{Reconciliation, Step, StepOutcome};
 use crate::builders::credentials::{read_write_endpoint, Role};
 use crate::builders::Object;
 use crate::context::Context;
@@ -132,30 +134,56 @@ pub fn compute(
     );
 
     let mut new_conditions = Vec::new();
-    let provisioned = match outcome {
-        StepOutcome::Done => condition(
-            condition::PROVISIONED,
-            true,
-            "Applied",
-            format!(
-                "{} objects of tier {} are applied",
-                r.desired.len(),
-                r.validated.as_ref().map_or(0, |v| v.tier)
-            ),
-            generation,
-            now,
-        ),
-        StepOutcome::Waiting {
-            reason, message, ..
-        } => condition(
-            condition::PROVISIONED,
-            false,
-            reason,
-            message.clone(),
-            generation,
-            now,
-        ),
-    };
+    // Each step's condition: true once it finished, false with the pipeline's reason
+    // where it stopped; the conditions of steps not reached are left as they were.
+    let passed = |step: Step| r.passed.iter().find(|(s, _)| *s == step);
+    let mut reached = true;
+    for step in [Step::Provision, Step::Bootstrap, Step::Migrate] {
+        if !reached {
+            break;
+        }
+        match (passed(step), outcome) {
+            (Some((_, message)), _) => {
+                let (reason, message) = match step {
+                    Step::Provision => (
+                        "Applied",
+                        format!(
+                            "{} objects of tier {} are applied",
+                            r.desired.len(),
+                            r.validated.as_ref().map_or(0, |v| v.tier)
+                        ),
+                    ),
+                    Step::Bootstrap => ("Bootstrapped", message.clone()),
+                    Step::Migrate => ("Migrated", message.clone()),
+                };
+                new_conditions.push(condition(
+                    step.condition(),
+                    true,
+                    reason,
+                    message,
+                    generation,
+                    now,
+                ));
+            }
+            (
+                None,
+                StepOutcome::Waiting {
+                    reason, message, ..
+                },
+            ) => {
+                new_conditions.push(condition(
+                    step.condition(),
+                    false,
+                    reason,
+                    message.clone(),
+                    generation,
+                    now,
+                ));
+                reached = false;
+            }
+            (None, StepOutcome::Done) => reached = false,
+        }
+    }
     let ready = if let StepOutcome::Waiting {
         reason, message, ..
     } = outcome
@@ -192,15 +220,17 @@ pub fn compute(
             now,
         )
     };
-    new_conditions.push(provisioned);
     new_conditions.push(ready);
 
     // A raised tier is a promotion until every component of the new tier is ready;
     // status.tier moves only then, so it always names the tier that is running.
     let target = r.validated.as_ref().map(|v| v.tier);
     let promoting_from = old.tier.filter(|t| target.is_some_and(|n| n > *t));
-    let promoted = outcome.is_done() && all_ready;
-    let tier = match (outcome.is_done(), old.tier) {
+    // The tier's objects are in place once topology finished, even while later
+    // steps (bootstrap, migrate) still wait.
+    let provisioned = passed(Step::Provision).is_some();
+    let promoted = provisioned && all_ready;
+    let tier = match (provisioned, old.tier) {
         (true, None) => target,
         (true, Some(_)) if promoting_from.is_none() || promoted => target.or(old.tier),
         _ => old.tier,
@@ -284,6 +314,7 @@ pub fn compute(
             components
         },
         endpoints: endpoints(r).or(old.endpoints.clone()),
+        schema_version: r.schema_version.or(old.schema_version),
         ..old
     }
 }
