@@ -80,7 +80,7 @@ pub struct UserMetadataStoreSpec {
     /// The regions (two-letter codes of Indian states and union territories) this store
     /// serves. Defaults to all 36.
     #[serde(default = "all_regions")]
-    #[schemars(length(max = 36))]
+    #[schemars(length(max = 36), inner(length(min = 2, max = 2)))]
     #[x_kube(validation = rules::regions_known(), merge_strategy = ListMerge::Set)]
     pub regions: Vec<String>,
 
@@ -274,10 +274,11 @@ pub struct TlsSpec {
 #[serde(rename_all = "camelCase")]
 pub struct WorkerGroupSpec {
     /// Name of the group, a DNS label; part of its StatefulSet's name.
+    #[schemars(length(min = 1, max = 30))]
     #[x_kube(validation = rules::dns_label())]
     pub name: String,
     /// Regions whose shards this group holds.
-    #[schemars(length(max = 36))]
+    #[schemars(length(max = 36), inner(length(min = 2, max = 2)))]
     #[x_kube(validation = rules::regions_known(), merge_strategy = ListMerge::Set)]
     pub regions: Vec<String>,
     /// Pods in the group: one primary and `replicas - 1` hot standbys.
