@@ -9,7 +9,11 @@
 //! * [`Nats`]: `nats-server` with JetStream;
 //! * [`OpenBao`]: `bao server -dev` with the transit engine enabled;
 //! * [`Citus`]: a coordinator and two workers, where `citus.so` is installed (otherwise
-//!   [`Citus::start`] returns [`CitusUnavailable::Skip`] with the reason).
+//!   [`Citus::start`] returns [`CitusUnavailable::Skip`] with the reason);
+//! * [`KubeApiServer`]: a real kube-apiserver (HTTPS, bearer tokens, RBAC, service
+//!   accounts) on its own etcd, with a kubeconfig, where both binaries are built
+//!   (`scripts/install-deps.sh --test` builds them into `.bin/`; otherwise
+//!   [`KubeApiServer::start`] returns [`KubeApiUnavailable::Skip`] with the reason).
 //!
 //! Starting servers costs seconds, so each test binary normally shares one lazily started
 //! set through [`shared()`] and isolates itself with [`Servers::fresh_database`]. Shared
@@ -22,6 +26,7 @@
 mod citus;
 mod error;
 pub mod keeper;
+mod kubeapi;
 mod nats;
 mod openbao;
 mod pgbouncer;
@@ -33,6 +38,7 @@ mod testdir;
 
 pub use citus::{Citus, CitusUnavailable};
 pub use error::HarnessError;
+pub use kubeapi::{KubeApiServer, KubeApiUnavailable, ADMIN_USER, PLAIN_USER};
 pub use nats::Nats;
 pub use openbao::OpenBao;
 pub use pgbouncer::PgBouncer;

@@ -81,11 +81,17 @@ impl ServerProcess {
 
     /// Polls `ready` every few milliseconds until it is true, the process exits, or
     /// [`READY_TIMEOUT`] passes.
-    pub(crate) fn wait_until(
+    pub(crate) fn wait_until(&mut self, ready: impl FnMut() -> bool) -> Result<(), HarnessError> {
+        self.wait_within(READY_TIMEOUT, ready)
+    }
+
+    /// [`ServerProcess::wait_until`] with another timeout.
+    pub(crate) fn wait_within(
         &mut self,
+        timeout: Duration,
         mut ready: impl FnMut() -> bool,
     ) -> Result<(), HarnessError> {
-        let deadline = Instant::now() + READY_TIMEOUT;
+        let deadline = Instant::now() + timeout;
         let mut pause = Duration::from_millis(5);
         loop {
             self.check_alive()?;
@@ -93,9 +99,7 @@ impl ServerProcess {
                 return Ok(());
             }
             if Instant::now() >= deadline {
-                return Err(
-                    self.not_ready(format!("not ready within {}s", READY_TIMEOUT.as_secs()))
-                );
+                return Err(self.not_ready(format!("not ready within {}s", timeout.as_secs())));
             }
             std::thread::sleep(pause);
             pause = (pause * 2).min(Duration::from_millis(100));

@@ -2,7 +2,10 @@
 
 use std::sync::OnceLock;
 
-use crate::{Citus, CitusUnavailable, HarnessError, Nats, OpenBao, PgBouncer, Postgres};
+use crate::{
+    Citus, CitusUnavailable, HarnessError, KubeApiServer, KubeApiUnavailable, Nats, OpenBao,
+    PgBouncer, Postgres,
+};
 
 /// The process-wide servers; each starts on first use and stops when the process exits
 /// (see [`crate::keeper`]). Get it with [`shared()`].
@@ -13,6 +16,7 @@ pub struct Servers {
     nats: OnceLock<Result<Nats, String>>,
     openbao: OnceLock<Result<OpenBao, String>>,
     citus: OnceLock<Result<Citus, (bool, String)>>,
+    kube_api: OnceLock<Result<KubeApiServer, (bool, String)>>,
 }
 
 /// The shared servers of this test process. Cheap: servers start on first use of
@@ -97,6 +101,24 @@ impl Servers {
             Err((true, reason)) => Err(CitusUnavailable::Skip(reason.clone())),
             Err((false, message)) => Err(CitusUnavailable::Failed(HarnessError::Shared {
                 server: "Citus",
+                message: message.clone(),
+            })),
+        }
+    }
+
+    /// The shared kube-apiserver (and its etcd), or why there is none. Tests sharing it
+    /// should each work in their own namespace.
+    pub fn kube_api(&self) -> Result<&KubeApiServer, KubeApiUnavailable> {
+        let started = self.kube_api.get_or_init(|| match KubeApiServer::start() {
+            Ok(server) => Ok(server.stop_at_exit()),
+            Err(KubeApiUnavailable::Skip(reason)) => Err((true, reason)),
+            Err(KubeApiUnavailable::Failed(e)) => Err((false, e.to_string())),
+        });
+        match started {
+            Ok(server) => Ok(server),
+            Err((true, reason)) => Err(KubeApiUnavailable::Skip(reason.clone())),
+            Err((false, message)) => Err(KubeApiUnavailable::Failed(HarnessError::Shared {
+                server: "kube-apiserver",
                 message: message.clone(),
             })),
         }

@@ -3,7 +3,10 @@
 //!
 //! The operator and data-plane images must be pullable by the cluster:
 //! `UMSTORE_OPERATOR_IMAGE` (repository:tag, default the chart's) and the example's
-//! data-plane image (override with `UMSTORE_DATA_PLANE_IMAGE`).
+//! data-plane image (override with `UMSTORE_DATA_PLANE_IMAGE`). The data plane needs
+//! a Vault or OpenBao with the Kubernetes auth role of docs/encryption.md for the
+//! ServiceAccount `pilot-data-plane` in namespace `umstore-e2e`: the example's
+//! address, or `UMSTORE_VAULT_ADDRESS`.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -119,6 +122,9 @@ async fn tier1_example_becomes_ready_on_a_cluster() {
     store["metadata"]["namespace"] = NS.into();
     if let Ok(image) = std::env::var("UMSTORE_DATA_PLANE_IMAGE") {
         store["spec"]["dataPlane"]["image"] = image.into();
+    }
+    if let Ok(address) = std::env::var("UMSTORE_VAULT_ADDRESS") {
+        store["spec"]["encryption"]["vaultAddress"] = address.into();
     }
     let stores: Api<UserMetadataStore> = Api::namespaced(client.clone(), NS);
     stores

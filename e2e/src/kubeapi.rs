@@ -1,0 +1,450 @@
+//! A real kube-apiserver with its own etcd, where both binaries are built.
+
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, ServerName};
+use umstore_data_plane::localpg::ChildSetup;
+
+use crate::process::{accepts_tcp, find_program, ServerProcess};
+use crate::{free_port, keeper, HarnessError, TestDir};
+
+/// How long etcd and kube-apiserver together may take to answer `/readyz` (about 2.5 s
+/// on an idle 2-core machine).
+const READY_TIMEOUT: Duration = Duration::from_secs(90);
+
+/// The user name behind [`KubeApiServer::admin_token`] (group `system:masters`).
+pub const ADMIN_USER: &str = "umstore-test-admin";
+/// The user name behind [`KubeApiServer::user_token`]: authenticated, in no group, so
+/// RBAC grants it nothing until a test binds a role to it.
+pub const PLAIN_USER: &str = "umstore-test-user";
+
+/// Why [`KubeApiServer::start`] gave no server.
+#[derive(Debug, thiserror::Error)]
+pub enum KubeApiUnavailable {
+    /// kube-apiserver, etcd or openssl is not installed here: tests print the reason and
+    /// return.
+    #[error("skipping: {0}")]
+    Skip(String),
+    /// The binaries are here but the servers failed to start.
+    #[error(transparent)]
+    Failed(#[from] HarnessError),
+}
+
+/// etcd and kube-apiserver on free loopback ports, in one temporary directory.
+///
+/// kube-apiserver serves HTTPS on `127.0.0.1` with a self-signed certificate whose CA
+/// is [`KubeApiServer::ca_cert`]; it authenticates static bearer tokens (an admin in
+/// `system:masters` and an unprivileged user) and service-account tokens (it signs
+/// them: TokenRequest works), authorizes with RBAC, and runs the default admission
+/// plugins. No controller-manager, scheduler or kubelet runs: objects are stored and
+/// validated, never acted on (no pods from Deployments, namespaces stay `Terminating`,
+/// no `default` service account is created).
+///
+/// Both processes are stopped on drop, apiserver first.
+#[derive(Debug)]
+pub struct KubeApiServer {
+    // Field order is drop order: the processes stop before their directory goes.
+    running: Running,
+    dir: TestDir,
+}
+
+#[derive(Debug)]
+struct Running {
+    // Field order is drop order: the apiserver stops before its etcd.
+    apiserver: ServerProcess,
+    etcd: ServerProcess,
+    port: u16,
+    admin_token: String,
+    user_token: String,
+    ca_cert: PathBuf,
+    kubeconfig: PathBuf,
+}
+
+impl KubeApiServer {
+    /// Starts etcd and kube-apiserver and waits until `/readyz` answers `ok`, or says
+    /// why they cannot run here. On failure the directory (logs inside) stays until
+    /// the process exits, and is kept if a test panicked.
+    ///
+    /// Binaries are looked for in `UMSTORE_KUBE_APISERVER` and `UMSTORE_ETCD`, then in
+    /// the workspace's `.bin/` (where `scripts/install-deps.sh --test` builds them),
+    /// then on `PATH`. The service-account signing key is made with the `openssl` CLI.
+    pub fn start() -> Result<Self, KubeApiUnavailable> {
+        let apiserver = find_binary("kube-apiserver", "UMSTORE_KUBE_APISERVER")?;
+        let etcd = find_binary("etcd", "UMSTORE_ETCD")?;
+        let openssl = find_program("openssl", &[]).ok_or_else(|| {
+            KubeApiUnavailable::Skip(
+                "openssl not found on PATH (it makes the service-account signing key): \
+                 apt-get install openssl"
+                    .to_owned(),
+            )
+        })?;
+        let mut dir = TestDir::new("kubeapi")?;
+        match launch(dir.path(), &apiserver, &etcd, &openssl) {
+            Ok(running) => Ok(Self { running, dir }),
+            Err(e) => {
+                dir.remove_at_exit();
+                Err(e.into())
+            }
+        }
+    }
+
+    pub(crate) fn stop_at_exit(mut self) -> Self {
+        // Registered in stop order: the apiserver, then etcd.
+        for pid in [self.running.apiserver.pid(), self.running.etcd.pid()]
+            .into_iter()
+            .flatten()
+        {
+            keeper::stop_at_exit(pid, libc::SIGKILL);
+        }
+        self.dir.remove_at_exit();
+        self
+    }
+
+    /// `https://127.0.0.1:<port>`.
+    pub fn url(&self) -> String {
+        format!("https://127.0.0.1:{}", self.running.port)
+    }
+
+    /// The secure port.
+    pub fn port(&self) -> u16 {
+        self.running.port
+    }
+
+    /// A kubeconfig file: cluster `umstore-test` (this URL, [`Self::ca_cert`]), contexts
+    /// `admin` (current; [`ADMIN_USER`]) and `user` ([`PLAIN_USER`]), both with bearer
+    /// tokens. `kube::Config::from_custom_kubeconfig(Kubeconfig::read_from(path)?, ..)`
+    /// reads it; `KubeConfigOptions { context: Some("user".into()), .. }` picks the user.
+    pub fn kubeconfig(&self) -> &Path {
+        &self.running.kubeconfig
+    }
+
+    /// The bearer token of [`ADMIN_USER`], in `system:masters` (allowed everything,
+    /// including impersonation).
+    pub fn admin_token(&self) -> &str {
+        &self.running.admin_token
+    }
+
+    /// The bearer token of [`PLAIN_USER`], which RBAC allows only what every
+    /// authenticated user may do.
+    pub fn user_token(&self) -> &str {
+        &self.running.user_token
+    }
+
+    /// The PEM file of the CA that signed the serving certificate (for `127.0.0.1`).
+    pub fn ca_cert(&self) -> &Path {
+        &self.running.ca_cert
+    }
+
+    /// The directory holding the logs, certificates, tokens, etcd data and kubeconfig.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// `GET <path>` with `token` over HTTPS (HTTP/1.0, so the body is never chunked):
+    /// the status code and the body.
+    pub fn get(&self, path: &str, token: &str) -> Result<(u16, String), HarnessError> {
+        https_get(self.running.port, &self.running.ca_cert, token, path)
+            .map_err(|e| HarnessError::io(format!("GET {}{path}", self.url()), e))
+    }
+}
+
+/// Starts etcd and kube-apiserver in `path` and waits for `/readyz`.
+fn launch(
+    path: &Path,
+    apiserver_bin: &Path,
+    etcd_bin: &Path,
+    openssl: &Path,
+) -> Result<Running, HarnessError> {
+    let (etcd_port, peer_port, port) = (free_port()?, free_port()?, free_port()?);
+
+    // etcd first; the apiserver retries its storage while etcd comes up, so both
+    // start at once.
+    let client_url = format!("http://127.0.0.1:{etcd_port}");
+    let peer_url = format!("http://127.0.0.1:{peer_port}");
+    let mut cmd = Command::new(etcd_bin);
+    cmd.arg("--name=umstore-test")
+        .arg(format!("--data-dir={}", path.join("etcd").display()))
+        .arg(format!("--listen-client-urls={client_url}"))
+        .arg(format!("--advertise-client-urls={client_url}"))
+        .arg(format!("--listen-peer-urls={peer_url}"))
+        .arg(format!("--initial-advertise-peer-urls={peer_url}"))
+        .arg(format!("--initial-cluster=umstore-test={peer_url}"))
+        .args(["--unsafe-no-fsync", "--log-level=warn"]);
+    let etcd_log = path.join("etcd.log");
+    let mut etcd = ServerProcess::spawn("etcd", cmd, ChildSetup::same_user(), etcd_log)?;
+
+    let admin_token = random_hex(16)?;
+    let user_token = random_hex(16)?;
+    let tokens = path.join("tokens.csv");
+    write_file(
+        &tokens,
+        &format!(
+            "{admin_token},{ADMIN_USER},{ADMIN_USER},\"system:masters\"\n\
+             {user_token},{PLAIN_USER},{PLAIN_USER}\n"
+        ),
+    )?;
+    let sa_key = path.join("service-account.key");
+    run_openssl(openssl, &sa_key)?;
+    let cert_dir = path.join("certs");
+    let mut cmd = Command::new(apiserver_bin);
+    cmd.arg(format!("--etcd-servers={client_url}"))
+        .args(["--bind-address=127.0.0.1", "--advertise-address=127.0.0.1"])
+        .arg(format!("--secure-port={port}"))
+        // A self-signed serving certificate and its CA, written there at start.
+        .arg(format!("--cert-dir={}", cert_dir.display()))
+        .arg(format!("--token-auth-file={}", tokens.display()))
+        .arg("--authorization-mode=RBAC")
+        .arg("--service-account-issuer=https://kubernetes.default.svc.cluster.local")
+        .arg(format!("--service-account-key-file={}", sa_key.display()))
+        .arg(format!(
+            "--service-account-signing-key-file={}",
+            sa_key.display()
+        ))
+        .arg("--service-cluster-ip-range=10.0.0.0/24")
+        // The endpoints of the `kubernetes` Service may not be a loopback address.
+        .arg("--endpoint-reconciler-type=none")
+        .arg("--allow-privileged=true");
+    let apiserver_log = path.join("kube-apiserver.log");
+    let mut apiserver = ServerProcess::spawn(
+        "kube-apiserver",
+        cmd,
+        ChildSetup::same_user(),
+        apiserver_log,
+    )?;
+
+    // The apiserver writes apiserver.crt (its certificate, then the CA's) before it
+    // listens.
+    let bundle = cert_dir.join("apiserver.crt");
+    let ca_cert = path.join("ca.crt");
+    let mut last_answer = None;
+    let mut etcd_failed = None;
+    let waited = apiserver.wait_within(READY_TIMEOUT, || {
+        if let Err(e) = etcd.check_alive() {
+            etcd_failed = Some(e);
+            return true;
+        }
+        if !accepts_tcp(port) || !(ca_cert.is_file() || extract_ca(&bundle, &ca_cert)) {
+            return false;
+        }
+        match https_get(port, &ca_cert, &admin_token, "/readyz") {
+            Ok((200, body)) if body.trim() == "ok" => true,
+            Ok((status, body)) => {
+                // The failing checks are the lines marked [-].
+                let failing: Vec<&str> = body.lines().filter(|l| l.starts_with("[-]")).collect();
+                let detail = if failing.is_empty() {
+                    body.trim().to_owned()
+                } else {
+                    failing.join("; ")
+                };
+                last_answer = Some(format!("/readyz answered {status}: {detail}"));
+                false
+            }
+            Err(e) => {
+                last_answer = Some(format!("/readyz failed: {e}"));
+                false
+            }
+        }
+    });
+    if let Some(e) = etcd_failed {
+        return Err(e);
+    }
+    if let (
+        Err(HarnessError::NotReady {
+            server,
+            problem,
+            log,
+            log_tail,
+        }),
+        Some(last_answer),
+    ) = (&waited, last_answer)
+    {
+        return Err(HarnessError::NotReady {
+            server,
+            problem: format!("{problem}; last: {last_answer}"),
+            log: log.clone(),
+            log_tail: log_tail.clone(),
+        });
+    }
+    waited?;
+
+    let kubeconfig = path.join("kubeconfig");
+    write_file(
+        &kubeconfig,
+        &kubeconfig_yaml(port, &ca_cert, &admin_token, &user_token),
+    )?;
+    Ok(Running {
+        apiserver,
+        etcd,
+        port,
+        admin_token,
+        user_token,
+        ca_cert,
+        kubeconfig,
+    })
+}
+
+/// `$<env>`, else `<workspace>/.bin/<program>`, else `<program>` on `PATH`.
+fn find_binary(program: &'static str, env: &str) -> Result<PathBuf, KubeApiUnavailable> {
+    if let Some(path) = std::env::var_os(env).map(PathBuf::from) {
+        if path.is_file() {
+            return Ok(path);
+        }
+        return Err(HarnessError::ProgramNotFound {
+            program,
+            looked_in: format!("{env}={}", path.display()),
+            install: "point it at the binary, or unset it",
+        }
+        .into());
+    }
+    let manifest_dir = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let workspace_bin = manifest_dir.parent().unwrap_or(manifest_dir).join(".bin");
+    let in_workspace = workspace_bin.join(program);
+    if in_workspace.is_file() {
+        return Ok(in_workspace);
+    }
+    find_program(program, &[]).ok_or_else(|| {
+        KubeApiUnavailable::Skip(format!(
+            "{program} not found ({env}, {}, PATH): scripts/install-deps.sh --test \
+             builds it with Go",
+            workspace_bin.display()
+        ))
+    })
+}
+
+fn write_file(path: &Path, contents: &str) -> Result<(), HarnessError> {
+    std::fs::write(path, contents)
+        .map_err(|e| HarnessError::io(format!("could not write {}", path.display()), e))
+}
+
+/// An ECDSA P-256 service-account signing key (ES256; milliseconds, unlike RSA).
+fn run_openssl(openssl: &Path, key: &Path) -> Result<(), HarnessError> {
+    let out = Command::new(openssl)
+        .args([
+            "ecparam",
+            "-name",
+            "prime256v1",
+            "-genkey",
+            "-noout",
+            "-out",
+        ])
+        .arg(key)
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| HarnessError::io("could not run openssl", e))?;
+    if out.status.success() {
+        return Ok(());
+    }
+    Err(HarnessError::CommandFailed {
+        command: format!("openssl ecparam -genkey -out {}", key.display()),
+        output: String::from_utf8_lossy(&out.stderr).into_owned(),
+    })
+}
+
+/// Writes the last certificate of `bundle` (the self-signed CA) to `ca`; false while
+/// `bundle` is not complete yet.
+fn extract_ca(bundle: &Path, ca: &Path) -> bool {
+    const BEGIN: &str = "-----BEGIN CERTIFICATE-----";
+    let Ok(text) = std::fs::read_to_string(bundle) else {
+        return false;
+    };
+    if text.matches(BEGIN).count() < 2 || !text.trim_end().ends_with("-----END CERTIFICATE-----") {
+        return false;
+    }
+    let last = &text[text.rfind(BEGIN).unwrap_or(0)..];
+    let tmp = ca.with_extension("tmp");
+    std::fs::write(&tmp, last).is_ok() && std::fs::rename(&tmp, ca).is_ok()
+}
+
+/// One HTTPS GET over rustls, verifying the server against the PEM CA file `ca`.
+fn https_get(port: u16, ca: &Path, token: &str, path: &str) -> std::io::Result<(u16, String)> {
+    let invalid = |e: &dyn std::fmt::Display| std::io::Error::other(e.to_string());
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(ca).map_err(|e| invalid(&e))? {
+        roots
+            .add(cert.map_err(|e| invalid(&e))?)
+            .map_err(|e| invalid(&e))?;
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| invalid(&e))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let server = ServerName::IpAddress(Ipv4Addr::LOCALHOST.into());
+    let conn = rustls::ClientConnection::new(Arc::new(config), server).map_err(|e| invalid(&e))?;
+    let sock = TcpStream::connect_timeout(
+        &std::net::SocketAddr::from((Ipv4Addr::LOCALHOST, port)),
+        Duration::from_secs(2),
+    )?;
+    sock.set_read_timeout(Some(Duration::from_secs(10)))?;
+    sock.set_write_timeout(Some(Duration::from_secs(10)))?;
+    let mut tls = rustls::StreamOwned::new(conn, sock);
+    write!(
+        tls,
+        "GET {path} HTTP/1.0\r\nHost: 127.0.0.1:{port}\r\nAuthorization: Bearer {token}\r\n\
+         Accept: application/json, */*\r\n\r\n"
+    )?;
+    tls.flush()?;
+    let mut raw = Vec::new();
+    if let Err(e) = tls.read_to_end(&mut raw) {
+        // A server closing without close_notify still sent the whole response.
+        if e.kind() != std::io::ErrorKind::UnexpectedEof || raw.is_empty() {
+            return Err(e);
+        }
+    }
+    let text = String::from_utf8_lossy(&raw);
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| std::io::Error::other(format!("not an HTTP response: {head:.200}")))?;
+    Ok((status, body.to_owned()))
+}
+
+fn kubeconfig_yaml(port: u16, ca: &Path, admin_token: &str, user_token: &str) -> String {
+    format!(
+        "apiVersion: v1
+kind: Config
+clusters:
+- name: umstore-test
+  cluster:
+    server: https://127.0.0.1:{port}
+    certificate-authority: {ca}
+users:
+- name: admin
+  user:
+    token: {admin_token}
+- name: user
+  user:
+    token: {user_token}
+contexts:
+- name: admin
+  context:
+    cluster: umstore-test
+    user: admin
+    namespace: default
+- name: user
+  context:
+    cluster: umstore-test
+    user: user
+    namespace: default
+current-context: admin
+",
+        ca = ca.display()
+    )
+}
+
+fn random_hex(bytes: usize) -> Result<String, HarnessError> {
+    let mut buf = vec![0u8; bytes];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut buf))
+        .map_err(|e| HarnessError::io("could not read /dev/urandom", e))?;
+    Ok(buf.iter().map(|b| format!("{b:02x}")).collect())
+}
