@@ -8,6 +8,7 @@ use std::io::Write;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::{Client, NoTls};
 use umstore_crds::MigrationPolicy;
+use umstore_data_plane::crypto::{DataKeyCache, KeyProvider, Keyring, LocalKeyProvider};
 use umstore_e2e::Postgres;
 use umstore_migrations::{MigrateError, Runner, PII_COLUMNS};
 use umstore_operator::builders::credentials::{generate_password, Credentials, Role};
@@ -149,6 +150,29 @@ async fn bootstrap_and_migrate_give_each_client_a_working_login_and_rerun_as_no_
         .expect("the writer may read the schema version (the data plane waits on it)")
         .get(0);
     assert_eq!(version as u32, Runner::default().latest_version());
+    // What the data plane does at start as the writer: open the keyring (the
+    // blind-index key is created and stored wrapped) and create a user's data key.
+    let keys_dir = tempfile::tempdir().expect("tempdir");
+    let provider = KeyProvider::Local(Box::new(
+        LocalKeyProvider::open_or_create(keys_dir.path()).expect("local key file"),
+    ));
+    let keyring = Keyring::open(
+        provider,
+        DataKeyCache::new(100, std::time::Duration::from_secs(60)),
+        &writer,
+    )
+    .await
+    .expect("the writer may open the keyring");
+    let user: uuid::Uuid = writer
+        .query_one("SELECT user_id FROM umstore.user_directory LIMIT 1", &[])
+        .await
+        .expect("the writer reads the directory")
+        .get(0);
+    keyring
+        .create_user_key(&writer, user, "KA")
+        .await
+        .expect("the writer may store a wrapped data key");
+
     let Err(refused) = login(&pg, Role::Writer, "wrong").await else {
         panic!("a wrong password must be refused");
     };
