@@ -294,20 +294,14 @@ async fn ensure_role(client: &Client, name: &str, kind: RoleKind) -> Result<bool
         RoleKind::Login => "LOGIN",
         RoleKind::Replication => "LOGIN REPLICATION",
     };
-    let sql: String = client
-        .query_one(
-            &format!("SELECT format('CREATE ROLE %I {attributes}', $1::text)"),
-            &[&name],
-        )
-        .await
-        .map_err(Error::db(format!("quoting role {name}")))?
-        .get(0);
-    match client.batch_execute(&sql).await {
-        Ok(()) => Ok(true),
-        // Roles are cluster-wide: a migration in another database may have made it.
-        Err(e) if created_meanwhile(&e) => Ok(false),
-        Err(e) => Err(Error::db(format!("creating role {name}"))(e)),
-    }
+    // Roles are cluster-wide: a migration in another database may have made it.
+    execute_quoted(
+        client,
+        &format!("CREATE ROLE %I {attributes}"),
+        &[name],
+        format!("creating role {name}"),
+    )
+    .await
 }
 
 /// Sets `user`'s password unless its stored verifier already matches; true when set.
@@ -329,19 +323,13 @@ async fn ensure_password(client: &Client, user: &str, password: &str) -> Result<
         return Ok(false);
     }
     let verifier = scram_verifier(password);
-    let sql: String = client
-        .query_one(
-            "SELECT format('ALTER ROLE %I PASSWORD %L', $1::text, $2::text)",
-            &[&user, &verifier],
-        )
-        .await
-        .map_err(Error::db(format!("quoting the password of {user}")))?
-        .get(0);
-    client
-        .batch_execute(&sql)
-        .await
-        .map_err(Error::db(format!("setting the password of {user}")))?;
-    Ok(true)
+    execute_quoted(
+        client,
+        "ALTER ROLE %I PASSWORD %L",
+        &[user, &verifier],
+        format!("setting the password of {user}"),
+    )
+    .await
 }
 
 /// Makes `user` a member of `group` unless it is; true when granted.
@@ -361,18 +349,41 @@ async fn ensure_member(client: &Client, user: &str, group: &str) -> Result<bool,
     if member {
         return Ok(false);
     }
+    execute_quoted(
+        client,
+        "GRANT %I TO %I",
+        &[group, user],
+        format!("granting {group} to {user}"),
+    )
+    .await
+}
+
+/// Has the server quote `args` into `template` (`format()` with `%I`/`%L`, the
+/// arguments bound as parameters) and runs the result. True when it ran, false when
+/// a concurrent session had done the same first.
+async fn execute_quoted(
+    client: &Client,
+    template: &str,
+    args: &[&str],
+    action: String,
+) -> Result<bool, Error> {
+    let placeholders: Vec<String> = (1..=args.len()).map(|i| format!("${i}::text")).collect();
+    let params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = args
+        .iter()
+        .map(|a| a as &(dyn tokio_postgres::types::ToSql + Sync))
+        .collect();
     let sql: String = client
         .query_one(
-            "SELECT format('GRANT %I TO %I', $1::text, $2::text)",
-            &[&group, &user],
+            &format!("SELECT format('{template}', {})", placeholders.join(", ")),
+            &params,
         )
         .await
-        .map_err(Error::db(format!("quoting the grant of {group} to {user}")))?
+        .map_err(Error::db(format!("quoting the statement for {action}")))?
         .get(0);
     match client.batch_execute(&sql).await {
         Ok(()) => Ok(true),
         Err(e) if created_meanwhile(&e) => Ok(false),
-        Err(e) => Err(Error::db(format!("granting {group} to {user}"))(e)),
+        Err(e) => Err(Error::db(action)(e)),
     }
 }
 
