@@ -12,6 +12,7 @@
 
 mod error;
 pub mod regions;
+pub mod roles;
 mod runner;
 
 pub use error::MigrateError;

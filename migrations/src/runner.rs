@@ -4,6 +4,7 @@ use sha2::{Digest, Sha256};
 use tokio_postgres::Client;
 use tracing::{info, info_span, Instrument};
 
+use crate::roles::{with_advisory_lock, AdvisoryLock};
 use crate::MigrateError;
 
 /// Table recording applied migrations.
@@ -11,7 +12,7 @@ pub const MIGRATIONS_TABLE: &str = "umstore.schema_migrations";
 
 /// Key of the session-level advisory lock held while migrating
 /// (`pg_advisory_lock`); the bytes spell "umstmigr".
-pub const ADVISORY_LOCK_KEY: i64 = 0x756d_7374_6d69_6772;
+pub const ADVISORY_LOCK_KEY: i64 = AdvisoryLock::Migrate.key();
 
 /// One versioned migration.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -146,18 +147,20 @@ impl Runner {
     /// the advisory lock. Refuses to apply anything when an applied migration
     /// changed or the database is ahead of this binary.
     pub async fn up(&self, client: &mut Client) -> Result<UpReport, MigrateError> {
-        client
-            .execute("SELECT pg_advisory_lock($1)", &[&ADVISORY_LOCK_KEY])
-            .await
-            .map_err(MigrateError::db("taking the migration advisory lock"))?;
-        let result = self.up_locked(client).await;
-        let unlocked = client
-            .execute("SELECT pg_advisory_unlock($1)", &[&ADVISORY_LOCK_KEY])
-            .await
-            .map_err(MigrateError::db("releasing the migration advisory lock"));
-        let report = result?;
-        unlocked?;
-        Ok(report)
+        with_advisory_lock(
+            client,
+            AdvisoryLock::Migrate,
+            |what, source| MigrateError::Database {
+                what: if what == "taking" {
+                    "taking the migration advisory lock"
+                } else {
+                    "releasing the migration advisory lock"
+                },
+                source,
+            },
+            async |client| self.up_locked(client).await,
+        )
+        .await
     }
 
     async fn up_locked(&self, client: &mut Client) -> Result<UpReport, MigrateError> {
