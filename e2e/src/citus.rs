@@ -3,13 +3,15 @@
 use umstore_data_plane::localpg::{LocalCluster, PgBinaries};
 
 use crate::postgres::cluster_options;
+use crate::skip::{skip_or_fail, Component};
 use crate::{free_port, keeper, HarnessError, TestDir};
 
 /// Why [`Citus::start`] gave no cluster.
 #[derive(Debug, thiserror::Error)]
 pub enum CitusUnavailable {
-    /// Citus is not installed here: tests print the reason and return.
-    #[error("skipping: {0}")]
+    /// Citus is not installed here: tests skip with the reason (see
+    /// [`Citus::start_or_skip`]); Citus is exempt from `UMSTORE_REQUIRE_COMPONENTS`.
+    #[error("Citus is not available here: {0}")]
     Skip(String),
     /// Citus is installed but the cluster failed to start.
     #[error(transparent)]
@@ -70,6 +72,21 @@ impl Citus {
             coordinator,
             dir,
         })
+    }
+
+    /// [`Self::start`] for a test: `None` after [`skip_or_fail`] (Citus is exempt: a
+    /// skip, also in CI) when Citus is not installed; panics when it is installed but
+    /// the cluster does not start.
+    #[track_caller]
+    pub fn start_or_skip() -> Option<Self> {
+        match Self::start() {
+            Ok(citus) => Some(citus),
+            Err(CitusUnavailable::Skip(reason)) => {
+                skip_or_fail(Component::Citus, reason);
+                None
+            }
+            Err(e) => panic!("Citus is installed but did not start: {e}"),
+        }
     }
 
     pub(crate) fn stop_at_exit(mut self) -> Self {

@@ -12,6 +12,7 @@ use rustls::pki_types::{CertificateDer, ServerName};
 use umstore_data_plane::localpg::ChildSetup;
 
 use crate::process::{accepts_tcp, find_program, ServerProcess};
+use crate::skip::{skip_or_fail, Component};
 use crate::{free_port, keeper, HarnessError, TestDir};
 
 /// How long etcd and kube-apiserver together may take to answer `/readyz` (about 2.5 s
@@ -27,9 +28,9 @@ pub const PLAIN_USER: &str = "umstore-test-user";
 /// Why [`KubeApiServer::start`] gave no server.
 #[derive(Debug, thiserror::Error)]
 pub enum KubeApiUnavailable {
-    /// kube-apiserver, etcd or openssl is not installed here: tests print the reason and
-    /// return.
-    #[error("skipping: {0}")]
+    /// kube-apiserver, etcd or openssl is not installed here: tests skip with the
+    /// reason (see [`KubeApiServer::start_or_skip`]).
+    #[error("kube-apiserver is not available here: {0}")]
     Skip(String),
     /// The binaries are here but the servers failed to start.
     #[error(transparent)]
@@ -91,6 +92,21 @@ impl KubeApiServer {
                 dir.remove_at_exit();
                 Err(e.into())
             }
+        }
+    }
+
+    /// [`Self::start`] for a test: `None` after [`skip_or_fail`] when the binaries are
+    /// missing (the test returns; under `UMSTORE_REQUIRE_COMPONENTS=1` it has failed
+    /// already); panics when they are here but do not start.
+    #[track_caller]
+    pub fn start_or_skip() -> Option<Self> {
+        match Self::start() {
+            Ok(server) => Some(server),
+            Err(KubeApiUnavailable::Skip(reason)) => {
+                skip_or_fail(Component::KubeApiServer, reason);
+                None
+            }
+            Err(e) => panic!("kube-apiserver failed to start: {e}"),
         }
     }
 

@@ -15,6 +15,11 @@
 //!   (`scripts/install-deps.sh --test` builds them into `.bin/`; otherwise
 //!   [`KubeApiServer::start`] returns [`KubeApiUnavailable::Skip`] with the reason).
 //!
+//! A test whose component is missing calls [`skip::skip_or_fail`] and returns: it
+//! skips on a developer's machine and fails in CI (`UMSTORE_REQUIRE_COMPONENTS=1`),
+//! except for Citus and a real cluster. [`KubeApiServer::start_or_skip`] and
+//! [`Citus::start_or_skip`] do that for their servers.
+//!
 //! Starting servers costs seconds, so each test binary normally shares one lazily started
 //! set through [`shared()`] and isolates itself with [`Servers::fresh_database`]. Shared
 //! servers live in statics that are never dropped; they die with the test process
@@ -34,6 +39,7 @@ mod ports;
 mod postgres;
 mod process;
 mod shared;
+pub mod skip;
 mod testdir;
 
 pub use citus::{Citus, CitusUnavailable};

@@ -2,6 +2,7 @@
 
 use std::sync::OnceLock;
 
+use crate::skip::{skip_or_fail, Component};
 use crate::{
     Citus, CitusUnavailable, HarnessError, KubeApiServer, KubeApiUnavailable, Nats, OpenBao,
     PgBouncer, Postgres,
@@ -103,6 +104,34 @@ impl Servers {
                 server: "Citus",
                 message: message.clone(),
             })),
+        }
+    }
+
+    /// [`Self::citus`] for a test: `None` after a skip (Citus is exempt, see
+    /// [`crate::skip`]); panics when Citus is installed but did not start.
+    #[track_caller]
+    pub fn citus_or_skip(&self) -> Option<&Citus> {
+        match self.citus() {
+            Ok(citus) => Some(citus),
+            Err(CitusUnavailable::Skip(reason)) => {
+                skip_or_fail(Component::Citus, reason);
+                None
+            }
+            Err(e) => panic!("Citus is installed but did not start: {e}"),
+        }
+    }
+
+    /// [`Self::kube_api`] for a test: `None` after [`skip_or_fail`] when the binaries
+    /// are missing; panics when they are here but did not start.
+    #[track_caller]
+    pub fn kube_api_or_skip(&self) -> Option<&KubeApiServer> {
+        match self.kube_api() {
+            Ok(server) => Some(server),
+            Err(KubeApiUnavailable::Skip(reason)) => {
+                skip_or_fail(Component::KubeApiServer, reason);
+                None
+            }
+            Err(e) => panic!("kube-apiserver failed to start: {e}"),
         }
     }
 

@@ -179,13 +179,8 @@ fn openbao_transit_encrypts_with_a_new_key() {
 
 #[test]
 fn citus_cluster_distributes_a_table_when_installed() {
-    let citus = match shared().citus() {
-        Ok(citus) => citus,
-        Err(CitusUnavailable::Skip(reason)) => {
-            eprintln!("skipping: {reason}");
-            return;
-        }
-        Err(e) => panic!("{e}"),
+    let Some(citus) = shared().citus_or_skip() else {
+        return;
     };
     let coordinator = citus.coordinator();
     coordinator

@@ -1,11 +1,12 @@
 //! The kube-apiserver harness: it starts, answers with the admin token, enforces RBAC for
 //! the unprivileged user, and both processes are gone after drop. Skips (printing why)
-//! where kube-apiserver or etcd is not built.
+//! where kube-apiserver or etcd is not built; fails there instead under
+//! `UMSTORE_REQUIRE_COMPONENTS=1`.
 
 use std::path::Path;
 use std::time::Instant;
 
-use umstore_e2e::{KubeApiServer, KubeApiUnavailable, PLAIN_USER};
+use umstore_e2e::{KubeApiServer, PLAIN_USER};
 
 fn process_gone(pid: u32) -> bool {
     !Path::new(&format!("/proc/{pid}")).exists()
@@ -14,13 +15,8 @@ fn process_gone(pid: u32) -> bool {
 #[test]
 fn kube_apiserver_serves_the_api_with_tokens_and_rbac() {
     let started = Instant::now();
-    let server = match KubeApiServer::start() {
-        Ok(server) => server,
-        Err(KubeApiUnavailable::Skip(reason)) => {
-            eprintln!("skipping: {reason}");
-            return;
-        }
-        Err(e) => panic!("{e}"),
+    let Some(server) = KubeApiServer::start_or_skip() else {
+        return;
     };
     eprintln!(
         "kube-apiserver ready at {} after {:.1}s",
