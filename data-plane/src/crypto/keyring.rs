@@ -1,5 +1,6 @@
 //! The keyring: a key provider, the cache of unwrapped data keys and the
-//! blind-index key, with the SQL that stores wrapped keys.
+//! blind-index key. Its SQL lives in [`crate::store::keys`] and
+//! [`crate::store::erasure`].
 
 use std::sync::Arc;
 
@@ -12,17 +13,12 @@ use super::{
     BlindIndexKey, CryptoError, DataKey, DataKeyCache, FieldAad, KeyProvider, SealedField,
     WrappedKey,
 };
-
-const SELECT_USER_KEY: &str = "SELECT wrapped_key, kek_name, kek_version, destroyed_at::text
-     FROM umstore.user_data_keys WHERE region = $1 AND user_id = $2";
-const INSERT_USER_KEY: &str =
-    "INSERT INTO umstore.user_data_keys (user_id, region, wrapped_key, kek_name, kek_version)
-     VALUES ($1, $2, $3, $4, $5) ON CONFLICT (region, user_id) DO NOTHING";
-const SELECT_BLIND_INDEX: &str =
-    "SELECT wrapped_key, kek_name, kek_version FROM umstore.key_material WHERE name = 'blind_index'";
-const INSERT_BLIND_INDEX: &str =
-    "INSERT INTO umstore.key_material (name, wrapped_key, kek_name, kek_version)
-     VALUES ('blind_index', $1, $2, $3) ON CONFLICT (name) DO NOTHING";
+use crate::store::erasure::{
+    INSERT_ERASED_HISTORY, INSERT_ERASURE_AUDIT, MARK_USER_ERASED, SELECT_USER_REGION,
+};
+use crate::store::keys::{
+    DESTROY_USER_KEY, INSERT_BLIND_INDEX, INSERT_USER_KEY, SELECT_BLIND_INDEX, SELECT_USER_KEY,
+};
 
 /// The blind-index key is wrapped with this identity (it belongs to no user).
 const STORE_KEY_OWNER: Uuid = Uuid::nil();
@@ -143,22 +139,32 @@ impl Keyring {
         if let Some(key) = self.cache.get(&user_id) {
             return Ok(UserKey::Active(key));
         }
-        let row = client
-            .query_opt(SELECT_USER_KEY, &[&region, &user_id])
-            .await
-            .map_err(db("reading a data key"))?
-            .ok_or(KeyringError::UnknownUser(user_id))?;
-        let wrapped: Option<Vec<u8>> = row.get(0);
-        let Some(wrapped) = wrapped else {
-            let at: Option<String> = row.get(3);
-            return Ok(UserKey::Erased(at.unwrap_or_default()));
+        let wrapped = match read_user_key(client, user_id, region).await? {
+            StoredKey::Wrapped(wrapped) => wrapped,
+            StoredKey::Destroyed(at) => return Ok(UserKey::Erased(at)),
         };
-        let wrapped = WrappedKey {
-            wrapped,
-            kek_name: row.get(1),
-            kek_version: row.get(2),
+        let key = match self.provider.unwrap(user_id, region, &wrapped).await {
+            Ok(key) => key,
+            // A rotation rewrapped this key and retired the old version between
+            // our read and Vault's answer: the rewrapped key is stored by now.
+            Err(CryptoError::RetiredKeyVersion { .. }) => {
+                match read_user_key(client, user_id, region).await? {
+                    StoredKey::Wrapped(again) if again.kek_version > wrapped.kek_version => {
+                        self.provider.unwrap(user_id, region, &again).await?
+                    }
+                    StoredKey::Wrapped(_) => {
+                        return Err(CryptoError::RetiredKeyVersion {
+                            user_id,
+                            kek_version: wrapped.kek_version,
+                        }
+                        .into())
+                    }
+                    StoredKey::Destroyed(at) => return Ok(UserKey::Erased(at)),
+                }
+            }
+            Err(e) => return Err(e.into()),
         };
-        let key = Arc::new(self.provider.unwrap(user_id, region, &wrapped).await?);
+        let key = Arc::new(key);
         self.cache.insert(user_id, key.clone());
         Ok(UserKey::Active(key))
     }
@@ -229,43 +235,23 @@ impl Keyring {
             .await
             .map_err(db("starting the erasure"))?;
         let region: String = tx
-            .query_opt(
-                "SELECT region::text FROM umstore.user_directory WHERE user_id = $1",
-                &[&user_id],
-            )
+            .query_opt(SELECT_USER_REGION, &[&user_id])
             .await
             .map_err(db("finding the user's region"))?
             .ok_or(KeyringError::UnknownUser(user_id))?
             .get(0);
         let destroyed = tx
-            .execute(
-                "UPDATE umstore.user_data_keys SET wrapped_key = NULL, destroyed_at = now()
-                 WHERE region = $1 AND user_id = $2 AND wrapped_key IS NOT NULL",
-                &[&region, &user_id],
-            )
+            .execute(DESTROY_USER_KEY, &[&region, &user_id])
             .await
             .map_err(db("destroying the data key"))?;
         if destroyed > 0 {
-            tx.execute(
-                "UPDATE umstore.user_metadata SET erased_at = now(), updated_at = now(), version = version + 1
-                 WHERE region = $1 AND user_id = $2",
-                &[&region, &user_id],
-            )
+            tx.execute(MARK_USER_ERASED, &[&region, &user_id])
             .await
             .map_err(db("marking the user erased"))?;
-            tx.execute(
-                "INSERT INTO umstore.user_metadata_history
-                     (user_id, region, change_type, changed_fields, changed_by, version)
-                 SELECT user_id, region, 'erased', '{}', $3, version
-                 FROM umstore.user_metadata WHERE region = $1 AND user_id = $2",
-                &[&region, &user_id, &actor],
-            )
+            tx.execute(INSERT_ERASED_HISTORY, &[&region, &user_id, &actor])
             .await
             .map_err(db("recording the erasure in history"))?;
-            tx.execute(
-                "INSERT INTO umstore.erasure_audit (region, user_id, erased_by, reason) VALUES ($1, $2, $3, $4)",
-                &[&region, &user_id, &actor, &reason],
-            )
+            tx.execute(INSERT_ERASURE_AUDIT, &[&region, &user_id, &actor, &reason])
             .await
             .map_err(db("writing the erasure audit row"))?;
         }
@@ -277,6 +263,34 @@ impl Keyring {
             destroyed_now: destroyed > 0,
         })
     }
+}
+
+/// A user's stored key: wrapped, or destroyed at this time (RFC 3339).
+enum StoredKey {
+    Wrapped(WrappedKey),
+    Destroyed(String),
+}
+
+/// The user's stored key; an error for an unknown user.
+async fn read_user_key(
+    client: &impl GenericClient,
+    user_id: Uuid,
+    region: &str,
+) -> Result<StoredKey, KeyringError> {
+    let row = client
+        .query_opt(SELECT_USER_KEY, &[&region, &user_id])
+        .await
+        .map_err(db("reading a data key"))?
+        .ok_or(KeyringError::UnknownUser(user_id))?;
+    let wrapped: Option<Vec<u8>> = row.get(0);
+    Ok(match wrapped {
+        Some(wrapped) => StoredKey::Wrapped(WrappedKey {
+            wrapped,
+            kek_name: row.get(1),
+            kek_version: row.get(2),
+        }),
+        None => StoredKey::Destroyed(row.get::<_, Option<String>>(3).unwrap_or_default()),
+    })
 }
 
 async fn load_blind_index(

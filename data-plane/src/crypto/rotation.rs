@@ -2,18 +2,27 @@
 //! in batches (no field is re-encrypted, reads and writes go on), then retire
 //! the old versions by raising `min_decryption_version`.
 //!
-//! Progress is persisted in `umstore.key_rotations` in the same transaction as
-//! each batch's updates, so a rotation that crashed resumes at its cursor and
-//! every key is rewrapped to the new version exactly once.
+//! A rotation is recorded in `umstore.key_rotations` *before* the transit key
+//! is rotated, with the version rotating will create, so a process killed at
+//! any point resumes the same rotation when run again and never rotates the
+//! transit key twice. Each batch's updates and the cursor commit in one
+//! transaction, so every key is rewrapped to the new version exactly once.
+//! Its SQL lives in [`crate::store::keys`].
 
 use std::time::Instant;
 
 use thiserror::Error;
+use tokio_postgres::error::SqlState;
 use tokio_postgres::Client;
-use tracing::info;
+use tracing::{info, warn};
 use uuid::Uuid;
 
 use super::{CryptoError, KeyProvider, WrappedKey};
+use crate::store::keys::{
+    FINISH_ROTATION, INSERT_ROTATION, SAVE_ROTATION_CURSOR, SELECT_KEYS_TO_REWRAP,
+    SELECT_STORE_KEYS_TO_REWRAP, SELECT_UNFINISHED_ROTATION, UPDATE_REWRAPPED_KEYS,
+    UPDATE_REWRAPPED_STORE_KEY, UPDATE_ROTATION_TARGET,
+};
 
 /// Why a rotation stopped.
 #[derive(Debug, Error)]
@@ -31,7 +40,13 @@ pub enum RotationError {
         #[source]
         source: tokio_postgres::Error,
     },
-    /// Stopped on request after some batches (tests use it to simulate a crash).
+    /// Another process started a rotation of the same key at the same moment.
+    #[error(
+        "another rotation of key {0} started at the same moment; let it finish, or run \
+         `keys rotate` again to resume it if its process is gone"
+    )]
+    AlreadyRunning(String),
+    /// Stopped on request after some batches ([`RotationOptions::stop_after_batches`]).
     #[error("stopped after {0} batch(es) as requested; run again to resume")]
     Interrupted(usize),
 }
@@ -45,7 +60,9 @@ fn db(what: &'static str) -> impl FnOnce(tokio_postgres::Error) -> RotationError
 pub struct RotationOptions {
     /// Keys per Vault `rewrap` call and per database transaction.
     pub batch_size: usize,
-    /// Stop (as if crashed) after this many batches.
+    /// Stop (as if crashed) after this many batches. Nothing sets it; it goes
+    /// once the `keys rotate` command stops naming it. Crash tests kill the
+    /// process instead (see [`PAUSE_ENV`]).
     pub stop_after_batches: Option<usize>,
 }
 
@@ -73,6 +90,93 @@ pub struct RotationReport {
     pub resumed: bool,
 }
 
+/// **Test aid.** The environment variable that makes a rotation stop for good
+/// at a named point, so a crash test can kill the process exactly there:
+/// `<point>` or `<point>:<n>` (the n-th time the point is reached, for
+/// batches), with the points of [`PausePoint`]. When the point is reached the
+/// rotation logs `pausing the rotation at <point>` and waits forever: it never
+/// continues, so it cannot change what a rotation does, only where a killed one
+/// stops. Never set it outside tests.
+pub const PAUSE_ENV: &str = "UMSTORE_ROTATION_PAUSE_AT";
+
+/// Where [`PAUSE_ENV`] can stop a rotation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PausePoint {
+    /// Vault rotated the transit key; no key is rewrapped yet.
+    TransitRotated,
+    /// A batch is rewrapped by Vault and updated in its open transaction, not
+    /// yet committed.
+    BatchRewrapped,
+    /// Every data key is rewrapped; Vault rewrapped a store key, which is not
+    /// stored yet.
+    StoreKeyRewrapped,
+    /// Vault's `min_decryption_version` is raised; the rotation is not yet
+    /// recorded as finished.
+    MinVersionRaised,
+}
+
+impl PausePoint {
+    /// Every point.
+    pub const ALL: [PausePoint; 4] = [
+        PausePoint::TransitRotated,
+        PausePoint::BatchRewrapped,
+        PausePoint::StoreKeyRewrapped,
+        PausePoint::MinVersionRaised,
+    ];
+
+    /// Its name in [`PAUSE_ENV`].
+    pub const fn name(self) -> &'static str {
+        match self {
+            PausePoint::TransitRotated => "transit-rotated",
+            PausePoint::BatchRewrapped => "batch-rewrapped",
+            PausePoint::StoreKeyRewrapped => "store-key-rewrapped",
+            PausePoint::MinVersionRaised => "min-version-raised",
+        }
+    }
+}
+
+/// The pause asked for through [`PAUSE_ENV`], and how often each point was
+/// reached.
+struct Pause {
+    at: Option<(PausePoint, usize)>,
+    reached: [usize; 4],
+}
+
+impl Pause {
+    fn from_env() -> Self {
+        let at = std::env::var(PAUSE_ENV).ok().and_then(|value| {
+            let (name, nth) = match value.split_once(':') {
+                Some((name, n)) => (name.to_owned(), n.parse().ok()?),
+                None => (value.clone(), 1),
+            };
+            let point = PausePoint::ALL.into_iter().find(|p| p.name() == name);
+            if point.is_none() {
+                warn!(value = %value, "{PAUSE_ENV} names no pause point; ignored");
+            }
+            point.map(|p| (p, nth))
+        });
+        Self {
+            at,
+            reached: [0; 4],
+        }
+    }
+
+    async fn reached(&mut self, point: PausePoint) {
+        let index = PausePoint::ALL
+            .iter()
+            .position(|p| *p == point)
+            .unwrap_or(0);
+        self.reached[index] += 1;
+        if self.at == Some((point, self.reached[index])) {
+            warn!(
+                "pausing the rotation at {} ({PAUSE_ENV}, a test aid): waiting to be killed",
+                point.name()
+            );
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
 struct Pending {
     region: String,
     user_id: Uuid,
@@ -87,16 +191,16 @@ pub async fn rotate_and_rewrap(
     opts: RotationOptions,
     mut progress: impl FnMut(i64),
 ) -> Result<RotationReport, RotationError> {
+    if matches!(provider, KeyProvider::Local(_)) {
+        return Err(CryptoError::NeedsVault("key rotation").into());
+    }
+    let mut pause = Pause::from_env();
     let kek = provider.kek_name().to_owned();
     let unfinished = client
-        .query_opt(
-            "SELECT id, target_version, cursor_region::text, cursor_user_id, rewrapped
-             FROM umstore.key_rotations WHERE kek_name = $1 AND finished_at IS NULL",
-            &[&kek],
-        )
+        .query_opt(SELECT_UNFINISHED_ROTATION, &[&kek])
         .await
         .map_err(db("looking for an unfinished rotation"))?;
-    let (rotation_id, version, mut cursor, mut total, resumed) = match unfinished {
+    let (rotation_id, recorded_target, mut cursor, mut total, resumed) = match unfinished {
         Some(row) => {
             let cursor = match (
                 row.get::<_, Option<String>>(2),
@@ -114,23 +218,44 @@ pub async fn rotate_and_rewrap(
             )
         }
         None => {
-            let version = provider.rotate().await?;
+            // Record the rotation first, with the version rotating will create:
+            // a process killed after Vault rotated finds it here and does not
+            // rotate again.
+            let target = provider.versions().await?.latest + 1;
             let batch = i32::try_from(opts.batch_size).unwrap_or(i32::MAX);
             let id: i64 = client
-                .query_one(
-                    "INSERT INTO umstore.key_rotations (kek_name, target_version, batch_size)
-                     VALUES ($1, $2, $3) RETURNING id",
-                    &[&kek, &version, &batch],
-                )
+                .query_one(INSERT_ROTATION, &[&kek, &target, &batch])
                 .await
-                .map_err(db("recording the rotation"))?
+                .map_err(|e| {
+                    if e.code() == Some(&SqlState::UNIQUE_VIOLATION) {
+                        RotationError::AlreadyRunning(kek.clone())
+                    } else {
+                        db("recording the rotation")(e)
+                    }
+                })?
                 .get(0);
-            info!(kek = %kek, version, "transit key rotated; rewrapping data keys");
-            (id, version, None, 0, false)
+            (id, target, None, 0, false)
         }
     };
     if resumed {
-        info!(kek = %kek, version, rewrapped = total, "resuming an interrupted rotation");
+        info!(kek = %kek, version = recorded_target, rewrapped = total, "resuming an interrupted rotation");
+    }
+
+    // Make sure the transit key is at the recorded version: rotate unless a
+    // killed run did already.
+    let mut latest = provider.versions().await?.latest;
+    if latest < recorded_target {
+        latest = provider.rotate().await?;
+        info!(kek = %kek, version = latest, "transit key rotated; rewrapping data keys");
+        pause.reached(PausePoint::TransitRotated).await;
+    }
+    let version = latest.max(recorded_target);
+    if version != recorded_target {
+        // Rotated outside this rotation as well: rewrap to the newest version.
+        client
+            .execute(UPDATE_ROTATION_TARGET, &[&rotation_id, &version])
+            .await
+            .map_err(db("recording the rotation's version"))?;
     }
 
     let started = Instant::now();
@@ -147,10 +272,7 @@ pub async fn rotate_and_rewrap(
         };
         let rows = client
             .query(
-                "SELECT region::text, user_id, wrapped_key, kek_name, kek_version FROM umstore.user_data_keys
-                 WHERE kek_name = $1 AND kek_version < $2 AND wrapped_key IS NOT NULL
-                   AND ($3::text IS NULL OR (region, user_id) > ($3::text::char(2), $4::uuid))
-                 ORDER BY region, user_id LIMIT $5",
+                SELECT_KEYS_TO_REWRAP,
                 &[&kek, &version, &cursor_region, &cursor_user, &limit],
             )
             .await
@@ -198,27 +320,21 @@ pub async fn rotate_and_rewrap(
             .transaction()
             .await
             .map_err(db("starting a rewrap batch"))?;
-        // Compare-and-set on the old wrapped bytes: a key destroyed meanwhile
-        // (crypto-shredding) stays destroyed.
         let updated = tx
             .execute(
-                "UPDATE umstore.user_data_keys k
-                 SET wrapped_key = u.new_key, kek_version = u.new_version, rewrapped_at = now()
-                 FROM unnest($1::text[], $2::uuid[], $3::bytea[], $4::bytea[], $5::int[])
-                      AS u(region, user_id, old_key, new_key, new_version)
-                 WHERE k.region = u.region::char(2) AND k.user_id = u.user_id AND k.wrapped_key = u.old_key",
+                UPDATE_REWRAPPED_KEYS,
                 &[&regions, &users, &old_bytes, &new_bytes, &new_versions],
             )
             .await
             .map_err(db("storing rewrapped keys"))?;
         let updated = i64::try_from(updated).unwrap_or(i64::MAX);
         tx.execute(
-            "UPDATE umstore.key_rotations SET cursor_region = $2::text::char(2), cursor_user_id = $3,
-                 rewrapped = rewrapped + $4 WHERE id = $1",
+            SAVE_ROTATION_CURSOR,
             &[&rotation_id, &cursor_region, &cursor_user, &updated],
         )
         .await
         .map_err(db("saving the rotation cursor"))?;
+        pause.reached(PausePoint::BatchRewrapped).await;
         tx.commit().await.map_err(db("committing a rewrap batch"))?;
         now += updated;
         total += updated;
@@ -235,13 +351,11 @@ pub async fn rotate_and_rewrap(
         }
     }
 
-    rewrap_store_keys(client, provider, &kek, version).await?;
+    rewrap_store_keys(client, provider, &kek, version, &mut pause).await?;
     provider.set_min_decryption_version(version).await?;
+    pause.reached(PausePoint::MinVersionRaised).await;
     client
-        .execute(
-            "UPDATE umstore.key_rotations SET finished_at = now() WHERE id = $1",
-            &[&rotation_id],
-        )
+        .execute(FINISH_ROTATION, &[&rotation_id])
         .await
         .map_err(db("finishing the rotation"))?;
     info!(kek = %kek, version, rewrapped = total, "rotation finished; older key versions retired");
@@ -259,13 +373,10 @@ async fn rewrap_store_keys(
     provider: &KeyProvider,
     kek: &str,
     version: i32,
+    pause: &mut Pause,
 ) -> Result<(), RotationError> {
     let rows = client
-        .query(
-            "SELECT name, wrapped_key, kek_name, kek_version FROM umstore.key_material
-             WHERE kek_name = $1 AND kek_version < $2",
-            &[&kek, &version],
-        )
+        .query(SELECT_STORE_KEYS_TO_REWRAP, &[&kek, &version])
         .await
         .map_err(db("reading store keys"))?;
     for row in rows {
@@ -276,11 +387,11 @@ async fn rewrap_store_keys(
             kek_version: row.get(3),
         };
         let new = provider.rewrap_batch(std::slice::from_ref(&old)).await?;
+        pause.reached(PausePoint::StoreKeyRewrapped).await;
         if let Some(new) = new.first() {
             client
                 .execute(
-                    "UPDATE umstore.key_material SET wrapped_key = $2, kek_version = $3, rewrapped_at = now()
-                     WHERE name = $1 AND wrapped_key = $4",
+                    UPDATE_REWRAPPED_STORE_KEY,
                     &[&name, &new.wrapped, &new.kek_version, &old.wrapped],
                 )
                 .await
@@ -288,4 +399,17 @@ async fn rewrap_store_keys(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pause_points_have_distinct_names() {
+        let mut names: Vec<&str> = PausePoint::ALL.iter().map(|p| p.name()).collect();
+        names.sort_unstable();
+        names.dedup();
+        assert_eq!(names.len(), PausePoint::ALL.len());
+    }
 }

@@ -1,3 +1,5 @@
 //! SQL and typed rows, one module per table family.
 
+pub mod erasure;
+pub mod keys;
 pub mod users;
