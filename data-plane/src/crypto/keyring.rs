@@ -246,14 +246,14 @@ impl Keyring {
             .map_err(db("destroying the data key"))?;
         if destroyed > 0 {
             tx.execute(MARK_USER_ERASED, &[&region, &user_id])
-            .await
-            .map_err(db("marking the user erased"))?;
+                .await
+                .map_err(db("marking the user erased"))?;
             tx.execute(INSERT_ERASED_HISTORY, &[&region, &user_id, &actor])
-            .await
-            .map_err(db("recording the erasure in history"))?;
+                .await
+                .map_err(db("recording the erasure in history"))?;
             tx.execute(INSERT_ERASURE_AUDIT, &[&region, &user_id, &actor, &reason])
-            .await
-            .map_err(db("writing the erasure audit row"))?;
+                .await
+                .map_err(db("writing the erasure audit row"))?;
         }
         tx.commit().await.map_err(db("committing the erasure"))?;
         self.cache.forget(&user_id);
