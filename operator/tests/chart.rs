@@ -2,8 +2,9 @@
 //! renders (with `helm template`, default values and each `ci/*-values.yaml`) to
 //! manifests that parse into k8s-openapi types, run the operator hardened, and grant
 //! exactly the RBAC the operator uses. The rendering tests need a `helm` binary
-//! (`$HELM` or on `PATH`; docs/operator.md says how to build one from its Go module)
-//! and skip with a message without it.
+//! (`$HELM` or on `PATH`; `scripts/install-deps.sh --test` builds one from its Go
+//! module) and skip with a message without it, or fail under
+//! `UMSTORE_REQUIRE_COMPONENTS=1`.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -13,7 +14,11 @@ use k8s_openapi::api::core::v1::{Service, ServiceAccount};
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use serde_yaml_ng::Value;
+use umstore_e2e::skip::{skip_or_fail, Component};
 use umstore_operator::builders::owned_kinds;
+
+const NO_HELM: &str =
+    "no helm binary ($HELM or PATH); scripts/install-deps.sh --test builds one with Go";
 
 fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
@@ -96,7 +101,7 @@ fn value_files() -> Vec<Option<PathBuf>> {
 #[test]
 fn chart_renders_to_valid_hardened_manifests() {
     let Some(helm) = helm() else {
-        eprintln!("skipping: no helm binary ($HELM or PATH); see docs/operator.md to build one");
+        skip_or_fail(Component::Helm, NO_HELM);
         return;
     };
     for values in value_files() {
@@ -175,7 +180,7 @@ fn chart_renders_to_valid_hardened_manifests() {
 #[test]
 fn cluster_role_grants_exactly_what_the_operator_uses() {
     let Some(helm) = helm() else {
-        eprintln!("skipping: no helm binary ($HELM or PATH); see docs/operator.md to build one");
+        skip_or_fail(Component::Helm, NO_HELM);
         return;
     };
     let docs = render(&helm, None);

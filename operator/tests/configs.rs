@@ -3,7 +3,7 @@
 //! volume mounts and Service DNS would provide is substituted: file paths of the
 //! mounts, the primary's host and port, and the listen port (`-c port=` on the
 //! command line, as PostgreSQL allows). Skips with a message when the server
-//! binaries are not installed.
+//! binaries are not installed, or fails under `UMSTORE_REQUIRE_COMPONENTS=1`.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use tokio_postgres::NoTls;
 use umstore_crds::{TlsSpec, UserMetadataStore};
+use umstore_e2e::skip::{skip_or_fail, Component};
 use umstore_operator::builders::credentials::{Credentials, Role};
 use umstore_operator::builders::{pgbouncer, pgconfig};
 use umstore_operator::steps::bootstrap::{bootstrap as operator_bootstrap, ensure_database};
@@ -122,7 +123,11 @@ fn wait_for_port(port: u16, what: &str, log: &Path) {
 /// initdb, then PostgreSQL started with the rendered configuration of `v`.
 fn start_postgres(v: &Validated) -> Option<Server> {
     let (Some(initdb), Some(postgres)) = (find("initdb"), find("postgres")) else {
-        eprintln!("skipping: PostgreSQL server binaries (initdb, postgres) are not installed");
+        skip_or_fail(
+            Component::Postgres,
+            "PostgreSQL server binaries (initdb, postgres) are not installed: \
+             scripts/install-deps.sh",
+        );
         return None;
     };
     let dir = tempfile::tempdir().expect("tempdir");
@@ -151,7 +156,10 @@ fn start_postgres(v: &Validated) -> Option<Server> {
             .status();
         match ok {
             Err(_) => {
-                eprintln!("skipping: no openssl binary to make a test certificate");
+                skip_or_fail(
+                    Component::OpenSsl,
+                    "no openssl binary to make a test certificate",
+                );
                 return None;
             }
             Ok(status) => assert!(
@@ -310,7 +318,11 @@ async fn rendered_postgres_and_pgbouncer_configs_accept_scram_clients() {
 
     // Through PgBouncer with the rendered pgbouncer.ini and userlist.txt.
     let Some(pgbouncer_bin) = find("pgbouncer") else {
-        eprintln!("skipping the PgBouncer half: pgbouncer is not installed");
+        skip_or_fail(
+            Component::PgBouncer,
+            "pgbouncer is not installed (the PgBouncer half of the test): \
+             scripts/install-deps.sh --test",
+        );
         return;
     };
     let root = server.dir.path();

@@ -1,55 +1,21 @@
 //! The data plane's Vault login as it runs in a cluster: OpenBao's `kubernetes` auth
 //! method checks the pod's service-account token with a real kube-apiserver's
 //! TokenReview, and only the service account bound to the role gets transit access.
-//! Skips with the reason where kube-apiserver/etcd or OpenBao are missing.
+//! Skips with the reason where kube-apiserver/etcd or OpenBao are missing (fails
+//! instead under `UMSTORE_REQUIRE_COMPONENTS=1`).
+
+#[path = "support/kubeapi.rs"]
+mod kubeapi;
 
 use std::time::Duration;
 
-use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
-use k8s_openapi::api::core::v1::{Namespace, ServiceAccount};
-use kube::api::{Api, PostParams};
-use kube::config::{KubeConfigOptions, Kubeconfig};
-use kube::Client;
-use serde_json::json;
 use umstore_data_plane::crypto::{DataKey, VaultAuth, VaultConfig, VaultKeyProvider};
-use umstore_e2e::{KubeApiServer, KubeApiUnavailable, OpenBao};
+use umstore_e2e::skip::{skip_or_fail, Component};
+use umstore_e2e::{HarnessError, OpenBao};
 
-const NS: &str = "umstore";
+use kubeapi::{admin_client, fresh_namespace, new_service_account_token, server_or_skip};
+
 const ROLE: &str = "umstore";
-
-async fn client_of(server: &KubeApiServer) -> Client {
-    let kubeconfig = Kubeconfig::read_from(server.kubeconfig()).expect("kubeconfig");
-    let config = kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
-        .await
-        .expect("config");
-    Client::try_from(config).expect("client")
-}
-
-async fn token_of(client: &Client, service_account: &str) -> String {
-    let accounts: Api<ServiceAccount> = Api::namespaced(client.clone(), NS);
-    accounts
-        .create(
-            &PostParams::default(),
-            &serde_json::from_value(json!({"metadata": {"name": service_account}}))
-                .expect("service account"),
-        )
-        .await
-        .expect("create service account");
-    let request = TokenRequest {
-        spec: Some(TokenRequestSpec {
-            expiration_seconds: Some(600),
-            ..TokenRequestSpec::default()
-        }),
-        ..TokenRequest::default()
-    };
-    accounts
-        .create_token_request(service_account, &PostParams::default(), &request)
-        .await
-        .expect("TokenRequest")
-        .status
-        .and_then(|s| s.token)
-        .expect("token issued")
-}
 
 fn config(bao: &OpenBao, token_path: std::path::PathBuf) -> VaultConfig {
     let mut config = VaultConfig::with_token(bao.address(), "");
@@ -65,32 +31,21 @@ fn config(bao: &OpenBao, token_path: std::path::PathBuf) -> VaultConfig {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_data_plane_logs_in_with_its_service_account_and_no_other_account_does() {
-    let server = match KubeApiServer::start() {
-        Ok(server) => server,
-        Err(KubeApiUnavailable::Skip(why)) => {
-            eprintln!("skipping: {why}");
-            return;
-        }
-        Err(e) => panic!("kube-apiserver failed to start: {e}"),
+    let Some(server) = server_or_skip() else {
+        return;
     };
     let bao = match OpenBao::start() {
         Ok(bao) => bao,
-        Err(e) => {
-            eprintln!("skipping: OpenBao is not available here: {e}");
+        Err(e @ HarnessError::ProgramNotFound { .. }) => {
+            skip_or_fail(Component::OpenBao, e);
             return;
         }
+        Err(e) => panic!("OpenBao is installed but did not start: {e}"),
     };
-    let client = client_of(&server).await;
-    let namespaces: Api<Namespace> = Api::all(client.clone());
-    namespaces
-        .create(
-            &PostParams::default(),
-            &serde_json::from_value(json!({"metadata": {"name": NS}})).expect("namespace"),
-        )
-        .await
-        .expect("namespace");
-    let data_plane_jwt = token_of(&client, "pilot-data-plane").await;
-    let other_jwt = token_of(&client, "someone-else").await;
+    let client = admin_client(server).await;
+    let ns = fresh_namespace(&client, "umstore").await;
+    let data_plane_jwt = new_service_account_token(&client, &ns, "pilot-data-plane").await;
+    let other_jwt = new_service_account_token(&client, &ns, "someone-else").await;
 
     // What docs/encryption.md tells operators to configure in Vault.
     let dir = tempfile::tempdir().expect("tempdir");
@@ -121,7 +76,7 @@ async fn the_data_plane_logs_in_with_its_service_account_and_no_other_account_do
         "write",
         &format!("auth/kubernetes/role/{ROLE}"),
         "bound_service_account_names=pilot-data-plane",
-        &format!("bound_service_account_namespaces={NS}"),
+        &format!("bound_service_account_namespaces={ns}"),
         "token_policies=umstore-transit",
         "token_ttl=10m",
     ])
