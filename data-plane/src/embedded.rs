@@ -5,9 +5,9 @@ use std::path::{Path, PathBuf};
 
 use thiserror::Error;
 use tracing::info;
+use umstore_localpg::{ClusterOptions, LocalCluster, LocalPgError, PgBinaries};
 
 use crate::db::{Database, DbError};
-use crate::localpg::{ClusterOptions, LocalCluster, LocalPgError, PgBinaries};
 
 /// Name of the database the embedded cluster serves.
 pub const DATABASE: &str = "umstore";
@@ -39,7 +39,7 @@ pub enum EmbeddedError {
 /// as `postgres`, which cannot enter root's home), else
 /// `$XDG_DATA_HOME/umstore` or `~/.local/share/umstore`.
 pub fn default_data_dir() -> PathBuf {
-    if crate::localpg::is_root() {
+    if umstore_localpg::is_root() {
         return PathBuf::from("/var/lib/umstore");
     }
     if let Some(xdg) = std::env::var_os("XDG_DATA_HOME").filter(|v| !v.is_empty()) {
@@ -70,7 +70,7 @@ impl Embedded {
                 source,
             })?;
         }
-        crate::localpg::chown_to_postgres_if_root(&run_dir)?;
+        umstore_localpg::chown_to_postgres_if_root(&run_dir)?;
         let opts = ClusterOptions {
             socket_dir: Some(run_dir),
             log_path: Some(data_dir.join("postgresql.log")),

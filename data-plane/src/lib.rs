@@ -1,8 +1,8 @@
 //! umstore data plane: keeps the encrypted, temporal record per user and
 //! serves it. Modules are split by what they do: [`crypto`] (key providers,
-//! envelope, blind index), [`seed`] (synthetic users), [`localpg`] (the
-//! embedded PostgreSQL of local runs), [`api`] (HTTP: health, readiness,
-//! metrics), [`db`] (connections).
+//! envelope, blind index), [`seed`] (synthetic users), [`embedded`] (the
+//! embedded PostgreSQL of local runs, on `umstore-localpg`), [`api`] (HTTP:
+//! health, readiness, metrics), [`db`] (connections).
 
 pub mod api;
 pub mod backoff;
@@ -10,7 +10,6 @@ pub mod crypto;
 pub mod db;
 pub mod derive;
 pub mod embedded;
-pub mod localpg;
 pub mod metrics;
 pub mod model;
 pub mod seed;

@@ -1,6 +1,6 @@
 //! A Citus coordinator with two workers, where Citus is installed.
 
-use umstore_data_plane::localpg::{LocalCluster, PgBinaries};
+use umstore_localpg::{LocalCluster, PgBinaries};
 
 use crate::postgres::cluster_options;
 use crate::skip::{skip_or_fail, Component};

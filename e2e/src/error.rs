@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use umstore_data_plane::localpg::LocalPgError;
+use umstore_localpg::LocalPgError;
 
 /// Why a test server could not be started or used. Messages say what failed and where
 /// its log is.

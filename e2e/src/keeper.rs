@@ -18,7 +18,7 @@ use std::sync::mpsc;
 use std::sync::{Arc, Mutex, Once, OnceLock};
 use std::time::{Duration, Instant};
 
-use umstore_data_plane::localpg::Spawner;
+use umstore_localpg::Spawner;
 
 use crate::testdir::keep_requested;
 
@@ -62,7 +62,7 @@ pub fn spawn(cmd: Command) -> std::io::Result<Child> {
         .unwrap_or_else(|_| Err(std::io::Error::other("the keeper thread dropped a spawn")))
 }
 
-/// A [`Spawner`] for [`umstore_data_plane::localpg::ClusterOptions`] that uses [`spawn`].
+/// A [`Spawner`] for [`umstore_localpg::ClusterOptions`] that uses [`spawn`].
 pub fn spawner() -> Spawner {
     Arc::new(spawn)
 }

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
-use umstore_data_plane::localpg::ChildSetup;
+use umstore_localpg::ChildSetup;
 
 use crate::process::{accepts_tcp, find_program, ServerProcess};
 use crate::skip::{skip_or_fail, Component};

@@ -53,4 +53,4 @@ pub use postgres::{connect, Postgres, DEFAULT_REPLICAS};
 pub use shared::{shared, Servers};
 pub use testdir::TestDir;
 pub use tokio_postgres::types::PgLsn;
-pub use umstore_data_plane::localpg;
+pub use umstore_localpg as localpg;

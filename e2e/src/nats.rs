@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
-use umstore_data_plane::localpg::ChildSetup;
+use umstore_localpg::ChildSetup;
 
 use crate::process::{find_program, ServerProcess};
 use crate::{free_port, HarnessError, TestDir};

@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::process::Command;
 
-use umstore_data_plane::localpg::{quote_conninfo_value, ChildSetup};
+use umstore_localpg::{quote_conninfo_value, ChildSetup};
 
 use crate::process::{accepts_tcp, find_program, ServerProcess};
 use crate::{free_port, HarnessError, Postgres, TestDir};
@@ -66,7 +66,7 @@ impl PgBouncer {
                 auth = auth_file.display(),
             ),
         )?;
-        umstore_data_plane::localpg::chown_to_postgres_if_root(dir.path())?;
+        umstore_localpg::chown_to_postgres_if_root(dir.path())?;
 
         let mut cmd = Command::new(program);
         cmd.arg(&ini);

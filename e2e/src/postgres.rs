@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use tokio_postgres::types::PgLsn;
 use tokio_postgres::{Client, NoTls};
-use umstore_data_plane::localpg::{ClusterOptions, LocalCluster, PgBinaries};
+use umstore_localpg::{ClusterOptions, LocalCluster, PgBinaries};
 
 use crate::{free_port, keeper, HarnessError, TestDir};
 

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use umstore_data_plane::localpg::ChildSetup;
+use umstore_localpg::ChildSetup;
 
 use crate::{keeper, HarnessError};
 

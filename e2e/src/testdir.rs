@@ -2,7 +2,7 @@
 
 use std::path::{Path, PathBuf};
 
-use umstore_data_plane::localpg::chown_to_postgres_if_root;
+use umstore_localpg::chown_to_postgres_if_root;
 
 use crate::HarnessError;
 

@@ -3,7 +3,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use super::LocalPgError;
+use crate::LocalPgError;
 
 /// Oldest PostgreSQL major version umstore runs on.
 pub const MIN_MAJOR: u32 = 15;

@@ -1,18 +1,43 @@
-//! Tests that run a real server (skipped, with a message, where PostgreSQL is missing).
+//! Tests that run a real server (skipped, with a message, where PostgreSQL is missing;
+//! failed instead under `UMSTORE_REQUIRE_COMPONENTS`, as in CI).
 
 use std::net::TcpListener;
 use std::time::Duration;
 
-use super::*;
+use crate::*;
 
+/// The PostgreSQL binaries, or `None` after saying why the test skips. This is the
+/// harness's `skip_or_fail` rule, inline because this crate cannot depend on the
+/// harness: under `UMSTORE_REQUIRE_COMPONENTS` (set, and not empty, `0`, `false` or
+/// `no`) a missing server fails the test; otherwise the skip is printed and appended
+/// to the `UMSTORE_SKIP_LOG` file when that is set.
 fn binaries_or_skip() -> Option<PgBinaries> {
-    match PgBinaries::discover() {
-        Ok(bins) => Some(bins),
-        Err(e) => {
-            eprintln!("skipping: {e}");
-            None
-        }
+    const REQUIRE_ENV: &str = "UMSTORE_REQUIRE_COMPONENTS";
+    let e = match PgBinaries::discover() {
+        Ok(bins) => return Some(bins),
+        Err(e) => e,
+    };
+    let required = std::env::var(REQUIRE_ENV)
+        .is_ok_and(|v| !matches!(v.trim(), "" | "0" | "false" | "FALSE" | "no"));
+    if required {
+        panic!("postgresql is required ({REQUIRE_ENV} is set) but missing: {e}");
     }
+    eprintln!("skipping (postgresql): {e}");
+    if let Some(path) = std::env::var_os("UMSTORE_SKIP_LOG").filter(|p| !p.is_empty()) {
+        let test = std::thread::current().name().unwrap_or("?").to_owned();
+        let reason = e
+            .to_string()
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .join(" ");
+        let line = format!("umstore_localpg::{test}\tpostgresql\t{reason}\n");
+        let _ = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .and_then(|mut f| std::io::Write::write_all(&mut f, line.as_bytes()));
+    }
+    None
 }
 
 fn free_port() -> u16 {

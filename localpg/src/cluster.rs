@@ -7,8 +7,8 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::config::{quote_conninfo_value, render_settings};
-use super::{chown_to_postgres_if_root, run_as_postgres_if_root, LocalPgError, PgBinaries};
+use crate::config::{quote_conninfo_value, render_settings};
+use crate::{chown_to_postgres_if_root, run_as_postgres_if_root, LocalPgError, PgBinaries};
 
 /// The file (inside the data directory) our settings are written to on every start;
 /// `postgresql.conf` includes it.
@@ -50,7 +50,7 @@ pub struct ClusterOptions {
     /// How long `stop` waits after a fast shutdown request before an immediate one.
     pub stop_timeout: Duration,
     /// Signal the server gets when the thread that spawned it exits (see
-    /// [`super::ChildSetup::death_signal`]); `SIGQUIT` is PostgreSQL's immediate shutdown.
+    /// [`crate::ChildSetup::death_signal`]); `SIGQUIT` is PostgreSQL's immediate shutdown.
     pub death_signal: Option<libc::c_int>,
     /// Spawns the server process; `Command::spawn` when `None`.
     pub spawner: Option<Spawner>,
@@ -366,6 +366,6 @@ fn output_of(mut cmd: Command, as_postgres: bool) -> Result<String, LocalPgError
     Err(LocalPgError::CommandFailed {
         program,
         status: out.status,
-        output: super::lifecycle::last_lines(&text, 20),
+        output: crate::lifecycle::last_lines(&text, 20),
     })
 }

@@ -1,4 +1,4 @@
-//! The one error type of [`crate::localpg`].
+//! The one error type of this crate.
 
 use std::path::PathBuf;
 

@@ -4,7 +4,7 @@ use std::io::{Read, Seek, SeekFrom};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-use super::{ChildSetup, LocalCluster, LocalPgError};
+use crate::{ChildSetup, LocalCluster, LocalPgError};
 
 /// After a crash, the old server's children may hold its shared memory for a moment; a
 /// new postmaster refuses to start until they are gone, so startup is retried.

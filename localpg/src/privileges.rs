@@ -6,7 +6,7 @@ use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::Command;
 
-use super::LocalPgError;
+use crate::LocalPgError;
 
 /// The unprivileged account PostgreSQL runs as when we are root (Debian creates it).
 const POSTGRES_USER: &str = "postgres";

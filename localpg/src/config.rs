@@ -1,6 +1,6 @@
 //! Rendering the settings file and connection strings.
 
-use super::LocalPgError;
+use crate::LocalPgError;
 
 /// Quotes a value for a libpq / tokio-postgres `key=value` connection string.
 pub fn quote_conninfo_value(value: &str) -> String {

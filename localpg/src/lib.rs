@@ -1,7 +1,7 @@
 //! A private PostgreSQL cluster owned by this process.
 //!
 //! The data plane's embedded default mode runs its own PostgreSQL (15 or newer) with this
-//! module, and the end-to-end harness (`umstore-e2e`) builds its servers on it. Everything
+//! crate, and the end-to-end harness (`umstore-e2e`) builds its servers on it. Everything
 //! here is synchronous `std::process`: `initdb` once, then `postgres -D <dir>` as a direct
 //! child whose lifetime the caller owns (stopped on [`LocalCluster::stop`] and on drop).
 //!
