@@ -4,18 +4,23 @@
 
 mod support;
 
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use support::*;
-use umstore_data_plane::crypto::rotation::{rotate_and_rewrap, RotationError, RotationOptions};
+use umstore_data_plane::crypto::rotation::{
+    rotate_and_rewrap, PausePoint, RotationOptions, PAUSE_ENV,
+};
 use umstore_data_plane::crypto::{
     CryptoError, DataKey, DataKeyCache, KeyProvider, KeyProviderConfig, Keyring, KeyringError,
     UserKey, VaultConfig, WrappedKey,
 };
 use umstore_data_plane::seed::{self, Generator};
 use umstore_data_plane::store::users::read_user;
-use umstore_migrations::Runner;
+use umstore_migrations::roles::Purpose;
 use uuid::Uuid;
 
 /// A transit key of its own per test, so rotations do not interfere.
@@ -42,11 +47,25 @@ async fn vault_keyring(
     .expect("keyring")
 }
 
-async fn migrated() -> (String, tokio_postgres::Client) {
-    let db = fresh_db().await;
-    let mut client = connect(&db).await;
-    Runner::default().up(&mut client).await.expect("migrate");
-    (db, client)
+/// A migrated store and a connection as the writer login (what the data plane
+/// connects as).
+async fn migrated() -> (Store, tokio_postgres::Client) {
+    let store = Store::migrated().await;
+    let writer = store.connect(Purpose::Writer).await;
+    (store, writer)
+}
+
+/// Seeds `users` users with the writer's keyring. Seeding is a bulk load by the
+/// store's admin (the superuser): PostgreSQL refuses COPY FROM under row-level
+/// security to every other role, the writer login included.
+async fn seed_as_admin(
+    store: &Store,
+    users: u64,
+    seed_no: u64,
+    keyring: &Keyring,
+) -> Result<seed::SeedReport, seed::SeedError> {
+    let mut admin = connect(store.superuser()).await;
+    seed::seed(&mut admin, users, seed_no, keyring).await
 }
 
 fn bao() -> &'static umstore_e2e::OpenBao {
@@ -178,9 +197,9 @@ async fn versions(client: &tokio_postgres::Client) -> Vec<(i32, i64)> {
 
 #[tokio::test]
 async fn rotation_rewraps_every_key_without_reencrypting_fields_and_retires_the_old_version() {
-    let (_db, mut client) = migrated().await;
+    let (store, mut client) = migrated().await;
     let keyring = vault_keyring(&client, vault_config(bao()), 10).await;
-    seed::seed(&mut client, 1_500, 5, &keyring)
+    seed_as_admin(&store, 1_500, 5, &keyring)
         .await
         .expect("seed");
     let before = field_ciphertexts(&client).await;
@@ -199,7 +218,7 @@ async fn rotation_rewraps_every_key_without_reencrypting_fields_and_retires_the_
         keyring.provider(),
         RotationOptions {
             batch_size: 200,
-            stop_after_batches: None,
+            ..RotationOptions::default()
         },
         |n| seen.push(n),
     )
@@ -262,69 +281,421 @@ fn keyring_config_of(keyring: &Keyring) -> VaultConfig {
     config
 }
 
-#[tokio::test]
-async fn a_rotation_that_crashed_resumes_and_rewraps_each_key_exactly_once() {
-    let (_db, mut client) = migrated().await;
-    let keyring = vault_keyring(&client, vault_config(bao()), 10).await;
-    seed::seed(&mut client, 1_000, 6, &keyring)
+/// Observes every committed rewrite of a wrapped data key: a trigger (the
+/// test's, installed by the superuser beside the schema, not part of it) logs
+/// each update that replaces a live wrapped key with another. A batch rolled
+/// back by a crash leaves no row, so "rewrapped exactly once" is one log row
+/// per key.
+async fn observe_rewraps(store: &Store) {
+    connect(store.superuser())
         .await
-        .expect("seed");
-    let opts = RotationOptions {
-        batch_size: 150,
-        stop_after_batches: Some(3),
-    };
-    let err = rotate_and_rewrap(&mut client, keyring.provider(), opts, |_| {})
+        .batch_execute(
+            "CREATE SCHEMA test_observer;
+             CREATE TABLE test_observer.rewraps (
+                 region char(2), user_id uuid, old_version int, new_version int);
+             CREATE FUNCTION test_observer.log_rewrap() RETURNS trigger
+                 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog AS $$
+             BEGIN
+                 INSERT INTO test_observer.rewraps
+                     VALUES (NEW.region, NEW.user_id, OLD.kek_version, NEW.kek_version);
+                 RETURN NEW;
+             END $$;
+             CREATE TRIGGER observe_rewraps AFTER UPDATE OF wrapped_key ON umstore.user_data_keys
+                 FOR EACH ROW WHEN (OLD.wrapped_key IS NOT NULL AND NEW.wrapped_key IS NOT NULL
+                                    AND OLD.wrapped_key IS DISTINCT FROM NEW.wrapped_key)
+                 EXECUTE FUNCTION test_observer.log_rewrap();",
+        )
         .await
-        .expect_err("interrupted");
-    assert!(matches!(err, RotationError::Interrupted(3)), "{err}");
-    assert_eq!(
-        versions(&client).await,
-        vec![(1, 550), (2, 450)],
-        "three batches done"
-    );
+        .expect("install the rewrap observer");
+}
 
-    let resumed = rotate_and_rewrap(
-        &mut client,
-        keyring.provider(),
-        RotationOptions {
-            batch_size: 150,
-            stop_after_batches: None,
-        },
-        |_| {},
-    )
-    .await
-    .expect("resume");
-    assert!(resumed.resumed);
-    assert_eq!(resumed.version, 2, "no second rotation of the transit key");
-    assert_eq!(resumed.rewrapped_now, 550);
-    assert_eq!(resumed.rewrapped_total, 1_000, "each key counted once");
-    assert_eq!(versions(&client).await, vec![(2, 1_000)]);
-    let rotations: i64 = client
+/// (keys rewrapped once, keys rewrapped more than once, log rows) from the observer.
+async fn rewrap_counts(store: &Store) -> (i64, i64, i64) {
+    let row = connect(store.superuser())
+        .await
         .query_one(
-            "SELECT count(*) FROM umstore.key_rotations WHERE finished_at IS NOT NULL",
+            "SELECT count(*) FILTER (WHERE n = 1), count(*) FILTER (WHERE n > 1), coalesce(sum(n), 0)::bigint
+             FROM (SELECT count(*) AS n FROM test_observer.rewraps GROUP BY region, user_id) k",
             &[],
         )
         .await
-        .expect("rotations")
-        .get(0);
-    assert_eq!(rotations, 1);
-    assert_eq!(
-        keyring
-            .provider()
-            .versions()
+        .expect("rewrap log");
+    (row.get(0), row.get(1), row.get(2))
+}
+
+/// The `umstore-data-plane` command line against `store` as the writer login,
+/// with the test's transit key on the shared OpenBao.
+fn data_plane(store: &Store, key: &str, args: &[&str]) -> Command {
+    data_plane_as(&store.url(Purpose::Writer), key, args)
+}
+
+/// The command line connecting with `url`.
+fn data_plane_as(url: &str, key: &str, args: &[&str]) -> Command {
+    let mut cmd = Command::new(BIN);
+    cmd.args(args)
+        .args(["--database-url", url])
+        .args(["--vault-addr", &bao().address(), "--transit-key", key])
+        .env("VAULT_TOKEN", bao().root_token())
+        .env("RUST_LOG", "warn")
+        .env_remove(PAUSE_ENV);
+    cmd
+}
+
+/// Reads users' PII as the data plane does for a reader that may decrypt (the
+/// AI core's login), with a one-key cache so every read unwraps through Vault;
+/// counts successful reads and stops at the first failure.
+struct Readers {
+    reads: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+    task: tokio::task::JoinHandle<Result<u64, String>>,
+}
+
+impl Readers {
+    async fn start(store: &Store, key: &str, users: Vec<(Uuid, String)>) -> Self {
+        let client = store.connect(Purpose::Ai).await;
+        let mut config = VaultConfig::with_token(bao().address(), bao().root_token());
+        config.key_name = key.to_owned();
+        let keyring = vault_keyring(&client, config, 1).await;
+        let (reads, stop) = (
+            Arc::new(AtomicU64::new(0)),
+            Arc::new(AtomicBool::new(false)),
+        );
+        let task = {
+            let (reads, stop) = (reads.clone(), stop.clone());
+            tokio::spawn(async move {
+                let mut i = 0usize;
+                while !stop.load(Ordering::Relaxed) {
+                    let (user, pincode) = &users[i % users.len()];
+                    i += 7;
+                    let record = read_user(&client, &keyring, *user, true)
+                        .await
+                        .map_err(|e| format!("read {i} failed: {e}"))?;
+                    let read = record.and_then(|r| r.pii).and_then(|p| p.pincode);
+                    if read.as_ref() != Some(pincode) {
+                        return Err(format!("user {user}: PII unreadable ({read:?})"));
+                    }
+                    reads.fetch_add(1, Ordering::Relaxed);
+                }
+                Ok(reads.load(Ordering::Relaxed))
+            })
+        };
+        Self { reads, stop, task }
+    }
+
+    fn count(&self) -> u64 {
+        self.reads.load(Ordering::Relaxed)
+    }
+
+    /// Waits until `more` reads succeeded after this call (fails after 60 s).
+    async fn wait_for_more(&self, more: u64) {
+        let target = self.count() + more;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while self.count() < target {
+            assert!(!self.task.is_finished(), "the readers stopped");
+            assert!(
+                Instant::now() < deadline,
+                "reads stalled at {}",
+                self.count()
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    async fn stop(self) -> u64 {
+        self.stop.store(true, Ordering::Relaxed);
+        self.task
             .await
-            .expect("versions")
-            .latest,
-        2
+            .expect("reader task")
+            .expect("no read failed")
+    }
+}
+
+/// Waits for `line` on the child's stderr (what the rotation logs when it
+/// reaches its pause point); panics with the output seen when the child exits
+/// first or 120 s pass.
+fn wait_for_stderr(child: &mut Child, line: &str) -> mpsc::Receiver<String> {
+    let stderr = child.stderr.take().expect("piped stderr");
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for l in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if tx.send(l).is_err() {
+                break;
+            }
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut seen = Vec::new();
+    loop {
+        match rx.recv_timeout(Duration::from_millis(100)) {
+            Ok(l) if l.contains(line) => return rx,
+            Ok(l) => seen.push(l),
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                panic!("keys rotate ended before `{line}`: {}", seen.join("\n"))
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no `{line}`: {}",
+            seen.join("\n")
+        );
+    }
+}
+
+/// What the store holds when the crash test's rotation was killed.
+struct AtKill {
+    latest: i32,
+    min_decryption: i32,
+    versions: Vec<(i32, i64)>,
+    store_key_version: i32,
+    rewrapped_logged: i64,
+    rotation_rewrapped: i64,
+}
+
+const CRASH_USERS: usize = 1_200;
+const CRASH_BATCH: &str = "50";
+
+/// Seeds a store (Vault transit), starts readers, runs `keys rotate` paused at
+/// `point` (the `nth` time it is reached), kills it with SIGKILL there while
+/// reads go on, runs `keys rotate` again and checks the rotation's end state:
+/// one new transit key version, every data key rewrapped exactly once, no read
+/// failed and reads overlapped both runs. Returns the state at the kill for
+/// the point's own assertions.
+async fn killed_and_resumed(point: PausePoint, nth: usize, seed_no: u64) -> AtKill {
+    let store = Store::migrated().await;
+    let key = format!("crash-{}", Uuid::new_v4().simple());
+    let users = CRASH_USERS.to_string();
+    // Seeding is a bulk load by the store's admin (the superuser): PostgreSQL
+    // refuses COPY FROM under row-level security to every other role.
+    let mut seed_cmd = data_plane_as(
+        store.superuser(),
+        &key,
+        &["seed", "--users", &users, "--seed", &seed_no.to_string()],
     );
+    let seeded = tokio::task::block_in_place(|| seed_cmd.output()).expect("run seed");
+    assert!(seeded.status.success(), "{}", stderr(&seeded));
+    observe_rewraps(&store).await;
+    let writer = store.connect(Purpose::Writer).await;
+    let mut generator = Generator::new(seed_no, chrono::Utc::now().date_naive());
+    let profiles: Vec<(Uuid, String)> = (0..CRASH_USERS)
+        .map(|_| {
+            let p = generator.next_profile();
+            (p.user_id, p.pincode)
+        })
+        .collect();
+    let readers = Readers::start(&store, &key, profiles).await;
+    readers.wait_for_more(20).await;
+
+    // The first run: paused at the point, then killed there.
+    let before_first = readers.count();
+    let mut first = data_plane(
+        &store,
+        &key,
+        &["keys", "rotate", "--batch-size", CRASH_BATCH],
+    )
+    .env(PAUSE_ENV, format!("{}:{nth}", point.name()))
+    .env("RUST_LOG", "info")
+    .stdout(Stdio::null())
+    .stderr(Stdio::piped())
+    .spawn()
+    .expect("spawn keys rotate");
+    let _lines = wait_for_stderr(
+        &mut first,
+        &format!("pausing the rotation at {}", point.name()),
+    );
+    // Reads go on against the half-rotated store before the crash.
+    readers.wait_for_more(20).await;
+    // SAFETY: kill(2) on our own child's pid.
+    let killed = unsafe { libc::kill(first.id() as i32, libc::SIGKILL) };
+    assert_eq!(killed, 0, "SIGKILL delivered");
+    let status = first.wait().expect("reap the killed rotation");
+    assert_eq!(
+        std::os::unix::process::ExitStatusExt::signal(&status),
+        Some(libc::SIGKILL)
+    );
+    let during_first = readers.count() - before_first;
+
+    let provider = vault_keyring(&writer, keyring_config(&key), 1).await;
+    let v = provider.provider().versions().await.expect("versions");
+    let (_, _, rewrapped_logged) = rewrap_counts(&store).await;
+    let at_kill = AtKill {
+        latest: v.latest,
+        min_decryption: v.min_decryption,
+        versions: versions(&writer).await,
+        store_key_version: store_key_version(&writer).await,
+        rewrapped_logged,
+        rotation_rewrapped: writer
+            .query_one("SELECT rewrapped FROM umstore.key_rotations", &[])
+            .await
+            .expect("the rotation is recorded")
+            .get(0),
+    };
+
+    // Resume: the same command again, to completion.
+    let before_second = readers.count();
+    let mut resume = data_plane(
+        &store,
+        &key,
+        &["keys", "rotate", "--batch-size", CRASH_BATCH],
+    );
+    let second = tokio::task::block_in_place(|| resume.output()).expect("run keys rotate");
+    let during_second = readers.count() - before_second;
+    assert!(second.status.success(), "{}", stderr(&second));
+    assert!(
+        stdout(&second).contains("every data key wrapped under version 2")
+            && stdout(&second).contains(", resumed)"),
+        "{}",
+        stdout(&second)
+    );
+    readers.wait_for_more(20).await;
+    let reads = readers.stop().await;
+
+    let v = provider.provider().versions().await.expect("versions");
+    assert_eq!(
+        (v.latest, v.min_decryption),
+        (2, 2),
+        "exactly one new transit key version, and the old one retired"
+    );
+    let rotations = writer
+        .query(
+            "SELECT target_version, rewrapped, finished_at IS NOT NULL FROM umstore.key_rotations",
+            &[],
+        )
+        .await
+        .expect("rotations");
+    assert_eq!(rotations.len(), 1, "one rotation, resumed");
+    assert_eq!(rotations[0].get::<_, i32>(0), 2);
+    assert_eq!(rotations[0].get::<_, i64>(1), CRASH_USERS as i64);
+    assert!(rotations[0].get::<_, bool>(2), "finished");
+    assert_eq!(versions(&writer).await, vec![(2, CRASH_USERS as i64)]);
+    let stale: i64 = writer
+        .query_one(
+            "SELECT count(*) FROM umstore.user_data_keys WHERE NOT starts_with(encode(wrapped_key, 'escape'), 'vault:v2:')",
+            &[],
+        )
+        .await
+        .expect("stale")
+        .get(0);
+    assert_eq!(stale, 0, "every stored wrapped key is a v2 ciphertext");
+    assert_eq!(
+        rewrap_counts(&store).await,
+        (CRASH_USERS as i64, 0, CRASH_USERS as i64),
+        "every data key rewrapped exactly once across the killed run and the resumed one"
+    );
+    assert_eq!(
+        store_key_version(&writer).await,
+        2,
+        "blind-index key rewrapped"
+    );
+    // Reads went on against the half-rotated store while the killed run was
+    // paused at its point; and while the resumed run rewrapped keys, when it
+    // had keys left to rewrap (the runs resumed at the store key or at the
+    // end do one Vault call, too short to count on a read landing inside).
+    assert!(
+        during_first >= 20,
+        "reads overlapped the killed run ({during_first} of {reads})"
+    );
+    if at_kill.versions.iter().any(|(v, _)| *v == 1) {
+        assert!(
+            during_second > 0,
+            "reads overlapped the resumed run ({during_second} of {reads})"
+        );
+    }
+    // A data plane started now (fresh keyring) reads every layer under v2.
+    let fresh = vault_keyring(&store.connect(Purpose::Ai).await, keyring_config(&key), 10).await;
+    let first_user = Generator::new(seed_no, chrono::Utc::now().date_naive()).next_profile();
+    let user = read_user(&writer, &fresh, first_user.user_id, true)
+        .await
+        .expect("read after the rotation")
+        .expect("user");
+    assert_eq!(
+        user.pii.and_then(|p| p.identity_token),
+        Some(first_user.identity_token)
+    );
+    at_kill
+}
+
+fn keyring_config(key: &str) -> VaultConfig {
+    let mut config = VaultConfig::with_token(bao().address(), bao().root_token());
+    config.key_name = key.to_owned();
+    config
+}
+
+async fn store_key_version(client: &tokio_postgres::Client) -> i32 {
+    client
+        .query_one(
+            "SELECT kek_version FROM umstore.key_material WHERE name = 'blind_index'",
+            &[],
+        )
+        .await
+        .expect("blind-index key")
+        .get(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rotation_killed_after_rotating_the_transit_key_resumes_without_rotating_it_again() {
+    let at = killed_and_resumed(PausePoint::TransitRotated, 1, 61).await;
+    assert_eq!(
+        (at.latest, at.min_decryption),
+        (2, 1),
+        "killed after Vault rotated"
+    );
+    assert_eq!(
+        at.versions,
+        vec![(1, CRASH_USERS as i64)],
+        "nothing rewrapped yet"
+    );
+    assert_eq!((at.rewrapped_logged, at.rotation_rewrapped), (0, 0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rotation_killed_mid_batch_resumes_with_one_new_version() {
+    let at = killed_and_resumed(PausePoint::BatchRewrapped, 5, 62).await;
+    assert_eq!((at.latest, at.min_decryption), (2, 1));
+    assert_eq!(
+        at.versions,
+        vec![(1, CRASH_USERS as i64 - 200), (2, 200)],
+        "four batches of 50 committed; the fifth, killed before its commit, left nothing"
+    );
+    assert_eq!((at.rewrapped_logged, at.rotation_rewrapped), (200, 200));
+    assert_eq!(at.store_key_version, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rotation_killed_while_rewrapping_the_store_key_resumes_with_one_new_version() {
+    let at = killed_and_resumed(PausePoint::StoreKeyRewrapped, 1, 63).await;
+    assert_eq!((at.latest, at.min_decryption), (2, 1));
+    assert_eq!(
+        at.versions,
+        vec![(2, CRASH_USERS as i64)],
+        "data keys all done"
+    );
+    assert_eq!(
+        at.store_key_version, 1,
+        "the store key's rewrap was not stored"
+    );
+    assert_eq!(at.rewrapped_logged, CRASH_USERS as i64);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rotation_killed_after_raising_the_minimum_version_resumes_and_finishes() {
+    let at = killed_and_resumed(PausePoint::MinVersionRaised, 1, 64).await;
+    assert_eq!(
+        (at.latest, at.min_decryption),
+        (2, 2),
+        "killed after retiring v1"
+    );
+    assert_eq!(at.versions, vec![(2, CRASH_USERS as i64)]);
+    assert_eq!(at.store_key_version, 2);
+    assert_eq!(at.rotation_rewrapped, CRASH_USERS as i64);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reads_and_writes_keep_working_during_a_rotation() {
-    let (db, mut client) = migrated().await;
+    let (store, mut client) = migrated().await;
     let config = vault_config(bao());
     let keyring = Arc::new(vault_keyring(&client, config.clone(), 10).await);
-    seed::seed(&mut client, 1_000, 9, &keyring)
+    seed_as_admin(&store, 1_000, 9, &keyring)
         .await
         .expect("seed");
     let mut generator = Generator::new(9, chrono::Utc::now().date_naive());
@@ -335,10 +706,11 @@ async fn reads_and_writes_keep_working_during_a_rotation() {
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     // A reader with a tiny cache unwraps through Vault all the time.
     let reader = {
-        let (db, stop, users) = (db.clone(), stop.clone(), users.clone());
-        let reader_keyring = vault_keyring(&connect(&db).await, config.clone(), 1).await;
+        let (stop, users) = (stop.clone(), users.clone());
+        // As a reader that decrypts PII in production (the AI core's login).
+        let client = store.connect(Purpose::Ai).await;
+        let reader_keyring = vault_keyring(&client, config.clone(), 1).await;
         tokio::spawn(async move {
-            let client = connect(&db).await;
             let (mut reads, mut i) = (0u32, 0usize);
             while !stop.load(std::sync::atomic::Ordering::Relaxed) || reads < 50 {
                 let user = users[i % users.len()];
@@ -356,9 +728,9 @@ async fn reads_and_writes_keep_working_during_a_rotation() {
     };
     // A writer creates new users' keys meanwhile.
     let writer = {
-        let (db, stop, keyring) = (db.clone(), stop.clone(), keyring.clone());
+        let (stop, keyring) = (stop.clone(), keyring.clone());
+        let client = store.connect(Purpose::Writer).await;
         tokio::spawn(async move {
-            let client = connect(&db).await;
             let mut made = Vec::new();
             while !stop.load(std::sync::atomic::Ordering::Relaxed) || made.len() < 20 {
                 let user = Uuid::new_v4();
@@ -376,7 +748,7 @@ async fn reads_and_writes_keep_working_during_a_rotation() {
         keyring.provider(),
         RotationOptions {
             batch_size: 100,
-            stop_after_batches: None,
+            ..RotationOptions::default()
         },
         |_| {},
     )
@@ -405,11 +777,9 @@ async fn reads_and_writes_keep_working_during_a_rotation() {
 
 #[tokio::test]
 async fn forget_user_makes_their_pii_and_history_unreadable_and_is_audited() {
-    let (_db, mut client) = migrated().await;
+    let (store, mut client) = migrated().await;
     let keyring = vault_keyring(&client, vault_config(bao()), 10).await;
-    seed::seed(&mut client, 50, 12, &keyring)
-        .await
-        .expect("seed");
+    seed_as_admin(&store, 50, 12, &keyring).await.expect("seed");
     let profile = Generator::new(12, chrono::Utc::now().date_naive()).next_profile();
     let before = read_user(&client, &keyring, profile.user_id, true)
         .await
@@ -476,12 +846,10 @@ async fn forget_user_makes_their_pii_and_history_unreadable_and_is_audited() {
 
 #[tokio::test]
 async fn vault_down_fails_clearly_while_cached_keys_keep_serving_reads() {
-    let (_db, mut client) = migrated().await;
+    let (store, client) = migrated().await;
     let own = umstore_e2e::OpenBao::start().expect("own OpenBao");
     let keyring = vault_keyring(&client, vault_config(&own), 100).await;
-    seed::seed(&mut client, 20, 13, &keyring)
-        .await
-        .expect("seed");
+    seed_as_admin(&store, 20, 13, &keyring).await.expect("seed");
     let mut generator = Generator::new(13, chrono::Utc::now().date_naive());
     let (first, second) = (generator.next_profile(), generator.next_profile());
     read_user(&client, &keyring, first.user_id, true)
@@ -566,11 +934,9 @@ fn no_key_material_or_plaintext_pii_reaches_the_logs() {
     let token = bao().root_token().to_owned();
     let profile = tracing::subscriber::with_default(subscriber, || {
         runtime.block_on(async {
-            let (_db, mut client) = migrated().await;
+            let (store, mut client) = migrated().await;
             let keyring = vault_keyring(&client, vault_config(bao()), 10).await;
-            seed::seed(&mut client, 30, 21, &keyring)
-                .await
-                .expect("seed");
+            seed_as_admin(&store, 30, 21, &keyring).await.expect("seed");
             let profile = Generator::new(21, chrono::Utc::now().date_naive()).next_profile();
             let user = read_user(&client, &keyring, profile.user_id, true)
                 .await

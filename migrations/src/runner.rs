@@ -58,6 +58,7 @@ pub fn embedded() -> Vec<Migration> {
         migration!(6, "0006", "access_control"),
         migration!(7, "0007", "pg_stat_statements"),
         migration!(8, "0008", "key_management"),
+        migration!(9, "0009", "schema_version_reads"),
     ]
 }
 
