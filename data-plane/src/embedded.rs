@@ -6,11 +6,9 @@ use std::path::{Path, PathBuf};
 use thiserror::Error;
 use tracing::info;
 use umstore_localpg::{ClusterOptions, LocalCluster, LocalPgError, PgBinaries};
+use umstore_migrations::roles::DATABASE;
 
 use crate::db::{Database, DbError};
-
-/// Name of the database the embedded cluster serves.
-pub const DATABASE: &str = "umstore";
 
 /// Why the embedded cluster could not start.
 #[derive(Debug, Error)]
@@ -60,7 +58,7 @@ pub struct Embedded {
 impl Embedded {
     /// Creates (first run) or reuses the cluster in `<data_dir>/pg`, starts it
     /// listening only on a unix socket in `<data_dir>/run`, and creates the
-    /// `umstore` database.
+    /// application database ([`DATABASE`]).
     pub async fn start(data_dir: &Path) -> Result<Self, EmbeddedError> {
         let bins = PgBinaries::discover()?;
         let run_dir = data_dir.join("run");
@@ -105,7 +103,7 @@ impl Embedded {
         Ok(Self { cluster, database })
     }
 
-    /// The `umstore` database on this cluster.
+    /// The application database ([`DATABASE`]) on this cluster.
     pub fn database(&self) -> &Database {
         &self.database
     }

@@ -157,6 +157,33 @@ mod tests {
         assert_eq!(Purpose::Admin.login(), None);
     }
 
+    /// The role names between the first `ARRAY[` and its `]` in migration 0001.
+    fn groups_created_by_migration_0001() -> Vec<String> {
+        let sql = crate::embedded()
+            .into_iter()
+            .find(|m| m.version == 1)
+            .map(|m| m.sql)
+            .unwrap_or_default();
+        let list = sql
+            .split_once("ARRAY[")
+            .and_then(|(_, rest)| rest.split_once(']'))
+            .map(|(list, _)| list)
+            .unwrap_or_default();
+        list.split(',')
+            .map(|name| name.trim().trim_matches('\'').to_owned())
+            .filter(|name| !name.is_empty())
+            .collect()
+    }
+
+    #[test]
+    fn migration_0001_creates_exactly_the_purpose_groups() {
+        let mut expected: Vec<&str> = Purpose::ALL.iter().map(|p| p.group()).collect();
+        expected.sort_unstable();
+        let mut created = groups_created_by_migration_0001();
+        created.sort_unstable();
+        assert_eq!(created, expected);
+    }
+
     #[test]
     fn lock_keys_differ() {
         assert_ne!(AdvisoryLock::Migrate.key(), AdvisoryLock::Bootstrap.key());

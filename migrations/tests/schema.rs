@@ -3,6 +3,7 @@
 
 use tokio_postgres::{Client, NoTls};
 use umstore_migrations::regions::REGIONS;
+use umstore_migrations::roles::{Purpose, SCHEMA};
 use umstore_migrations::{embedded, MigrateError, Migration, MigrationState, Runner};
 
 async fn connect(conninfo: &str) -> Client {
@@ -196,6 +197,31 @@ async fn user_metadata_has_one_list_partition_per_region_and_no_default() {
         .expect("strategy")
         .get(0);
     assert_eq!(strategy, "l");
+}
+
+#[tokio::test]
+async fn the_schema_is_granted_to_exactly_the_purpose_groups_which_cannot_log_in() {
+    let (_c, client) = migrated_db().await;
+    // Roles are cluster-wide (other databases' runs share them); the schema's ACL is
+    // this database's own record of the groups migration 0001 created and granted.
+    let rows = client
+        .query(
+            "SELECT r.rolname, r.rolcanlogin
+             FROM pg_namespace n, aclexplode(n.nspacl) a JOIN pg_roles r ON r.oid = a.grantee
+             WHERE n.nspname = $1 AND a.grantee <> n.nspowner AND a.privilege_type = 'USAGE'
+             ORDER BY 1",
+            &[&SCHEMA],
+        )
+        .await
+        .expect("schema ACL");
+    let granted: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
+    let mut groups: Vec<&str> = Purpose::ALL.iter().map(|p| p.group()).collect();
+    groups.sort_unstable();
+    assert_eq!(granted, groups);
+    assert!(
+        rows.iter().all(|r| !r.get::<_, bool>(1)),
+        "a group role can log in"
+    );
 }
 
 #[tokio::test]
@@ -505,7 +531,7 @@ async fn analytics_cannot_read_pii_columns_but_reads_the_rest() {
     let (_c, mut client) = migrated_db().await;
     insert_user(&client, USER, "KA").await.expect("user");
     for column in umstore_migrations::PII_COLUMNS {
-        let err = as_role(&mut client, "umstore_analytics", async |tx| {
+        let err = as_role(&mut client, Purpose::Analytics.group(), async |tx| {
             tx.query(&format!("SELECT {column} FROM umstore.user_metadata"), &[])
                 .await
         })
@@ -517,7 +543,7 @@ async fn analytics_cannot_read_pii_columns_but_reads_the_rest() {
             "{column}: {err:?}"
         );
     }
-    let rows = as_role(&mut client, "umstore_analytics", async |tx| {
+    let rows = as_role(&mut client, Purpose::Analytics.group(), async |tx| {
         tx.query(
             "SELECT user_id, region, gender, birth_year FROM umstore.user_metadata",
             &[],
@@ -531,14 +557,14 @@ async fn analytics_cannot_read_pii_columns_but_reads_the_rest() {
         "SELECT * FROM umstore.user_data_keys",
         "SELECT new_values FROM umstore.user_metadata_history",
     ] {
-        let err = as_role(&mut client, "umstore_analytics", async |tx| {
+        let err = as_role(&mut client, Purpose::Analytics.group(), async |tx| {
             tx.query(forbidden, &[]).await
         })
         .await;
         assert!(err.is_err(), "analytics must not run {forbidden}");
     }
     // a role that may decrypt reads the PII ciphertext
-    let rows = as_role(&mut client, "umstore_dashboard", async |tx| {
+    let rows = as_role(&mut client, Purpose::Dashboard.group(), async |tx| {
         tx.query("SELECT full_name_enc FROM umstore.user_metadata", &[])
             .await
     })
@@ -552,11 +578,11 @@ async fn readers_cannot_write_and_the_writer_cannot_delete_users() {
     let (_c, mut client) = migrated_db().await;
     insert_user(&client, USER, "KA").await.expect("user");
     for role in [
-        "umstore_ai",
-        "umstore_rules",
-        "umstore_json_generator",
-        "umstore_dashboard",
-        "umstore_analytics",
+        Purpose::Ai.group(),
+        Purpose::Rules.group(),
+        Purpose::JsonGenerator.group(),
+        Purpose::Dashboard.group(),
+        Purpose::Analytics.group(),
     ] {
         let err = as_role(&mut client, role, async |tx| {
             tx.execute("UPDATE umstore.user_metadata SET gender = 'male'", &[])
@@ -565,7 +591,7 @@ async fn readers_cannot_write_and_the_writer_cannot_delete_users() {
         .await;
         assert!(err.is_err(), "{role} must not update metadata");
     }
-    let err = as_role(&mut client, "umstore_writer", async |tx| {
+    let err = as_role(&mut client, Purpose::Writer.group(), async |tx| {
         tx.execute("DELETE FROM umstore.user_metadata", &[]).await
     })
     .await;
@@ -573,7 +599,7 @@ async fn readers_cannot_write_and_the_writer_cannot_delete_users() {
         err.is_err(),
         "writer must not delete users (erasure is crypto-shredding)"
     );
-    let updated = as_role(&mut client, "umstore_writer", async |tx| {
+    let updated = as_role(&mut client, Purpose::Writer.group(), async |tx| {
         tx.execute("UPDATE umstore.user_metadata SET gender = 'male'", &[])
             .await
     })
@@ -606,22 +632,22 @@ async fn region_scope_limits_what_a_session_sees_and_writes() {
         }
     };
     assert_eq!(
-        as_role(&mut client, "umstore_dashboard", visible("KA")).await,
+        as_role(&mut client, Purpose::Dashboard.group(), visible("KA")).await,
         vec!["KA"]
     );
     assert_eq!(
-        as_role(&mut client, "umstore_dashboard", visible("KA,TN")).await,
+        as_role(&mut client, Purpose::Dashboard.group(), visible("KA,TN")).await,
         vec!["KA", "TN"]
     );
     assert_eq!(
-        as_role(&mut client, "umstore_analytics", visible("*")).await,
+        as_role(&mut client, Purpose::Analytics.group(), visible("*")).await,
         vec!["KA", "TN"]
     );
     assert_eq!(
-        as_role(&mut client, "umstore_ai", visible("DL")).await,
+        as_role(&mut client, Purpose::Ai.group(), visible("DL")).await,
         Vec::<String>::new()
     );
-    let err = as_role(&mut client, "umstore_writer", async |tx| {
+    let err = as_role(&mut client, Purpose::Writer.group(), async |tx| {
         tx.batch_execute("SET LOCAL umstore.regions = 'KA'").await.expect("scope");
         tx.execute(
             "INSERT INTO umstore.user_directory (user_id, region) VALUES ('8b7e2a56-0f0e-4c55-9d3c-1f1f6d0c0a03', 'TN')",
