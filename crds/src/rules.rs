@@ -108,3 +108,54 @@ pub fn dns_label() -> Rule {
     Rule::new("self.matches('^[a-z0-9]([-a-z0-9]*[a-z0-9])?$') && size(self) <= 30")
         .message("must be a lowercase DNS label (a-z, 0-9, '-') of at most 30 characters")
 }
+
+/// On a storage size: a Kubernetes quantity above zero (`20Gi`), what a
+/// PersistentVolumeClaim would otherwise refuse only when the operator creates it.
+pub fn storage_quantity() -> Rule {
+    Rule::new("isQuantity(self) && quantity(self).isGreaterThan(quantity('0'))").message(
+        "storage.size must be a Kubernetes quantity above zero such as 20Gi \
+         (a number with an optional suffix: Ki Mi Gi Ti, k M G T, m)",
+    )
+}
+
+/// On `resources` (a ResourceRequirements): every request and limit is a
+/// non-negative Kubernetes quantity, what the pod would otherwise be refused for.
+/// The values are int-or-string, so each is read through `string()`.
+pub fn resource_quantities() -> Rule {
+    Rule::new(
+        "(!has(self.requests) || self.requests.all(k, isQuantity(string(self.requests[k])) \
+         && !quantity(string(self.requests[k])).isLessThan(quantity('0')))) \
+         && (!has(self.limits) || self.limits.all(k, isQuantity(string(self.limits[k])) \
+         && !quantity(string(self.limits[k])).isLessThan(quantity('0'))))",
+    )
+    .message(
+        "resources requests and limits must be non-negative Kubernetes quantities \
+         such as 500m, 2 or 8Gi",
+    )
+}
+
+/// Pattern of an extended resource name: a DNS subdomain prefix, `/`, and a name
+/// (`nvidia.com/gpu`, `amd.com/gpu`); Kubernetes requires the prefix for extended
+/// resources.
+pub const EXTENDED_RESOURCE_PATTERN: &str = "^[a-z0-9]([-a-z0-9]*[a-z0-9])?([.][a-z0-9]([-a-z0-9]*[a-z0-9])?)*/[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$";
+
+/// On `dataPlane.gpu.resourceName`: a qualified extended resource name.
+pub fn extended_resource_name() -> Rule {
+    Rule::new(format!("self.matches('{EXTENDED_RESOURCE_PATTERN}')")).message(
+        "gpu.resourceName must be an extended resource name such as nvidia.com/gpu \
+         (a DNS domain, '/', then a name)",
+    )
+}
+
+/// On `encryption.vaultAddress`: an absolute `http` or `https` URL with a host, what
+/// the data plane's Vault client would otherwise fail on at start.
+pub fn vault_address_url() -> Rule {
+    Rule::new(
+        "isURL(self) && (self.startsWith('https://') || self.startsWith('http://')) \
+         && url(self).getHostname() != ''",
+    )
+    .message(
+        "encryption.vaultAddress must be an http:// or https:// URL with a host, \
+         such as https://vault.vault.svc:8200",
+    )
+}

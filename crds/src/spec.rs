@@ -224,23 +224,57 @@ impl Default for PostgresSpec {
 }
 
 /// Resources and storage of one kind of PostgreSQL pod.
-#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct InstanceSpec {
-    /// CPU and memory requests and limits of the PostgreSQL container.
+    /// CPU and memory requests and limits of the PostgreSQL container, as Kubernetes
+    /// quantities (`500m`, `8Gi`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "bounded_resources")]
+    #[x_kube(validation = rules::resource_quantities())]
     pub resources: Option<ResourceRequirements>,
     /// The data volume of each pod.
     #[serde(default)]
     pub storage: StorageSpec,
 }
 
+/// Largest number of entries in `resources.requests` and `resources.limits`.
+pub const MAX_RESOURCE_ENTRIES: u32 = 16;
+/// Longest quantity string in `resources.requests` and `resources.limits`.
+pub const MAX_QUANTITY_LENGTH: u32 = 64;
+
+/// The schema of an optional ResourceRequirements with its maps bounded, so the API
+/// server can bound the cost of [`rules::resource_quantities`] (it refuses a rule over
+/// maps and strings of unknown size).
+fn bounded_resources(generator: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    let mut schema = generator.subschema_for::<Option<ResourceRequirements>>();
+    if let Some(properties) = schema
+        .get_mut("properties")
+        .and_then(serde_json::Value::as_object_mut)
+    {
+        for map in ["requests", "limits"] {
+            if let Some(map) = properties.get_mut(map).and_then(|m| m.as_object_mut()) {
+                map.insert("maxProperties".into(), MAX_RESOURCE_ENTRIES.into());
+                if let Some(value) = map
+                    .get_mut("additionalProperties")
+                    .and_then(|v| v.as_object_mut())
+                {
+                    value.insert("maxLength".into(), MAX_QUANTITY_LENGTH.into());
+                }
+            }
+        }
+    }
+    schema
+}
+
 /// A PersistentVolumeClaim template.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct StorageSpec {
     /// Requested size, a Kubernetes quantity (`10Gi`).
     #[serde(default = "default_storage_size")]
+    #[schemars(length(max = 64))]
+    #[x_kube(validation = rules::storage_quantity())]
     pub size: String,
     /// StorageClass; the cluster default when unset.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -376,8 +410,11 @@ pub struct DataPlaneSpec {
     #[serde(default = "default_two")]
     #[x_kube(validation = rules::at_least_one())]
     pub replicas: i32,
-    /// CPU and memory requests and limits (GPUs are set under `gpu`).
+    /// CPU and memory requests and limits, as Kubernetes quantities (GPUs are set
+    /// under `gpu`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "bounded_resources")]
+    #[x_kube(validation = rules::resource_quantities())]
     pub resources: Option<ResourceRequirements>,
     /// GPU scheduling for the bulk path; none when unset.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -407,8 +444,10 @@ pub struct GpuSpec {
     #[serde(default = "default_one")]
     #[x_kube(validation = rules::non_negative())]
     pub count: i32,
-    /// Extended resource name of the GPU.
+    /// Extended resource name of the GPU (`nvidia.com/gpu`, `amd.com/gpu`).
     #[serde(default = "default_gpu_resource")]
+    #[schemars(length(max = 317))]
+    #[x_kube(validation = rules::extended_resource_name())]
     pub resource_name: String,
     /// Node labels the pods must match (GPU nodes).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
@@ -433,6 +472,8 @@ pub struct EncryptionSpec {
     /// data plane refuses to start there without Vault (local keys are for development
     /// only); while unset the store reports `Degraded` (reason `NoVault`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 2048))]
+    #[x_kube(validation = rules::vault_address_url())]
     pub vault_address: Option<String>,
     /// How the data plane logs in to Vault.
     #[serde(default)]

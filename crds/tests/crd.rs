@@ -352,3 +352,69 @@ fn examples_are_valid() {
     }
     assert_eq!(seen, 4);
 }
+
+#[test]
+fn storage_sizes_and_resources_must_be_quantities() {
+    assert_accepted(json!({"postgres": {"coordinator": {"storage": {"size": "20Gi"}}}}));
+    assert_accepted(json!({"postgres": {"workers": {"storage": {"size": "1.5Ti"}}}}));
+    for bad in ["lots", "", "0", "-5Gi", "20 GiB"] {
+        assert_rejected(
+            json!({"postgres": {"coordinator": {"storage": {"size": bad}}}}),
+            "storage.size must be a Kubernetes quantity",
+        );
+    }
+    assert_accepted(json!({"postgres": {"coordinator": {"resources": {
+        "requests": {"cpu": "500m", "memory": "1Gi"}, "limits": {"memory": "2Gi"}}}}}));
+    assert_accepted(json!({"dataPlane": {"resources": {"requests": {"cpu": 2}}}}));
+    assert_rejected(
+        json!({"postgres": {"replicas": {"resources": {"requests": {"cpu": "two"}}}}}),
+        "must be non-negative Kubernetes quantities",
+    );
+    assert_rejected(
+        json!({"dataPlane": {"resources": {"limits": {"memory": "-1Gi"}}}}),
+        "must be non-negative Kubernetes quantities",
+    );
+}
+
+#[test]
+fn gpu_resource_name_must_be_an_extended_resource_name() {
+    for good in ["nvidia.com/gpu", "amd.com/gpu", "gpu.intel.com/i915"] {
+        assert_accepted(json!({"dataPlane": {"gpu": {"resourceName": good}}}));
+    }
+    for bad in [
+        "",
+        "gpu",
+        "nvidia.com/",
+        "/gpu",
+        "Nvidia.com/gpu",
+        "nvidia.com/g pu",
+    ] {
+        assert_rejected(
+            json!({"dataPlane": {"gpu": {"resourceName": bad}}}),
+            "gpu.resourceName must be an extended resource name",
+        );
+    }
+}
+
+#[test]
+fn vault_address_must_be_an_http_url_with_a_host() {
+    for good in [
+        "https://vault.vault.svc:8200",
+        "http://127.0.0.1:8200",
+        "https://vault.example.org",
+    ] {
+        assert_accepted(json!({"encryption": {"vaultAddress": good}}));
+    }
+    for bad in [
+        "vault.vault.svc:8200",
+        "ftp://vault",
+        "https://",
+        "not a url",
+        "",
+    ] {
+        assert_rejected(
+            json!({"encryption": {"vaultAddress": bad}}),
+            "encryption.vaultAddress must be an http:// or https:// URL",
+        );
+    }
+}

@@ -1,0 +1,386 @@
+//! Admission on a real kube-apiserver: for every CEL rule of the generated CRD, a
+//! spec that breaks it is refused when applied, with the rule's message and the
+//! field it is about, so a user learns at `kubectl apply` what a pod, a
+//! PersistentVolumeClaim or the data plane would otherwise fail on much later.
+//! A test also checks that the table has a case for every rule in the CRD.
+//! Skips with the reason where kube-apiserver or etcd is missing (fails instead
+//! under `UMSTORE_REQUIRE_COMPONENTS=1`).
+
+#[path = "support/kubeapi.rs"]
+mod kubeapi;
+
+use std::collections::BTreeSet;
+
+use kube::api::{Api, Patch, PatchParams};
+use kube::{Client, CustomResourceExt};
+use serde_json::{json, Value};
+use umstore_crds::UserMetadataStore;
+
+use kubeapi::{admin_client, example, fresh_namespace, install_crd, server_or_skip, TEST_MANAGER};
+
+/// One invalid spec: how to break a valid store, where, and what the API server says.
+struct Case {
+    /// What is wrong, as a user would put it.
+    what: &'static str,
+    /// The store to start from: `1` the tier-1 example, `3` a small tier-3 store.
+    base: u8,
+    /// Breaks the spec.
+    edit: fn(&mut Value),
+    /// The field path in the API server's answer.
+    field: &'static str,
+    /// The rule's message, or the part of it that says what is wrong.
+    message: &'static str,
+}
+
+const QUANTITY: &str = "storage.size must be a Kubernetes quantity above zero such as 20Gi";
+const RESOURCES: &str =
+    "resources requests and limits must be non-negative Kubernetes quantities such as 500m, 2 or 8Gi";
+const VAULT_URL: &str = "encryption.vaultAddress must be an http:// or https:// URL with a host";
+const GPU_NAME: &str = "gpu.resourceName must be an extended resource name such as nvidia.com/gpu";
+const REGION: &str = "unknown region code";
+const DURATION: &str = "must be a positive duration such as 24h, 90m or 1h30m";
+const AT_LEAST_ONE: &str = "must be at least 1";
+
+fn cases() -> Vec<Case> {
+    vec![
+        // Quantities a PersistentVolumeClaim or a pod would be refused for.
+        Case {
+            what: "a storage size that is not a quantity",
+            base: 1,
+            edit: |s| s["postgres"]["coordinator"]["storage"]["size"] = json!("lots"),
+            field: "spec.postgres.coordinator.storage.size",
+            message: QUANTITY,
+        },
+        Case {
+            what: "an empty worker storage size",
+            base: 3,
+            edit: |s| s["postgres"]["workers"]["storage"]["size"] = json!(""),
+            field: "spec.postgres.workers.storage.size",
+            message: QUANTITY,
+        },
+        Case {
+            what: "a zero replica storage size",
+            base: 1,
+            edit: |s| s["postgres"]["replicas"]["storage"]["size"] = json!("0Gi"),
+            field: "spec.postgres.replicas.storage.size",
+            message: QUANTITY,
+        },
+        Case {
+            what: "a CPU request that is not a quantity",
+            base: 1,
+            edit: |s| {
+                s["postgres"]["coordinator"]["resources"]["requests"]["cpu"] = json!("two cores")
+            },
+            field: "spec.postgres.coordinator.resources",
+            message: RESOURCES,
+        },
+        Case {
+            what: "a negative memory limit on the workers",
+            base: 3,
+            edit: |s| s["postgres"]["workers"]["resources"] = json!({"limits": {"memory": "-1Gi"}}),
+            field: "spec.postgres.workers.resources",
+            message: RESOURCES,
+        },
+        Case {
+            what: "a replica memory request that is not a quantity",
+            base: 1,
+            edit: |s| {
+                s["postgres"]["replicas"]["resources"] = json!({"requests": {"memory": "8 GB"}})
+            },
+            field: "spec.postgres.replicas.resources",
+            message: RESOURCES,
+        },
+        Case {
+            what: "a data-plane CPU limit that is not a quantity",
+            base: 1,
+            edit: |s| s["dataPlane"]["resources"] = json!({"limits": {"cpu": "fast"}}),
+            field: "spec.dataPlane.resources",
+            message: RESOURCES,
+        },
+        // The GPU the scheduler would look for.
+        Case {
+            what: "an empty GPU resource name",
+            base: 1,
+            edit: |s| s["dataPlane"]["gpu"] = json!({"count": 1, "resourceName": ""}),
+            field: "spec.dataPlane.gpu.resourceName",
+            message: GPU_NAME,
+        },
+        Case {
+            what: "a GPU resource name without a domain",
+            base: 1,
+            edit: |s| s["dataPlane"]["gpu"] = json!({"count": 1, "resourceName": "gpu"}),
+            field: "spec.dataPlane.gpu.resourceName",
+            message: GPU_NAME,
+        },
+        Case {
+            what: "a negative GPU count",
+            base: 1,
+            edit: |s| s["dataPlane"]["gpu"] = json!({"count": -1}),
+            field: "spec.dataPlane.gpu.count",
+            message: "must be zero or more",
+        },
+        // The address the data plane's Vault client dials.
+        Case {
+            what: "a Vault address that is not a URL",
+            base: 1,
+            edit: |s| s["encryption"]["vaultAddress"] = json!("vault.vault.svc:8200"),
+            field: "spec.encryption.vaultAddress",
+            message: VAULT_URL,
+        },
+        Case {
+            what: "a Vault address with another scheme",
+            base: 1,
+            edit: |s| s["encryption"]["vaultAddress"] = json!("ftp://vault.vault.svc"),
+            field: "spec.encryption.vaultAddress",
+            message: VAULT_URL,
+        },
+        // Tiers, regions and worker groups.
+        Case {
+            what: "tier 5",
+            base: 1,
+            edit: |s| s["tier"] = json!(5),
+            field: "spec.tier",
+            message: "tier must be 1, 2, 3 or 4",
+        },
+        Case {
+            what: "an unknown region code",
+            base: 1,
+            edit: |s| s["regions"] = json!(["KA", "XX"]),
+            field: "spec.regions",
+            message: REGION,
+        },
+        Case {
+            what: "an unknown region code in a worker group",
+            base: 3,
+            edit: |s| s["workerGroups"][0]["regions"] = json!(["KA", "ZZ"]),
+            field: "spec.workerGroups[0].regions",
+            message: REGION,
+        },
+        Case {
+            what: "tier 3 without worker groups",
+            base: 3,
+            edit: |s| {
+                s.as_object_mut().map(|o| o.remove("workerGroups"));
+            },
+            field: "spec.workerGroups",
+            message: "tier 3 and 4 need spec.workerGroups",
+        },
+        Case {
+            what: "a region in two worker groups",
+            base: 3,
+            edit: |s| s["workerGroups"][1]["regions"] = json!(["TN", "KA"]),
+            field: "spec.workerGroups",
+            message: "a region is listed in two worker groups",
+        },
+        Case {
+            what: "a worker group holding a region the store does not serve",
+            base: 3,
+            edit: |s| s["workerGroups"][1]["regions"] = json!(["TN", "DL"]),
+            field: "spec.workerGroups",
+            message: "a worker group lists a region that is not in spec.regions",
+        },
+        Case {
+            what: "a region no worker group holds",
+            base: 3,
+            edit: |s| s["regions"] = json!(["KA", "TN", "KL"]),
+            field: "spec.workerGroups",
+            message: "from tier 3 every region in spec.regions must be assigned to a worker group",
+        },
+        Case {
+            what: "a worker group name that is not a DNS label",
+            base: 3,
+            edit: |s| s["workerGroups"][0]["name"] = json!("South_1"),
+            field: "spec.workerGroups[0].name",
+            message: "must be a lowercase DNS label",
+        },
+        Case {
+            what: "a worker group without pods",
+            base: 3,
+            edit: |s| s["workerGroups"][0]["replicas"] = json!(0),
+            field: "spec.workerGroups[0].replicas",
+            message: AT_LEAST_ONE,
+        },
+        // Counts and durations.
+        Case {
+            what: "a replica pool without replicas",
+            base: 1,
+            edit: |s| s["replicaPools"] = json!([{"purpose": "ai", "replicas": 0}]),
+            field: "spec.replicaPools[0].replicas",
+            message: AT_LEAST_ONE,
+        },
+        Case {
+            what: "no PgBouncer pods",
+            base: 1,
+            edit: |s| s["pgbouncer"] = json!({"replicas": 0}),
+            field: "spec.pgbouncer.replicas",
+            message: AT_LEAST_ONE,
+        },
+        Case {
+            what: "a PgBouncer pool of zero",
+            base: 1,
+            edit: |s| s["pgbouncer"] = json!({"defaultPoolSize": 0}),
+            field: "spec.pgbouncer.defaultPoolSize",
+            message: AT_LEAST_ONE,
+        },
+        Case {
+            what: "more than 500 PgBouncer client connections",
+            base: 1,
+            edit: |s| s["pgbouncer"] = json!({"maxClientConnections": 501}),
+            field: "spec.pgbouncer.maxClientConnections",
+            message: "must be between 1 and 500",
+        },
+        Case {
+            what: "no data-plane pods",
+            base: 1,
+            edit: |s| s["dataPlane"]["replicas"] = json!(0),
+            field: "spec.dataPlane.replicas",
+            message: AT_LEAST_ONE,
+        },
+        Case {
+            what: "an eligibility TTL in days",
+            base: 1,
+            edit: |s| s["eligibilityCacheTtl"] = json!("1d"),
+            field: "spec.eligibilityCacheTtl",
+            message: DURATION,
+        },
+        Case {
+            what: "a rotation interval that is not a duration",
+            base: 1,
+            edit: |s| s["encryption"]["rotationInterval"] = json!("weekly"),
+            field: "spec.encryption.rotationInterval",
+            message: DURATION,
+        },
+    ]
+}
+
+/// The rule a transition (update) breaks, checked apart from the table.
+const TIER_DECREASE: &str = "tier cannot be decreased";
+
+/// A small valid tier-3 store: regions KA, TN in two worker groups.
+fn tier3(namespace: &str) -> Value {
+    let mut store = example(1, namespace);
+    store["spec"]["tier"] = json!(3);
+    store["spec"]["regions"] = json!(["KA", "TN"]);
+    store["spec"]["workerGroups"] = json!([
+        {"name": "south-1", "regions": ["KA"]},
+        {"name": "south-2", "regions": ["TN"]},
+    ]);
+    store
+}
+
+fn base(case_base: u8, namespace: &str) -> Value {
+    match case_base {
+        3 => tier3(namespace),
+        _ => example(1, namespace),
+    }
+}
+
+async fn apply(stores: &Api<UserMetadataStore>, store: &Value) -> Result<(), String> {
+    let name = store["metadata"]["name"].as_str().expect("name");
+    stores
+        .patch(
+            name,
+            &PatchParams::apply(TEST_MANAGER),
+            &Patch::Apply(store),
+        )
+        .await
+        .map(drop)
+        .map_err(|e| e.to_string())
+}
+
+/// Every `message` of an `x-kubernetes-validations` rule in `node`.
+fn rule_messages(node: &Value, out: &mut BTreeSet<String>) {
+    match node {
+        Value::Object(map) => {
+            for rule in map
+                .get("x-kubernetes-validations")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+            {
+                out.insert(rule["message"].as_str().unwrap_or_default().to_owned());
+            }
+            map.values().for_each(|v| rule_messages(v, out));
+        }
+        Value::Array(items) => items.iter().for_each(|v| rule_messages(v, out)),
+        _ => {}
+    }
+}
+
+#[test]
+fn the_table_has_a_case_for_every_rule_of_the_crd() {
+    let crd = serde_json::to_value(UserMetadataStore::crd()).expect("CRD as JSON");
+    let mut messages = BTreeSet::new();
+    rule_messages(&crd, &mut messages);
+    let covered: Vec<&str> = cases()
+        .iter()
+        .map(|c| c.message)
+        .chain([TIER_DECREASE])
+        .collect();
+    let uncovered: Vec<&String> = messages
+        .iter()
+        .filter(|m| !covered.iter().any(|c| m.contains(c)))
+        .collect();
+    assert!(
+        uncovered.is_empty(),
+        "rules without an admission case: {uncovered:#?}"
+    );
+}
+
+async fn setup() -> Option<(Client, String)> {
+    let server = server_or_skip()?;
+    let admin = admin_client(server).await;
+    install_crd(&admin).await;
+    let namespace = fresh_namespace(&admin, "admission").await;
+    Some((admin, namespace))
+}
+
+#[tokio::test]
+async fn the_api_server_refuses_a_spec_that_breaks_any_rule_with_its_message() {
+    let Some((admin, ns)) = setup().await else {
+        return;
+    };
+    let stores: Api<UserMetadataStore> = Api::namespaced(admin, &ns);
+    for (i, case) in cases().iter().enumerate() {
+        let mut store = base(case.base, &ns);
+        store["metadata"]["name"] = json!(format!("case-{i}"));
+        apply(&stores, &store)
+            .await
+            .unwrap_or_else(|e| panic!("the valid base of `{}` is refused: {e}", case.what));
+        (case.edit)(&mut store["spec"]);
+        let refused = match apply(&stores, &store).await {
+            Ok(()) => panic!("{} is accepted at admission", case.what),
+            Err(e) => e,
+        };
+        assert!(
+            refused.contains(case.field) && refused.contains(case.message),
+            "{}: expected `{}` at {}, got: {refused}",
+            case.what,
+            case.message,
+            case.field
+        );
+    }
+}
+
+#[tokio::test]
+async fn the_api_server_refuses_lowering_the_tier_and_allows_raising_it() {
+    let Some((admin, ns)) = setup().await else {
+        return;
+    };
+    let stores: Api<UserMetadataStore> = Api::namespaced(admin, &ns);
+    let mut store = example(1, &ns);
+    store["spec"]["tier"] = json!(2);
+    apply(&stores, &store).await.expect("tier 2 is created");
+    store["spec"]["tier"] = json!(1);
+    let refused = apply(&stores, &store)
+        .await
+        .expect_err("lowering the tier is refused at admission");
+    assert!(
+        refused.contains("spec.tier") && refused.contains(TIER_DECREASE),
+        "{refused}"
+    );
+    let raised = tier3(&ns);
+    apply(&stores, &raised)
+        .await
+        .expect("raising the tier to 3 with worker groups is allowed");
+}
