@@ -216,10 +216,7 @@ async fn rotation_rewraps_every_key_without_reencrypting_fields_and_retires_the_
     let report = rotate_and_rewrap(
         &mut client,
         keyring.provider(),
-        RotationOptions {
-            batch_size: 200,
-            ..RotationOptions::default()
-        },
+        RotationOptions { batch_size: 200 },
         |n| seen.push(n),
     )
     .await
@@ -746,10 +743,7 @@ async fn reads_and_writes_keep_working_during_a_rotation() {
     let report = rotate_and_rewrap(
         &mut client,
         keyring.provider(),
-        RotationOptions {
-            batch_size: 100,
-            ..RotationOptions::default()
-        },
+        RotationOptions { batch_size: 100 },
         |_| {},
     )
     .await

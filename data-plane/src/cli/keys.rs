@@ -8,6 +8,7 @@ use tokio_postgres::Client;
 use umstore_data_plane::crypto::rotation::{rotate_and_rewrap, RotationOptions};
 use umstore_data_plane::crypto::Keyring;
 use umstore_data_plane::db::Database;
+use umstore_data_plane::store::keys::KEY_VERSION_COUNTS;
 use umstore_migrations::Runner;
 
 use super::{open_keyring, KeyArgs};
@@ -78,10 +79,7 @@ pub async fn run(
 }
 
 async fn rotate(client: &mut Client, keyring: &Keyring, batch_size: usize) -> Result<()> {
-    let opts = RotationOptions {
-        batch_size,
-        stop_after_batches: None,
-    };
+    let opts = RotationOptions { batch_size };
     let started = std::time::Instant::now();
     let report = rotate_and_rewrap(client, keyring.provider(), opts, |_| {}).await?;
     println!(
@@ -103,14 +101,7 @@ async fn status(client: &Client, keyring: &Keyring) -> Result<()> {
         versions.latest,
         versions.min_decryption
     );
-    let rows = client
-        .query(
-            "SELECT kek_name, kek_version, count(*) FILTER (WHERE wrapped_key IS NOT NULL),
-                    count(*) FILTER (WHERE wrapped_key IS NULL)
-             FROM umstore.user_data_keys GROUP BY 1, 2 ORDER BY 1, 2",
-            &[],
-        )
-        .await?;
+    let rows = client.query(KEY_VERSION_COUNTS, &[]).await?;
     for r in rows {
         println!(
             "  {} v{}: {} data keys, {} destroyed",

@@ -46,9 +46,6 @@ pub enum RotationError {
          `keys rotate` again to resume it if its process is gone"
     )]
     AlreadyRunning(String),
-    /// Stopped on request after some batches ([`RotationOptions::stop_after_batches`]).
-    #[error("stopped after {0} batch(es) as requested; run again to resume")]
-    Interrupted(usize),
 }
 
 fn db(what: &'static str) -> impl FnOnce(tokio_postgres::Error) -> RotationError {
@@ -60,18 +57,11 @@ fn db(what: &'static str) -> impl FnOnce(tokio_postgres::Error) -> RotationError
 pub struct RotationOptions {
     /// Keys per Vault `rewrap` call and per database transaction.
     pub batch_size: usize,
-    /// Stop (as if crashed) after this many batches. Nothing sets it; it goes
-    /// once the `keys rotate` command stops naming it. Crash tests kill the
-    /// process instead (see [`PAUSE_ENV`]).
-    pub stop_after_batches: Option<usize>,
 }
 
 impl Default for RotationOptions {
     fn default() -> Self {
-        Self {
-            batch_size: 500,
-            stop_after_batches: None,
-        }
+        Self { batch_size: 500 }
     }
 }
 
@@ -346,9 +336,6 @@ pub async fn rotate_and_rewrap(
             per_second = now as f64 / started.elapsed().as_secs_f64().max(1e-9),
             "rewrapping data keys"
         );
-        if opts.stop_after_batches.is_some_and(|n| batches >= n) {
-            return Err(RotationError::Interrupted(batches));
-        }
     }
 
     rewrap_store_keys(client, provider, &kek, version, &mut pause).await?;
