@@ -687,6 +687,51 @@ async fn rotation_killed_after_raising_the_minimum_version_resumes_and_finishes(
     assert_eq!(at.rotation_rewrapped, CRASH_USERS as i64);
 }
 
+#[tokio::test]
+async fn a_rotation_in_a_region_scoped_session_is_refused_and_changes_nothing() {
+    let (store, mut client) = migrated().await;
+    let keyring = vault_keyring(&client, vault_config(bao()), 10).await;
+    seed_as_admin(&store, 200, 14, &keyring)
+        .await
+        .expect("seed");
+    // Seeing only Karnataka's keys, it would retire version 1 while every other
+    // region's keys still need it.
+    client
+        .batch_execute("SET umstore.regions = 'KA'")
+        .await
+        .expect("scope");
+    let err = rotate_and_rewrap(
+        &mut client,
+        keyring.provider(),
+        RotationOptions::default(),
+        |_| {},
+    )
+    .await
+    .expect_err("scoped");
+    assert!(
+        err.to_string()
+            .contains("does not see every region (umstore.regions = 'KA')"),
+        "{err}"
+    );
+    client
+        .batch_execute("RESET umstore.regions")
+        .await
+        .expect("unscope");
+    let v = keyring.provider().versions().await.expect("versions");
+    assert_eq!(
+        (v.latest, v.min_decryption),
+        (1, 1),
+        "the key was not rotated"
+    );
+    assert_eq!(versions(&client).await, vec![(1, 200)]);
+    let rotations: i64 = client
+        .query_one("SELECT count(*) FROM umstore.key_rotations", &[])
+        .await
+        .expect("rotations")
+        .get(0);
+    assert_eq!(rotations, 0);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reads_and_writes_keep_working_during_a_rotation() {
     let (store, mut client) = migrated().await;

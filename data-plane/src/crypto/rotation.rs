@@ -20,8 +20,8 @@ use uuid::Uuid;
 use super::{CryptoError, KeyProvider, WrappedKey};
 use crate::store::keys::{
     FINISH_ROTATION, INSERT_ROTATION, SAVE_ROTATION_CURSOR, SELECT_KEYS_TO_REWRAP,
-    SELECT_STORE_KEYS_TO_REWRAP, SELECT_UNFINISHED_ROTATION, UPDATE_REWRAPPED_KEYS,
-    UPDATE_REWRAPPED_STORE_KEY, UPDATE_ROTATION_TARGET,
+    SELECT_REGION_SCOPE, SELECT_STORE_KEYS_TO_REWRAP, SELECT_UNFINISHED_ROTATION,
+    UPDATE_REWRAPPED_KEYS, UPDATE_REWRAPPED_STORE_KEY, UPDATE_ROTATION_TARGET,
 };
 
 /// Why a rotation stopped.
@@ -46,6 +46,13 @@ pub enum RotationError {
          `keys rotate` again to resume it if its process is gone"
     )]
     AlreadyRunning(String),
+    /// The session sees only some regions: it would retire the old key
+    /// version while other regions' keys still need it.
+    #[error(
+        "the rotation's database session does not see every region (umstore.regions = '{0}'): \
+         it must see every region's keys before it retires old key versions; run it unscoped"
+    )]
+    RegionScoped(String),
 }
 
 fn db(what: &'static str) -> impl FnOnce(tokio_postgres::Error) -> RotationError {
@@ -183,6 +190,14 @@ pub async fn rotate_and_rewrap(
 ) -> Result<RotationReport, RotationError> {
     if matches!(provider, KeyProvider::Local(_)) {
         return Err(CryptoError::NeedsVault("key rotation").into());
+    }
+    let scope = client
+        .query_one(SELECT_REGION_SCOPE, &[])
+        .await
+        .map_err(db("reading the session's region scope"))?;
+    if scope.get::<_, Option<bool>>(0) != Some(true) {
+        let setting: Option<String> = scope.get(1);
+        return Err(RotationError::RegionScoped(setting.unwrap_or_default()));
     }
     let mut pause = Pause::from_env();
     let kek = provider.kek_name().to_owned();

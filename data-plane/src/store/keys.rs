@@ -37,6 +37,12 @@ pub const INSERT_BLIND_INDEX: &str =
     "INSERT INTO umstore.key_material (name, wrapped_key, kek_name, kek_version)
      VALUES ('blind_index', $1, $2, $3) ON CONFLICT (name) DO NOTHING";
 
+/// Whether row-level security lets this session see every region (the same
+/// function the policies call), and its `umstore.regions` setting.
+pub const SELECT_REGION_SCOPE: &str =
+    "SELECT bool_and(umstore.region_in_scope(region)), current_setting('umstore.regions', true)
+     FROM umstore.regions";
+
 /// The unfinished rotation of a KEK, if any: `$1` KEK name. Columns: id,
 /// target version, cursor region (text), cursor user, keys rewrapped so far.
 pub const SELECT_UNFINISHED_ROTATION: &str =
