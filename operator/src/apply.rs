@@ -1,10 +1,16 @@
 //! The thin layer between the pure builders and the API server: observe what the
-//! store owns, server-side apply what changed (one field manager, `force`), create
+//! store owns, server-side apply what differs (one field manager, `force`), create
 //! once-only objects, and delete what is no longer wanted by owner uid.
 //!
-//! "Changed" is decided by the [`APPLIED_HASH`] annotation: the SHA-256 of the
-//! desired object as last applied. An unchanged desired object is not sent at all,
-//! so a reconcile with nothing to do writes nothing.
+//! "Differs" compares the desired object with the live one listed at the start of
+//! the reconcile: every field the operator sets must be there with the same value
+//! ([`in_sync`]); fields the API server defaults or other managers own are
+//! ignored, as server-side apply ignores them. So a steady-state reconcile writes
+//! nothing, and a hand edit of a field the operator owns (a StatefulSet scaled by
+//! hand, a ConfigMap edited, a Service's selector changed) is put back on the next
+//! reconcile. The [`APPLIED_HASH`] annotation (the SHA-256 of the desired object)
+//! tells the two apart: same hash but different content means the live object was
+//! edited by hand.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -75,26 +81,78 @@ pub fn with_hash(object: &Object) -> Result<(serde_json::Value, String), Error> 
     Ok((value, hash))
 }
 
-/// Whether the observed object already carries the desired hash.
-pub fn unchanged(observed: Option<&DynamicObject>, hash: &str) -> bool {
-    observed
-        .and_then(|o| o.annotations().get(APPLIED_HASH))
-        .is_some_and(|h| h == hash)
+/// Whether every field of `desired` is in `live` with the same value. Objects are
+/// compared key by key (keys only in `live` are the API server's defaults or other
+/// managers' fields); lists element by element and of the same length; an empty
+/// list or map in `desired` matches an absent one; numbers by value.
+pub fn in_sync(desired: &serde_json::Value, live: &serde_json::Value) -> bool {
+    use serde_json::Value;
+    match (desired, live) {
+        (Value::Object(d), Value::Object(l)) => d.iter().all(|(k, dv)| match l.get(k) {
+            Some(lv) => in_sync(dv, lv),
+            None => is_empty(dv),
+        }),
+        (Value::Object(d), Value::Null) => d.is_empty(),
+        (Value::Array(d), Value::Array(l)) => {
+            d.len() == l.len() && d.iter().zip(l).all(|(dv, lv)| in_sync(dv, lv))
+        }
+        (Value::Array(d), Value::Null) => d.is_empty(),
+        (Value::Number(d), Value::Number(l)) => d == l || d.as_f64() == l.as_f64(),
+        (Value::Null, _) => true,
+        (d, l) => d == l,
+    }
 }
 
-/// Server-side applies `object` unless the observed copy has the same hash.
-/// Returns whether a request was sent.
+fn is_empty(v: &serde_json::Value) -> bool {
+    match v {
+        serde_json::Value::Null => true,
+        serde_json::Value::Array(a) => a.is_empty(),
+        serde_json::Value::Object(o) => o.is_empty(),
+        _ => false,
+    }
+}
+
+/// What [`apply`] did with one object.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Applied {
+    /// The live object already matched: no request.
+    Unchanged,
+    /// Created, or changed because the spec changed.
+    Updated,
+    /// The spec did not change but the live object had been edited: put back.
+    DriftCorrected,
+}
+
+/// Server-side applies `object` unless the live copy already carries every field
+/// it sets.
 pub async fn apply(
     client: &Client,
     namespace: &str,
     object: &Object,
     observed: &Observed,
-) -> Result<bool, Error> {
+) -> Result<Applied, Error> {
     let ar = object.api_resource();
     let (value, hash) = with_hash(object)?;
-    if unchanged(observed.get(&ar.kind, object.name()), &hash) {
-        return Ok(false);
-    }
+    let live = observed.get(&ar.kind, object.name());
+    let drifted = match live {
+        Some(live) => {
+            let live_value = serde_json::to_value(live).map_err(|source| Error::Serialize {
+                what: object.key(),
+                source,
+            })?;
+            let mut desired = value.clone();
+            // List items carry no apiVersion/kind.
+            if let Some(map) = desired.as_object_mut() {
+                map.remove("apiVersion");
+                map.remove("kind");
+            }
+            if in_sync(&desired, &live_value) {
+                return Ok(Applied::Unchanged);
+            }
+            live.annotations().get(APPLIED_HASH) == Some(&hash)
+        }
+        None => false,
+    };
     let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), namespace, &ar);
     api.patch(
         object.name(),
@@ -103,7 +161,11 @@ pub async fn apply(
     )
     .await
     .map_err(Error::kube(format!("applying {}", object.key())))?;
-    Ok(true)
+    Ok(if drifted {
+        Applied::DriftCorrected
+    } else {
+        Applied::Updated
+    })
 }
 
 /// Creates `object` if absent; an existing one is left exactly as it is.
@@ -204,5 +266,39 @@ pub async fn delete(
             action: format!("deleting {kind}/{}", obj.name_any()),
             source,
         }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::in_sync;
+
+    #[test]
+    fn defaults_and_foreign_fields_are_in_sync() {
+        let desired = json!({"spec": {"replicas": 2, "ports": [{"port": 5432}], "args": []}});
+        let live = json!({"spec": {"replicas": 2, "ports": [{"port": 5432, "protocol": "TCP"}],
+                                   "clusterIP": "10.0.0.1"}, "status": {"readyReplicas": 2}});
+        assert!(in_sync(&desired, &live));
+    }
+
+    #[test]
+    fn a_changed_or_missing_field_or_element_is_drift() {
+        let desired = json!({"spec": {"replicas": 2, "ports": [{"port": 5432}]}});
+        for live in [
+            json!({"spec": {"replicas": 3, "ports": [{"port": 5432}]}}),
+            json!({"spec": {"ports": [{"port": 5432}]}}),
+            json!({"spec": {"replicas": 2, "ports": [{"port": 5433}]}}),
+            json!({"spec": {"replicas": 2, "ports": []}}),
+            json!({"spec": {"replicas": 2, "ports": [{"port": 5432}, {"port": 1}]}}),
+        ] {
+            assert!(!in_sync(&desired, &live), "{live}");
+        }
+    }
+
+    #[test]
+    fn numbers_compare_by_value() {
+        assert!(in_sync(&json!({"a": 1}), &json!({"a": 1.0})));
     }
 }

@@ -16,7 +16,8 @@ use umstore_crds::{ReclaimPolicy, UserMetadataStore};
 
 use crate::context::Context;
 use crate::error::Error;
-use crate::meta::Owner;
+use crate::meta::{Owner, MANAGER};
+use crate::steps::Reason;
 
 /// Runs the cleanup of `store`.
 pub async fn run(ctx: &Context, store: &UserMetadataStore) -> Result<Action, Error> {
@@ -45,9 +46,13 @@ pub async fn run(ctx: &Context, store: &UserMetadataStore) -> Result<Action, Err
                     continue;
                 }
                 let patch = serde_json::json!({"metadata": {"ownerReferences": null}});
+                // Under the operator's field manager, like every other write.
                 api.patch(
                     &secret.name_any(),
-                    &PatchParams::default(),
+                    &PatchParams {
+                        field_manager: Some(MANAGER.into()),
+                        ..PatchParams::default()
+                    },
                     &Patch::Merge(&patch),
                 )
                 .await
@@ -73,7 +78,7 @@ pub async fn run(ctx: &Context, store: &UserMetadataStore) -> Result<Action, Err
     info!(%namespace, %name, "{note}");
     let event = Event {
         type_: EventType::Normal,
-        reason: "Deleting".into(),
+        reason: Reason::Deleting.as_str().into(),
         note: Some(note),
         action: "Cleanup".into(),
         secondary: None,

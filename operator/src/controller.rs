@@ -12,8 +12,8 @@ use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::api::core::v1::{ConfigMap, ObjectReference, Secret, Service, ServiceAccount};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-use kube::api::Api;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::api::{Api, ApiResource, DynamicObject};
 use kube::core::error_boundary::InvalidObject;
 use kube::core::DeserializeGuard;
 use kube::runtime::controller::{Action, Controller};
@@ -24,11 +24,13 @@ use kube::runtime::{predicates, reflector, watcher, Predicate, WatchStreamExt};
 use kube::{Client, Resource};
 use serde::de::DeserializeOwned;
 use tracing::{info, info_span, warn, Instrument};
-use umstore_crds::UserMetadataStore;
+use umstore_crds::{condition, Phase, UserMetadataStore};
 
 use crate::context::Context;
 use crate::error::Error;
 use crate::meta::{FINALIZER, MANAGED_BY_LABEL, MANAGER};
+use crate::steps::status::merge_conditions;
+use crate::steps::Reason;
 use crate::{cleanup, pipeline};
 
 /// How long a replica that is not the leader waits before looking again.
@@ -112,9 +114,46 @@ async fn report_malformed(ctx: &Context, invalid: &InvalidObject) -> Result<Acti
         resource_version: meta.resource_version.clone(),
         ..ObjectReference::default()
     };
+    // The Ready condition keeps its lastTransitionTime when it was already false;
+    // the other conditions and fields are left as they were.
+    let api: Api<DynamicObject> = Api::namespaced_with(
+        ctx.client.clone(),
+        &namespace,
+        &ApiResource::erase::<UserMetadataStore>(&()),
+    );
+    let current = api.get_status(&name).await.map_err(Error::kube(format!(
+        "reading the status of {namespace}/{name}"
+    )))?;
+    let old = current.data.get("status").cloned().unwrap_or_default();
+    let old_conditions: Vec<Condition> = old
+        .get("conditions")
+        .cloned()
+        .and_then(|c| serde_json::from_value(c).ok())
+        .unwrap_or_default();
+    let now = Time(k8s_openapi::jiff::Timestamp::now());
+    let ready = Condition {
+        type_: condition::READY.into(),
+        status: "False".into(),
+        reason: Reason::Malformed.as_str().into(),
+        message: message.clone(),
+        observed_generation: meta.generation,
+        last_transition_time: now,
+    };
+    let conditions = merge_conditions(&old_conditions, vec![ready]);
+    let status = serde_json::json!({
+        "observedGeneration": meta.generation,
+        "phase": Phase::Invalid,
+        "conditions": conditions,
+    });
+    let unchanged = ["observedGeneration", "phase", "conditions"]
+        .iter()
+        .all(|k| old.get(k) == status.get(k));
+    if unchanged {
+        return Ok(Action::await_change());
+    }
     let event = Event {
         type_: EventType::Warning,
-        reason: "Malformed".into(),
+        reason: Reason::Malformed.as_str().into(),
         note: Some(message.chars().take(1000).collect()),
         action: "Reconcile".into(),
         secondary: None,
@@ -122,16 +161,6 @@ async fn report_malformed(ctx: &Context, invalid: &InvalidObject) -> Result<Acti
     if let Err(error) = ctx.recorder.publish(&event, &reference).await {
         warn!(%error, "could not publish the Malformed Event");
     }
-    let now = Time(k8s_openapi::jiff::Timestamp::now());
-    let status = serde_json::json!({
-        "observedGeneration": meta.generation,
-        "phase": "Invalid",
-        "conditions": [{
-            "type": "Ready", "status": "False", "reason": "Malformed",
-            "message": message, "lastTransitionTime": now,
-            "observedGeneration": meta.generation,
-        }],
-    });
     crate::steps::status::apply_status(&ctx.client, &namespace, &name, status).await?;
     Ok(Action::await_change())
 }

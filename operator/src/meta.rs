@@ -37,7 +37,7 @@ pub const EXPORTER_PORT: i32 = 9187;
 /// Data-plane HTTP port.
 pub const API_PORT: i32 = 8080;
 /// The application database.
-pub const DATABASE: &str = "umstore";
+pub use umstore_migrations::roles::DATABASE;
 
 /// The identity of the store that owns an object: what every builder needs to name
 /// and label it.

@@ -1,6 +1,9 @@
-//! The reconcile pipeline of SPEC §3, top to bottom. Each step is idempotent; the
-//! pipeline stops at the first step that is not done, and the status step always
-//! records where it stopped.
+//! The reconcile pipeline of SPEC §3, top to bottom:
+//! validate → credentials → topology → bootstrap → migrate → status.
+//!
+//! Each step takes what the earlier ones returned and hands its own result on
+//! (see [`crate::steps`]); the pipeline stops at the first step that is not done
+//! and the status step always records where it stopped.
 
 use std::time::Duration;
 
@@ -9,10 +12,13 @@ use kube::Resource;
 use tracing::{debug, warn};
 use umstore_crds::UserMetadataStore;
 
+use crate::apply;
+use crate::builders;
 use crate::context::Context;
 use crate::error::Error;
 use crate::steps::{
-    bootstrap, credentials, migrate, status, topology, validate, Reconciliation, Step, StepOutcome,
+    bootstrap, credentials, migrate, status, topology, validate, Journal, Outcome, Progress,
+    Reached, Reason, Step,
 };
 
 /// How often a healthy store is looked at again even without a change.
@@ -23,94 +29,127 @@ pub const NOT_READY_RECHECK: Duration = Duration::from_secs(30);
 /// What one reconcile did, for tests and the benchmark.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Report {
-    /// Where the pipeline stopped (`Done` when it ran through).
-    pub outcome: StepOutcome,
-    /// Objects server-side applied.
-    pub applied: Vec<String>,
-    /// Objects created once.
-    pub created: Vec<String>,
-    /// Objects deleted.
-    pub deleted: Vec<String>,
+    /// How far the pipeline got.
+    pub progress: Progress,
+    /// The writes made and Events published.
+    pub journal: Journal,
     /// Whether the status was written.
     pub status_written: bool,
     /// When to reconcile again.
     pub action: Action,
 }
 
-/// Runs the pipeline for `store` and publishes its Events.
+/// Runs the pipeline for `store`, writes its status and publishes its Events.
 pub async fn run(ctx: &Context, store: &UserMetadataStore) -> Result<Report, Error> {
-    let mut r = Reconciliation::new(store);
-    // TODO(issue: distribute, keys): the last steps of SPEC §3 (distribute (tier ≥ 3)
-    // → encryption keys) go after migrate, in that order, each as its own module
-    // under `steps/`, reusing `r.admin_db`.
-    let outcome = 'pipeline: {
-        let o = validate::run(ctx, &mut r).await?;
-        if !o.is_done() {
-            break 'pipeline o;
-        }
-        let o = credentials::run(ctx, &mut r).await?;
-        if !o.is_done() {
-            break 'pipeline o;
-        }
-        let o = topology::run(ctx, &mut r).await?;
-        if !o.is_done() {
-            break 'pipeline o;
-        }
-        r.passed(Step::Provision, "");
-        let o = bootstrap::run(ctx, &mut r).await?;
-        if !o.is_done() {
-            break 'pipeline o;
-        }
-        migrate::run(ctx, &mut r).await?
-    };
-    // The connection is not kept between reconciles.
-    r.admin_db = None;
+    let mut journal = Journal::default();
+    let progress = steps(ctx, store, &mut journal).await?;
     debug!(
-        ?outcome,
-        applied = r.applied.len(),
-        deleted = r.deleted.len(),
+        waiting = ?progress.waiting().map(|w| w.reason),
+        applied = journal.applied.len(),
+        deleted = journal.deleted.len(),
         "pipeline finished"
     );
-    let status_written = status::run(ctx, &mut r, &outcome).await?;
-    publish_events(ctx, store, &r).await;
+    let status_written = status::run(ctx, store, &progress, &mut journal).await?;
+    publish_events(ctx, store, &journal).await;
     ctx.metrics
-        .objects_applied(r.applied.len() + r.created.len());
-
-    let all_ready = r
-        .store
-        .status
-        .as_ref()
-        .is_some_and(|s| !s.components.is_empty())
-        && status::components(&r).iter().all(|c| c.ready);
-    let action = match &outcome {
-        StepOutcome::Waiting {
-            requeue_after: Some(d),
-            ..
-        } => Action::requeue(*d),
-        StepOutcome::Waiting {
-            requeue_after: None,
-            ..
-        } => Action::await_change(),
-        StepOutcome::Done if all_ready => Action::requeue(RESYNC),
-        StepOutcome::Done => Action::requeue(NOT_READY_RECHECK),
+        .objects_applied(journal.applied.len() + journal.created.len());
+    let action = match progress.waiting() {
+        Some(w) => w
+            .requeue_after
+            .map_or_else(Action::await_change, Action::requeue),
+        None if progress.all_ready() => Action::requeue(RESYNC),
+        None => Action::requeue(NOT_READY_RECHECK),
     };
     Ok(Report {
-        outcome,
-        applied: r.applied,
-        created: r.created,
-        deleted: r.deleted,
+        progress,
+        journal,
         status_written,
         action,
     })
 }
 
+/// The steps before status, in order; returns how far they got.
+async fn steps(
+    ctx: &Context,
+    store: &UserMetadataStore,
+    journal: &mut Journal,
+) -> Result<Progress, Error> {
+    let valid = match validate::run(store, journal) {
+        Outcome::Done(v) => v,
+        Outcome::Waiting(w) => return Ok(Progress::Invalid(w)),
+    };
+    let owner = &valid.owner;
+    let observed = apply::observe(&ctx.client, &owner.namespace, &owner.selector_string()).await?;
+    let credentials = credentials::run(ctx, &valid, &observed, journal).await?;
+    let desired = builders::topology(&valid, &credentials, &ctx.env);
+    let mut reached = Reached {
+        tier: valid.tier,
+        demotion_refused: valid.demotion_refused.clone(),
+        vault_configured: valid.spec.encryption.vault_address.is_some(),
+        components: status::components(&desired, &observed),
+        endpoints: status::endpoints(&valid),
+        steps: Vec::new(),
+        waiting: None,
+        schema_version: None,
+    };
+    let placement = store
+        .status
+        .as_ref()
+        .map(|s| s.placement.clone())
+        .unwrap_or_default();
+
+    let provisioned =
+        match topology::run(ctx, &valid, &desired, &observed, &placement, journal).await? {
+            Outcome::Done(p) => p,
+            Outcome::Waiting(w) => return Ok(reached.stopped(Step::Provision, w)),
+        };
+    reached.done(
+        Step::Provision,
+        Reason::Applied,
+        format!(
+            "{} objects of tier {} are applied",
+            provisioned.objects, valid.tier
+        ),
+    );
+
+    let bootstrapped =
+        match bootstrap::run(ctx, &valid, &credentials, &provisioned, journal).await? {
+            Outcome::Done(b) => b,
+            Outcome::Waiting(w) => return Ok(reached.stopped(Step::Bootstrap, w)),
+        };
+    reached.done(
+        Step::Bootstrap,
+        Reason::Bootstrapped,
+        bootstrapped.message.clone(),
+    );
+
+    // TODO(issue: distribute, keys): distribute (tier ≥ 3) → encryption keys go
+    // here, each taking `SchemaCurrent` (and its admin connection).
+    let schema = match migrate::run(&valid, bootstrapped, journal).await? {
+        Ok(current) => current,
+        Err(held) => {
+            reached.schema_version = held.applied_version;
+            return Ok(reached.stopped(Step::Migrate, held.waiting));
+        }
+    };
+    reached.schema_version = Some(schema.version);
+    reached.done(
+        Step::Migrate,
+        Reason::Migrated,
+        format!("schema at version {}", schema.version),
+    );
+    // The connection is not kept between reconciles.
+    drop(schema);
+    Ok(Progress::Reached(reached))
+}
+
 /// Publishes the queued Events; a failure to publish is logged, never fatal.
-async fn publish_events(ctx: &Context, store: &UserMetadataStore, r: &Reconciliation<'_>) {
+async fn publish_events(ctx: &Context, store: &UserMetadataStore, journal: &Journal) {
     let reference = store.object_ref(&());
-    for note in &r.events {
+    for note in &journal.events {
         let event = kube::runtime::events::Event {
             type_: note.type_,
-            reason: note.reason.clone(),
+            reason: note.reason.as_str().to_string(),
             note: Some(note.note.chars().take(1000).collect()),
             action: "Reconcile".into(),
             secondary: None,

@@ -101,7 +101,7 @@ async fn bootstrap_and_migrate_give_each_client_a_working_login_and_rerun_as_no_
         .connect(HOST, 5432, "umstore", "postgres", admin)
         .await
         .expect("connect to umstore");
-    let first = bootstrap(&client, &creds, 1).await.expect("bootstrap");
+    let first = bootstrap(&mut client, &creds, 1).await.expect("bootstrap");
     assert!(first
         .roles_created
         .contains(&"umstore_writer_login".to_string()));
@@ -121,7 +121,7 @@ async fn bootstrap_and_migrate_give_each_client_a_working_login_and_rerun_as_no_
     }
 
     // Nothing changes on a second run.
-    let second = bootstrap(&client, &creds, 1)
+    let second = bootstrap(&mut client, &creds, 1)
         .await
         .expect("bootstrap again");
     assert!(!second.changed(), "second bootstrap changed {second:?}");
@@ -202,7 +202,7 @@ async fn bootstrap_and_migrate_give_each_client_a_working_login_and_rerun_as_no_
     assert!(login(&pg, Role::Ai, creds.password(Role::Ai))
         .await
         .is_err());
-    let repaired = bootstrap(&client, &creds, 1)
+    let repaired = bootstrap(&mut client, &creds, 1)
         .await
         .expect("bootstrap repairs");
     assert_eq!(repaired.passwords_set, vec!["umstore_ai_login".to_string()]);
@@ -225,7 +225,7 @@ async fn manual_policy_applies_nothing_and_a_changed_migration_is_refused() {
         .connect(HOST, 5432, "umstore", "postgres", admin)
         .await
         .expect("connect to umstore");
-    bootstrap(&client, &creds, 1).await.expect("bootstrap");
+    bootstrap(&mut client, &creds, 1).await.expect("bootstrap");
 
     match migrate(&mut client, MigrationPolicy::Manual)
         .await

@@ -44,7 +44,7 @@ fn is_root() -> bool {
 /// if this test process dies first.
 fn command(program: &Path) -> Command {
     let mut c = Command::new(program);
-    umstore_data_plane::localpg::ChildSetup::postgres()
+    umstore_e2e::localpg::ChildSetup::postgres()
         .death_signal(libc::SIGKILL)
         .apply(&mut c)
         .expect("run as postgres");
@@ -265,10 +265,10 @@ async fn bootstrap(server: &Server, creds: &Credentials) {
     };
     ensure_database(&admin).await.expect("create db");
     let store_db = socket.replace("dbname=postgres", "dbname=umstore");
-    let admin = connect(&store_db).await.expect("connect to umstore");
+    let mut admin = connect(&store_db).await.expect("connect to umstore");
     // The operator's own bootstrap: login users with their Secrets' passwords
     // (pg_stat_statements comes with it).
-    let report = operator_bootstrap(&admin, creds, 2)
+    let report = operator_bootstrap(&mut admin, creds, 2)
         .await
         .expect("bootstrap");
     assert!(report

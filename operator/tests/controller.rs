@@ -3,142 +3,25 @@
 
 mod support;
 
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use kube::core::DeserializeGuard;
 use kube::runtime::controller::Action;
 use serde_json::{json, Value};
+use support::scenario::*;
 use support::{paths, FakeApi, Recorded};
 use umstore_crds::UserMetadataStore;
 use umstore_operator::builders::credentials::Credentials;
 use umstore_operator::builders::{topology, Env};
 use umstore_operator::controller::{error_policy, reconcile, Guarded, NOT_LEADER_RECHECK};
-use umstore_operator::db::Connector;
-use umstore_operator::leader::Leadership;
-use umstore_operator::metrics::Metrics;
 use umstore_operator::steps::bootstrap;
 use umstore_operator::validated::validate;
-use umstore_operator::{Context, Error};
-
-const NS: &str = "umstore";
-
-fn example(tier: i32) -> Value {
-    let path =
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(format!("../examples/tier{tier}.yaml"));
-    serde_yaml_ng::from_str(&std::fs::read_to_string(path).expect("example")).expect("yaml")
-}
-
-/// The bootstrap and migrate steps of every example store reach the harness's
-/// shared PostgreSQL (trust authentication, so any admin password works) through a
-/// `postgres` superuser, as in the image; the steps' SQL is tested with passwords in
-/// `tests/bootstrap.rs`.
-fn connector() -> Connector {
-    let pg = umstore_e2e::shared()
-        .postgres()
-        .expect("PostgreSQL for the bootstrap step (scripts/install-deps.sh installs it)");
-    pg.primary()
-        .psql(
-            "postgres",
-            "DO $$ BEGIN CREATE ROLE postgres SUPERUSER LOGIN; \
-             EXCEPTION WHEN duplicate_object OR unique_violation THEN NULL; END $$",
-        )
-        .expect("create the postgres superuser");
-    ["pilot", "state-rollout", "national", "nationwide"]
-        .iter()
-        .fold(Connector::in_cluster(), |c, name| {
-            c.with_address(
-                &format!("{name}-coordinator.{NS}.svc"),
-                5432,
-                ("127.0.0.1".to_string(), pg.port()),
-            )
-        })
-}
-
-fn context(client: kube::Client, leader: bool) -> Arc<Context> {
-    Arc::new(
-        Context::new(
-            client,
-            Arc::new(Metrics::new()),
-            Leadership::new(leader),
-            Env {
-                operator_namespace: "umstore-system".into(),
-            },
-            Some("test".into()),
-        )
-        .with_connector(connector()),
-    )
-}
-
-fn stored(api: &FakeApi, name: &str) -> Arc<Guarded> {
-    let value = api.get(&paths::stores(NS), name).expect("store exists");
-    Arc::new(serde_json::from_value(value).expect("guard deserializes"))
-}
-
-/// Seeds the store and runs the first reconcile (which only adds the finalizer).
-async fn seeded(spec_of: Value) -> (FakeApi, Arc<Context>, String) {
-    let (client, api) = FakeApi::start();
-    let name = spec_of["metadata"]["name"]
-        .as_str()
-        .expect("name")
-        .to_string();
-    api.insert(&paths::stores(NS), spec_of);
-    let ctx = context(client, true);
-    let action = reconcile(stored(&api, &name), ctx.clone())
-        .await
-        .expect("finalizer added");
-    assert_eq!(action, Action::await_change());
-    let writes = api.writes();
-    assert_eq!(writes.len(), 1, "{writes:#?}");
-    assert_eq!(
-        writes[0].line(),
-        format!("PATCH {}/{name}", paths::stores(NS))
-    );
-    assert_eq!(writes[0].content_type, "application/json-patch+json");
-    api.clear_log();
-    (api, ctx, name)
-}
-
-fn lines(writes: &[Recorded]) -> Vec<String> {
-    writes.iter().map(Recorded::line).collect()
-}
-
-fn applies(writes: &[Recorded]) -> Vec<&Recorded> {
-    writes
-        .iter()
-        .filter(|w| w.content_type.starts_with("application/apply-patch"))
-        .collect()
-}
-
-fn events(writes: &[Recorded]) -> Vec<String> {
-    writes
-        .iter()
-        .filter(|w| w.path == paths::events(NS))
-        .map(|w| {
-            w.body
-                .as_ref()
-                .and_then(|b| b["reason"].as_str())
-                .unwrap_or_default()
-                .to_string()
-        })
-        .collect()
-}
-
-fn status_of(api: &FakeApi, name: &str) -> Value {
-    api.get(&paths::stores(NS), name).expect("store")["status"].clone()
-}
-
-fn condition<'a>(status: &'a Value, type_: &str) -> &'a Value {
-    status["conditions"]
-        .as_array()
-        .and_then(|cs| cs.iter().find(|c| c["type"] == type_))
-        .unwrap_or(&Value::Null)
-}
+use umstore_operator::Error;
 
 #[tokio::test]
 async fn first_reconcile_applies_every_object_then_the_status() {
-    let (api, ctx, name) = seeded(example(2)).await;
+    let (api, ctx, name) = seeded_without_credentials(example(2)).await;
     reconcile(stored(&api, &name), ctx)
         .await
         .expect("reconcile");
@@ -539,7 +422,7 @@ async fn demotion_is_refused_and_the_running_tier_kept() {
 
 #[tokio::test]
 async fn role_passwords_are_never_regenerated() {
-    let (api, ctx, name) = seeded(example(2)).await;
+    let (api, ctx, name) = seeded_without_credentials(example(2)).await;
     reconcile(stored(&api, &name), ctx.clone())
         .await
         .expect("first");
@@ -707,4 +590,153 @@ async fn api_failure_is_retried_with_growing_backoff() {
         error_policy(store, &Error::MissingMetadata, ctx),
         Action::requeue(Duration::from_secs(5))
     );
+}
+
+/// One hand edit per owned kind, each of a field the operator sets.
+fn hand_edits() -> Vec<(String, &'static str, &'static str, Value)> {
+    vec![
+        (
+            paths::statefulsets(NS),
+            "state-rollout-replica-ai",
+            "/spec/replicas",
+            json!(7),
+        ),
+        (
+            paths::deployments(NS),
+            "state-rollout-data-plane",
+            "/spec/replicas",
+            json!(0),
+        ),
+        (
+            paths::configmaps(NS),
+            "state-rollout-pgbouncer",
+            "/data/pgbouncer.ini",
+            json!("[databases]\n* = host=evil.example\n"),
+        ),
+        (
+            paths::services(NS),
+            "state-rollout-pgbouncer",
+            "/spec/selector/app.kubernetes.io~1component",
+            json!("data-plane"),
+        ),
+        (
+            paths::secrets(NS),
+            "state-rollout-conn-writer",
+            "/data/host",
+            json!("ZXZpbC5leGFtcGxl"),
+        ),
+        (
+            paths::pdbs(NS),
+            "state-rollout-replica-ai",
+            "/spec/maxUnavailable",
+            json!(3),
+        ),
+        (
+            paths::networkpolicies(NS),
+            "state-rollout-postgres",
+            "/spec/ingress",
+            json!([{}]),
+        ),
+    ]
+}
+
+#[tokio::test]
+async fn hand_edits_of_owned_objects_are_put_back_on_the_next_reconcile() {
+    let (api, ctx, name) = seeded(example(2)).await;
+    steady(&api, &ctx, &name).await;
+    for (collection, object, pointer, value) in hand_edits() {
+        let before = api.get(&collection, object).expect("owned object");
+        let wanted = before.pointer(pointer).cloned();
+        assert!(wanted.is_some(), "{object} sets {pointer}");
+        hand_edit(&api, &collection, object, pointer, value);
+        api.clear_log();
+        // A fresh recorder, so each correction is its own Event, not a series.
+        let ctx = context(ctx.client.clone(), true);
+        reconcile(stored(&api, &name), ctx.clone())
+            .await
+            .expect("reconcile");
+        let writes = api.writes();
+        assert_eq!(
+            apply_lines(&writes),
+            [format!("PATCH {collection}/{object}")],
+            "only the edited object is applied: {:#?}",
+            lines(&api.log())
+        );
+        assert_eq!(
+            api.get(&collection, object)
+                .expect("object")
+                .pointer(pointer)
+                .cloned(),
+            wanted,
+            "{object} {pointer} put back"
+        );
+        assert_eq!(events(&writes), ["DriftCorrected"], "{object}");
+        api.clear_log();
+        reconcile(stored(&api, &name), ctx.clone())
+            .await
+            .expect("reconcile");
+        assert!(
+            api.writes().is_empty(),
+            "after the correction nothing more: {:#?}",
+            api.writes()
+        );
+    }
+}
+
+#[tokio::test]
+async fn fields_only_others_set_are_left_alone() {
+    let (api, ctx, name) = seeded(example(2)).await;
+    steady(&api, &ctx, &name).await;
+    // What the API server defaults and other tools add is not drift.
+    hand_edit(
+        &api,
+        &paths::services(NS),
+        "state-rollout-pgbouncer",
+        "/spec",
+        {
+            let mut spec = api
+                .get(&paths::services(NS), "state-rollout-pgbouncer")
+                .expect("service")["spec"]
+                .clone();
+            spec["clusterIP"] = json!("10.0.0.12");
+            spec["ports"][0]["protocol"] = json!("TCP");
+            spec
+        },
+    );
+    hand_edit(
+        &api,
+        &paths::configmaps(NS),
+        "state-rollout-pgbouncer",
+        "/metadata/annotations",
+        {
+            let mut annotations = api
+                .get(&paths::configmaps(NS), "state-rollout-pgbouncer")
+                .expect("configmap")["metadata"]["annotations"]
+                .clone();
+            annotations["kubectl.kubernetes.io/last-applied-configuration"] = json!("{}");
+            annotations
+        },
+    );
+    reconcile(stored(&api, &name), ctx)
+        .await
+        .expect("reconcile");
+    assert!(
+        api.writes().is_empty(),
+        "defaults and foreign fields are not drift: {:#?}",
+        lines(&api.writes())
+    );
+}
+
+#[tokio::test]
+async fn a_steady_state_reconcile_only_lists() {
+    let (api, ctx, name) = seeded(example(3)).await;
+    steady(&api, &ctx, &name).await;
+    reconcile(stored(&api, &name), ctx)
+        .await
+        .expect("reconcile");
+    let log = api.log();
+    let status = status_of(&api, &name);
+    assert!(api.writes().is_empty(), "{:#?}\n{status:#}", api.writes());
+    // One LIST per owned kind; no GET of single objects.
+    assert_eq!(log.len(), 8, "{:#?}", lines(&log));
 }

@@ -10,6 +10,7 @@ use k8s_openapi::ByteString;
 use crate::meta::{Owner, CREDENTIAL_LABEL, DATABASE, PGBOUNCER_PORT, PG_PORT};
 use crate::validated::Validated;
 use umstore_crds::ReplicaPurpose;
+use umstore_migrations::roles::{Purpose, REPLICATOR, SUPERUSER};
 
 /// A database role. Each has its own password Secret `<store>-role-<role>`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -55,17 +56,25 @@ impl Role {
         Role::Analytics,
     ];
 
+    /// The database purpose of a client role.
+    pub fn purpose(self) -> Option<Purpose> {
+        match self {
+            Role::Admin | Role::Replicator => None,
+            Role::Writer => Some(Purpose::Writer),
+            Role::Ai => Some(Purpose::Ai),
+            Role::Rules => Some(Purpose::Rules),
+            Role::JsonGenerator => Some(Purpose::JsonGenerator),
+            Role::Dashboard => Some(Purpose::Dashboard),
+            Role::Analytics => Some(Purpose::Analytics),
+        }
+    }
+
     /// Kebab-case name used in object names.
     pub fn slug(self) -> &'static str {
         match self {
             Role::Admin => "admin",
             Role::Replicator => "replicator",
-            Role::Writer => "writer",
-            Role::Ai => "ai",
-            Role::Rules => "rules",
-            Role::JsonGenerator => "json-generator",
-            Role::Dashboard => "dashboard",
-            Role::Analytics => "analytics",
+            _ => self.purpose().map_or("admin", Purpose::slug),
         }
     }
 
@@ -73,29 +82,16 @@ impl Role {
     /// user, a member of the purpose's group role that the migrations grant to
     /// (see [`Role::group`]); the bootstrap step creates both.
     pub fn user(self) -> &'static str {
-        match self {
-            Role::Admin => "postgres",
-            Role::Replicator => "replicator",
-            Role::Writer => "umstore_writer_login",
-            Role::Ai => "umstore_ai_login",
-            Role::Rules => "umstore_rules_login",
-            Role::JsonGenerator => "umstore_json_generator_login",
-            Role::Dashboard => "umstore_dashboard_login",
-            Role::Analytics => "umstore_analytics_login",
+        match self.purpose() {
+            None if self == Role::Replicator => REPLICATOR,
+            None => SUPERUSER,
+            Some(p) => p.login().unwrap_or(SUPERUSER),
         }
     }
 
     /// The group role whose grants this role's user receives.
     pub fn group(self) -> Option<&'static str> {
-        match self {
-            Role::Admin | Role::Replicator => None,
-            Role::Writer => Some("umstore_writer"),
-            Role::Ai => Some("umstore_ai"),
-            Role::Rules => Some("umstore_rules"),
-            Role::JsonGenerator => Some("umstore_json_generator"),
-            Role::Dashboard => Some("umstore_dashboard"),
-            Role::Analytics => Some("umstore_analytics"),
-        }
+        self.purpose().map(Purpose::group)
     }
 
     /// The replica pool that serves this role's reads, if it reads from one.

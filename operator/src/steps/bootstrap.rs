@@ -21,26 +21,18 @@ use kube::runtime::events::EventType;
 use sha2::{Digest, Sha256};
 use tokio_postgres::Client;
 
-use super::{Reconciliation, StepOutcome};
-use crate::builders::credentials::Role;
+use umstore_migrations::roles::{with_advisory_lock, AdvisoryLock, Purpose, DATABASE};
+
+use super::topology::Provisioned;
+use super::{Journal, Outcome, Reason, Waiting};
+use crate::builders::credentials::{Credentials, Role};
 use crate::context::Context;
 use crate::error::Error;
-use crate::meta::{DATABASE, PG_PORT};
+use crate::meta::PG_PORT;
+use crate::validated::Validated;
 
 /// How often to look again while the coordinator is not ready or not reachable.
 pub const RECHECK: Duration = Duration::from_secs(15);
-
-/// The purpose group roles the migrations grant to (created here too, so login users
-/// can join them before the first migration runs; migration 0001 tolerates that).
-pub const GROUP_ROLES: [&str; 7] = [
-    "umstore_writer",
-    "umstore_ai",
-    "umstore_rules",
-    "umstore_json_generator",
-    "umstore_dashboard",
-    "umstore_analytics",
-    "umstore_admin",
-];
 
 /// Extensions every tier gets (when the image ships them).
 const EXTENSIONS: [&str; 1] = ["pg_stat_statements"];
@@ -71,38 +63,53 @@ impl BootstrapReport {
     }
 }
 
-/// Runs the step.
-pub async fn run(ctx: &Context, r: &mut Reconciliation<'_>) -> Result<StepOutcome, Error> {
-    let v = r.validated.as_ref().ok_or(Error::MissingMetadata)?;
-    let coordinator = v.owner.child("coordinator");
-    let host = v.owner.service_host(&coordinator);
-    let tier = v.tier;
-    let ready = r
-        .observed(ctx)
-        .await?
-        .get("StatefulSet", &coordinator)
-        .and_then(|o| o.data.get("status"))
-        .and_then(|s| s.get("readyReplicas"))
-        .and_then(serde_json::Value::as_i64)
-        .unwrap_or(0)
-        >= 1;
-    if !ready {
-        return Ok(StepOutcome::Waiting {
-            reason: "CoordinatorNotReady",
-            message: format!("waiting for StatefulSet {coordinator} to have a ready replica"),
-            requeue_after: Some(RECHECK),
-        });
+/// What the later steps receive from bootstrap: the superuser connection to the
+/// store's database, which the migrate (and later the distribute and keys) steps
+/// reuse rather than opening their own.
+pub struct Bootstrapped {
+    /// Connected as the superuser to the store's database.
+    pub admin: Client,
+    /// The `Bootstrapped` condition's message.
+    pub message: String,
+}
+
+impl std::fmt::Debug for Bootstrapped {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Bootstrapped")
+            .field("message", &self.message)
+            .finish_non_exhaustive()
     }
-    let admin = r.credentials.password(Role::Admin).to_string();
+}
+
+/// Runs the step once the topology step has applied the coordinator.
+pub async fn run(
+    ctx: &Context,
+    v: &Validated,
+    credentials: &Credentials,
+    provisioned: &Provisioned,
+    journal: &mut Journal,
+) -> Result<Outcome<Bootstrapped>, Error> {
+    let coordinator = &provisioned.coordinator;
+    if !provisioned.coordinator_ready {
+        return Ok(Outcome::Waiting(Waiting::new(
+            Reason::CoordinatorNotReady,
+            format!("waiting for StatefulSet {coordinator} to have a ready replica"),
+            Some(RECHECK),
+        )));
+    }
+    let host = v.owner.service_host(coordinator);
+    let admin = credentials.password(Role::Admin);
     let port = u16::try_from(PG_PORT).unwrap_or(5432);
-    let unreachable = |e: Error| StepOutcome::Waiting {
-        reason: "CoordinatorUnreachable",
-        message: format!("{e}; retrying (check the coordinator's logs and NetworkPolicy)"),
-        requeue_after: Some(RECHECK),
+    let unreachable = |e: Error| {
+        Outcome::Waiting(Waiting::new(
+            Reason::CoordinatorUnreachable,
+            format!("{e}; retrying (check the coordinator's logs and NetworkPolicy)"),
+            Some(RECHECK),
+        ))
     };
     let maintenance = match ctx
         .connector
-        .connect(&host, port, "postgres", Role::Admin.user(), &admin)
+        .connect(&host, port, "postgres", Role::Admin.user(), admin)
         .await
     {
         Ok(c) => c,
@@ -110,28 +117,26 @@ pub async fn run(ctx: &Context, r: &mut Reconciliation<'_>) -> Result<StepOutcom
     };
     let database_created = ensure_database(&maintenance).await?;
     drop(maintenance);
-    let client = match ctx
+    let mut client = match ctx
         .connector
-        .connect(&host, port, DATABASE, Role::Admin.user(), &admin)
+        .connect(&host, port, DATABASE, Role::Admin.user(), admin)
         .await
     {
         Ok(c) => c,
         Err(e) => return Ok(unreachable(e)),
     };
-    let mut report = bootstrap(&client, &r.credentials, tier).await?;
+    let mut report = bootstrap(&mut client, credentials, v.tier).await?;
     report.database_created = database_created;
     if report.changed() {
-        r.event(EventType::Normal, "Bootstrapped", describe(&report));
+        journal.event(EventType::Normal, Reason::Bootstrapped, describe(&report));
     }
-    r.admin_db = Some(client);
-    r.passed(
-        crate::steps::Step::Bootstrap,
-        format!(
+    Ok(Outcome::Done(Bootstrapped {
+        admin: client,
+        message: format!(
             "database {DATABASE}, extensions and {} login roles in place",
             Role::CLIENTS.len() + 1
         ),
-    );
-    Ok(StepOutcome::Done)
+    }))
 }
 
 fn describe(report: &BootstrapReport) -> String {
@@ -178,35 +183,27 @@ pub async fn ensure_database(client: &Client) -> Result<bool, Error> {
     }
 }
 
-/// Session advisory lock held while bootstrapping ("umstboot"), so two operator
-/// replicas (one briefly believing it still leads) never race on the catalog.
-pub const ADVISORY_LOCK_KEY: i64 = 0x756d_7374_626f_6f74;
-
 /// Extensions, group roles, login users with their passwords, memberships; in the
-/// store's database, as the superuser, under [`ADVISORY_LOCK_KEY`]. Changes nothing
-/// that is already right.
+/// store's database, as the superuser, under the bootstrap advisory lock (so two
+/// operator replicas, one briefly believing it still leads, never race on the
+/// catalog). Changes nothing that is already right.
 pub async fn bootstrap(
-    client: &Client,
-    credentials: &crate::builders::credentials::Credentials,
+    client: &mut Client,
+    credentials: &Credentials,
     tier: i32,
 ) -> Result<BootstrapReport, Error> {
-    client
-        .execute("SELECT pg_advisory_lock($1)", &[&ADVISORY_LOCK_KEY])
-        .await
-        .map_err(Error::db("taking the bootstrap lock"))?;
-    let report = bootstrap_locked(client, credentials, tier).await;
-    let unlocked = client
-        .execute("SELECT pg_advisory_unlock($1)", &[&ADVISORY_LOCK_KEY])
-        .await
-        .map_err(Error::db("releasing the bootstrap lock"));
-    let report = report?;
-    unlocked?;
-    Ok(report)
+    with_advisory_lock(
+        client,
+        AdvisoryLock::Bootstrap,
+        |what, e| Error::db(format!("{what} the bootstrap lock"))(e),
+        async |client| bootstrap_locked(client, credentials, tier).await,
+    )
+    .await
 }
 
 async fn bootstrap_locked(
     client: &Client,
-    credentials: &crate::builders::credentials::Credentials,
+    credentials: &Credentials,
     tier: i32,
 ) -> Result<BootstrapReport, Error> {
     let mut report = BootstrapReport::default();
@@ -240,7 +237,7 @@ async fn bootstrap_locked(
         }
     }
 
-    for group in GROUP_ROLES {
+    for group in Purpose::ALL.map(Purpose::group) {
         if ensure_role(client, group, RoleKind::Group).await? {
             report.roles_created.push(group.to_string());
         }

@@ -5,12 +5,13 @@ use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Api, DynamicObject};
 use kube::runtime::events::EventType;
 
-use super::{Reconciliation, StepOutcome};
-use crate::apply;
+use super::{Journal, Reason};
+use crate::apply::{self, Observed};
 use crate::builders::credentials::{generate_password, role_secret, Credentials, Role};
 use crate::builders::Object;
 use crate::context::Context;
 use crate::error::Error;
+use crate::validated::Validated;
 
 /// Reads the `password` key of a role Secret.
 fn password_of(name: &str, secret: &Secret) -> Result<String, Error> {
@@ -39,24 +40,23 @@ fn as_secret(name: &str, obj: &DynamicObject) -> Result<Secret, Error> {
     })
 }
 
-/// Runs the step.
-pub async fn run(ctx: &Context, r: &mut Reconciliation<'_>) -> Result<StepOutcome, Error> {
-    let owner = r
-        .validated
-        .as_ref()
-        .ok_or(Error::MissingMetadata)?
-        .owner
-        .clone();
-    let observed = r.observed(ctx).await?.clone();
+/// Runs the step: the password of every role, from its Secret or newly generated.
+pub async fn run(
+    ctx: &Context,
+    v: &Validated,
+    observed: &Observed,
+    journal: &mut Journal,
+) -> Result<Credentials, Error> {
+    let owner = &v.owner;
     let mut credentials = Credentials::default();
     let mut created = Vec::new();
     for role in Role::ALL {
-        let name = role.secret_name(&owner);
+        let name = role.secret_name(owner);
         let password = match observed.get("Secret", &name) {
             Some(obj) => password_of(&name, &as_secret(&name, obj)?)?,
             None => {
                 let password = generate_password().map_err(|e| Error::Entropy(e.to_string()))?;
-                let object = Object::Secret(role_secret(&owner, role, &password));
+                let object = Object::Secret(role_secret(owner, role, &password));
                 if apply::create_if_absent(&ctx.client, &owner.namespace, &object).await? {
                     created.push(name.clone());
                     password
@@ -74,14 +74,14 @@ pub async fn run(ctx: &Context, r: &mut Reconciliation<'_>) -> Result<StepOutcom
         credentials.passwords.insert(role, password);
     }
     if !created.is_empty() {
-        r.event(
+        journal.event(
             EventType::Normal,
-            "CredentialsCreated",
+            Reason::CredentialsCreated,
             format!("generated passwords in {}", created.join(", ")),
         );
-        r.created
+        journal
+            .created
             .extend(created.into_iter().map(|n| format!("Secret/{n}")));
     }
-    r.credentials = credentials;
-    Ok(StepOutcome::Done)
+    Ok(credentials)
 }

@@ -13,12 +13,13 @@ use std::time::Duration;
 use kube::runtime::events::EventType;
 use tokio_postgres::Client;
 use umstore_crds::MigrationPolicy;
+use umstore_migrations::roles::Purpose;
 use umstore_migrations::{MigrateError, Runner, MIGRATIONS_TABLE};
 
-use super::{Reconciliation, Step, StepOutcome};
-use crate::context::Context;
+use super::bootstrap::Bootstrapped;
+use super::{Journal, Reason, Waiting};
 use crate::error::Error;
-use crate::steps::bootstrap::GROUP_ROLES;
+use crate::validated::Validated;
 
 /// How often a store held by pending manual migrations or a refused schema is looked at.
 pub const RECHECK: Duration = Duration::from_secs(60);
@@ -83,62 +84,83 @@ pub async fn migrate(client: &mut Client, policy: MigrationPolicy) -> Result<Mig
     }
 }
 
+/// What the migrate step leaves for the steps after it.
+#[derive(Debug)]
+pub struct SchemaCurrent {
+    /// The superuser connection, handed on.
+    pub admin: Client,
+    /// The schema version (the one this operator embeds).
+    pub version: i32,
+}
+
+/// Why the migrate step did not finish, with the version the database is at.
+#[derive(Debug)]
+pub struct SchemaHeld {
+    /// Why, for the condition.
+    pub waiting: Waiting,
+    /// The highest applied version, if known.
+    pub applied_version: Option<i32>,
+}
+
 /// Runs the step on the connection the bootstrap step opened.
-pub async fn run(_ctx: &Context, r: &mut Reconciliation<'_>) -> Result<StepOutcome, Error> {
-    let policy = r
-        .validated
-        .as_ref()
-        .ok_or(Error::MissingMetadata)?
-        .spec
-        .migrations
-        .policy;
-    let mut client = r.admin_db.take().ok_or(Error::MissingMetadata)?;
-    let migrated = migrate(&mut client, policy).await;
-    r.admin_db = Some(client);
+pub async fn run(
+    v: &Validated,
+    bootstrapped: Bootstrapped,
+    journal: &mut Journal,
+) -> Result<Result<SchemaCurrent, SchemaHeld>, Error> {
+    let mut client = bootstrapped.admin;
     let as_i32 = |v: u32| i32::try_from(v).unwrap_or(i32::MAX);
-    Ok(match migrated? {
-        Migrated::Current { applied, version } => {
-            if !applied.is_empty() {
-                r.event(
-                    EventType::Normal,
-                    "MigrationsApplied",
-                    format!(
-                        "applied migrations {} (schema version {version})",
-                        applied.join(", ")
+    Ok(
+        match migrate(&mut client, v.spec.migrations.policy).await? {
+            Migrated::Current { applied, version } => {
+                if !applied.is_empty() {
+                    journal.event(
+                        EventType::Normal,
+                        Reason::MigrationsApplied,
+                        format!(
+                            "applied migrations {} (schema version {version})",
+                            applied.join(", ")
+                        ),
+                    );
+                }
+                Ok(SchemaCurrent {
+                    admin: client,
+                    version: as_i32(version),
+                })
+            }
+            Migrated::Pending {
+                versions,
+                applied_version,
+            } => {
+                let versions: Vec<String> = versions.iter().map(u32::to_string).collect();
+                Err(SchemaHeld {
+                    waiting: Waiting::new(
+                        Reason::MigrationsPending,
+                        format!(
+                        "migrations {} are pending and spec.migrations.policy is Manual: set it \
+                         to Auto, or run `umstore-data-plane migrate up` against the \
+                         coordinator as the admin role",
+                        versions.join(", ")
                     ),
-                );
+                        Some(RECHECK),
+                    ),
+                    applied_version: applied_version.map(as_i32),
+                })
             }
-            r.schema_version = Some(as_i32(version));
-            r.passed(Step::Migrate, format!("schema at version {version}"));
-            StepOutcome::Done
-        }
-        Migrated::Pending {
-            versions,
-            applied_version,
-        } => {
-            r.schema_version = applied_version.map(as_i32);
-            let versions: Vec<String> = versions.iter().map(u32::to_string).collect();
-            StepOutcome::Waiting {
-                reason: "MigrationsPending",
-                message: format!(
-                    "migrations {} are pending and spec.migrations.policy is Manual: set it to \
-                     Auto, or run `umstore-data-plane migrate up` against the coordinator as \
-                     the admin role",
-                    versions.join(", ")
+            Migrated::Refused(e) => Err(SchemaHeld {
+                waiting: Waiting::new(
+                    if matches!(e, MigrateError::Apply { .. }) {
+                        Reason::MigrationFailed
+                    } else {
+                        Reason::MigrationRefused
+                    },
+                    e.to_string(),
+                    Some(RECHECK),
                 ),
-                requeue_after: Some(RECHECK),
-            }
-        }
-        Migrated::Refused(e) => StepOutcome::Waiting {
-            reason: if matches!(e, MigrateError::Apply { .. }) {
-                "MigrationFailed"
-            } else {
-                "MigrationRefused"
-            },
-            message: e.to_string(),
-            requeue_after: Some(RECHECK),
+                applied_version: None,
+            }),
         },
-    })
+    )
 }
 
 /// A refusal needs a person (a failed migration, changed or unknown applied
@@ -169,7 +191,7 @@ async fn applied_version(client: &Client) -> Result<Option<u32>, Error> {
 /// Lets every purpose role read which migrations are applied, so a data plane
 /// started with `--no-migrate` can wait for the schema it was built for.
 async fn grant_version_reads(client: &Client) -> Result<(), Error> {
-    let roles = GROUP_ROLES.join(", ");
+    let roles = Purpose::ALL.map(Purpose::group).join(", ");
     client
         .batch_execute(&format!("GRANT SELECT ON {MIGRATIONS_TABLE} TO {roles}"))
         .await

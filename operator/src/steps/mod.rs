@@ -1,7 +1,18 @@
-//! The reconcile steps (SPEC §3). Each is its own module with one entry point,
-//! `async fn run(ctx: &Context, r: &mut Reconciliation<'_>) -> Result<StepOutcome, Error>`;
-//! [`Reconciliation`] carries what earlier steps learned (the validated spec, the
-//! credentials, the observed objects) so later steps never recompute or re-read it.
+//! The reconcile steps (SPEC §3), each its own module. A step takes what the
+//! earlier steps produced as typed values and returns what the next one needs:
+//!
+//! | step | takes | returns |
+//! |---|---|---|
+//! | [`validate`] | the store | [`Validated`](crate::validated::Validated) |
+//! | [`credentials`] | `&Validated`, the observed objects | [`Credentials`](crate::builders::credentials::Credentials) |
+//! | [`topology`] | `&Validated`, the desired objects | [`topology::Applied`] |
+//! | [`bootstrap`] | `&Validated`, `&Credentials`, `&Applied` | [`bootstrap::Bootstrapped`] (the admin connection) |
+//! | [`migrate`] | `&Validated`, `Bootstrapped` | [`migrate::SchemaCurrent`] |
+//! | [`status`] | the [`Progress`] the pipeline reached | whether it wrote |
+//!
+//! so an impossible order does not compile. A step that cannot finish yet returns
+//! [`Outcome::Waiting`] with a [`Reason`]; the pipeline stops there. What a step
+//! did (objects applied, Events to publish) goes to the reconcile's [`Journal`].
 
 pub mod bootstrap;
 pub mod credentials;
@@ -10,18 +21,11 @@ pub mod status;
 pub mod topology;
 pub mod validate;
 
-use std::collections::BTreeMap;
+use std::fmt;
 use std::time::Duration;
 
 use kube::runtime::events::EventType;
-use umstore_crds::UserMetadataStore;
-
-use crate::apply::{self, Observed};
-use crate::builders::credentials::Credentials;
-use crate::builders::Object;
-use crate::context::Context;
-use crate::error::Error;
-use crate::validated::Validated;
+use umstore_crds::{ComponentStatus, Endpoints};
 
 /// The steps that report a condition of their own, in pipeline order.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -45,26 +49,212 @@ impl Step {
     }
 }
 
-/// What a step achieved.
-#[derive(Clone, Debug, PartialEq)]
-pub enum StepOutcome {
-    /// Finished; the pipeline goes on.
-    Done,
-    /// Cannot finish yet; the pipeline stops here and records why.
-    Waiting {
-        /// Condition reason (`InvalidSpec`, `WorkerGroupDraining`, ...).
-        reason: &'static str,
-        /// What is missing and what to change, for the condition and the Event.
-        message: String,
-        /// When to look again; `None` waits for the object to change.
-        requeue_after: Option<Duration>,
-    },
+macro_rules! reasons {
+    ($($(#[doc = $doc:literal])* $variant:ident,)*) => {
+        /// A condition's or an Event's reason (the PascalCase word `kubectl` shows).
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+        pub enum Reason {
+            $($(#[doc = $doc])* $variant,)*
+        }
+
+        impl Reason {
+            /// Every reason.
+            pub const ALL: &'static [Reason] = &[$(Reason::$variant,)*];
+
+            /// The reason as written to the condition or Event.
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $(Reason::$variant => stringify!($variant),)*
+                }
+            }
+        }
+    };
 }
 
-impl StepOutcome {
-    /// Whether the step finished.
-    pub fn is_done(&self) -> bool {
-        matches!(self, StepOutcome::Done)
+reasons! {
+    /// The spec fails validation (validate).
+    InvalidSpec,
+    /// The object does not deserialize at all.
+    Malformed,
+    /// A lower tier was asked for; the running tier is kept.
+    DemotionRefused,
+    /// No Vault address: the data plane will not start in Kubernetes.
+    NoVault,
+    /// Nothing needs attention (`Degraded` false).
+    AsExpected,
+    /// Role passwords were generated (credentials).
+    CredentialsCreated,
+    /// Objects were server-side applied (topology, `Provisioned` true).
+    Applied,
+    /// Owned objects drifted from the spec and were put back (topology).
+    DriftCorrected,
+    /// Objects no longer in the spec were deleted (topology).
+    Deleted,
+    /// The API server refused an object (topology).
+    ApplyRejected,
+    /// A removed worker group still holds regions (topology).
+    WorkerGroupDraining,
+    /// The coordinator has no ready replica yet (bootstrap).
+    CoordinatorNotReady,
+    /// The coordinator did not accept a connection (bootstrap).
+    CoordinatorUnreachable,
+    /// Database, extensions and roles are in place (bootstrap).
+    Bootstrapped,
+    /// Migrations were applied or the schema is current (migrate).
+    Migrated,
+    /// Migrations were applied in this reconcile (Event).
+    MigrationsApplied,
+    /// `Manual` policy with pending migrations (migrate).
+    MigrationsPending,
+    /// A migration failed and was rolled back (migrate).
+    MigrationFailed,
+    /// The runner refused the database's schema (migrate).
+    MigrationRefused,
+    /// Every workload is ready (`Ready` true).
+    AllComponentsReady,
+    /// Some workload is not ready yet.
+    ComponentsNotReady,
+    /// The tier was raised; the new components are not all ready.
+    TierRaised,
+    /// The raised tier runs.
+    PromotionComplete,
+    /// The store is being deleted (finalizer).
+    Deleting,
+}
+
+impl fmt::Display for Reason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Why a step cannot finish yet.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Waiting {
+    /// Condition reason.
+    pub reason: Reason,
+    /// What is missing and what to change, for the condition and the Event.
+    pub message: String,
+    /// When to look again; `None` waits for the object to change.
+    pub requeue_after: Option<Duration>,
+}
+
+impl Waiting {
+    /// Waiting for `reason`, looked at again after `requeue_after` (or on change).
+    pub fn new(
+        reason: Reason,
+        message: impl Into<String>,
+        requeue_after: Option<Duration>,
+    ) -> Self {
+        Self {
+            reason,
+            message: message.into(),
+            requeue_after,
+        }
+    }
+}
+
+/// What a step achieved: its result for the next step, or why it stopped.
+#[derive(Debug)]
+#[must_use]
+pub enum Outcome<T> {
+    /// Finished; the pipeline goes on with `T`.
+    Done(T),
+    /// Cannot finish yet; the pipeline stops here.
+    Waiting(Waiting),
+}
+
+/// One step's condition as the pipeline reached it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StepCondition {
+    /// The step.
+    pub step: Step,
+    /// Whether it finished.
+    pub done: bool,
+    /// The condition's reason.
+    pub reason: Reason,
+    /// The condition's message.
+    pub message: String,
+}
+
+/// How far the pipeline got: everything the status step needs, nothing it must
+/// look up. Built by the pipeline as the steps return.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Progress {
+    /// The spec is invalid: nothing was applied.
+    Invalid(Waiting),
+    /// The spec is valid; the steps below ran.
+    Reached(Reached),
+}
+
+/// What a reconcile of a valid spec found and did.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Reached {
+    /// The tier the spec asks for (never below the running one).
+    pub tier: i32,
+    /// Why a lower tier was refused, if one was asked for.
+    pub demotion_refused: Option<String>,
+    /// Whether the spec names a Vault address.
+    pub vault_configured: bool,
+    /// Readiness of the desired workloads.
+    pub components: Vec<ComponentStatus>,
+    /// The endpoints clients use.
+    pub endpoints: Endpoints,
+    /// The conditions of the steps reached, in order; the last is not done when
+    /// the pipeline stopped.
+    pub steps: Vec<StepCondition>,
+    /// Where the pipeline stopped, if it did.
+    pub waiting: Option<Waiting>,
+    /// The schema version the migrate step found, if it ran.
+    pub schema_version: Option<i32>,
+}
+
+impl Reached {
+    /// Records that `step` finished.
+    pub fn done(&mut self, step: Step, reason: Reason, message: impl Into<String>) {
+        self.steps.push(StepCondition {
+            step,
+            done: true,
+            reason,
+            message: message.into(),
+        });
+    }
+
+    /// Records that the pipeline stopped at `step`, and returns the progress.
+    pub fn stopped(mut self, step: Step, waiting: Waiting) -> Progress {
+        self.steps.push(StepCondition {
+            step,
+            done: false,
+            reason: waiting.reason,
+            message: waiting.message.clone(),
+        });
+        self.waiting = Some(waiting);
+        Progress::Reached(self)
+    }
+
+    /// Whether `step` finished.
+    pub fn passed(&self, step: Step) -> bool {
+        self.steps.iter().any(|s| s.step == step && s.done)
+    }
+}
+
+impl Progress {
+    /// Where the pipeline stopped, if it did.
+    pub fn waiting(&self) -> Option<&Waiting> {
+        match self {
+            Progress::Invalid(w) => Some(w),
+            Progress::Reached(r) => r.waiting.as_ref(),
+        }
+    }
+
+    /// Whether every desired workload is ready.
+    pub fn all_ready(&self) -> bool {
+        match self {
+            Progress::Invalid(_) => false,
+            Progress::Reached(r) => {
+                !r.components.is_empty() && r.components.iter().all(|c| c.ready)
+            }
+        }
     }
 }
 
@@ -73,88 +263,32 @@ impl StepOutcome {
 pub struct Note {
     /// Normal or Warning.
     pub type_: EventType,
-    /// Short PascalCase reason.
-    pub reason: String,
+    /// The reason.
+    pub reason: Reason,
     /// Human-readable detail.
     pub note: String,
 }
 
-/// The state of one reconcile, filled in step by step.
-pub struct Reconciliation<'a> {
-    /// The store being reconciled.
-    pub store: &'a UserMetadataStore,
-    /// Set by the validate step.
-    pub validated: Option<Validated>,
-    /// Set by the credentials step.
-    pub credentials: Credentials,
-    /// What the store owned at the start of the reconcile (read once, lazily).
-    observed: Option<Observed>,
-    /// The desired objects, set by the topology step.
-    pub desired: Vec<Object>,
-    /// Objects server-side applied in this reconcile.
+/// What one reconcile did: the writes it made and the Events to publish. Steps
+/// append to it; none reads another's entries.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Journal {
+    /// Objects server-side applied (`Kind/name`).
     pub applied: Vec<String>,
-    /// Objects created once in this reconcile (credential Secrets).
+    /// Objects created once (credential Secrets).
     pub created: Vec<String>,
-    /// Objects deleted in this reconcile.
+    /// Objects deleted.
     pub deleted: Vec<String>,
-    /// Removed worker groups kept because they still hold regions.
-    pub draining: BTreeMap<String, Vec<String>>,
     /// Events to publish.
     pub events: Vec<Note>,
-    /// Steps that finished, with the message of their condition.
-    pub passed: Vec<(Step, String)>,
-    /// The superuser connection opened by the bootstrap step, reused by the later ones.
-    pub admin_db: Option<tokio_postgres::Client>,
-    /// The schema version the migrate step found or left.
-    pub schema_version: Option<i32>,
 }
 
-impl<'a> Reconciliation<'a> {
-    /// A fresh reconcile of `store`.
-    pub fn new(store: &'a UserMetadataStore) -> Self {
-        Self {
-            store,
-            validated: None,
-            credentials: Credentials::default(),
-            observed: None,
-            desired: Vec::new(),
-            applied: Vec::new(),
-            created: Vec::new(),
-            deleted: Vec::new(),
-            draining: BTreeMap::new(),
-            events: Vec::new(),
-            passed: Vec::new(),
-            admin_db: None,
-            schema_version: None,
-        }
-    }
-
-    /// Records that `step` finished; its condition becomes true with `message`.
-    pub fn passed(&mut self, step: Step, message: impl Into<String>) {
-        self.passed.push((step, message.into()));
-    }
-
-    /// The objects the store owns, listed on first use.
-    pub async fn observed(&mut self, ctx: &Context) -> Result<&Observed, Error> {
-        if self.observed.is_none() {
-            let v = self.validated.as_ref().ok_or(Error::MissingMetadata)?;
-            let observed =
-                apply::observe(&ctx.client, &v.owner.namespace, &v.owner.selector_string()).await?;
-            self.observed = Some(observed);
-        }
-        self.observed.as_ref().ok_or(Error::MissingMetadata)
-    }
-
-    /// The observed objects if they were listed.
-    pub fn observed_if_listed(&self) -> Option<&Observed> {
-        self.observed.as_ref()
-    }
-
+impl Journal {
     /// Queues an Event.
-    pub fn event(&mut self, type_: EventType, reason: &str, note: impl Into<String>) {
+    pub fn event(&mut self, type_: EventType, reason: Reason, note: impl Into<String>) {
         self.events.push(Note {
             type_,
-            reason: reason.to_string(),
+            reason,
             note: note.into(),
         });
     }

@@ -1,34 +1,31 @@
-//! Step 1, validate: checks the spec into a [`Validated`](crate::validated::Validated).
-//! An invalid spec stops the pipeline with a condition saying what to change and
-//! waits for the object to change: no error, no retry loop.
+//! Step 1, validate: checks the spec into a [`Validated`]. An invalid spec stops
+//! the pipeline with a condition saying what to change and waits for the object to
+//! change: no error, no retry loop.
 
 use kube::runtime::events::EventType;
+use umstore_crds::UserMetadataStore;
 
-use super::{Reconciliation, StepOutcome};
-use crate::context::Context;
-use crate::error::Error;
-use crate::validated;
+use super::{Journal, Outcome, Reason, Waiting};
+use crate::validated::{self, Validated};
 
 /// Runs the step.
-pub async fn run(_ctx: &Context, r: &mut Reconciliation<'_>) -> Result<StepOutcome, Error> {
-    match validated::validate(r.store) {
+pub fn run(store: &UserMetadataStore, journal: &mut Journal) -> Outcome<Validated> {
+    match validated::validate(store) {
         Ok(v) => {
             if let Some(message) = &v.demotion_refused {
-                let already =
-                    r.store.status.as_ref().is_some_and(|s| {
-                        s.conditions.iter().any(|c| c.reason == "DemotionRefused")
-                    });
+                let already = store.status.as_ref().is_some_and(|s| {
+                    s.conditions
+                        .iter()
+                        .any(|c| c.reason == Reason::DemotionRefused.as_str())
+                });
                 if !already {
-                    r.event(EventType::Warning, "DemotionRefused", message.clone());
+                    journal.event(EventType::Warning, Reason::DemotionRefused, message.clone());
                 }
             }
-            r.validated = Some(v);
-            Ok(StepOutcome::Done)
+            Outcome::Done(v)
         }
-        Err(invalid) => Ok(StepOutcome::Waiting {
-            reason: "InvalidSpec",
-            message: invalid.to_string(),
-            requeue_after: None,
-        }),
+        Err(invalid) => {
+            Outcome::Waiting(Waiting::new(Reason::InvalidSpec, invalid.to_string(), None))
+        }
     }
 }

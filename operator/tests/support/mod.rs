@@ -8,6 +8,8 @@
 
 #![allow(dead_code)]
 
+pub mod scenario;
+
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
@@ -560,6 +562,18 @@ pub mod paths {
     /// Services.
     pub fn services(ns: &str) -> String {
         format!("/api/v1/namespaces/{ns}/services")
+    }
+    /// ConfigMaps.
+    pub fn configmaps(ns: &str) -> String {
+        format!("/api/v1/namespaces/{ns}/configmaps")
+    }
+    /// PodDisruptionBudgets.
+    pub fn pdbs(ns: &str) -> String {
+        format!("/apis/policy/v1/namespaces/{ns}/poddisruptionbudgets")
+    }
+    /// NetworkPolicies.
+    pub fn networkpolicies(ns: &str) -> String {
+        format!("/apis/networking.k8s.io/v1/namespaces/{ns}/networkpolicies")
     }
     /// Events.
     pub fn events(ns: &str) -> String {

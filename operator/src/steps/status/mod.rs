@@ -1,0 +1,116 @@
+//! Last step, status: computes what is (tier, phase, conditions, components,
+//! endpoints) and writes it through the status subresource with server-side apply,
+//! only when it differs from what is there. Conditions keep `lastTransitionTime`
+//! when their status did not change. Each step's condition (`Provisioned`,
+//! `Bootstrapped`, `SchemaReady`) is true once the step finished and false with
+//! the reason where the pipeline stopped. Fields later steps own (key versions,
+//! replica lag, placement) are carried over untouched.
+
+mod compute;
+
+pub use compute::{components, compute, endpoints, merge_conditions};
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::api::{Api, ApiResource, DynamicObject, Patch, PatchParams};
+use kube::runtime::events::EventType;
+use umstore_crds::{condition, UserMetadataStore};
+
+use super::{Journal, Note, Progress, Reason};
+use crate::context::Context;
+use crate::error::Error;
+use crate::meta::MANAGER;
+
+/// The Events announcing the conditions whose status or reason changed from `old`
+/// to `new`: one per reason (Provisioned and Ready often fail for the same one).
+pub fn transitions(old: &[Condition], new: &[Condition]) -> Vec<Note> {
+    let mut notes: Vec<Note> = Vec::new();
+    for c in new {
+        let Some(reason) = Reason::ALL.iter().find(|r| r.as_str() == c.reason) else {
+            continue;
+        };
+        if notes.iter().any(|n| n.reason == *reason) {
+            continue;
+        }
+        let before = old.iter().find(|o| o.type_ == c.type_);
+        if before.is_some_and(|b| b.status == c.status && b.reason == c.reason) {
+            continue;
+        }
+        let healthy = match c.type_.as_str() {
+            condition::DEGRADED => c.status == "False",
+            condition::PROMOTING => true,
+            _ => c.status == "True",
+        };
+        if before.is_none() && healthy && c.type_ == condition::DEGRADED {
+            continue;
+        }
+        notes.push(Note {
+            type_: if healthy {
+                EventType::Normal
+            } else {
+                EventType::Warning
+            },
+            reason: *reason,
+            note: format!("{} {}: {}", c.type_, c.status, c.message),
+        });
+    }
+    notes
+}
+
+/// Runs the step: computes the status, writes it if it changed, and queues an Event
+/// for every condition whose status or reason changed. Returns whether it wrote.
+pub async fn run(
+    ctx: &Context,
+    store: &UserMetadataStore,
+    progress: &Progress,
+    journal: &mut Journal,
+) -> Result<bool, Error> {
+    let now = Time(k8s_openapi::jiff::Timestamp::now());
+    let old = store.status.clone().unwrap_or_default();
+    let status = compute(&old, store.metadata.generation, progress, &now);
+    if status == old {
+        return Ok(false);
+    }
+    journal
+        .events
+        .extend(transitions(&old.conditions, &status.conditions));
+    let name = store.metadata.name.clone().ok_or(Error::MissingMetadata)?;
+    let namespace = store
+        .metadata
+        .namespace
+        .clone()
+        .ok_or(Error::MissingMetadata)?;
+    let status = serde_json::to_value(status).map_err(|source| Error::Serialize {
+        what: format!("the status of {namespace}/{name}"),
+        source,
+    })?;
+    apply_status(&ctx.client, &namespace, &name, status).await?;
+    Ok(true)
+}
+
+/// Server-side applies `status` to the store's status subresource with the
+/// operator's field manager. Untyped, so it serves the objects that do not
+/// deserialize too (reported as malformed).
+pub(crate) async fn apply_status(
+    client: &kube::Client,
+    namespace: &str,
+    name: &str,
+    status: serde_json::Value,
+) -> Result<(), Error> {
+    let ar = ApiResource::erase::<UserMetadataStore>(&());
+    let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), namespace, &ar);
+    let patch = serde_json::json!({
+        "apiVersion": "umstore.io/v1alpha1",
+        "kind": "UserMetadataStore",
+        "status": status,
+    });
+    api.patch_status(
+        name,
+        &PatchParams::apply(MANAGER).force(),
+        &Patch::Apply(&patch),
+    )
+    .await
+    .map_err(Error::kube(format!(
+        "writing the status of {namespace}/{name}"
+    )))?;
+    Ok(())
+}
