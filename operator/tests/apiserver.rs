@@ -69,7 +69,9 @@ async fn wait_for_status(
         }
         assert!(
             Instant::now() < deadline,
-            "timed out waiting for {name}: {what}; its status: {status:#?}"
+            "timed out waiting for {name}: {what}; its status: {status:#?} \
+             (see the operator's warnings above: `forbidden` names a verb the chart's \
+             RBAC lacks)"
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
@@ -142,6 +144,13 @@ fn start_operator(client: Client, connector: Connector) -> tokio::task::JoinHand
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_operator_with_the_charts_rbac_reconciles_every_example_tier() {
+    // The operator's warnings (a reconcile refused for a verb the chart lacks) show
+    // with a failure.
+    let _ = tracing_subscriber::fmt()
+        .with_test_writer()
+        .with_ansi(false)
+        .with_env_filter(tracing_subscriber::EnvFilter::new("warn"))
+        .try_init();
     let Some(server) = server_or_skip() else {
         return;
     };
