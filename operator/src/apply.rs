@@ -84,43 +84,75 @@ pub fn with_hash(object: &Object) -> Result<(serde_json::Value, String), Error> 
 /// Whether every field of `desired` is in `live` with the same value. Objects are
 /// compared key by key (keys only in `live` are the API server's defaults or other
 /// managers' fields); lists element by element and of the same length; an empty
-/// list or map in `desired` matches an absent one; numbers by value.
+/// list or map, `false`, 0 or "" in `desired` matches an absent one (the API server
+/// omits them); numbers by value.
 pub fn in_sync(desired: &serde_json::Value, live: &serde_json::Value) -> bool {
-    use serde_json::Value;
-    match (desired, live) {
-        (Value::Object(d), Value::Object(l)) => d.iter().all(|(k, dv)| match l.get(k) {
-            Some(lv) => in_sync(dv, lv),
-            None => is_empty(dv),
-        }),
-        (Value::Object(d), Value::Null) => d.is_empty(),
-        (Value::Array(d), Value::Array(l)) => {
-            d.len() == l.len() && d.iter().zip(l).all(|(dv, lv)| in_sync(dv, lv))
-        }
-        (Value::Array(d), Value::Null) => d.is_empty(),
-        (Value::Number(d), Value::Number(l)) => d == l || d.as_f64() == l.as_f64(),
-        (Value::Null, _) => true,
-        (d, l) => d == l,
-    }
+    first_drift(desired, live).is_none()
 }
 
+/// The path (`spec.replicas`, `spec.ports[0].port`) of the first field where `live`
+/// differs from `desired` under the rules of [`in_sync`], if any.
+pub fn first_drift(desired: &serde_json::Value, live: &serde_json::Value) -> Option<String> {
+    use serde_json::Value;
+    let join = |prefix: &str, key: &str| {
+        if prefix.is_empty() {
+            key.to_string()
+        } else {
+            format!("{prefix}.{key}")
+        }
+    };
+    fn walk(
+        d: &Value,
+        l: &Value,
+        at: String,
+        join: &dyn Fn(&str, &str) -> String,
+    ) -> Option<String> {
+        match (d, l) {
+            (Value::Object(d), Value::Object(l)) => d.iter().find_map(|(k, dv)| match l.get(k) {
+                Some(lv) => walk(dv, lv, join(&at, k), join),
+                None if is_empty(dv) => None,
+                None => Some(join(&at, k)),
+            }),
+            (Value::Array(d), Value::Array(l)) if d.len() == l.len() => d
+                .iter()
+                .zip(l)
+                .enumerate()
+                .find_map(|(i, (dv, lv))| walk(dv, lv, format!("{at}[{i}]"), join)),
+            (Value::Number(dn), Value::Number(ln)) if dn == ln || dn.as_f64() == ln.as_f64() => {
+                None
+            }
+            (Value::Null, _) => None,
+            (d, Value::Null) if is_empty(d) => None,
+            (d, l) if d == l => None,
+            _ => Some(at),
+        }
+    }
+    walk(desired, live, String::new(), &join)
+}
+
+/// Whether `v` is a value the API server omits (Go's `omitempty`: null, false,
+/// 0, "", an empty list or map), so that its absence in the live object is no drift.
 fn is_empty(v: &serde_json::Value) -> bool {
     match v {
         serde_json::Value::Null => true,
+        serde_json::Value::Bool(b) => !b,
+        serde_json::Value::Number(n) => n.as_f64() == Some(0.0),
+        serde_json::Value::String(s) => s.is_empty(),
         serde_json::Value::Array(a) => a.is_empty(),
         serde_json::Value::Object(o) => o.is_empty(),
-        _ => false,
     }
 }
 
 /// What [`apply`] did with one object.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Applied {
     /// The live object already matched: no request.
     Unchanged,
     /// Created, or changed because the spec changed.
     Updated,
     /// The spec did not change but the live object had been edited: put back.
-    DriftCorrected,
+    /// Names the first field found edited.
+    DriftCorrected(String),
 }
 
 /// Server-side applies `object` unless the live copy already carries every field
@@ -146,12 +178,13 @@ pub async fn apply(
                 map.remove("apiVersion");
                 map.remove("kind");
             }
-            if in_sync(&desired, &live_value) {
+            let Some(field) = first_drift(&desired, &live_value) else {
                 return Ok(Applied::Unchanged);
-            }
-            live.annotations().get(APPLIED_HASH) == Some(&hash)
+            };
+            tracing::debug!(object = %object.key(), %field, "differs from the desired object");
+            (live.annotations().get(APPLIED_HASH) == Some(&hash)).then_some(field)
         }
-        None => false,
+        None => None,
     };
     let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), namespace, &ar);
     api.patch(
@@ -161,11 +194,7 @@ pub async fn apply(
     )
     .await
     .map_err(Error::kube(format!("applying {}", object.key())))?;
-    Ok(if drifted {
-        Applied::DriftCorrected
-    } else {
-        Applied::Updated
-    })
+    Ok(drifted.map_or(Applied::Updated, Applied::DriftCorrected))
 }
 
 /// Creates `object` if absent; an existing one is left exactly as it is.
@@ -277,7 +306,8 @@ mod tests {
 
     #[test]
     fn defaults_and_foreign_fields_are_in_sync() {
-        let desired = json!({"spec": {"replicas": 2, "ports": [{"port": 5432}], "args": []}});
+        let desired = json!({"spec": {"replicas": 2, "ports": [{"port": 5432}], "args": [],
+                                      "readOnly": false}});
         let live = json!({"spec": {"replicas": 2, "ports": [{"port": 5432, "protocol": "TCP"}],
                                    "clusterIP": "10.0.0.1"}, "status": {"readyReplicas": 2}});
         assert!(in_sync(&desired, &live));

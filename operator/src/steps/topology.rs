@@ -56,7 +56,7 @@ pub async fn run(
         match apply::apply(&ctx.client, namespace, object, observed).await {
             Ok(Applied::Unchanged) => {}
             Ok(Applied::Updated) => applied.push(object.key()),
-            Ok(Applied::DriftCorrected) => corrected.push(object.key()),
+            Ok(Applied::DriftCorrected(field)) => corrected.push((object.key(), field)),
             Err(Error::Kube {
                 source: kube::Error::Api(status),
                 ..
@@ -108,7 +108,11 @@ pub async fn run(
             format!(
                 "put back {}: edited by hand, they differed from what the spec asks for \
                  (change the UserMetadataStore instead)",
-                corrected.join(", ")
+                corrected
+                    .iter()
+                    .map(|(key, field)| format!("{key} ({field})"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
             ),
         );
     }
@@ -120,7 +124,9 @@ pub async fn run(
         );
     }
     journal.applied.extend(applied);
-    journal.applied.extend(corrected);
+    journal
+        .applied
+        .extend(corrected.into_iter().map(|(key, _)| key));
     journal.deleted.extend(deleted);
 
     if !rejected.is_empty() {
