@@ -23,6 +23,7 @@ use std::time::{Duration, Instant};
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::api::events::v1::Event;
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use kube::api::{Api, DeleteParams, Patch, PatchParams};
 use kube::Client;
@@ -253,6 +254,45 @@ async fn the_operator_with_the_charts_rbac_reconciles_every_example_tier() {
         examples.len(),
         "one NetworkPolicy per store"
     );
+
+    // A spec only the validate step can refuse (a name too long for its children's
+    // names): reported on the object, as a status condition and a Warning Event
+    // (Events are published best effort, so only their presence shows the chart
+    // lets the operator create them).
+    let long_name = "a-store-name-longer-than-thirty-chars";
+    let mut invalid = example(1, &ns);
+    invalid["metadata"]["name"] = json!(long_name);
+    stores
+        .patch(
+            long_name,
+            &PatchParams::apply(TEST_MANAGER),
+            &Patch::Apply(&invalid),
+        )
+        .await
+        .expect("CEL does not check name lengths: the API server accepts it");
+    wait_for_status(&stores, long_name, "Ready=False, reason InvalidSpec", |s| {
+        s.conditions
+            .iter()
+            .any(|c| c.type_ == "Ready" && c.status == "False" && c.reason == "InvalidSpec")
+    })
+    .await;
+    let events: Api<Event> = Api::namespaced(admin.clone(), &ns);
+    wait_for(
+        "a Warning Event InvalidSpec on the store",
+        Duration::from_secs(30),
+        || async {
+            let list = events.list(&Default::default()).await.ok()?;
+            list.items
+                .iter()
+                .any(|e| {
+                    e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(long_name)
+                        && e.type_.as_deref() == Some("Warning")
+                        && e.reason.as_deref() == Some("InvalidSpec")
+                })
+                .then_some(())
+        },
+    )
+    .await;
 
     // The tier-1 coordinator comes up: bootstrap and migrate run against PostgreSQL.
     mark_ready(&statefulsets, "pilot-coordinator").await;
