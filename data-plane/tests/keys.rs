@@ -547,6 +547,81 @@ async fn rotation_killed_after_raising_the_minimum_version_resumes_and_finishes(
     assert_eq!(at.rotation_rewrapped, CRASH_USERS as i64);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_stored_under_the_old_version_after_it_was_retired_is_rewrapped_on_resume() {
+    let store = Store::migrated().await;
+    let key = format!("late-{}", Uuid::new_v4().simple());
+    let mut seed_cmd = data_plane_as(store.superuser(), &key, &["seed", "--users", "100"]);
+    let seeded = tokio::task::block_in_place(|| seed_cmd.output()).expect("run seed");
+    assert!(seeded.status.success(), "{}", stderr(&seeded));
+    // A writer wraps a new user's key before the transit key rotates...
+    let writer = store.connect(Purpose::Writer).await;
+    let keyring = vault_keyring(&writer, keyring_config(&key), 10).await;
+    let (late_user, data_key) = (Uuid::new_v4(), DataKey::generate());
+    let wrapped = keyring
+        .provider()
+        .wrap(late_user, "KA", &data_key)
+        .await
+        .expect("wrap");
+    assert_eq!(wrapped.kek_version, 1);
+
+    let mut rotation = data_plane(&store, &key, &["keys", "rotate", "--batch-size", "50"])
+        .env(PAUSE_ENV, PausePoint::MinVersionRaised.name())
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn keys rotate");
+    let _lines = wait_for_stderr(&mut rotation, "pausing the rotation at min-version-raised");
+    // ...and commits it only after the rotation retired version 1; then the
+    // rotation dies before it could notice.
+    writer
+        .execute(
+            "INSERT INTO umstore.user_data_keys (user_id, region, wrapped_key, kek_name, kek_version)
+             VALUES ($1, 'KA', $2, $3, $4)",
+            &[&late_user, &wrapped.wrapped, &wrapped.kek_name, &wrapped.kek_version],
+        )
+        .await
+        .expect("store the late key");
+    // SAFETY: kill(2) on our own child's pid.
+    assert_eq!(
+        unsafe { libc::kill(rotation.id() as i32, libc::SIGKILL) },
+        0
+    );
+    rotation.wait().expect("reap");
+
+    let mut resume = data_plane(&store, &key, &["keys", "rotate", "--batch-size", "50"]);
+    let resumed = tokio::task::block_in_place(|| resume.output()).expect("run keys rotate");
+    assert!(resumed.status.success(), "{}", stderr(&resumed));
+    assert!(
+        stdout(&resumed).contains("(1 rewrapped by this run, resumed)"),
+        "{}",
+        stdout(&resumed)
+    );
+    let v = keyring.provider().versions().await.expect("versions");
+    assert_eq!((v.latest, v.min_decryption), (2, 2));
+    assert_eq!(versions(&writer).await, vec![(2, 101)]);
+    let fresh = vault_keyring(&writer, keyring_config(&key), 10).await;
+    let UserKey::Active(unwrapped) = fresh
+        .user_key(&writer, late_user, "KA")
+        .await
+        .expect("the late key unwraps")
+    else {
+        panic!("the late key is active");
+    };
+    let aad = umstore_data_plane::crypto::FieldAad {
+        user_id: late_user,
+        region: "KA",
+        column: "phone_enc",
+    };
+    assert_eq!(
+        unwrapped
+            .open(&aad, &data_key.seal(&aad, b"9000000001").0)
+            .expect("the same data key"),
+        b"9000000001"
+    );
+}
+
 #[tokio::test]
 async fn a_rotation_in_a_region_scoped_session_is_refused_and_changes_nothing() {
     let (store, mut client) = migrated().await;

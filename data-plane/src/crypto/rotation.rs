@@ -18,11 +18,17 @@ use tracing::{info, warn};
 use uuid::Uuid;
 
 use super::{CryptoError, KeyProvider, WrappedKey};
+
+mod pause;
+
 use crate::store::keys::{
     FINISH_ROTATION, INSERT_ROTATION, SAVE_ROTATION_CURSOR, SELECT_KEYS_TO_REWRAP,
-    SELECT_REGION_SCOPE, SELECT_STORE_KEYS_TO_REWRAP, SELECT_UNFINISHED_ROTATION,
-    UPDATE_REWRAPPED_KEYS, UPDATE_REWRAPPED_STORE_KEY, UPDATE_ROTATION_TARGET,
+    SELECT_OLDEST_VERSION_IN_USE, SELECT_REGION_SCOPE, SELECT_STORE_KEYS_TO_REWRAP,
+    SELECT_UNFINISHED_ROTATION, UPDATE_REWRAPPED_KEYS, UPDATE_REWRAPPED_STORE_KEY,
+    UPDATE_ROTATION_TARGET,
 };
+use pause::Pause;
+pub use pause::{PausePoint, PAUSE_ENV};
 
 /// Why a rotation stopped.
 #[derive(Debug, Error)]
@@ -53,6 +59,17 @@ pub enum RotationError {
          it must see every region's keys before it retires old key versions; run it unscoped"
     )]
     RegionScoped(String),
+    /// Keys kept arriving under an old version after it was retired.
+    #[error(
+        "keys wrapped under version {version} of key {kek} kept being stored after it was \
+         retired; run `keys rotate` again once writers have caught up"
+    )]
+    OldVersionInUse {
+        /// The KEK.
+        kek: String,
+        /// The old version still in use.
+        version: i32,
+    },
 }
 
 fn db(what: &'static str) -> impl FnOnce(tokio_postgres::Error) -> RotationError {
@@ -87,93 +104,6 @@ pub struct RotationReport {
     pub resumed: bool,
 }
 
-/// **Test aid.** The environment variable that makes a rotation stop for good
-/// at a named point, so a crash test can kill the process exactly there:
-/// `<point>` or `<point>:<n>` (the n-th time the point is reached, for
-/// batches), with the points of [`PausePoint`]. When the point is reached the
-/// rotation logs `pausing the rotation at <point>` and waits forever: it never
-/// continues, so it cannot change what a rotation does, only where a killed one
-/// stops. Never set it outside tests.
-pub const PAUSE_ENV: &str = "UMSTORE_ROTATION_PAUSE_AT";
-
-/// Where [`PAUSE_ENV`] can stop a rotation.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum PausePoint {
-    /// Vault rotated the transit key; no key is rewrapped yet.
-    TransitRotated,
-    /// A batch is rewrapped by Vault and updated in its open transaction, not
-    /// yet committed.
-    BatchRewrapped,
-    /// Every data key is rewrapped; Vault rewrapped a store key, which is not
-    /// stored yet.
-    StoreKeyRewrapped,
-    /// Vault's `min_decryption_version` is raised; the rotation is not yet
-    /// recorded as finished.
-    MinVersionRaised,
-}
-
-impl PausePoint {
-    /// Every point.
-    pub const ALL: [PausePoint; 4] = [
-        PausePoint::TransitRotated,
-        PausePoint::BatchRewrapped,
-        PausePoint::StoreKeyRewrapped,
-        PausePoint::MinVersionRaised,
-    ];
-
-    /// Its name in [`PAUSE_ENV`].
-    pub const fn name(self) -> &'static str {
-        match self {
-            PausePoint::TransitRotated => "transit-rotated",
-            PausePoint::BatchRewrapped => "batch-rewrapped",
-            PausePoint::StoreKeyRewrapped => "store-key-rewrapped",
-            PausePoint::MinVersionRaised => "min-version-raised",
-        }
-    }
-}
-
-/// The pause asked for through [`PAUSE_ENV`], and how often each point was
-/// reached.
-struct Pause {
-    at: Option<(PausePoint, usize)>,
-    reached: [usize; 4],
-}
-
-impl Pause {
-    fn from_env() -> Self {
-        let at = std::env::var(PAUSE_ENV).ok().and_then(|value| {
-            let (name, nth) = match value.split_once(':') {
-                Some((name, n)) => (name.to_owned(), n.parse().ok()?),
-                None => (value.clone(), 1),
-            };
-            let point = PausePoint::ALL.into_iter().find(|p| p.name() == name);
-            if point.is_none() {
-                warn!(value = %value, "{PAUSE_ENV} names no pause point; ignored");
-            }
-            point.map(|p| (p, nth))
-        });
-        Self {
-            at,
-            reached: [0; 4],
-        }
-    }
-
-    async fn reached(&mut self, point: PausePoint) {
-        let index = PausePoint::ALL
-            .iter()
-            .position(|p| *p == point)
-            .unwrap_or(0);
-        self.reached[index] += 1;
-        if self.at == Some((point, self.reached[index])) {
-            warn!(
-                "pausing the rotation at {} ({PAUSE_ENV}, a test aid): waiting to be killed",
-                point.name()
-            );
-            std::future::pending::<()>().await;
-        }
-    }
-}
-
 struct Pending {
     region: String,
     user_id: Uuid,
@@ -191,6 +121,100 @@ pub async fn rotate_and_rewrap(
     if matches!(provider, KeyProvider::Local(_)) {
         return Err(CryptoError::NeedsVault("key rotation").into());
     }
+    check_sees_every_region(client).await?;
+    let mut pause = Pause::from_env();
+    let mut run = start_or_resume(client, provider, opts).await?;
+    if run.resumed {
+        info!(kek = %run.kek, version = run.version, rewrapped = run.total, "resuming an interrupted rotation");
+    }
+
+    // Make sure the transit key is at the recorded version: rotate unless a
+    // killed run did already.
+    let mut latest = provider.versions().await?.latest;
+    if latest < run.version {
+        latest = provider.rotate().await?;
+        info!(kek = %run.kek, version = latest, "transit key rotated; rewrapping data keys");
+        pause.reached(PausePoint::TransitRotated).await;
+    }
+    if latest > run.version {
+        // Rotated outside this rotation as well: rewrap to the newest version.
+        run.version = latest;
+        client
+            .execute(UPDATE_ROTATION_TARGET, &[&run.id, &latest])
+            .await
+            .map_err(db("recording the rotation's version"))?;
+    }
+
+    let limit = i64::try_from(opts.batch_size.max(1)).unwrap_or(500);
+    let mut use_cursor = true;
+    let mut retire_attempts = 0;
+    loop {
+        // A killed run may have retired the old version before a straggler (below)
+        // was stored under it: make it decryptable again so the key can be rewrapped.
+        reopen_versions_in_use(client, provider, &run.kek).await?;
+        rewrap_data_keys(
+            client,
+            provider,
+            &mut run,
+            limit,
+            &mut use_cursor,
+            &mut pause,
+            &mut progress,
+        )
+        .await?;
+        rewrap_store_keys(client, provider, &run.kek, run.version, &mut pause).await?;
+        provider.set_min_decryption_version(run.version).await?;
+        pause.reached(PausePoint::MinVersionRaised).await;
+        // A writer that wrapped a key just before the transit key rotated and
+        // committed it only after the last sweep left it under the version just
+        // retired: reopen that version and sweep again.
+        match oldest_version_in_use(client, &run.kek).await? {
+            Some(oldest) if oldest < run.version => {
+                retire_attempts += 1;
+                if retire_attempts > MAX_RETIRE_ATTEMPTS {
+                    return Err(RotationError::OldVersionInUse {
+                        kek: run.kek,
+                        version: oldest,
+                    });
+                }
+                warn!(kek = %run.kek, version = oldest, "a key was stored under the old version after the sweep; rewrapping it");
+            }
+            _ => break,
+        }
+    }
+    client
+        .execute(FINISH_ROTATION, &[&run.id])
+        .await
+        .map_err(db("finishing the rotation"))?;
+    info!(kek = %run.kek, version = run.version, rewrapped = run.total, "rotation finished; older key versions retired");
+    Ok(RotationReport {
+        rotation_id: run.id,
+        version: run.version,
+        rewrapped_now: run.now,
+        rewrapped_total: run.total,
+        resumed: run.resumed,
+    })
+}
+
+/// A rotation as recorded in `key_rotations`, and this run's counts.
+struct Run {
+    id: i64,
+    kek: String,
+    /// The version keys are rewrapped to.
+    version: i32,
+    /// The last key of the last committed batch of the first pass.
+    cursor: Option<(String, Uuid)>,
+    /// Keys rewrapped by the rotation, earlier runs included.
+    total: i64,
+    /// Keys rewrapped by this run.
+    now: i64,
+    batches: usize,
+    started: Instant,
+    resumed: bool,
+}
+
+/// Refuses a session that row-level security holds to some regions.
+async fn check_sees_every_region(client: &Client) -> Result<(), RotationError> {
     let scope = client
         .query_one(SELECT_REGION_SCOPE, &[])
         .await
@@ -199,13 +223,23 @@ pub async fn rotate_and_rewrap(
         let setting: Option<String> = scope.get(1);
         return Err(RotationError::RegionScoped(setting.unwrap_or_default()));
     }
-    let mut pause = Pause::from_env();
+    Ok(())
+}
+
+/// The KEK's unfinished rotation, or a new one recorded with the version
+/// rotating will create: recorded *before* Vault rotates, so a process killed
+/// after Vault rotated finds it here and does not rotate again.
+async fn start_or_resume(
+    client: &Client,
+    provider: &KeyProvider,
+    opts: RotationOptions,
+) -> Result<Run, RotationError> {
     let kek = provider.kek_name().to_owned();
     let unfinished = client
         .query_opt(SELECT_UNFINISHED_ROTATION, &[&kek])
         .await
         .map_err(db("looking for an unfinished rotation"))?;
-    let (rotation_id, recorded_target, mut cursor, mut total, resumed) = match unfinished {
+    let (id, version, cursor, total, resumed) = match unfinished {
         Some(row) => {
             let cursor = match (
                 row.get::<_, Option<String>>(2),
@@ -214,18 +248,9 @@ pub async fn rotate_and_rewrap(
                 (Some(region), Some(user)) => Some((region, user)),
                 _ => None,
             };
-            (
-                row.get::<_, i64>(0),
-                row.get::<_, i32>(1),
-                cursor,
-                row.get::<_, i64>(4),
-                true,
-            )
+            (row.get(0), row.get(1), cursor, row.get(4), true)
         }
         None => {
-            // Record the rotation first, with the version rotating will create:
-            // a process killed after Vault rotated finds it here and does not
-            // rotate again.
             let target = provider.versions().await?.latest + 1;
             let batch = i32::try_from(opts.batch_size).unwrap_or(i32::MAX);
             let id: i64 = client
@@ -242,52 +267,49 @@ pub async fn rotate_and_rewrap(
             (id, target, None, 0, false)
         }
     };
-    if resumed {
-        info!(kek = %kek, version = recorded_target, rewrapped = total, "resuming an interrupted rotation");
-    }
+    Ok(Run {
+        id,
+        kek,
+        version,
+        cursor,
+        total,
+        now: 0,
+        batches: 0,
+        started: Instant::now(),
+        resumed,
+    })
+}
 
-    // Make sure the transit key is at the recorded version: rotate unless a
-    // killed run did already.
-    let mut latest = provider.versions().await?.latest;
-    if latest < recorded_target {
-        latest = provider.rotate().await?;
-        info!(kek = %kek, version = latest, "transit key rotated; rewrapping data keys");
-        pause.reached(PausePoint::TransitRotated).await;
-    }
-    let version = latest.max(recorded_target);
-    if version != recorded_target {
-        // Rotated outside this rotation as well: rewrap to the newest version.
-        client
-            .execute(UPDATE_ROTATION_TARGET, &[&rotation_id, &version])
-            .await
-            .map_err(db("recording the rotation's version"))?;
-    }
-
-    let started = Instant::now();
-    let mut now = 0i64;
-    let mut batches = 0usize;
-    let limit = i64::try_from(opts.batch_size.max(1)).unwrap_or(500);
-    // First pass in key order behind the cursor; then sweeps without it for
-    // keys a concurrent writer created under the old version meanwhile.
-    let mut use_cursor = true;
+/// Rewraps every data key under an older version than the run's, in batches:
+/// first in key order behind the saved cursor, then in sweeps without it for
+/// keys a concurrent writer created under the old version meanwhile.
+async fn rewrap_data_keys(
+    client: &mut Client,
+    provider: &KeyProvider,
+    run: &mut Run,
+    limit: i64,
+    use_cursor: &mut bool,
+    pause: &mut Pause,
+    progress: &mut impl FnMut(i64),
+) -> Result<(), RotationError> {
     loop {
-        let (cursor_region, cursor_user) = match &cursor {
-            Some((r, u)) if use_cursor => (Some(r.clone()), Some(*u)),
+        let (cursor_region, cursor_user) = match &run.cursor {
+            Some((r, u)) if *use_cursor => (Some(r.clone()), Some(*u)),
             _ => (None, None),
         };
         let rows = client
             .query(
                 SELECT_KEYS_TO_REWRAP,
-                &[&kek, &version, &cursor_region, &cursor_user, &limit],
+                &[&run.kek, &run.version, &cursor_region, &cursor_user, &limit],
             )
             .await
             .map_err(db("reading a batch of data keys"))?;
         if rows.is_empty() {
-            if use_cursor {
-                use_cursor = false;
+            if *use_cursor {
+                *use_cursor = false;
                 continue;
             }
-            break;
+            return Ok(());
         }
         let pending: Vec<Pending> = rows
             .iter()
@@ -313,18 +335,20 @@ pub async fn rotate_and_rewrap(
         let new_bytes: Vec<&[u8]> = new.iter().map(|w| w.wrapped.as_slice()).collect();
         let new_versions: Vec<i32> = new.iter().map(|w| w.kek_version).collect();
         // The sweep (no cursor) leaves the saved cursor where the first pass ended.
-        if use_cursor {
-            cursor = pending.last().map(|p| (p.region.clone(), p.user_id));
+        if *use_cursor {
+            run.cursor = pending.last().map(|p| (p.region.clone(), p.user_id));
         }
         let (cursor_region, cursor_user) = (
-            cursor.as_ref().map(|c| c.0.as_str()),
-            cursor.as_ref().map(|c| c.1),
+            run.cursor.as_ref().map(|c| c.0.as_str()),
+            run.cursor.as_ref().map(|c| c.1),
         );
 
         let tx = client
             .transaction()
             .await
             .map_err(db("starting a rewrap batch"))?;
+        // Compare-and-set on the old wrapped bytes: a key destroyed meanwhile
+        // (crypto-shredding) stays destroyed.
         let updated = tx
             .execute(
                 UPDATE_REWRAPPED_KEYS,
@@ -335,39 +359,53 @@ pub async fn rotate_and_rewrap(
         let updated = i64::try_from(updated).unwrap_or(i64::MAX);
         tx.execute(
             SAVE_ROTATION_CURSOR,
-            &[&rotation_id, &cursor_region, &cursor_user, &updated],
+            &[&run.id, &cursor_region, &cursor_user, &updated],
         )
         .await
         .map_err(db("saving the rotation cursor"))?;
         pause.reached(PausePoint::BatchRewrapped).await;
         tx.commit().await.map_err(db("committing a rewrap batch"))?;
-        now += updated;
-        total += updated;
-        batches += 1;
-        progress(total);
+        run.now += updated;
+        run.total += updated;
+        run.batches += 1;
+        progress(run.total);
         info!(
-            rewrapped = total,
-            batch = batches,
-            per_second = now as f64 / started.elapsed().as_secs_f64().max(1e-9),
+            rewrapped = run.total,
+            batch = run.batches,
+            per_second = run.now as f64 / run.started.elapsed().as_secs_f64().max(1e-9),
             "rewrapping data keys"
         );
     }
+}
 
-    rewrap_store_keys(client, provider, &kek, version, &mut pause).await?;
-    provider.set_min_decryption_version(version).await?;
-    pause.reached(PausePoint::MinVersionRaised).await;
-    client
-        .execute(FINISH_ROTATION, &[&rotation_id])
+/// How often a rotation sweeps again for keys stored under the old version
+/// after it was retired, before it gives up.
+const MAX_RETIRE_ATTEMPTS: usize = 5;
+
+/// The oldest KEK version a stored key is wrapped under.
+async fn oldest_version_in_use(client: &Client, kek: &str) -> Result<Option<i32>, RotationError> {
+    Ok(client
+        .query_one(SELECT_OLDEST_VERSION_IN_USE, &[&kek])
         .await
-        .map_err(db("finishing the rotation"))?;
-    info!(kek = %kek, version, rewrapped = total, "rotation finished; older key versions retired");
-    Ok(RotationReport {
-        rotation_id,
-        version,
-        rewrapped_now: now,
-        rewrapped_total: total,
-        resumed,
-    })
+        .map_err(db("looking for keys under old versions"))?
+        .get(0))
+}
+
+/// Lowers the KEK's `min_decryption_version` to the oldest version a stored
+/// key still needs, when it was raised past it.
+async fn reopen_versions_in_use(
+    client: &Client,
+    provider: &KeyProvider,
+    kek: &str,
+) -> Result<(), RotationError> {
+    let Some(oldest) = oldest_version_in_use(client, kek).await? else {
+        return Ok(());
+    };
+    if oldest < provider.versions().await?.min_decryption {
+        warn!(kek = %kek, version = oldest, "keys are stored under a retired key version; making it decryptable again to rewrap them");
+        provider.set_min_decryption_version(oldest).await?;
+    }
+    Ok(())
 }
 
 async fn rewrap_store_keys(

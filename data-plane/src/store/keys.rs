@@ -92,6 +92,13 @@ pub const SAVE_ROTATION_CURSOR: &str =
 pub const FINISH_ROTATION: &str =
     "UPDATE umstore.key_rotations SET finished_at = now() WHERE id = $1";
 
+/// The oldest version of KEK `$1` that a stored data key or store key is still
+/// wrapped under; NULL when none is.
+pub const SELECT_OLDEST_VERSION_IN_USE: &str = "SELECT least(
+         (SELECT min(kek_version) FROM umstore.user_data_keys
+          WHERE kek_name = $1 AND wrapped_key IS NOT NULL),
+         (SELECT min(kek_version) FROM umstore.key_material WHERE kek_name = $1))";
+
 /// Store-wide keys wrapped under an older version than `$2`: `$1` KEK name.
 /// Columns: name, wrapped key, KEK name, KEK version.
 pub const SELECT_STORE_KEYS_TO_REWRAP: &str =
