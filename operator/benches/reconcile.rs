@@ -171,6 +171,24 @@ async fn latency(iterations: usize) {
         steady.push(t.elapsed());
     }
     let steady_writes = api.writes().len();
+    let steady_requests = api.log().len() as f64 / iterations as f64;
+    // Drift: a hand edit of one StatefulSet before each reconcile, put back by it.
+    let mut drift = Vec::with_capacity(iterations);
+    api.clear_log();
+    for i in 0..iterations {
+        let mut sts = api
+            .get(&paths::statefulsets(NS), "steady-worker-east")
+            .unwrap_or(Value::Null);
+        sts["spec"]["replicas"] = json!(10 + i);
+        api.put_raw(&paths::statefulsets(NS), sts);
+        let g = guard(&api, "steady");
+        let t = Instant::now();
+        reconcile(g, ctx.clone())
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        drift.push(t.elapsed());
+    }
+    let drift_applies = applies(&api) as f64 / iterations as f64;
     let mut change = Vec::with_capacity(iterations);
     api.clear_log();
     for i in 0..iterations {
@@ -192,15 +210,19 @@ async fn latency(iterations: usize) {
     let (f50, f95) = summary("first reconcile (mocked API)", first);
     let (s50, s95) = summary("steady-state reconcile, nothing changed", steady);
     let (c50, c95) = summary("reconcile after one spec change", change);
-    println!("objects applied per reconcile: first {applied_first} (+8 role Secrets created, +status), steady {steady_writes} writes in {iterations} reconciles, one change {change_applies:.1}");
+    let (d50, d95) = summary("reconcile after one hand edit (drift)", drift);
+    println!("objects applied per reconcile: first {applied_first} (+8 role Secrets created, +status), steady {steady_writes} writes in {iterations} reconciles, one change {change_applies:.1}, one hand edit {drift_applies:.1}");
+    println!("API requests per steady-state reconcile: {steady_requests:.1} (one LIST per owned kind, no write)");
     println!(
-        "ratio to baseline (p50/p95): first {:.1}x/{:.1}x, steady {:.1}x/{:.1}x, change {:.1}x/{:.1}x",
+        "ratio to baseline (p50/p95): first {:.1}x/{:.1}x, steady {:.1}x/{:.1}x, change {:.1}x/{:.1}x, drift {:.1}x/{:.1}x",
         ms(f50) / ms(b50),
         ms(f95) / ms(b95),
         ms(s50) / ms(b50),
         ms(s95) / ms(b95),
         ms(c50) / ms(b50),
-        ms(c95) / ms(b95)
+        ms(c95) / ms(b95),
+        ms(d50) / ms(b50),
+        ms(d95) / ms(b95)
     );
 }
 
