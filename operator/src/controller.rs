@@ -18,7 +18,6 @@ use kube::core::error_boundary::InvalidObject;
 use kube::core::DeserializeGuard;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event, EventType};
-use kube::runtime::finalizer::{finalizer, Event as Finalizer};
 use kube::runtime::watcher::Config;
 use kube::runtime::{predicates, reflector, watcher, Predicate, WatchStreamExt};
 use kube::{Client, Resource};
@@ -28,10 +27,10 @@ use umstore_crds::{condition, Phase, UserMetadataStore};
 
 use crate::context::Context;
 use crate::error::Error;
-use crate::meta::{FINALIZER, MANAGED_BY_LABEL, MANAGER};
+use crate::meta::{MANAGED_BY_LABEL, MANAGER};
 use crate::steps::status::merge_conditions;
 use crate::steps::Reason;
-use crate::{cleanup, pipeline};
+use crate::{cleanup, finalizer, pipeline};
 
 /// How long a replica that is not the leader waits before looking again.
 pub const NOT_LEADER_RECHECK: Duration = Duration::from_secs(5);
@@ -59,16 +58,13 @@ pub async fn reconcile(obj: Arc<Guarded>, ctx: Arc<Context>) -> Result<Action, E
     async {
         let started = ctx.metrics.reconcile_started();
         let api: Api<UserMetadataStore> = Api::namespaced(ctx.client.clone(), &namespace);
-        let result = finalizer(&api, FINALIZER, Arc::new(store.clone()), |event| async {
-            match event {
-                Finalizer::Apply(store) => pipeline::run(&ctx, &store)
-                    .await
-                    .map(|report| report.action),
-                Finalizer::Cleanup(store) => cleanup::run(&ctx, &store).await,
-            }
-        })
-        .await
-        .map_err(|e| Error::Finalizer(Box::new(e)));
+        let result = finalizer::reconcile(
+            &api,
+            store,
+            || async { pipeline::run(&ctx, store).await.map(|report| report.action) },
+            || cleanup::run(&ctx, store),
+        )
+        .await;
         ctx.metrics.reconcile_finished(started);
         if result.is_ok() {
             ctx.succeeded(&format!("{namespace}/{name}"));

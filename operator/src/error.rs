@@ -48,9 +48,9 @@ pub enum Error {
     /// The migration runner lost its connection.
     #[error("schema migrations: {0}")]
     Migrate(#[source] umstore_migrations::MigrateError),
-    /// Adding or removing the finalizer failed, or cleanup failed.
+    /// The finalizer patch could not be built.
     #[error("finalizer: {0}")]
-    Finalizer(#[source] Box<kube::runtime::finalizer::Error<Error>>),
+    Finalizer(String),
 }
 
 impl Error {
@@ -84,11 +84,7 @@ impl Error {
             Error::MissingMetadata => "missing_metadata",
             Error::Database { .. } => "database",
             Error::Migrate(_) => "migrate",
-            Error::Finalizer(inner) => match inner.as_ref() {
-                kube::runtime::finalizer::Error::ApplyFailed(e)
-                | kube::runtime::finalizer::Error::CleanupFailed(e) => e.metric_label(),
-                _ => "finalizer",
-            },
+            Error::Finalizer(_) => "finalizer",
         }
     }
 }

@@ -7,8 +7,8 @@
 //! - [`apply`]: the thin layer that server-side applies them and deletes what is no longer wanted.
 //! - [`steps`] and [`pipeline`]: the reconcile steps, in order; [`db`]: how the
 //!   bootstrap and migrate steps reach the store's PostgreSQL.
-//! - [`controller`]: the kube-runtime `Controller`, finalizer, events and error policy;
-//!   [`cleanup`]: what the finalizer does.
+//! - [`controller`]: the kube-runtime `Controller`, events and error policy;
+//!   [`finalizer`]: adds and removes the finalizer; [`cleanup`]: what it does first.
 //! - [`leader`]: leader election with a `coordination.k8s.io` Lease.
 //! - [`metrics`]: Prometheus metrics and the health endpoints.
 
@@ -19,6 +19,7 @@ pub mod context;
 pub mod controller;
 pub mod db;
 pub mod error;
+pub mod finalizer;
 pub mod leader;
 pub mod meta;
 pub mod metrics;

@@ -479,6 +479,18 @@ async fn deletion_runs_the_finalizer_and_retains_secrets() {
     let last = writes.last().expect("finalizer removal");
     assert_eq!(last.line(), format!("PATCH {}/{name}", paths::stores(NS)));
     assert_eq!(last.content_type, "application/json-patch+json");
+    // Every write of the cleanup, the finalizer's removal included, under one manager.
+    for w in &writes {
+        if w.path.starts_with(&paths::events(NS)) {
+            continue;
+        }
+        assert!(
+            w.query.contains("fieldManager=umstore-operator"),
+            "{} {}",
+            w.line(),
+            w.query
+        );
+    }
     assert!(
         api.get(&paths::stores(NS), &name).is_none(),
         "finalizer removed, object gone"

@@ -128,6 +128,11 @@ pub async fn seeded_without_credentials(spec_of: Value) -> (FakeApi, Arc<Context
         format!("PATCH {}/{name}", paths::stores(NS))
     );
     assert_eq!(writes[0].content_type, "application/json-patch+json");
+    assert!(
+        writes[0].query.contains("fieldManager=umstore-operator"),
+        "the finalizer is added under the operator's field manager: {}",
+        writes[0].query
+    );
     api.clear_log();
     (api, ctx, name)
 }
