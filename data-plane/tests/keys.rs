@@ -445,19 +445,15 @@ async fn killed_and_resumed(point: PausePoint, nth: usize, seed_no: u64) -> AtKi
         "blind-index key rewrapped"
     );
     // Reads went on against the half-rotated store while the killed run was
-    // paused at its point; and while the resumed run rewrapped keys, when it
-    // had keys left to rewrap (the runs resumed at the store key or at the
-    // end do one Vault call, too short to count on a read landing inside).
+    // paused at its point: that overlap is deterministic. Reads during the
+    // resumed run are counted (and must not fail, checked by `readers.stop`)
+    // but not required: on a loaded machine the resumed run can finish before
+    // a reader's next Vault round trip lands inside it.
     assert!(
         during_first >= 20,
         "reads overlapped the killed run ({during_first} of {reads})"
     );
-    if at_kill.versions.iter().any(|(v, _)| *v == 1) {
-        assert!(
-            during_second > 0,
-            "reads overlapped the resumed run ({during_second} of {reads})"
-        );
-    }
+    eprintln!("reads during the resumed run: {during_second} of {reads}");
     // A data plane started now (fresh keyring) reads every layer under v2.
     let fresh = vault_keyring(&store.connect(Purpose::Ai).await, keyring_config(&key), 10).await;
     let first_user = Generator::new(seed_no, chrono::Utc::now().date_naive()).next_profile();
