@@ -140,10 +140,7 @@ async fn refresh_rotation_gauges(state: &AppState) {
     let Ok(client) = state.db.get().await else {
         return;
     };
-    let query = client.query_opt(
-        "SELECT target_version, rewrapped, finished_at IS NULL FROM umstore.key_rotations ORDER BY id DESC LIMIT 1",
-        &[],
-    );
+    let query = client.query_opt(crate::store::keys::SELECT_LATEST_ROTATION, &[]);
     if let Ok(Ok(Some(row))) = tokio::time::timeout(Duration::from_secs(1), query).await {
         state
             .metrics

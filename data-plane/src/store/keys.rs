@@ -110,3 +110,8 @@ pub const SELECT_STORE_KEYS_TO_REWRAP: &str =
 pub const UPDATE_REWRAPPED_STORE_KEY: &str =
     "UPDATE umstore.key_material SET wrapped_key = $2, kek_version = $3, rewrapped_at = now()
      WHERE name = $1 AND wrapped_key = $4";
+
+/// The latest rotation's progress (target version, keys rewrapped, still running),
+/// for the gauges every data plane exports.
+pub const SELECT_LATEST_ROTATION: &str = "SELECT target_version, rewrapped, finished_at IS NULL \
+     FROM umstore.key_rotations ORDER BY id DESC LIMIT 1";
