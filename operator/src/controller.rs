@@ -111,13 +111,17 @@ async fn report_malformed(ctx: &Context, invalid: &InvalidObject) -> Result<Acti
         ..ObjectReference::default()
     };
     // The Ready condition keeps its lastTransitionTime when it was already false;
+    // (a plain GET returns the status too: the chart grants no get on the
+    // status subresource.)
     // the other conditions and fields are left as they were.
     let api: Api<DynamicObject> = Api::namespaced_with(
         ctx.client.clone(),
         &namespace,
         &ApiResource::erase::<UserMetadataStore>(&()),
     );
-    let current = api.get_status(&name).await.map_err(Error::kube(format!(
+    // A plain GET: it returns the status too, and the chart grants no `get` on the
+    // status subresource.
+    let current = api.get(&name).await.map_err(Error::kube(format!(
         "reading the status of {namespace}/{name}"
     )))?;
     let old = current.data.get("status").cloned().unwrap_or_default();
