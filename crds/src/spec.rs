@@ -178,8 +178,10 @@ impl Default for AutoPromotionSpec {
     }
 }
 
-/// PostgreSQL and Citus.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+/// PostgreSQL and Citus. Every PostgreSQL pod runs Patroni: the coordinator (with
+/// the replica pools) and each worker group are Patroni clusters that fail over on
+/// their own.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct PostgresSpec {
     /// Image for every PostgreSQL pod (the Citus image, used as plain PostgreSQL below tier 3).
@@ -200,6 +202,29 @@ pub struct PostgresSpec {
     /// TLS for client connections. Without it, connections are not encrypted in transit.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls: Option<TlsSpec>,
+    /// Members of the coordinator's Patroni cluster that may become its primary (the
+    /// primary and its failover standbys; replica pools come on top). Default: 1 at
+    /// tier 1, 2 from tier 2.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = rules::at_least_one())]
+    pub instances: Option<i32>,
+    /// Durability: `Off` (asynchronous replication: a failover can lose the last
+    /// transactions the old primary acknowledged) or `On` (Patroni's synchronous mode
+    /// with one synchronous standby: an acknowledged commit is on two members, and
+    /// only the synchronous standby may be promoted; with no healthy standby, writes
+    /// go on asynchronously).
+    #[serde(default)]
+    pub synchronous: SynchronousMode,
+}
+
+/// Replication durability, see [`PostgresSpec::synchronous`].
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum SynchronousMode {
+    /// Asynchronous replication.
+    #[default]
+    Off,
+    /// One synchronous standby (Patroni `synchronous_mode: true`).
+    On,
 }
 
 fn default_postgres_image() -> String {
@@ -219,6 +244,8 @@ impl Default for PostgresSpec {
             workers: InstanceSpec::default(),
             replicas: InstanceSpec::default(),
             tls: None,
+            instances: None,
+            synchronous: SynchronousMode::Off,
         }
     }
 }

@@ -12,6 +12,7 @@ use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::api::core::v1::{ConfigMap, ObjectReference, Secret, Service, ServiceAccount};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::api::{Api, ApiResource, DynamicObject};
 use kube::core::error_boundary::InvalidObject;
@@ -221,6 +222,8 @@ pub async fn run(ctx: Arc<Context>, namespace: Option<String>, ready: Arc<Atomic
         .owns_stream(owned_stream::<Deployment>(&client, ns))
         .owns_stream(owned_stream::<PodDisruptionBudget>(&client, ns))
         .owns_stream(owned_stream::<NetworkPolicy>(&client, ns))
+        .owns_stream(owned_stream::<Role>(&client, ns))
+        .owns_stream(owned_stream::<RoleBinding>(&client, ns))
         .shutdown_on_signal();
     ready.store(true, Ordering::Release);
     info!(namespace = ns.unwrap_or("<all>"), "controller started");

@@ -33,6 +33,15 @@ pub struct Validated {
 }
 
 impl Validated {
+    /// Members of the coordinator's Patroni cluster that may lead it:
+    /// `spec.postgres.instances`, else 1 at tier 1 and 2 from tier 2.
+    pub fn coordinator_instances(&self) -> i32 {
+        self.spec
+            .postgres
+            .instances
+            .unwrap_or(if self.tier >= 2 { 2 } else { 1 })
+    }
+
     /// Citus is in use (tier 3 and up).
     pub fn citus(&self) -> bool {
         self.tier >= 3

@@ -752,5 +752,5 @@ async fn a_steady_state_reconcile_only_lists() {
     let status = status_of(&api, &name);
     assert!(api.writes().is_empty(), "{:#?}\n{status:#}", api.writes());
     // One LIST per owned kind; no GET of single objects.
-    assert_eq!(log.len(), 8, "{:#?}", lines(&log));
+    assert_eq!(log.len(), 10, "{:#?}", lines(&log));
 }

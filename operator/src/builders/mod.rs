@@ -3,6 +3,7 @@
 
 pub mod credentials;
 pub mod data_plane;
+pub mod patroni;
 pub mod pgbouncer;
 pub mod pgconfig;
 pub mod policy;
@@ -13,6 +14,7 @@ use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service, ServiceAccount};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use k8s_openapi::api::rbac::v1::{Role as RbacRole, RoleBinding};
 use kube::api::ApiResource;
 use kube::Resource;
 use umstore_crds::UserMetadataStoreSpec;
@@ -48,13 +50,19 @@ pub enum Object {
     PodDisruptionBudget(PodDisruptionBudget),
     /// A NetworkPolicy.
     NetworkPolicy(NetworkPolicy),
+    /// A namespaced RBAC Role.
+    Role(RbacRole),
+    /// A RoleBinding.
+    RoleBinding(RoleBinding),
 }
 
 /// The kinds the operator creates, in apply order; observed and garbage-collected
 /// by the topology step.
-pub fn owned_kinds() -> [ApiResource; 8] {
+pub fn owned_kinds() -> [ApiResource; 10] {
     [
         ApiResource::erase::<ServiceAccount>(&()),
+        ApiResource::erase::<RbacRole>(&()),
+        ApiResource::erase::<RoleBinding>(&()),
         ApiResource::erase::<ConfigMap>(&()),
         ApiResource::erase::<Secret>(&()),
         ApiResource::erase::<Service>(&()),
@@ -76,6 +84,8 @@ macro_rules! each_object {
             Object::Deployment($o) => $e,
             Object::PodDisruptionBudget($o) => $e,
             Object::NetworkPolicy($o) => $e,
+            Object::Role($o) => $e,
+            Object::RoleBinding($o) => $e,
         }
     };
 }
@@ -140,8 +150,11 @@ pub fn topology(v: &Validated, creds: &Credentials, env: &Env) -> Vec<Object> {
 
     let mut objects = vec![
         Object::ServiceAccount(data_plane::service_account(v)),
+        Object::ServiceAccount(patroni::service_account(v)),
+        Object::Role(patroni::role(v)),
+        Object::RoleBinding(patroni::role_binding(v)),
         Object::ConfigMap(pgconfig::config_map(v)),
-        Object::ConfigMap(pgconfig::scripts_config_map(v)),
+        Object::ConfigMap(patroni::config_map(v, &pg_roles)),
     ];
     if v.pooled() {
         objects.push(Object::ConfigMap(pgbouncer::config_map(v)));
@@ -170,11 +183,7 @@ pub fn topology(v: &Validated, creds: &Credentials, env: &Env) -> Vec<Object> {
     }
     objects.push(Object::Deployment(data_plane::deployment(v)));
     for role in &pg_roles {
-        let replicas = match role {
-            PgRole::Coordinator => 1,
-            PgRole::Worker { replicas, .. } | PgRole::Replica { replicas, .. } => *replicas,
-        };
-        if replicas > 1 {
+        if role.replicas(v) > 1 {
             objects.push(Object::PodDisruptionBudget(policy::pdb(
                 v,
                 &role.name(v),

@@ -1,5 +1,5 @@
-//! Rendered PostgreSQL configuration: `postgresql.conf`, `pg_hba.conf` and the pod
-//! scripts (replication role at initdb, standby clone), in ConfigMaps.
+//! Rendered PostgreSQL configuration: `postgresql.conf` (Patroni's `custom_conf`)
+//! and `pg_hba.conf` (its `hba_file`), in the ConfigMap `<store>-postgres`.
 
 use std::collections::BTreeMap;
 
@@ -82,7 +82,7 @@ pub fn pg_hba_conf(v: &Validated) -> String {
     let mut lines: Vec<String> = vec![
         "# Rendered by umstore-operator; edits are overwritten.".into(),
         "# TYPE    DATABASE     USER        ADDRESS       METHOD".into(),
-        // Inside the pod only: the entrypoint's initdb scripts and pg_isready.
+        // Inside the pod only: Patroni (over the unix socket) and pg_isready.
         "local     all          all                       trust".into(),
         "host      all          all         127.0.0.1/32  scram-sha-256".into(),
         "host      all          all         ::1/128       scram-sha-256".into(),
@@ -98,39 +98,6 @@ pub fn pg_hba_conf(v: &Validated) -> String {
     lines.join("\n") + "\n"
 }
 
-/// Run by the image's entrypoint on first initdb (primaries only): creates the
-/// replication role with the password from the `replicator` Secret.
-pub const CREATE_REPLICATOR_SH: &str = r#"#!/bin/sh
-# Rendered by umstore-operator. Runs once, at initdb, on primaries.
-set -eu
-psql -v ON_ERROR_STOP=1 --username "$POSTGRES_USER" --dbname postgres \
-  --set pw="$REPLICATION_PASSWORD" <<'SQL'
-CREATE ROLE replicator WITH REPLICATION LOGIN PASSWORD :'pw';
-SQL
-"#;
-
-/// Init container of standbys: clones the primary with `pg_basebackup` into an empty
-/// data directory, with a replication slot named after the pod, and writes
-/// `primary_conninfo` (`-R`). Ordinal 0 of a worker group is that group's primary and
-/// skips it unless `STANDBY_ALWAYS=1` (replica pools).
-pub const STANDBY_INIT_SH: &str = r#"#!/bin/sh
-# Rendered by umstore-operator.
-set -eu
-ordinal="${HOSTNAME##*-}"
-if [ "${STANDBY_ALWAYS:-0}" != 1 ] && [ "$ordinal" = 0 ]; then
-  echo "ordinal 0 is the primary of its group; nothing to clone"; exit 0
-fi
-if [ -s "$PGDATA/PG_VERSION" ]; then
-  echo "data directory already initialised"; exit 0
-fi
-slot=$(echo "$HOSTNAME" | tr '-' '_')
-export PGPASSWORD="$REPLICATION_PASSWORD"
-until pg_isready -h "$PRIMARY_HOST" -p 5432 -q; do echo "waiting for $PRIMARY_HOST"; sleep 2; done
-# A slot left by an earlier incarnation of this pod would hold WAL forever.
-pg_receivewal -h "$PRIMARY_HOST" -U replicator --drop-slot --slot="$slot" 2>/dev/null || true
-pg_basebackup -h "$PRIMARY_HOST" -p 5432 -U replicator -D "$PGDATA" -X stream -R -C -S "$slot"
-"#;
-
 /// The ConfigMap `<store>-postgres` with `postgresql.conf` and `pg_hba.conf`.
 pub fn config_map(v: &Validated) -> ConfigMap {
     let owner = &v.owner;
@@ -144,31 +111,7 @@ pub fn config_map(v: &Validated) -> ConfigMap {
     }
 }
 
-/// The ConfigMap `<store>-postgres-scripts` with the pod scripts.
-pub fn scripts_config_map(v: &Validated) -> ConfigMap {
-    let owner = &v.owner;
-    ConfigMap {
-        metadata: owner.object_meta(
-            &owner.child("postgres-scripts"),
-            owner.component_labels("postgres"),
-        ),
-        data: Some(BTreeMap::from([
-            (
-                "00-create-replicator.sh".to_string(),
-                CREATE_REPLICATOR_SH.to_string(),
-            ),
-            ("standby-init.sh".to_string(), STANDBY_INIT_SH.to_string()),
-        ])),
-        ..ConfigMap::default()
-    }
-}
-
 /// Hash of what PostgreSQL pods read at start, for their pod-template annotation.
 pub fn config_hash(v: &Validated) -> String {
-    hash_of(&(
-        postgresql_conf(v),
-        pg_hba_conf(v),
-        STANDBY_INIT_SH,
-        CREATE_REPLICATOR_SH,
-    ))
+    hash_of(&(postgresql_conf(v), pg_hba_conf(v)))
 }

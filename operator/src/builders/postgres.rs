@@ -1,5 +1,6 @@
-//! PostgreSQL workloads: the primary/coordinator, the Citus worker groups and the
-//! read-replica pools, each a StatefulSet (its Services are in [`super::services`]).
+//! PostgreSQL workloads: the coordinator, the Citus worker groups and the
+//! read-replica pools, each a StatefulSet whose pods run Patroni (its configuration
+//! and RBAC are in [`super::patroni`], its Services in [`super::services`]).
 
 use std::collections::BTreeMap;
 
@@ -7,33 +8,37 @@ use k8s_openapi::api::apps::v1::{
     StatefulSet, StatefulSetPersistentVolumeClaimRetentionPolicy, StatefulSetSpec,
 };
 use k8s_openapi::api::core::v1::{
-    Affinity, ConfigMapVolumeSource, Container, ContainerPort, EnvVar, EnvVarSource, ExecAction,
-    KeyToPath, PersistentVolumeClaim, PersistentVolumeClaimSpec, PodAffinityTerm, PodAntiAffinity,
-    PodSecurityContext, PodSpec, PodTemplateSpec, Probe, ResourceRequirements, SecretKeySelector,
-    SecretVolumeSource, Volume, VolumeMount, VolumeResourceRequirements, WeightedPodAffinityTerm,
+    Affinity, ConfigMapVolumeSource, Container, ContainerPort, EnvVar, EnvVarSource, HTTPGetAction,
+    KeyToPath, ObjectFieldSelector, PersistentVolumeClaim, PersistentVolumeClaimSpec,
+    PodAffinityTerm, PodAntiAffinity, PodSecurityContext, PodSpec, PodTemplateSpec, Probe,
+    ResourceRequirements, SecretKeySelector, SecretVolumeSource, Volume, VolumeMount,
+    VolumeResourceRequirements, WeightedPodAffinityTerm,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use umstore_crds::{InstanceSpec, ReclaimPolicy, ReplicaPurpose, StorageSpec};
 
 use super::credentials::Role;
+use super::patroni;
 use super::pgconfig::{self, CONFIG_DIR, TLS_DIR};
-use crate::meta::{CONFIG_HASH, EXPORTER_PORT, PG_PORT, WORKER_GROUP_LABEL};
+use crate::meta::{hash_of, CONFIG_HASH, EXPORTER_PORT, PG_PORT, WORKER_GROUP_LABEL};
 use crate::validated::Validated;
 
 /// Which PostgreSQL workload.
 #[derive(Clone, Debug, PartialEq)]
 pub enum PgRole<'a> {
-    /// The primary (tiers 1–2) or Citus coordinator (3–4).
+    /// The primary (tiers 1–2) or Citus coordinator (3–4), with its failover
+    /// standbys: `spec.postgres.instances` members of one Patroni cluster.
     Coordinator,
-    /// A Citus worker group: pod 0 is its primary, the others hot standbys.
+    /// A Citus worker group: a Patroni cluster of its own (a leader and standbys).
     Worker {
         /// Group name.
         group: &'a str,
         /// Pods in the group.
         replicas: i32,
     },
-    /// A read-replica pool: every pod a hot standby of the coordinator.
+    /// A read-replica pool: members of the coordinator's Patroni cluster.
     Replica {
         /// Pool purpose.
         purpose: ReplicaPurpose,
@@ -67,9 +72,10 @@ impl PgRole<'_> {
         }
     }
 
-    fn replicas(&self) -> i32 {
+    /// Pods of the workload.
+    pub fn replicas(&self, v: &Validated) -> i32 {
         match self {
-            PgRole::Coordinator => 1,
+            PgRole::Coordinator => v.coordinator_instances(),
             PgRole::Worker { replicas, .. } | PgRole::Replica { replicas, .. } => *replicas,
         }
     }
@@ -96,23 +102,6 @@ impl PgRole<'_> {
             PgRole::Replica { .. } => &v.spec.postgres.replicas,
         }
     }
-
-    /// The primary a standby of this workload clones from, if it has standbys.
-    fn primary_host(&self, v: &Validated) -> Option<String> {
-        let ns = &v.owner.namespace;
-        match self {
-            PgRole::Coordinator => None,
-            PgRole::Worker { .. } => Some(format!(
-                "{}-0.{}.{ns}.svc",
-                self.name(v),
-                self.headless_name(v)
-            )),
-            PgRole::Replica { .. } => {
-                let c = PgRole::Coordinator;
-                Some(format!("{}-0.{}.{ns}.svc", c.name(v), c.headless_name(v)))
-            }
-        }
-    }
 }
 
 fn secret_env(name: &str, secret: String, key: &str) -> EnvVar {
@@ -135,30 +124,6 @@ fn env(name: &str, value: impl Into<String>) -> EnvVar {
         name: name.into(),
         value: Some(value.into()),
         ..EnvVar::default()
-    }
-}
-
-fn pg_isready_probe(period: i32, failures: i32) -> Probe {
-    Probe {
-        exec: Some(ExecAction {
-            command: Some(
-                [
-                    "pg_isready",
-                    "-U",
-                    "postgres",
-                    "-h",
-                    "127.0.0.1",
-                    "-p",
-                    "5432",
-                ]
-                .map(String::from)
-                .to_vec(),
-            ),
-        }),
-        period_seconds: Some(period),
-        timeout_seconds: Some(5),
-        failure_threshold: Some(failures),
-        ..Probe::default()
     }
 }
 
@@ -209,40 +174,79 @@ fn mount(name: &str, path: &str) -> VolumeMount {
     }
 }
 
-/// The StatefulSet of one PostgreSQL workload.
+fn field_env(name: &str, path: &str) -> EnvVar {
+    EnvVar {
+        name: name.into(),
+        value_from: Some(EnvVarSource {
+            field_ref: Some(ObjectFieldSelector {
+                field_path: path.into(),
+                ..ObjectFieldSelector::default()
+            }),
+            ..EnvVarSource::default()
+        }),
+        ..EnvVar::default()
+    }
+}
+
+fn patroni_probe(path: &str, period: i32, failures: i32) -> Probe {
+    Probe {
+        http_get: Some(HTTPGetAction {
+            path: Some(path.into()),
+            port: IntOrString::Int(patroni::RESTAPI_PORT),
+            ..HTTPGetAction::default()
+        }),
+        period_seconds: Some(period),
+        timeout_seconds: Some(5),
+        failure_threshold: Some(failures),
+        ..Probe::default()
+    }
+}
+
+/// The StatefulSet of one PostgreSQL workload: Patroni as the container's process,
+/// managing PostgreSQL in the same container.
 pub fn statefulset(v: &Validated, role: &PgRole<'_>) -> StatefulSet {
     let owner = &v.owner;
     let name = role.name(v);
     let labels = role.labels(v);
+    let mut pod_labels = labels.clone();
+    pod_labels.extend(patroni::cluster_labels(v, role));
     let InstanceSpec { resources, storage } = role.instance(v);
     let admin_secret = Role::Admin.secret_name(owner);
     let replicator_secret = Role::Replicator.secret_name(owner);
 
-    let mut env_vars = vec![
-        env("PGDATA", "/var/lib/postgresql/data/pgdata"),
-        env("POSTGRES_USER", "postgres"),
-        env("POSTGRES_DB", "postgres"),
+    let env_vars = vec![
+        field_env("PATRONI_NAME", "metadata.name"),
+        field_env("PATRONI_KUBERNETES_NAMESPACE", "metadata.namespace"),
+        field_env("PATRONI_KUBERNETES_POD_IP", "status.podIP"),
         env(
-            "POSTGRES_INITDB_ARGS",
-            "--auth-host=scram-sha-256 --data-checksums",
+            "PATRONI_POSTGRESQL_CONNECT_ADDRESS",
+            format!("$(PATRONI_KUBERNETES_POD_IP):{PG_PORT}"),
         ),
-        secret_env("POSTGRES_PASSWORD", admin_secret.clone(), "password"),
-        secret_env("REPLICATION_PASSWORD", replicator_secret, "password"),
+        env(
+            "PATRONI_RESTAPI_CONNECT_ADDRESS",
+            format!("$(PATRONI_KUBERNETES_POD_IP):{}", patroni::RESTAPI_PORT),
+        ),
+        env("PGDATA", patroni::PGDATA),
+        secret_env(
+            "PATRONI_SUPERUSER_PASSWORD",
+            admin_secret.clone(),
+            "password",
+        ),
+        secret_env(
+            "PATRONI_REPLICATION_PASSWORD",
+            replicator_secret,
+            "password",
+        ),
+        secret_env("PATRONI_REWIND_PASSWORD", admin_secret.clone(), "password"),
     ];
     let mut mounts = vec![
         mount("data", "/var/lib/postgresql/data"),
         mount("config", CONFIG_DIR),
-        VolumeMount {
-            name: "scripts".into(),
-            mount_path: "/docker-entrypoint-initdb.d/00-create-replicator.sh".into(),
-            sub_path: Some("00-create-replicator.sh".into()),
-            read_only: Some(true),
-            ..VolumeMount::default()
-        },
+        mount("patroni", patroni::PATRONI_DIR),
     ];
     let mut volumes = vec![
         config_volume("config", owner.child("postgres"), None),
-        config_volume("scripts", owner.child("postgres-scripts"), Some(0o555)),
+        config_volume("patroni", owner.child("patroni"), None),
     ];
     if let Some(tls) = &v.spec.postgres.tls {
         mounts.push(mount("tls", TLS_DIR));
@@ -270,47 +274,33 @@ pub fn statefulset(v: &Validated, role: &PgRole<'_>) -> StatefulSet {
         });
     }
 
-    let mut init_containers = vec![];
-    if let Some(primary) = role.primary_host(v) {
-        let mut init_env = env_vars.clone();
-        init_env.push(env("PRIMARY_HOST", primary));
-        if matches!(role, PgRole::Replica { .. }) {
-            init_env.push(env("STANDBY_ALWAYS", "1"));
-        }
-        env_vars.push(env("UMSTORE_STANDBY", "1"));
-        init_containers.push(Container {
-            name: "standby-init".into(),
-            image: Some(v.spec.postgres.image.clone()),
-            command: Some(vec!["/bin/sh".into(), "/scripts/standby-init.sh".into()]),
-            env: Some(init_env),
-            volume_mounts: Some(vec![
-                mount("data", "/var/lib/postgresql/data"),
-                mount("scripts", "/scripts"),
-            ]),
-            ..Container::default()
-        });
-    }
-
     let postgres = Container {
         name: "postgres".into(),
         image: Some(v.spec.postgres.image.clone()),
-        args: Some(vec![
-            "postgres".into(),
-            "-c".into(),
-            format!("config_file={CONFIG_DIR}/postgresql.conf"),
-            "-c".into(),
-            format!("hba_file={CONFIG_DIR}/pg_hba.conf"),
+        command: Some(vec![
+            "patroni".into(),
+            format!("{}/{}", patroni::PATRONI_DIR, patroni::config_key(v, role)),
         ]),
         env: Some(env_vars),
-        ports: Some(vec![ContainerPort {
-            name: Some("postgres".into()),
-            container_port: PG_PORT,
-            ..ContainerPort::default()
-        }]),
+        ports: Some(vec![
+            ContainerPort {
+                name: Some("postgres".into()),
+                container_port: PG_PORT,
+                ..ContainerPort::default()
+            },
+            ContainerPort {
+                name: Some("patroni".into()),
+                container_port: patroni::RESTAPI_PORT,
+                ..ContainerPort::default()
+            },
+        ]),
         resources: resources.clone(),
-        startup_probe: Some(pg_isready_probe(5, 120)),
-        readiness_probe: Some(pg_isready_probe(5, 3)),
-        liveness_probe: Some(pg_isready_probe(15, 4)),
+        // Patroni's REST API: /readiness is 200 once PostgreSQL runs and (on a
+        // replica) streams; /liveness while Patroni's loop runs. A clone from the
+        // leader can take long: the startup probe allows 10 minutes.
+        startup_probe: Some(patroni_probe("/liveness", 5, 120)),
+        readiness_probe: Some(patroni_probe("/readiness", 5, 3)),
+        liveness_probe: Some(patroni_probe("/liveness", 15, 4)),
         volume_mounts: Some(mounts),
         ..Container::default()
     };
@@ -368,7 +358,7 @@ pub fn statefulset(v: &Validated, role: &PgRole<'_>) -> StatefulSet {
     StatefulSet {
         metadata: owner.object_meta(&name, labels.clone()),
         spec: StatefulSetSpec {
-            replicas: Some(role.replicas()),
+            replicas: Some(role.replicas(v)),
             service_name: Some(role.headless_name(v)),
             selector: LabelSelector {
                 match_labels: Some(labels.clone()),
@@ -383,9 +373,12 @@ pub fn statefulset(v: &Validated, role: &PgRole<'_>) -> StatefulSet {
             ),
             template: PodTemplateSpec {
                 metadata: Some(ObjectMeta {
-                    labels: Some(labels),
+                    labels: Some(pod_labels),
                     annotations: Some(BTreeMap::from([
-                        (CONFIG_HASH.to_string(), pgconfig::config_hash(v)),
+                        (
+                            CONFIG_HASH.to_string(),
+                            hash_of(&(pgconfig::config_hash(v), patroni::config_hash(v, role))),
+                        ),
                         ("prometheus.io/scrape".to_string(), "true".to_string()),
                         ("prometheus.io/port".to_string(), EXPORTER_PORT.to_string()),
                     ])),
@@ -401,7 +394,7 @@ pub fn statefulset(v: &Validated, role: &PgRole<'_>) -> StatefulSet {
                         ..PodSecurityContext::default()
                     }),
                     termination_grace_period_seconds: Some(60),
-                    init_containers: (!init_containers.is_empty()).then_some(init_containers),
+                    service_account_name: Some(patroni::service_account_name(v)),
                     containers: vec![postgres, exporter],
                     volumes: Some(volumes),
                     ..PodSpec::default()

@@ -1,9 +1,10 @@
 //! Services of the PostgreSQL workloads: a headless Service per StatefulSet (stable pod
-//! DNS names, used by standbys to find their primary) and a client Service.
+//! DNS names) and a client Service that follows Patroni's role label.
 
 use k8s_openapi::api::core::v1::{Service, ServicePort, ServiceSpec};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
+use super::patroni;
 use super::postgres::PgRole;
 use crate::meta::{EXPORTER_PORT, PG_PORT};
 use crate::validated::Validated;
@@ -55,18 +56,25 @@ pub fn headless_service(v: &Validated, role: &PgRole<'_>) -> Service {
     }
 }
 
-/// The client Service: for the coordinator and worker groups it selects pod 0 (the
-/// primary); for a replica pool every pod.
+/// The client Service, by the role label Patroni keeps on each pod: for the
+/// coordinator and each worker group, the current leader of its Patroni cluster
+/// (after a failover the Service follows the new one); for a replica pool, the
+/// pool's members while they are replicas (an `ai` member promoted by a failover
+/// leaves its pool's Service).
 pub fn client_service(v: &Validated, role: &PgRole<'_>) -> Service {
     let name = role.name(v);
     let labels = role.labels(v);
-    let mut selector = labels.clone();
-    if !matches!(role, PgRole::Replica { .. }) {
-        selector.insert(
-            "statefulset.kubernetes.io/pod-name".into(),
-            format!("{name}-0"),
-        );
-    }
+    let mut selector = match role {
+        // The leader may be a coordinator pod or, after a failover, an `ai` pool
+        // member: select the cluster, not the StatefulSet.
+        PgRole::Coordinator => patroni::cluster_labels(v, role),
+        PgRole::Worker { .. } | PgRole::Replica { .. } => labels.clone(),
+    };
+    let wanted = match role {
+        PgRole::Replica { .. } => patroni::REPLICA,
+        PgRole::Coordinator | PgRole::Worker { .. } => patroni::PRIMARY,
+    };
+    selector.insert(patroni::ROLE_LABEL.into(), wanted.into());
     Service {
         metadata: v.owner.object_meta(&name, labels),
         spec: Some(ServiceSpec {
