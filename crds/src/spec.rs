@@ -184,7 +184,8 @@ impl Default for AutoPromotionSpec {
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct PostgresSpec {
-    /// Image for every PostgreSQL pod (the Citus image, used as plain PostgreSQL below tier 3).
+    /// Image for every PostgreSQL pod: PostgreSQL 15 with Citus (used as plain
+    /// PostgreSQL below tier 3), Patroni and pgBackRest (`images/postgres/Dockerfile`).
     #[serde(default = "default_postgres_image")]
     pub image: String,
     /// Image of the `postgres_exporter` sidecar in each PostgreSQL pod.
@@ -228,7 +229,7 @@ pub enum SynchronousMode {
 }
 
 fn default_postgres_image() -> String {
-    "docker.io/citusdata/citus:13.0.3".into()
+    "ghcr.io/umstore/postgres:15-citus13.0.3-patroni4.1.5".into()
 }
 
 fn default_exporter_image() -> String {
