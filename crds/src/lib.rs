@@ -11,7 +11,10 @@ mod spec;
 mod status;
 
 pub use spec::*;
-pub use status::{condition, ComponentStatus, Endpoints, Phase, UserMetadataStoreStatus};
+pub use status::{
+    condition, ComponentStatus, Endpoints, GroupStatus, MemberStatus, Phase,
+    UserMetadataStoreStatus,
+};
 
 use kube::CustomResourceExt;
 

@@ -65,6 +65,11 @@ pub struct UserMetadataStoreStatus {
     /// Where clients connect.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub endpoints: Option<Endpoints>,
+    /// Each Patroni cluster (the coordinator's, one per worker group): its leader
+    /// and members, as Patroni reports them on the pods.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[x_kube(merge_strategy = ListMerge::Map(vec!["name".into()]))]
+    pub groups: Vec<GroupStatus>,
     /// The regions each worker group holds shards of, as last distributed. A removed
     /// worker group is deleted only once it holds none.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
@@ -86,6 +91,41 @@ pub enum Phase {
     Invalid,
     /// Being deleted.
     Deleting,
+}
+
+/// One Patroni cluster.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct GroupStatus {
+    /// The cluster's scope (`<store>-coordinator`, `<store>-worker-<group>`).
+    pub name: String,
+    /// The pod that leads it, if one does.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub leader: Option<String>,
+    /// Its members, by pod name.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub members: Vec<MemberStatus>,
+}
+
+/// One member of a Patroni cluster, from the state Patroni publishes on its pod.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MemberStatus {
+    /// Pod name.
+    pub name: String,
+    /// `primary` or `replica` (Patroni's role label), empty before Patroni set it.
+    pub role: String,
+    /// Patroni's state of PostgreSQL (`running`, `starting`, `stopped`, ...).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state: Option<String>,
+    /// The timeline the member is on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeline: Option<i64>,
+    /// How far behind the leader's WAL position it is, in bytes (replicas).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lag_bytes: Option<i64>,
+    /// Whether the pod is Ready.
+    pub ready: bool,
 }
 
 /// Readiness of one workload.

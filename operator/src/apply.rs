@@ -20,9 +20,12 @@ use kube::api::{
 };
 use kube::{Client, ResourceExt};
 
+use k8s_openapi::api::core::v1::Pod;
+
+use crate::builders::patroni::SCOPE_LABEL;
 use crate::builders::{owned_kinds, Object};
 use crate::error::Error;
-use crate::meta::{hash_of, APPLIED_HASH, MANAGER};
+use crate::meta::{hash_of, APPLIED_HASH, INSTANCE_LABEL, MANAGER};
 
 /// `(kind, name)`.
 pub type ObjectKey = (String, String);
@@ -58,6 +61,22 @@ pub async fn observe(client: &Client, namespace: &str, selector: &str) -> Result
         }
     }
     Ok(observed)
+}
+
+/// The store's database pods (those with a Patroni scope label), for the state
+/// Patroni publishes on them.
+pub async fn observe_pods(
+    client: &Client,
+    namespace: &str,
+    store: &str,
+) -> Result<Vec<Pod>, Error> {
+    let api: Api<Pod> = Api::namespaced(client.clone(), namespace);
+    let selector = format!("{INSTANCE_LABEL}={store},{SCOPE_LABEL}");
+    let list = api
+        .list(&ListParams::default().labels(&selector))
+        .await
+        .map_err(Error::kube("listing the database pods"))?;
+    Ok(list.items)
 }
 
 /// The desired object as JSON with its [`APPLIED_HASH`] annotation set.

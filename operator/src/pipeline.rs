@@ -80,6 +80,7 @@ async fn steps(
     };
     let owner = &valid.owner;
     let observed = apply::observe(&ctx.client, &owner.namespace, &owner.selector_string()).await?;
+    let pods = apply::observe_pods(&ctx.client, &owner.namespace, &owner.name).await?;
     let credentials = credentials::run(ctx, &valid, &observed, journal).await?;
     let desired = builders::topology(&valid, &credentials, &ctx.env);
     let mut reached = Reached {
@@ -87,6 +88,7 @@ async fn steps(
         demotion_refused: valid.demotion_refused.clone(),
         vault_configured: valid.spec.encryption.vault_address.is_some(),
         components: status::components(&desired, &observed),
+        groups: status::groups::groups(&pods),
         endpoints: status::endpoints(&valid),
         steps: Vec::new(),
         waiting: None,
@@ -140,7 +142,7 @@ async fn steps(
     );
     // The connection is not kept between reconciles.
     drop(schema);
-    Ok(Progress::Reached(reached))
+    Ok(Progress::Reached(Box::new(reached)))
 }
 
 /// Publishes the queued Events; a failure to publish is logged, never fatal.

@@ -25,7 +25,7 @@ use std::fmt;
 use std::time::Duration;
 
 use kube::runtime::events::EventType;
-use umstore_crds::{ComponentStatus, Endpoints};
+use umstore_crds::{ComponentStatus, Endpoints, GroupStatus};
 
 /// The steps that report a condition of their own, in pipeline order.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -120,6 +120,10 @@ reasons! {
     PromotionComplete,
     /// The store is being deleted (finalizer).
     Deleting,
+    /// A Patroni cluster with standbys has none ready: nothing to fail over to.
+    NoHealthyStandby,
+    /// A Patroni cluster's leader moved (a failover or a switchover).
+    LeaderChanged,
 }
 
 impl fmt::Display for Reason {
@@ -184,7 +188,7 @@ pub enum Progress {
     /// The spec is invalid: nothing was applied.
     Invalid(Waiting),
     /// The spec is valid; the steps below ran.
-    Reached(Reached),
+    Reached(Box<Reached>),
 }
 
 /// What a reconcile of a valid spec found and did.
@@ -198,6 +202,8 @@ pub struct Reached {
     pub vault_configured: bool,
     /// Readiness of the desired workloads.
     pub components: Vec<ComponentStatus>,
+    /// The Patroni clusters as their pods report them.
+    pub groups: Vec<GroupStatus>,
     /// The endpoints clients use.
     pub endpoints: Endpoints,
     /// The conditions of the steps reached, in order; the last is not done when
@@ -229,7 +235,7 @@ impl Reached {
             message: waiting.message.clone(),
         });
         self.waiting = Some(waiting);
-        Progress::Reached(self)
+        Progress::Reached(Box::new(self))
     }
 
     /// Whether `step` finished.

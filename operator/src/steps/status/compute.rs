@@ -197,6 +197,16 @@ pub fn compute(
     if let Some(msg) = &r.demotion_refused {
         degraded_reasons.push((Reason::DemotionRefused, msg.clone()));
     }
+    for g in super::groups::without_standby(&r.groups) {
+        degraded_reasons.push((
+            Reason::NoHealthyStandby,
+            format!(
+                "{} has no ready standby: a failover now would have nothing to promote \
+                 (see status.groups and the pods of {})",
+                g.name, g.name
+            ),
+        ));
+    }
     if !r.vault_configured {
         degraded_reasons.push((
             Reason::NoVault,
@@ -236,6 +246,7 @@ pub fn compute(
         phase: Some(phase),
         conditions: merge_conditions(&old.conditions, new_conditions),
         components: r.components.clone(),
+        groups: r.groups.clone(),
         endpoints: Some(r.endpoints.clone()),
         schema_version: r.schema_version.or(old.schema_version),
         ..old.clone()
@@ -246,6 +257,7 @@ pub fn compute(
 mod tests {
     use super::*;
     use crate::steps::{Reached, Waiting};
+    use umstore_crds::{GroupStatus, MemberStatus};
 
     fn cond(type_: &str, status: &str, reason: &str, time: i64) -> Condition {
         Condition {
@@ -305,6 +317,7 @@ mod tests {
             demotion_refused: None,
             vault_configured: true,
             components: vec![component("s-coordinator", ready)],
+            groups: Vec::new(),
             endpoints: Endpoints::default(),
             steps: Vec::new(),
             waiting: None,
@@ -317,7 +330,7 @@ mod tests {
         r.done(Step::Bootstrap, Reason::Bootstrapped, "bootstrapped");
         r.done(Step::Migrate, Reason::Migrated, "schema at version 9");
         r.schema_version = Some(9);
-        Progress::Reached(r)
+        Progress::Reached(Box::new(r))
     }
 
     fn running(tier: i32) -> UserMetadataStoreStatus {
@@ -349,6 +362,23 @@ mod tests {
         );
         let mut no_vault = reached(1, true);
         no_vault.vault_configured = false;
+        let mut no_standby = reached(2, true);
+        no_standby.groups = vec![GroupStatus {
+            name: "s-coordinator".into(),
+            leader: Some("s-coordinator-0".into()),
+            members: ["primary", "replica"]
+                .iter()
+                .enumerate()
+                .map(|(i, role)| MemberStatus {
+                    name: format!("s-coordinator-{i}"),
+                    role: role.to_string(),
+                    state: Some("running".into()),
+                    timeline: Some(1),
+                    lag_bytes: None,
+                    ready: *role == "primary",
+                })
+                .collect(),
+        }];
         let mut demoted = reached(2, true);
         demoted.demotion_refused = Some("tier 1 is below the running tier 2".into());
         type Row<'a> = (
@@ -438,6 +468,15 @@ mod tests {
                 Some(1),
                 "AllComponentsReady",
                 vec![("Degraded", "True", "NoVault")],
+            ),
+            (
+                "a group without a ready standby",
+                running(2),
+                through_migrate(no_standby),
+                Phase::Degraded,
+                Some(2),
+                "AllComponentsReady",
+                vec![("Degraded", "True", "NoHealthyStandby")],
             ),
             (
                 "demotion refused",

@@ -7,6 +7,7 @@
 //! replica lag, placement) are carried over untouched.
 
 mod compute;
+pub mod groups;
 
 pub use compute::{components, compute, endpoints, merge_conditions};
 
@@ -73,6 +74,15 @@ pub async fn run(
     journal
         .events
         .extend(transitions(&old.conditions, &status.conditions));
+    for (group, before, now) in groups::leader_changes(&old.groups, &status.groups) {
+        journal.event(
+            EventType::Warning,
+            Reason::LeaderChanged,
+            format!(
+                "{group}: the leader moved from {before} to {now} (a failover or a switchover)"
+            ),
+        );
+    }
     let name = store.metadata.name.clone().ok_or(Error::MissingMetadata)?;
     let namespace = store
         .metadata
