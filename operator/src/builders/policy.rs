@@ -10,6 +10,7 @@ use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec}
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, LabelSelectorRequirement};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
+use super::patroni;
 use crate::meta::{COMPONENT_LABEL, EXPORTER_PORT, INSTANCE_LABEL, NAME_LABEL, PG_PORT};
 use crate::validated::Validated;
 
@@ -54,8 +55,9 @@ fn tcp(port: i32) -> NetworkPolicyPort {
 }
 
 /// `<store>-postgres`: only the pooler, the replicas, the other Citus nodes, the data
-/// plane and the operator reach the primary/coordinator and workers on 5432; the
-/// exporter port stays open for Prometheus. Replica pools are client endpoints and
+/// plane and the operator reach the primary/coordinator and workers on 5432; only
+/// the database pods and the operator reach Patroni's REST API; the exporter port
+/// stays open for Prometheus. Replica pools are client endpoints and
 /// are not restricted here.
 pub fn postgres_network_policy(v: &Validated, operator_namespace: &str) -> NetworkPolicy {
     let owner = &v.owner;
@@ -89,6 +91,11 @@ pub fn postgres_network_policy(v: &Validated, operator_namespace: &str) -> Netwo
         }),
         ..NetworkPolicyPeer::default()
     };
+    let database_pods = NetworkPolicyPeer {
+        pod_selector: Some(in_components(v, &["coordinator", "worker", "replica"])),
+        ..NetworkPolicyPeer::default()
+    };
+    let operator_peer = operator.clone();
     NetworkPolicy {
         metadata: owner.object_meta(&owner.child("postgres"), owner.component_labels("postgres")),
         spec: Some(NetworkPolicySpec {
@@ -98,6 +105,12 @@ pub fn postgres_network_policy(v: &Validated, operator_namespace: &str) -> Netwo
                 NetworkPolicyIngressRule {
                     from: Some(vec![store_peers, operator]),
                     ports: Some(vec![tcp(PG_PORT)]),
+                },
+                // Patroni's REST API: members ask each other before taking the
+                // leader lock, and the operator asks for switchovers.
+                NetworkPolicyIngressRule {
+                    from: Some(vec![database_pods, operator_peer]),
+                    ports: Some(vec![tcp(patroni::RESTAPI_PORT)]),
                 },
                 NetworkPolicyIngressRule {
                     from: None,
