@@ -65,6 +65,10 @@ pub struct UserMetadataStoreStatus {
     /// Where clients connect.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub endpoints: Option<Endpoints>,
+    /// The last `umstore.io/switchover-to` value the operator acted on (cleared when
+    /// the annotation is removed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub switchover: Option<String>,
     /// Each Patroni cluster (the coordinator's, one per worker group): its leader
     /// and members, as Patroni reports them on the pods.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]

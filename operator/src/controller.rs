@@ -210,7 +210,10 @@ pub async fn run(ctx: Arc<Context>, namespace: Option<String>, ready: Arc<Atomic
         .default_backoff()
         .touched_objects()
         .predicate_filter(
-            predicates::generation.combine(predicates::finalizers),
+            // Annotations too: `umstore.io/switchover-to` asks for a switchover.
+            predicates::generation
+                .combine(predicates::finalizers)
+                .combine(predicates::annotations),
             Default::default(),
         );
     let controller = Controller::for_stream(trigger, reader)

@@ -17,8 +17,8 @@ use crate::builders;
 use crate::context::Context;
 use crate::error::Error;
 use crate::steps::{
-    bootstrap, credentials, migrate, status, topology, validate, Journal, Outcome, Progress,
-    Reached, Reason, Step,
+    bootstrap, credentials, migrate, status, switchover, topology, validate, Journal, Outcome,
+    Progress, Reached, Reason, Step,
 };
 
 /// How often a healthy store is looked at again even without a change.
@@ -89,6 +89,7 @@ async fn steps(
         vault_configured: valid.spec.encryption.vault_address.is_some(),
         components: status::components(&desired, &observed),
         groups: status::groups::groups(&pods),
+        switchover: store.status.as_ref().and_then(|s| s.switchover.clone()),
         endpoints: status::endpoints(&valid),
         steps: Vec::new(),
         waiting: None,
@@ -113,6 +114,9 @@ async fn steps(
             provisioned.objects, valid.tier
         ),
     );
+
+    // Day-2 through Patroni: a switchover asked for by annotation.
+    reached.switchover = switchover::run(ctx, store, &reached.groups, journal).await?;
 
     let bootstrapped =
         match bootstrap::run(ctx, &valid, &credentials, &provisioned, journal).await? {

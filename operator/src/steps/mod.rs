@@ -18,6 +18,7 @@ pub mod bootstrap;
 pub mod credentials;
 pub mod migrate;
 pub mod status;
+pub mod switchover;
 pub mod topology;
 pub mod validate;
 
@@ -124,6 +125,10 @@ reasons! {
     NoHealthyStandby,
     /// A Patroni cluster's leader moved (a failover or a switchover).
     LeaderChanged,
+    /// A switchover asked for by annotation was done.
+    Switchover,
+    /// A switchover asked for by annotation was refused.
+    SwitchoverRefused,
 }
 
 impl fmt::Display for Reason {
@@ -204,6 +209,8 @@ pub struct Reached {
     pub components: Vec<ComponentStatus>,
     /// The Patroni clusters as their pods report them.
     pub groups: Vec<GroupStatus>,
+    /// The switchover annotation value acted on (None without the annotation).
+    pub switchover: Option<String>,
     /// The endpoints clients use.
     pub endpoints: Endpoints,
     /// The conditions of the steps reached, in order; the last is not done when

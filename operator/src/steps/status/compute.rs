@@ -247,6 +247,7 @@ pub fn compute(
         conditions: merge_conditions(&old.conditions, new_conditions),
         components: r.components.clone(),
         groups: r.groups.clone(),
+        switchover: r.switchover.clone(),
         endpoints: Some(r.endpoints.clone()),
         schema_version: r.schema_version.or(old.schema_version),
         ..old.clone()
@@ -318,6 +319,7 @@ mod tests {
             vault_configured: true,
             components: vec![component("s-coordinator", ready)],
             groups: Vec::new(),
+            switchover: None,
             endpoints: Endpoints::default(),
             steps: Vec::new(),
             waiting: None,
