@@ -13,7 +13,9 @@
 //! * [`KubeApiServer`]: a real kube-apiserver (HTTPS, bearer tokens, RBAC, service
 //!   accounts) on its own etcd, with a kubeconfig, where both binaries are built
 //!   (`scripts/install-deps.sh --test` builds them into `.bin/`; otherwise
-//!   [`KubeApiServer::start`] returns [`KubeApiUnavailable::Skip`] with the reason).
+//!   [`KubeApiServer::start`] returns [`KubeApiUnavailable::Skip`] with the reason);
+//! * [`PatroniCluster`]: PostgreSQL servers each run by Patroni (from the venv
+//!   `scripts/install-deps.sh --test` makes), with a [`KubeApiServer`] as the DCS.
 //!
 //! A test whose component is missing calls [`skip::skip_or_fail`] and returns: it
 //! skips on a developer's machine and fails in CI (`UMSTORE_REQUIRE_COMPONENTS=1`),
@@ -34,6 +36,7 @@ pub mod keeper;
 mod kubeapi;
 mod nats;
 mod openbao;
+pub mod patroni;
 mod pgbouncer;
 mod ports;
 mod postgres;
@@ -47,6 +50,7 @@ pub use error::HarnessError;
 pub use kubeapi::{KubeApiServer, KubeApiUnavailable, ADMIN_USER, PLAIN_USER};
 pub use nats::Nats;
 pub use openbao::OpenBao;
+pub use patroni::{MemberSpec, PatroniCluster, PatroniUnavailable};
 pub use pgbouncer::PgBouncer;
 pub use ports::free_port;
 pub use postgres::{connect, Postgres, DEFAULT_REPLICAS};

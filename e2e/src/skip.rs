@@ -43,6 +43,8 @@ pub enum Component {
     KubeApiServer,
     /// `helm`, built from its Go module.
     Helm,
+    /// Patroni (`scripts/install-deps.sh --test` puts it in a venv).
+    Patroni,
     /// Citus (`citus.so`): exempt, it is in no package registry.
     Citus,
     /// A real Kubernetes cluster (`KUBECONFIG`): exempt, CI has none.
@@ -59,6 +61,7 @@ impl Component {
             Self::OpenBao => "openbao",
             Self::KubeApiServer => "kube-apiserver",
             Self::Helm => "helm",
+            Self::Patroni => "patroni",
             Self::Citus => "citus",
             Self::Cluster => "cluster",
         }
@@ -148,6 +151,7 @@ mod tests {
             OpenBao,
             KubeApiServer,
             Helm,
+            Patroni,
             Citus,
             Cluster,
         ]

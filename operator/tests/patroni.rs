@@ -1,0 +1,361 @@
+//! Patroni as the operator configures it, on loopback: real PostgreSQL 15 servers each
+//! run by Patroni, with the real kube-apiserver as the DCS (Patroni authenticates as a
+//! ServiceAccount bound to the Role the operator renders for the database pods).
+//!
+//! Each member's `patroni.yml` is [`patroni::config`] for the tier-2 example, and its
+//! `postgresql.conf` and `pg_hba.conf` are the rendered ones; only what a pod would
+//! provide differs (ports, addresses, directories, the binaries' directory: the
+//! harness fills those in), and TLS is off (the test clients connect without it).
+//! Timings are the operator's own (ttl 15 s, loop_wait 5 s, retry_timeout 5 s).
+//!
+//! A writer commits numbered rows in a loop through the read-write path (libpq's
+//! multi-host `target_session_attrs=read-write` over every member: what the read-write
+//! Service selecting Patroni's role label gives in a cluster) while members are
+//! killed (SIGKILL) or switched over; every row whose commit was acknowledged is
+//! looked for afterwards.
+
+use std::collections::HashSet;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use umstore_crds::{SynchronousMode, UserMetadataStore};
+use umstore_e2e::{connect, shared, KubeApiServer, MemberSpec, PatroniCluster, TestDir};
+use umstore_operator::builders::postgres::PgRole;
+use umstore_operator::builders::{patroni, pgconfig};
+use umstore_operator::validated::{validate, Validated};
+
+/// How long a cluster may take to bootstrap (initdb, then each standby's basebackup).
+const BOOTSTRAP: Duration = Duration::from_secs(90);
+/// How long a failover may take: ttl + loop_wait, with room for a loaded machine.
+const FAILOVER: Duration = Duration::from_secs(60);
+/// Acknowledged writes wanted before and after a kill or switchover.
+const WRITES: usize = 30;
+
+/// Each test runs up to three PostgreSQL servers and three Patronis on a small
+/// machine: one at a time, so failover times mean something.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// The tier-2 example (coordinator, `ai` and `analytics` pools), TLS off.
+fn tier2(synchronous: SynchronousMode) -> Validated {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/tier2.yaml");
+    let text = std::fs::read_to_string(&path).expect("examples/tier2.yaml");
+    let mut store: UserMetadataStore = serde_yaml_ng::from_str(&text).expect("example parses");
+    store.metadata.uid = Some("00000000-0000-0000-0000-0000000000a2".into());
+    store.metadata.generation = Some(1);
+    store.spec.postgres.tls = None;
+    store.spec.postgres.synchronous = synchronous;
+    validate(&store).expect("the tier-2 example is valid")
+}
+
+/// The rendered `postgresql.conf` and `pg_hba.conf`, written where the members read
+/// them (in a pod: the ConfigMap's mount).
+struct RenderedConf {
+    dir: TestDir,
+}
+
+impl RenderedConf {
+    fn write(v: &Validated) -> Self {
+        let dir = TestDir::new("patroni-conf").expect("conf dir");
+        for (name, text) in [
+            ("postgresql.conf", pgconfig::postgresql_conf(v)),
+            ("pg_hba.conf", pgconfig::pg_hba_conf(v)),
+        ] {
+            std::fs::write(dir.path().join(name), text).expect("write the rendered conf");
+        }
+        umstore_e2e::localpg::chown_to_postgres_if_root(dir.path()).expect("chown conf dir");
+        Self { dir }
+    }
+
+    /// The operator's `patroni.yml` for `role`, pointing at these files.
+    fn config(&self, v: &Validated, role: &PgRole<'_>) -> Value {
+        let mut config = patroni::config(v, role);
+        let conf = |name: &str| Value::String(self.dir.path().join(name).display().to_string());
+        config["postgresql"]["custom_conf"] = conf("postgresql.conf");
+        config["postgresql"]["parameters"]["hba_file"] = conf("pg_hba.conf");
+        config
+    }
+}
+
+/// Members named like the StatefulSet's pods of `role` (`<statefulset>-<ordinal>`).
+fn members(
+    v: &Validated,
+    conf: &RenderedConf,
+    role: &PgRole<'_>,
+    ordinals: std::ops::Range<usize>,
+) -> Vec<MemberSpec> {
+    ordinals
+        .map(|i| MemberSpec::new(format!("{}-{i}", role.name(v)), conf.config(v, role)))
+        .collect()
+}
+
+/// The database pods' Role as the operator renders it, as JSON rules.
+fn operator_rules() -> Value {
+    serde_json::to_value(patroni::pod_rules()).expect("rules serialize")
+}
+
+fn kube() -> Option<&'static KubeApiServer> {
+    shared().kube_api_or_skip()
+}
+
+/// Waits on the harness's blocking calls without stalling the test's runtime.
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    tokio::task::spawn_blocking(f).await.expect("blocking task")
+}
+
+/// Rows committed (acknowledged to the client) by a [`Writer`], with when.
+#[derive(Debug, Default)]
+struct WriteLog {
+    acknowledged: Vec<(i64, Instant)>,
+    failed: Vec<Instant>,
+}
+
+impl WriteLog {
+    fn acknowledged_since(&self, since: Instant) -> usize {
+        self.acknowledged
+            .iter()
+            .filter(|(_, at)| *at > since)
+            .count()
+    }
+
+    /// From `since` to the first acknowledgement after the first failed attempt that
+    /// followed it: how long writes were out (a commit in flight at `since` may still
+    /// be acknowledged before the failures start).
+    fn resumed_after(&self, since: Instant) -> Option<Duration> {
+        let first_failure = self.failed.iter().find(|at| **at > since)?;
+        self.acknowledged
+            .iter()
+            .find(|(_, at)| at > first_failure)
+            .map(|(_, at)| *at - since)
+    }
+
+    /// The longest time between two acknowledgements.
+    fn longest_pause(&self) -> Duration {
+        self.acknowledged
+            .windows(2)
+            .map(|w| w[1].1 - w[0].1)
+            .max()
+            .unwrap_or_default()
+    }
+}
+
+/// Commits `INSERT INTO acknowledged_writes VALUES (n)` for n = 1, 2, ... in a loop
+/// on its own thread, reconnecting through `conninfo` after any error; each
+/// statement and connection attempt is bounded (5 s) so a commit stuck on a dead
+/// server counts as failed.
+struct Writer {
+    stop: Arc<AtomicBool>,
+    log: Arc<Mutex<WriteLog>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Writer {
+    fn start(conninfo: String) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let log = Arc::new(Mutex::new(WriteLog::default()));
+        let (thread_stop, thread_log) = (stop.clone(), log.clone());
+        let thread = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("writer runtime");
+            runtime.block_on(write_loop(conninfo, thread_stop, thread_log));
+        });
+        Self {
+            stop,
+            log,
+            thread: Some(thread),
+        }
+    }
+
+    fn acknowledged_since(&self, since: Instant) -> usize {
+        self.log
+            .lock()
+            .expect("write log")
+            .acknowledged_since(since)
+    }
+
+    /// Waits (polling) until `count` writes were acknowledged after `since`.
+    async fn wait_for_writes(&self, since: Instant, count: usize, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while self.acknowledged_since(since) < count {
+            assert!(
+                Instant::now() < deadline,
+                "only {} of {count} writes acknowledged within {}s",
+                self.acknowledged_since(since),
+                timeout.as_secs()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    fn finish(mut self) -> WriteLog {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(thread) = self.thread.take() {
+            thread.join().expect("writer thread");
+        }
+        std::mem::take(&mut *self.log.lock().expect("write log"))
+    }
+}
+
+impl Drop for Writer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+    }
+}
+
+async fn write_loop(conninfo: String, stop: Arc<AtomicBool>, log: Arc<Mutex<WriteLog>>) {
+    const BOUND: Duration = Duration::from_secs(5);
+    let mut client = None;
+    let mut next = 0i64;
+    while !stop.load(Ordering::SeqCst) {
+        let Some(c) = client.as_ref() else {
+            match tokio::time::timeout(BOUND, connect(&conninfo)).await {
+                Ok(Ok(c)) => client = Some(c),
+                _ => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+            continue;
+        };
+        next += 1;
+        let id = next;
+        let insert = "INSERT INTO acknowledged_writes (id) VALUES ($1)";
+        match tokio::time::timeout(BOUND, c.execute(insert, &[&id])).await {
+            Ok(Ok(_)) => {
+                let at = Instant::now();
+                log.lock().expect("write log").acknowledged.push((next, at));
+            }
+            _ => {
+                log.lock().expect("write log").failed.push(Instant::now());
+                client = None;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+async fn create_table(cluster: &PatroniCluster) {
+    let client = connect(&cluster.read_write_conninfo("postgres"))
+        .await
+        .expect("connect to the leader");
+    client
+        .batch_execute("CREATE TABLE acknowledged_writes (id bigint PRIMARY KEY)")
+        .await
+        .expect("create the table");
+}
+
+/// Every acknowledged row is on `member` (read over its own port); returns how many
+/// rows it has.
+async fn assert_all_acknowledged_present(cluster: &PatroniCluster, member: &str, log: &WriteLog) {
+    let client = connect(&cluster.member_conninfo(member, "postgres"))
+        .await
+        .expect("connect to the member");
+    let rows = client
+        .query("SELECT id FROM acknowledged_writes", &[])
+        .await
+        .expect("read the rows");
+    let present: HashSet<i64> = rows.iter().map(|r| r.get(0)).collect();
+    let missing: Vec<i64> = log
+        .acknowledged
+        .iter()
+        .map(|(id, _)| *id)
+        .filter(|id| !present.contains(id))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "{} of {} acknowledged writes are missing on {member}: {missing:?}",
+        missing.len(),
+        log.acknowledged.len()
+    );
+    eprintln!(
+        "{member}: all {} acknowledged writes present ({} rows, {} failed attempts)",
+        log.acknowledged.len(),
+        present.len(),
+        log.failed.len()
+    );
+}
+
+/// Waits until Patroni has put `value` in member `name`'s Pod role label.
+async fn wait_for_pod_role(cluster: &Arc<PatroniCluster>, name: &str, value: &'static str) {
+    let (cluster, name) = (cluster.clone(), name.to_owned());
+    blocking(move || {
+        cluster
+            .wait_until(FAILOVER, &format!("{name}'s Pod labelled {value}"), || {
+                cluster.pod_role(&name).ok().flatten().as_deref() == Some(value)
+            })
+            .unwrap_or_else(|e| panic!("{e}"))
+    })
+    .await;
+}
+
+/// The PostgreSQL port that `conninfo` (the read-write path) lands on.
+async fn read_write_port(cluster: &PatroniCluster) -> u16 {
+    let client = connect(&cluster.read_write_conninfo("postgres"))
+        .await
+        .expect("connect through the read-write path");
+    let row = client
+        .query_one("SELECT inet_server_port()", &[])
+        .await
+        .expect("inet_server_port()");
+    u16::try_from(row.get::<_, i32>(0)).expect("a port")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leader_killed_under_writes_loses_no_acknowledged_write_in_synchronous_mode() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let Some(kube) = kube() else { return };
+    let v = tier2(SynchronousMode::On);
+    let conf = RenderedConf::write(&v);
+    let specs = members(&v, &conf, &PgRole::Coordinator, 0..3);
+    let Some(mut cluster) = PatroniCluster::start_or_skip(kube, specs, &operator_rules()) else {
+        return;
+    };
+    let leader = cluster
+        .wait_for_leader(BOOTSTRAP)
+        .unwrap_or_else(|e| panic!("{e}"));
+    cluster
+        .wait_for_replication(1, BOOTSTRAP)
+        .unwrap_or_else(|e| panic!("{e}"));
+    create_table(&cluster).await;
+
+    let started = Instant::now();
+    let writer = Writer::start(cluster.read_write_conninfo("postgres"));
+    writer.wait_for_writes(started, WRITES, FAILOVER).await;
+
+    let killed_at = Instant::now();
+    cluster.kill_member(&leader);
+    let cluster = Arc::new(cluster);
+    let new_leader = {
+        let (cluster, old) = (cluster.clone(), leader.clone());
+        blocking(move || cluster.wait_for_new_leader(Some(&old), FAILOVER))
+            .await
+            .unwrap_or_else(|e| panic!("{e}"))
+    };
+    let elected_after = killed_at.elapsed();
+    writer.wait_for_writes(killed_at, WRITES, FAILOVER).await;
+    let log = writer.finish();
+    let resumed_after = log
+        .resumed_after(killed_at)
+        .expect("writes failed, then resumed");
+    eprintln!(
+        "leader {leader} killed: {new_leader} leader after {:.1}s, first write acknowledged \
+         after {:.1}s (longest pause between writes {:.1}s)",
+        elapsed_s(elected_after),
+        elapsed_s(resumed_after),
+        elapsed_s(log.longest_pause())
+    );
+
+    // The read-write path lands on the new leader, whose Pod Patroni labelled.
+    assert_eq!(
+        read_write_port(&cluster).await,
+        cluster.pg_port(&new_leader)
+    );
+    wait_for_pod_role(&cluster, &new_leader, patroni::PRIMARY).await;
+    assert_all_acknowledged_present(&cluster, &new_leader, &log).await;
+}
+
+fn elapsed_s(d: Duration) -> f64 {
+    d.as_secs_f64()
+}
