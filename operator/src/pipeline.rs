@@ -10,15 +10,16 @@ use std::time::Duration;
 use kube::runtime::controller::Action;
 use kube::Resource;
 use tracing::{debug, warn};
-use umstore_crds::UserMetadataStore;
+use umstore_crds::{ReplicaPurpose, UserMetadataStore};
 
 use crate::apply;
 use crate::builders;
+use crate::builders::postgres::PgRole;
 use crate::context::Context;
 use crate::error::Error;
 use crate::steps::{
-    bootstrap, credentials, migrate, status, switchover, topology, validate, Journal, Outcome,
-    Progress, Reached, Reason, Step,
+    bootstrap, credentials, migrate, rollout, status, switchover, topology, validate, Journal,
+    Outcome, Progress, Reached, Reason, Step,
 };
 
 /// How often a healthy store is looked at again even without a change.
@@ -117,6 +118,22 @@ async fn steps(
 
     // Day-2 through Patroni: a switchover asked for by annotation.
     reached.switchover = switchover::run(ctx, store, &reached.groups, journal).await?;
+    // Rolling changes: replicas first, then a switchover, then the old leader.
+    let cannot_lead: Vec<String> = valid
+        .spec
+        .replica_pools
+        .iter()
+        .filter(|p| p.purpose == ReplicaPurpose::Analytics)
+        .map(|p| {
+            PgRole::Replica {
+                purpose: p.purpose,
+                replicas: p.replicas,
+            }
+            .name(&valid)
+        })
+        .collect();
+    let clusters = rollout::clusters(&pods, &observed, &cannot_lead);
+    rollout::run(ctx, &owner.namespace, &clusters, journal).await?;
 
     let bootstrapped =
         match bootstrap::run(ctx, &valid, &credentials, &provisioned, journal).await? {

@@ -17,7 +17,7 @@ use umstore_operator::builders::{topology, Env};
 use umstore_operator::controller::{error_policy, reconcile, Guarded, NOT_LEADER_RECHECK};
 use umstore_operator::steps::bootstrap;
 use umstore_operator::validated::validate;
-use umstore_operator::Error;
+use umstore_operator::{Context, Error};
 
 #[tokio::test]
 async fn first_reconcile_applies_every_object_then_the_status() {
@@ -753,4 +753,168 @@ async fn a_steady_state_reconcile_only_lists() {
     assert!(api.writes().is_empty(), "{:#?}\n{status:#}", api.writes());
     // One LIST per owned kind and one of the database pods; no GET of single objects.
     assert_eq!(log.len(), 11, "{:#?}", lines(&log));
+}
+
+/// A database pod as its StatefulSet and Patroni leave it.
+fn db_pod(name: &str, sts: &str, revision: &str, role: &str, ready: bool) -> Value {
+    json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {
+            "name": name, "namespace": NS,
+            "labels": {
+                "app.kubernetes.io/instance": "state-rollout",
+                "umstore.io/patroni-cluster": "state-rollout-coordinator",
+                "umstore.io/role": role,
+                "controller-revision-hash": revision,
+            },
+            "ownerReferences": [{"apiVersion": "apps/v1", "kind": "StatefulSet", "name": sts,
+                                  "uid": "sts", "controller": true}],
+        },
+        "status": {"conditions": [{"type": "Ready", "status": if ready { "True" } else { "False" }}]},
+    })
+}
+
+/// A stand-in for the leader's Patroni REST API: answers one request with 200 and
+/// hands back what it was asked.
+async fn patroni_stub() -> (u16, tokio::sync::oneshot::Receiver<String>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let (mut socket, _) = listener.accept().await.expect("accept");
+        let mut buf = vec![0u8; 4096];
+        let mut got = String::new();
+        while !got.contains("candidate") {
+            let n = socket.read(&mut buf).await.expect("read");
+            if n == 0 {
+                break;
+            }
+            got.push_str(&String::from_utf8_lossy(&buf[..n]));
+        }
+        let body = "Successfully switched over";
+        let reply = format!(
+            "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        socket.write_all(reply.as_bytes()).await.expect("write");
+        let _ = tx.send(got);
+    });
+    (port, rx)
+}
+
+#[tokio::test]
+async fn a_new_template_replaces_replicas_then_switches_over_then_replaces_the_old_leader() {
+    let (api, ctx, name) = seeded(example(2)).await;
+    steady(&api, &ctx, &name).await;
+    let sts = "state-rollout-coordinator";
+    let mut set = api.get(&paths::statefulsets(NS), sts).expect("coordinator");
+    set["status"]["updateRevision"] = json!("rev-2");
+    api.put_raw(&paths::statefulsets(NS), set);
+    api.insert(
+        &paths::pods(NS),
+        db_pod("state-rollout-coordinator-0", sts, "rev-1", "primary", true),
+    );
+    api.insert(
+        &paths::pods(NS),
+        db_pod("state-rollout-coordinator-1", sts, "rev-1", "replica", true),
+    );
+
+    // 1. The outdated replica goes first.
+    reconcile(stored(&api, &name), ctx.clone())
+        .await
+        .expect("reconcile");
+    let deletes: Vec<String> = api
+        .writes()
+        .iter()
+        .filter(|w| w.method == "DELETE")
+        .map(Recorded::line)
+        .collect();
+    assert_eq!(
+        deletes,
+        [format!(
+            "DELETE {}/state-rollout-coordinator-1",
+            paths::pods(NS)
+        )]
+    );
+    assert!(events(&api.writes()).contains(&"RollingUpdate".to_string()));
+
+    // 2. It is back on the new template: the leader is handed over to it.
+    api.insert(
+        &paths::pods(NS),
+        db_pod("state-rollout-coordinator-1", sts, "rev-2", "replica", true),
+    );
+    let (port, asked) = patroni_stub().await;
+    let ctx = Arc::new(
+        Context::new(
+            ctx.client.clone(),
+            ctx.metrics.clone(),
+            umstore_operator::leader::Leadership::new(true),
+            umstore_operator::builders::Env {
+                operator_namespace: "umstore-system".into(),
+            },
+            Some("test".into()),
+        )
+        .with_connector(connector().with_address(
+            &format!("state-rollout-coordinator-0.state-rollout-coordinator-hl.{NS}.svc"),
+            8008,
+            ("127.0.0.1".into(), port),
+        )),
+    );
+    api.clear_log();
+    reconcile(stored(&api, &name), ctx.clone())
+        .await
+        .expect("reconcile");
+    let request = asked.await.expect("Patroni was asked");
+    assert!(request.starts_with("POST /switchover"), "{request}");
+    assert!(
+        request.contains(r#""leader":"state-rollout-coordinator-0""#)
+            && request.contains(r#""candidate":"state-rollout-coordinator-1""#),
+        "{request}"
+    );
+    assert!(
+        api.writes().iter().all(|w| w.method != "DELETE"),
+        "no pod deleted meanwhile"
+    );
+
+    // 3. The old leader, now a replica, is replaced; then nothing is left to do.
+    api.insert(
+        &paths::pods(NS),
+        db_pod("state-rollout-coordinator-0", sts, "rev-1", "replica", true),
+    );
+    api.insert(
+        &paths::pods(NS),
+        db_pod("state-rollout-coordinator-1", sts, "rev-2", "primary", true),
+    );
+    api.clear_log();
+    reconcile(stored(&api, &name), ctx.clone())
+        .await
+        .expect("reconcile");
+    let deletes: Vec<String> = api
+        .writes()
+        .iter()
+        .filter(|w| w.method == "DELETE")
+        .map(Recorded::line)
+        .collect();
+    assert_eq!(
+        deletes,
+        [format!(
+            "DELETE {}/state-rollout-coordinator-0",
+            paths::pods(NS)
+        )]
+    );
+    api.insert(
+        &paths::pods(NS),
+        db_pod("state-rollout-coordinator-0", sts, "rev-2", "replica", true),
+    );
+    api.clear_log();
+    reconcile(stored(&api, &name), ctx)
+        .await
+        .expect("reconcile");
+    assert!(
+        api.writes().iter().all(|w| w.method != "DELETE"),
+        "rolled out"
+    );
 }

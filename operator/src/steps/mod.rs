@@ -17,6 +17,7 @@
 pub mod bootstrap;
 pub mod credentials;
 pub mod migrate;
+pub mod rollout;
 pub mod status;
 pub mod switchover;
 pub mod topology;
@@ -127,6 +128,8 @@ reasons! {
     LeaderChanged,
     /// A switchover asked for by annotation was done.
     Switchover,
+    /// A pod was replaced, or a switchover made, to roll out a new template.
+    RollingUpdate,
     /// A switchover asked for by annotation was refused.
     SwitchoverRefused,
 }

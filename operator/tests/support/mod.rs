@@ -113,10 +113,14 @@ fn split(path: &str) -> Option<(String, Option<String>, Option<String>)> {
 }
 
 fn labels_match(obj: &Value, selector: &str) -> bool {
-    selector.split(',').filter(|s| !s.is_empty()).all(|term| {
-        let (k, v) = term.split_once('=').unwrap_or((term, ""));
-        obj["metadata"]["labels"][k].as_str() == Some(v)
-    })
+    selector
+        .split(',')
+        .filter(|s| !s.is_empty())
+        .all(|term| match term.split_once('=') {
+            Some((k, v)) => obj["metadata"]["labels"][k].as_str() == Some(v),
+            // `key` alone: the label exists.
+            None => obj["metadata"]["labels"][term].is_string(),
+        })
 }
 
 impl FakeApi {
@@ -574,6 +578,10 @@ pub mod paths {
     /// NetworkPolicies.
     pub fn networkpolicies(ns: &str) -> String {
         format!("/apis/networking.k8s.io/v1/namespaces/{ns}/networkpolicies")
+    }
+    /// Pods.
+    pub fn pods(ns: &str) -> String {
+        format!("/api/v1/namespaces/{ns}/pods")
     }
     /// Events.
     pub fn events(ns: &str) -> String {
