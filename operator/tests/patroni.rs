@@ -22,7 +22,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use umstore_crds::{SynchronousMode, UserMetadataStore};
+use umstore_crds::{ReplicaPurpose, SynchronousMode, UserMetadataStore};
 use umstore_e2e::{connect, shared, KubeApiServer, MemberSpec, PatroniCluster, TestDir};
 use umstore_operator::builders::postgres::PgRole;
 use umstore_operator::builders::{patroni, pgconfig};
@@ -342,9 +342,9 @@ async fn leader_killed_under_writes_loses_no_acknowledged_write_in_synchronous_m
     eprintln!(
         "leader {leader} killed: {new_leader} leader after {:.1}s, first write acknowledged \
          after {:.1}s (longest pause between writes {:.1}s)",
-        elapsed_s(elected_after),
-        elapsed_s(resumed_after),
-        elapsed_s(log.longest_pause())
+        elected_after.as_secs_f64(),
+        resumed_after.as_secs_f64(),
+        log.longest_pause().as_secs_f64()
     );
 
     // The read-write path lands on the new leader, whose Pod Patroni labelled.
@@ -354,8 +354,271 @@ async fn leader_killed_under_writes_loses_no_acknowledged_write_in_synchronous_m
     );
     wait_for_pod_role(&cluster, &new_leader, patroni::PRIMARY).await;
     assert_all_acknowledged_present(&cluster, &new_leader, &log).await;
+
+    // The killed member comes back as a replica of the new leader (pg_rewind), and
+    // Patroni relabels its Pod.
+    let mut cluster = Arc::try_unwrap(cluster).expect("no other handle");
+    cluster
+        .restart_member(&leader)
+        .expect("restart the killed member");
+    let cluster = Arc::new(cluster);
+    {
+        let cluster = cluster.clone();
+        blocking(move || cluster.wait_for_replication(1, FAILOVER))
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
+    assert_eq!(cluster.leader().as_deref(), Some(new_leader.as_str()));
+    wait_for_pod_role(&cluster, &leader, patroni::REPLICA).await;
 }
 
-fn elapsed_s(d: Duration) -> f64 {
-    d.as_secs_f64()
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn switchover_under_writes_moves_the_leader_and_loses_no_acknowledged_write() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let Some(kube) = kube() else { return };
+    // Asynchronous replication (the example's default): a switchover shuts the old
+    // primary down cleanly, and its last WAL reaches the standbys before it stops.
+    let v = tier2(SynchronousMode::Off);
+    let conf = RenderedConf::write(&v);
+    let specs = members(&v, &conf, &PgRole::Coordinator, 0..3);
+    let Some(cluster) = PatroniCluster::start_or_skip(kube, specs, &operator_rules()) else {
+        return;
+    };
+    let cluster = Arc::new(cluster);
+    let leader = cluster
+        .wait_for_leader(BOOTSTRAP)
+        .unwrap_or_else(|e| panic!("{e}"));
+    cluster
+        .wait_for_replication(0, BOOTSTRAP)
+        .unwrap_or_else(|e| panic!("{e}"));
+    create_table(&cluster).await;
+    let candidate = cluster
+        .member_names()
+        .into_iter()
+        .find(|m| *m != leader)
+        .expect("a standby");
+
+    let started = Instant::now();
+    let writer = Writer::start(cluster.read_write_conninfo("postgres"));
+    writer.wait_for_writes(started, WRITES, FAILOVER).await;
+
+    let asked_at = Instant::now();
+    let (status, message) = {
+        let (cluster, leader, candidate) = (cluster.clone(), leader.clone(), candidate.clone());
+        blocking(move || cluster.switchover(&leader, &candidate))
+            .await
+            .unwrap_or_else(|e| panic!("{e}"))
+    };
+    let answered_after = asked_at.elapsed();
+    assert_eq!(status, 200, "POST /switchover: {message}");
+    assert_eq!(
+        cluster.leader().as_deref(),
+        Some(candidate.as_str()),
+        "the candidate leads after the switchover ({message})"
+    );
+    writer.wait_for_writes(asked_at, WRITES, FAILOVER).await;
+    let log = writer.finish();
+    eprintln!(
+        "switchover {leader} -> {candidate}: answered after {:.1}s, writes resumed after {}, \
+         longest pause between writes {:.1}s",
+        answered_after.as_secs_f64(),
+        log.resumed_after(asked_at)
+            .map_or("no failed write".to_owned(), |d| format!(
+                "{:.1}s",
+                d.as_secs_f64()
+            )),
+        log.longest_pause().as_secs_f64()
+    );
+    assert!(
+        log.longest_pause() < FAILOVER,
+        "writes paused for {:.1}s",
+        log.longest_pause().as_secs_f64()
+    );
+
+    assert_eq!(read_write_port(&cluster).await, cluster.pg_port(&candidate));
+    wait_for_pod_role(&cluster, &candidate, patroni::PRIMARY).await;
+    wait_for_pod_role(&cluster, &leader, patroni::REPLICA).await;
+    assert_all_acknowledged_present(&cluster, &candidate, &log).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn analytics_replica_is_never_promoted_even_as_the_last_member_left() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let Some(kube) = kube() else { return };
+    let v = tier2(SynchronousMode::Off);
+    let conf = RenderedConf::write(&v);
+    // Two coordinator members and one analytics pool member: one Patroni cluster.
+    let analytics = PgRole::Replica {
+        purpose: ReplicaPurpose::Analytics,
+        replicas: 1,
+    };
+    let mut specs = members(&v, &conf, &PgRole::Coordinator, 0..2);
+    specs.extend(members(&v, &conf, &analytics, 0..1));
+    let pool_member = specs[2].name.clone();
+    assert_eq!(specs[2].config["tags"]["nofailover"], true);
+    let Some(mut cluster) = PatroniCluster::start_or_skip(kube, specs, &operator_rules()) else {
+        return;
+    };
+    let leader = cluster
+        .wait_for_leader(BOOTSTRAP)
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_ne!(leader, pool_member);
+    cluster
+        .wait_for_replication(0, BOOTSTRAP)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let standby = cluster
+        .member_names()
+        .into_iter()
+        .find(|m| *m != leader && *m != pool_member)
+        .expect("a coordinator standby");
+
+    // The other coordinator member goes first, then the leader: the analytics member
+    // is all that is left, and must stay a replica past the leader lock's expiry.
+    cluster.kill_member(&standby);
+    cluster.kill_member(&leader);
+    let cluster = Arc::new(cluster);
+    let watch = ttl_and_loop() * 2;
+    {
+        let (cluster, pool_member) = (cluster.clone(), pool_member.clone());
+        blocking(move || {
+            let until = Instant::now() + watch;
+            while Instant::now() < until {
+                assert_eq!(cluster.leader(), None, "a member took the leader lock");
+                if let Some((role, _)) = cluster.member_state(&pool_member) {
+                    assert_ne!(role, "leader", "the analytics member was promoted");
+                }
+                assert_ne!(
+                    cluster.pod_role(&pool_member).ok().flatten().as_deref(),
+                    Some(patroni::PRIMARY),
+                    "the analytics member's Pod was labelled primary"
+                );
+                std::thread::sleep(Duration::from_millis(250));
+            }
+        })
+        .await;
+    }
+
+    // A coordinator member back: it leads, the analytics member follows it.
+    let mut cluster = Arc::try_unwrap(cluster).expect("no other handle");
+    cluster
+        .restart_member(&standby)
+        .expect("restart the standby");
+    let new_leader = cluster
+        .wait_for_leader(FAILOVER)
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(new_leader, standby);
+    cluster
+        .wait_for_replication(0, FAILOVER)
+        .unwrap_or_else(|e| panic!("{e}"));
+}
+
+/// The operator's ttl plus loop_wait: how long after a leader dies the others may
+/// take the lock.
+fn ttl_and_loop() -> Duration {
+    Duration::from_secs(u64::from(patroni::TTL + patroni::LOOP_WAIT))
+}
+
+/// One-member clusters, each in its own namespace, whose ServiceAccount has the
+/// operator's Role with `remove` taken out (`(resource, verb)` pairs).
+fn rules_without(remove: &[(&str, &str)]) -> Value {
+    let mut rules = patroni::pod_rules();
+    for rule in &mut rules {
+        let resources = rule.resources.clone().unwrap_or_default();
+        rule.verbs.retain(|verb| {
+            !remove
+                .iter()
+                .any(|(r, v)| v == verb && resources.iter().any(|res| res == r))
+        });
+    }
+    rules.retain(|r| !r.verbs.is_empty());
+    serde_json::to_value(rules).expect("rules serialize")
+}
+
+/// A Role the database pods' ServiceAccount might have, and what Patroni makes of it.
+struct RbacCase {
+    what: &'static str,
+    rules: Value,
+    /// What Patroni's log shows of the API server's refusal ("" for none).
+    refusal: &'static str,
+    /// Whether it still takes the leader lock (its ConfigMaps are allowed).
+    takes_lock: bool,
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn patroni_leads_with_the_operators_role_and_not_with_a_verb_missing() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let Some(kube) = kube() else { return };
+    let v = tier2(SynchronousMode::Off);
+    let conf = RenderedConf::write(&v);
+    let cases = [
+        RbacCase {
+            what: "the operator's Role",
+            rules: operator_rules(),
+            refusal: "",
+            takes_lock: true,
+        },
+        // Patroni cannot even list its pods and ConfigMaps.
+        RbacCase {
+            what: "no rules",
+            rules: Value::Array(Vec::new()),
+            refusal: "Can not get cluster from dcs",
+            takes_lock: false,
+        },
+        // Nor write the initialize key or the leader lock.
+        RbacCase {
+            what: "without create on configmaps",
+            rules: rules_without(&[("configmaps", "create")]),
+            refusal: r#"cannot create resource \\"configmaps\\""#,
+            takes_lock: false,
+        },
+        // Nor label its pod: it takes the lock, but the read-write Service, which
+        // selects the role label, would never find it.
+        RbacCase {
+            what: "without patch on pods",
+            rules: rules_without(&[("pods", "patch")]),
+            refusal: r#"cannot patch resource \\"pods\\""#,
+            takes_lock: true,
+        },
+    ];
+    // One single-member cluster per case, each in its own namespace, all at once.
+    let mut clusters = Vec::new();
+    for case in &cases {
+        let specs = members(&v, &conf, &PgRole::Coordinator, 0..1);
+        let Some(cluster) = PatroniCluster::start_or_skip(kube, specs, &case.rules) else {
+            return;
+        };
+        clusters.push(Arc::new(cluster));
+    }
+
+    let allowed = &clusters[0];
+    let name = allowed.member_names().remove(0);
+    {
+        let allowed = allowed.clone();
+        blocking(move || allowed.wait_for_leader(BOOTSTRAP))
+            .await
+            .unwrap_or_else(|e| panic!("with the operator's Role: {e}"));
+    }
+    wait_for_pod_role(allowed, &name, patroni::PRIMARY).await;
+
+    // The others had as long, and a lock's ttl more: none is labelled primary, and
+    // none leads unless only its pod's labels were refused.
+    tokio::time::sleep(ttl_and_loop()).await;
+    for (case, cluster) in cases.iter().zip(&clusters).skip(1) {
+        let what = case.what;
+        let log = std::fs::read_to_string(cluster.log(&name)).unwrap_or_default();
+        assert!(
+            log.contains(case.refusal),
+            "{what}: Patroni's log does not show the refusal ({}):\n{}",
+            case.refusal,
+            log.lines().rev().take(20).collect::<Vec<_>>().join("\n")
+        );
+        if !case.takes_lock {
+            assert_eq!(cluster.leader(), None, "{what}: a leader was elected");
+        }
+        assert_ne!(
+            cluster.pod_role(&name).ok().flatten().as_deref(),
+            Some(patroni::PRIMARY),
+            "{what}: the Pod was labelled primary"
+        );
+    }
 }
