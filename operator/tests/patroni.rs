@@ -557,6 +557,19 @@ async fn patroni_leads_with_the_operators_role_and_not_with_a_verb_missing() {
             refusal: "",
             takes_lock: true,
         },
+        // Exactly the calls Patroni 4.1's Kubernetes DCS makes with ConfigMaps
+        // (its `kubernetes.py`): pods list, watch and patch; ConfigMaps get, list,
+        // watch, create and patch (`patronictl remove` adds deletecollection).
+        RbacCase {
+            what: "only the verbs Patroni calls",
+            rules: serde_json::json!([
+                {"apiGroups": [""], "resources": ["pods"], "verbs": ["list", "watch", "patch"]},
+                {"apiGroups": [""], "resources": ["configmaps"],
+                 "verbs": ["get", "list", "watch", "create", "patch"]},
+            ]),
+            refusal: "",
+            takes_lock: true,
+        },
         // Patroni cannot even list its pods and ConfigMaps.
         RbacCase {
             what: "no rules",
@@ -590,20 +603,28 @@ async fn patroni_leads_with_the_operators_role_and_not_with_a_verb_missing() {
         clusters.push(Arc::new(cluster));
     }
 
-    let allowed = &clusters[0];
-    let name = allowed.member_names().remove(0);
-    {
-        let allowed = allowed.clone();
-        blocking(move || allowed.wait_for_leader(BOOTSTRAP))
+    let name = clusters[0].member_names().remove(0);
+    let allowed = cases
+        .iter()
+        .zip(&clusters)
+        .filter(|(c, _)| c.refusal.is_empty());
+    for (case, cluster) in allowed {
+        let what = case.what;
+        let leads = cluster.clone();
+        blocking(move || leads.wait_for_leader(BOOTSTRAP))
             .await
-            .unwrap_or_else(|e| panic!("with the operator's Role: {e}"));
+            .unwrap_or_else(|e| panic!("with {what}: {e}"));
+        wait_for_pod_role(cluster, &name, patroni::PRIMARY).await;
     }
-    wait_for_pod_role(allowed, &name, patroni::PRIMARY).await;
 
     // The others had as long, and a lock's ttl more: none is labelled primary, and
     // none leads unless only its pod's labels were refused.
     tokio::time::sleep(ttl_and_loop()).await;
-    for (case, cluster) in cases.iter().zip(&clusters).skip(1) {
+    let refused = cases
+        .iter()
+        .zip(&clusters)
+        .filter(|(c, _)| !c.refusal.is_empty());
+    for (case, cluster) in refused {
         let what = case.what;
         let log = std::fs::read_to_string(cluster.log(&name)).unwrap_or_default();
         assert!(
