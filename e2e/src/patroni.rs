@@ -20,9 +20,10 @@
 //! in its own process group, which Patroni makes).
 
 mod dcs;
+mod http;
+mod member;
 
-use std::io::{Read, Write};
-use std::net::{Ipv4Addr, TcpStream};
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -31,10 +32,14 @@ use serde_json::{json, Value};
 use umstore_localpg::{chown_to_postgres_if_root, ChildSetup, PgBinaries};
 
 pub use dcs::CONTEXT;
+pub use member::MemberSpec;
+
+use http::http;
+use member::Member;
 
 use crate::process::{find_program, log_tail, ServerProcess};
 use crate::skip::{skip_or_fail, Component};
-use crate::{free_port, HarnessError, KubeApiServer, TestDir};
+use crate::{HarnessError, KubeApiServer, TestDir};
 
 /// Where `scripts/install-deps.sh --test` makes Patroni's venv.
 pub const PATRONI_VENV: &str = "/opt/umstore-patroni";
@@ -51,72 +56,6 @@ pub enum PatroniUnavailable {
     /// Everything is installed but the cluster could not be set up.
     #[error(transparent)]
     Failed(#[from] HarnessError),
-}
-
-/// One member to start: its name (also its Pod's) and its `patroni.yml` as JSON.
-#[derive(Debug, Clone)]
-pub struct MemberSpec {
-    /// Member and Pod name (a DNS label).
-    pub name: String,
-    /// The configuration before the harness fills in the per-member fields.
-    pub config: Value,
-}
-
-impl MemberSpec {
-    /// A member named `name` with `config`.
-    pub fn new(name: impl Into<String>, config: Value) -> Self {
-        Self {
-            name: name.into(),
-            config,
-        }
-    }
-}
-
-/// A running member.
-#[derive(Debug)]
-struct Member {
-    name: String,
-    pg_port: u16,
-    api_port: u16,
-    dir: PathBuf,
-    config: PathBuf,
-    log: PathBuf,
-    process: Option<ServerProcess>,
-}
-
-impl Member {
-    fn data_dir(&self) -> PathBuf {
-        self.dir.join("data")
-    }
-
-    /// The postmaster's pid, from `postmaster.pid` (Patroni starts it detached, in a
-    /// session of its own).
-    fn postmaster_pid(&self) -> Option<libc::pid_t> {
-        let text = std::fs::read_to_string(self.data_dir().join("postmaster.pid")).ok()?;
-        text.lines().next()?.trim().parse().ok()
-    }
-
-    /// SIGKILL to Patroni and to PostgreSQL's process group (postmaster and backends).
-    fn kill(&mut self) {
-        if let Some(mut process) = self.process.take() {
-            if let Some(pid) = process.pid() {
-                // SAFETY: signalling our own unreaped child.
-                unsafe {
-                    libc::kill(pid as libc::pid_t, libc::SIGKILL);
-                }
-            }
-            process.stop();
-        }
-        if let Some(pid) = self.postmaster_pid().filter(|&p| p > 1) {
-            // SAFETY: kill(2) with a negative pid signals that process group; the
-            // postmaster leads its own (Patroni calls setsid before starting it).
-            unsafe {
-                if libc::kill(-pid, libc::SIGKILL) != 0 {
-                    libc::kill(pid, libc::SIGKILL);
-                }
-            }
-        }
-    }
 }
 
 /// A Patroni cluster on loopback with the kube-apiserver as its DCS. See the module
@@ -196,7 +135,13 @@ impl PatroniCluster {
             dir,
         };
         for spec in members {
-            let member = cluster.prepare_member(spec, &bins.bindir)?;
+            let member = Member::prepare(
+                spec,
+                cluster.dir.path(),
+                &cluster.namespace,
+                &bins.bindir,
+                &cluster.admin,
+            )?;
             cluster.members.push(member);
         }
         chown_to_postgres_if_root(cluster.dir.path()).map_err(HarnessError::from)?;
@@ -222,66 +167,6 @@ impl PatroniCluster {
             }
             Err(e) => panic!("the Patroni cluster could not be set up: {e}"),
         }
-    }
-
-    /// Makes a member's directory, Pod and configuration file.
-    fn prepare_member(&self, spec: MemberSpec, bindir: &Path) -> Result<Member, HarnessError> {
-        let MemberSpec { name, mut config } = spec;
-        let dir = self.dir.path().join(&name);
-        std::fs::create_dir(&dir)
-            .map_err(|e| HarnessError::io(format!("could not create {}", dir.display()), e))?;
-        let (pg_port, api_port) = (free_port()?, free_port()?);
-
-        // Patroni selects its members by `kubernetes.labels` plus the scope label.
-        let scope = config["scope"].as_str().unwrap_or_default().to_owned();
-        let mut labels = match &config["kubernetes"]["labels"] {
-            Value::Object(map) => map.clone(),
-            _ => serde_json::Map::from_iter([("application".to_owned(), json!("patroni"))]),
-        };
-        let scope_label = config["kubernetes"]["scope_label"]
-            .as_str()
-            .unwrap_or("cluster-name")
-            .to_owned();
-        labels.insert(scope_label, json!(scope));
-        self.admin
-            .create_pod(&self.namespace, &name, &Value::Object(labels))?;
-
-        let pg_address = format!("127.0.0.1:{pg_port}");
-        let api_address = format!("127.0.0.1:{api_port}");
-        let fill: [(&[&str], Value); 11] = [
-            (&["name"], json!(name)),
-            (&["kubernetes", "namespace"], json!(self.namespace)),
-            (&["kubernetes", "context"], json!(CONTEXT)),
-            (&["restapi", "listen"], json!(api_address)),
-            (&["restapi", "connect_address"], json!(api_address)),
-            (&["postgresql", "listen"], json!(pg_address)),
-            (&["postgresql", "connect_address"], json!(pg_address)),
-            (&["postgresql", "data_dir"], json!(dir.join("data"))),
-            (&["postgresql", "bin_dir"], json!(bindir)),
-            (&["postgresql", "pgpass"], json!(dir.join("pgpass"))),
-            (
-                &["postgresql", "parameters", "unix_socket_directories"],
-                json!(dir),
-            ),
-        ];
-        for (path, value) in fill {
-            set_path(&mut config, path, value);
-        }
-        let config_path = dir.join("patroni.yml");
-        // JSON is YAML: Patroni reads it as its configuration file.
-        write_file(
-            &config_path,
-            &serde_json::to_string_pretty(&config).unwrap_or_default(),
-        )?;
-        Ok(Member {
-            log: dir.join("patroni.log"),
-            name,
-            pg_port,
-            api_port,
-            dir,
-            config: config_path,
-            process: None,
-        })
     }
 
     /// Starts member `index`'s Patroni (again, after [`Self::kill_member`]).
@@ -627,64 +512,6 @@ fn find_patroni() -> Result<PathBuf, PatroniUnavailable> {
             in_venv.display()
         ))
     })
-}
-
-/// Sets `value` at `path` in `config`, making objects on the way (replacing non-objects).
-fn set_path(config: &mut Value, path: &[&str], value: Value) {
-    let Some((last, parents)) = path.split_last() else {
-        return;
-    };
-    let mut node = config;
-    for key in parents {
-        if !node.is_object() {
-            *node = json!({});
-        }
-        node = &mut node[*key];
-    }
-    if !node.is_object() {
-        *node = json!({});
-    }
-    node[*last] = value;
-}
-
-/// One plain HTTP request to 127.0.0.1:`port` (HTTP/1.0, so the answer is never
-/// chunked): the status and the body.
-fn http(
-    port: u16,
-    method: &str,
-    path: &str,
-    body: Option<&str>,
-    timeout: Duration,
-) -> std::io::Result<(u16, String)> {
-    let mut sock = TcpStream::connect_timeout(
-        &std::net::SocketAddr::from((Ipv4Addr::LOCALHOST, port)),
-        Duration::from_secs(2),
-    )?;
-    sock.set_read_timeout(Some(timeout))?;
-    sock.set_write_timeout(Some(Duration::from_secs(5)))?;
-    let body = body.unwrap_or("");
-    write!(
-        sock,
-        "{method} {path} HTTP/1.0\r\nHost: 127.0.0.1:{port}\r\nAccept: application/json\r\n\
-         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    )?;
-    sock.flush()?;
-    let mut raw = Vec::new();
-    sock.read_to_end(&mut raw)?;
-    parse_http_response(&raw)
-}
-
-/// The status code and body of a raw HTTP/1.x response.
-fn parse_http_response(raw: &[u8]) -> std::io::Result<(u16, String)> {
-    let text = String::from_utf8_lossy(raw);
-    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| std::io::Error::other(format!("not an HTTP response: {head:.200}")))?;
-    Ok((status, body.to_owned()))
 }
 
 fn write_file(path: &Path, contents: &str) -> Result<(), HarnessError> {

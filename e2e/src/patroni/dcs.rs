@@ -233,5 +233,5 @@ fn https(
             return Err(e);
         }
     }
-    super::parse_http_response(&raw)
+    super::http::parse_http_response(&raw)
 }
