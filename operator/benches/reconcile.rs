@@ -212,7 +212,7 @@ async fn latency(iterations: usize) {
     let (c50, c95) = summary("reconcile after one spec change", change);
     let (d50, d95) = summary("reconcile after one hand edit (drift)", drift);
     println!("objects applied per reconcile: first {applied_first} (+8 role Secrets created, +status), steady {steady_writes} writes in {iterations} reconciles, one change {change_applies:.1}, one hand edit {drift_applies:.1}");
-    println!("API requests per steady-state reconcile: {steady_requests:.1} (one LIST per owned kind, no write)");
+    println!("API requests per steady-state reconcile: {steady_requests:.1} (one LIST per owned kind and one of the database pods, no write)");
     println!(
         "ratio to baseline (p50/p95): first {:.1}x/{:.1}x, steady {:.1}x/{:.1}x, change {:.1}x/{:.1}x, drift {:.1}x/{:.1}x",
         ms(f50) / ms(b50),
