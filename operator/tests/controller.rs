@@ -755,6 +755,15 @@ async fn a_steady_state_reconcile_only_lists() {
     assert_eq!(log.len(), 11, "{:#?}", lines(&log));
 }
 
+/// The `DELETE path` lines among the recorded writes.
+fn delete_lines(api: &FakeApi) -> Vec<String> {
+    api.writes()
+        .iter()
+        .filter(|w| w.method == "DELETE")
+        .map(Recorded::line)
+        .collect()
+}
+
 /// A database pod as its StatefulSet and Patroni leave it.
 fn db_pod(name: &str, sts: &str, revision: &str, role: &str, ready: bool) -> Value {
     json!({
@@ -826,12 +835,7 @@ async fn a_new_template_replaces_replicas_then_switches_over_then_replaces_the_o
     reconcile(stored(&api, &name), ctx.clone())
         .await
         .expect("reconcile");
-    let deletes: Vec<String> = api
-        .writes()
-        .iter()
-        .filter(|w| w.method == "DELETE")
-        .map(Recorded::line)
-        .collect();
+    let deletes = delete_lines(&api);
     assert_eq!(
         deletes,
         [format!(
@@ -892,12 +896,7 @@ async fn a_new_template_replaces_replicas_then_switches_over_then_replaces_the_o
     reconcile(stored(&api, &name), ctx.clone())
         .await
         .expect("reconcile");
-    let deletes: Vec<String> = api
-        .writes()
-        .iter()
-        .filter(|w| w.method == "DELETE")
-        .map(Recorded::line)
-        .collect();
+    let deletes = delete_lines(&api);
     assert_eq!(
         deletes,
         [format!(

@@ -80,21 +80,17 @@ async fn get(admin: &Client, ns: &str, kind: &str, name: &str) -> Value {
     serde_json::to_value(api.get(name).await.expect("get")).expect("json")
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn hand_edits_are_put_back_and_a_steady_state_writes_nothing() {
-    let Some(server) = server_or_skip() else {
-        return;
-    };
-    let Some(helm) = helm_or_skip() else {
-        return;
-    };
+/// The admin client and an operator context acting as the chart's ServiceAccount
+/// with exactly the chart's RBAC; `None` after a skip (a failure in CI).
+async fn operator_as_chart_account() -> Option<(Client, Context)> {
+    let server = server_or_skip()?;
+    let helm = helm_or_skip()?;
     let admin = admin_client(server).await;
     install_crd(&admin).await;
     let rbac = install_chart_rbac(&admin, &helm, "umstore-system").await;
     let operator =
         service_account_client(server, &admin, &rbac.namespace, &rbac.service_account).await;
-    let ns = fresh_namespace(&admin, "drift").await;
-    let ctx = Arc::new(Context::new(
+    let ctx = Context::new(
         operator,
         Arc::new(Metrics::new()),
         Leadership::new(true),
@@ -102,16 +98,18 @@ async fn hand_edits_are_put_back_and_a_steady_state_writes_nothing() {
             operator_namespace: rbac.namespace.clone(),
         },
         Some("drift-test".into()),
-    ));
+    );
+    Some((admin, ctx))
+}
 
-    // A tier-2 store: every owned kind (ServiceAccount, ConfigMap, Secret, Service,
-    // StatefulSet, Deployment, PodDisruptionBudget, NetworkPolicy).
-    let store = example(2, &ns);
+/// Applies `examples/tier<tier>.yaml` into `ns` as a user would; its API and name.
+async fn apply_example(admin: &Client, tier: i32, ns: &str) -> (Api<UserMetadataStore>, String) {
+    let store = example(tier, ns);
     let name = store["metadata"]["name"]
         .as_str()
         .expect("name")
         .to_string();
-    let stores: Api<UserMetadataStore> = Api::namespaced(admin.clone(), &ns);
+    let stores: Api<UserMetadataStore> = Api::namespaced(admin.clone(), ns);
     stores
         .patch(
             &name,
@@ -120,6 +118,20 @@ async fn hand_edits_are_put_back_and_a_steady_state_writes_nothing() {
         )
         .await
         .expect("apply the example");
+    (stores, name)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hand_edits_are_put_back_and_a_steady_state_writes_nothing() {
+    let Some((admin, ctx)) = operator_as_chart_account().await else {
+        return;
+    };
+    let ctx = Arc::new(ctx);
+    let ns = fresh_namespace(&admin, "drift").await;
+
+    // A tier-2 store: every owned kind (ServiceAccount, ConfigMap, Secret, Service,
+    // StatefulSet, Deployment, PodDisruptionBudget, NetworkPolicy).
+    let (stores, name) = apply_example(&admin, 2, &ns).await;
     // First the finalizer, through the controller's entry point; then the pipeline.
     let guarded: DeserializeGuard<UserMetadataStore> =
         DeserializeGuard(Ok(stores.get(&name).await.expect("store")));
@@ -238,42 +250,12 @@ async fn hand_edits_are_put_back_and_a_steady_state_writes_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_example_tier_reaches_a_steady_state_that_writes_nothing() {
-    let Some(server) = server_or_skip() else {
+    let Some((admin, ctx)) = operator_as_chart_account().await else {
         return;
     };
-    let Some(helm) = helm_or_skip() else {
-        return;
-    };
-    let admin = admin_client(server).await;
-    install_crd(&admin).await;
-    let rbac = install_chart_rbac(&admin, &helm, "umstore-system").await;
-    let operator =
-        service_account_client(server, &admin, &rbac.namespace, &rbac.service_account).await;
-    let ctx = Context::new(
-        operator,
-        Arc::new(Metrics::new()),
-        Leadership::new(true),
-        Env {
-            operator_namespace: rbac.namespace.clone(),
-        },
-        Some("drift-test".into()),
-    );
     for tier in 1..=4 {
         let ns = fresh_namespace(&admin, "steady").await;
-        let store = example(tier, &ns);
-        let name = store["metadata"]["name"]
-            .as_str()
-            .expect("name")
-            .to_string();
-        let stores: Api<UserMetadataStore> = Api::namespaced(admin.clone(), &ns);
-        stores
-            .patch(
-                &name,
-                &PatchParams::apply(TEST_MANAGER).force(),
-                &Patch::Apply(&store),
-            )
-            .await
-            .expect("apply the example");
+        let (stores, name) = apply_example(&admin, tier, &ns).await;
         let first = reconcile_once(&ctx, &stores, &name).await;
         assert!(!first.journal.applied.is_empty(), "tier {tier}");
         let before = versions(&admin, &ns, &name).await;
