@@ -13,7 +13,6 @@ use std::time::Duration;
 use kube::runtime::events::EventType;
 use tokio_postgres::Client;
 use umstore_crds::MigrationPolicy;
-use umstore_migrations::roles::Purpose;
 use umstore_migrations::{MigrateError, Runner, MIGRATIONS_TABLE};
 
 use super::bootstrap::Bootstrapped;
@@ -47,7 +46,7 @@ pub enum Migrated {
 }
 
 /// Brings the schema to the embedded version (`Auto`) or reports what is pending
-/// (`Manual`), then lets the purpose roles read the migrations table.
+/// (`Manual`). Migration 0009 lets the purpose roles read the migrations table.
 pub async fn migrate(client: &mut Client, policy: MigrationPolicy) -> Result<Migrated, Error> {
     let runner = Runner::default();
     let latest = runner.latest_version();
@@ -72,13 +71,10 @@ pub async fn migrate(client: &mut Client, policy: MigrationPolicy) -> Result<Mig
         },
     };
     match checked {
-        Ok(applied) => {
-            grant_version_reads(client).await?;
-            Ok(Migrated::Current {
-                applied,
-                version: latest,
-            })
-        }
+        Ok(applied) => Ok(Migrated::Current {
+            applied,
+            version: latest,
+        }),
         Err(e) if is_refusal(&e) => Ok(Migrated::Refused(e)),
         Err(e) => Err(Error::Migrate(e)),
     }
@@ -186,14 +182,4 @@ async fn applied_version(client: &Client) -> Result<Option<u32>, Error> {
         .map_err(Error::db("reading the schema version"))?
         .get(0);
     Ok(version.and_then(|v| u32::try_from(v).ok()))
-}
-
-/// Lets every purpose role read which migrations are applied, so a data plane
-/// started with `--no-migrate` can wait for the schema it was built for.
-async fn grant_version_reads(client: &Client) -> Result<(), Error> {
-    let roles = Purpose::ALL.map(Purpose::group).join(", ");
-    client
-        .batch_execute(&format!("GRANT SELECT ON {MIGRATIONS_TABLE} TO {roles}"))
-        .await
-        .map_err(Error::db(format!("granting SELECT on {MIGRATIONS_TABLE}")))
 }

@@ -21,6 +21,7 @@ use kube::api::{Api, DeleteParams, Preconditions};
 use kube::runtime::events::EventType;
 use kube::ResourceExt;
 
+use super::status::groups::pod_ready;
 use super::switchover;
 use super::{Journal, Reason};
 use crate::apply::Observed;
@@ -82,13 +83,6 @@ pub fn next(members: &[Member]) -> Next {
         },
         None => Next::Delete(leader.clone()),
     }
-}
-
-fn pod_ready(pod: &Pod) -> bool {
-    pod.status
-        .as_ref()
-        .and_then(|s| s.conditions.as_ref())
-        .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
 }
 
 /// The members of each Patroni cluster, from the pods and their StatefulSets'

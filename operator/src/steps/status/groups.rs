@@ -14,7 +14,8 @@ use crate::builders::patroni::{PRIMARY, REPLICA, ROLE_LABEL, SCOPE_LABEL};
 /// The annotation in which Patroni's Kubernetes DCS publishes a member's state.
 pub const PATRONI_STATUS_ANNOTATION: &str = "status";
 
-fn ready(pod: &Pod) -> bool {
+/// Whether the pod's Ready condition is true.
+pub fn pod_ready(pod: &Pod) -> bool {
     pod.status
         .as_ref()
         .and_then(|s| s.conditions.as_ref())
@@ -40,7 +41,7 @@ pub fn groups(pods: &[Pod]) -> Vec<GroupStatus> {
             state: state["state"].as_str().map(str::to_owned),
             timeline: state["timeline"].as_i64(),
             lag_bytes: None,
-            ready: ready(pod),
+            ready: pod_ready(pod),
         };
         by_scope
             .entry(scope.clone())
