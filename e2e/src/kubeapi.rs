@@ -1,18 +1,15 @@
 //! A real kube-apiserver with its own etcd, where both binaries are built.
 
-use std::io::{Read, Write};
-use std::net::{Ipv4Addr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::Arc;
 use std::time::Duration;
 
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, ServerName};
 use umstore_localpg::ChildSetup;
 
+use crate::http::https;
 use crate::process::{accepts_tcp, find_program, ServerProcess};
 use crate::skip::{skip_or_fail, Component};
+use crate::testdir::{random_hex, write_file};
 use crate::{free_port, keeper, HarnessError, TestDir};
 
 /// How long etcd and kube-apiserver together may take to answer `/readyz` (about 2.5 s
@@ -165,8 +162,15 @@ impl KubeApiServer {
     /// `GET <path>` with `token` over HTTPS (HTTP/1.0, so the body is never chunked):
     /// the status code and the body.
     pub fn get(&self, path: &str, token: &str) -> Result<(u16, String), HarnessError> {
-        https_get(self.running.port, &self.running.ca_cert, token, path)
-            .map_err(|e| HarnessError::io(format!("GET {}{path}", self.url()), e))
+        https(
+            self.running.port,
+            &self.running.ca_cert,
+            token,
+            "GET",
+            path,
+            None,
+        )
+        .map_err(|e| HarnessError::io(format!("GET {}{path}", self.url()), e))
     }
 }
 
@@ -248,7 +252,7 @@ fn launch(
         if !accepts_tcp(port) || !(ca_cert.is_file() || extract_ca(&bundle, &ca_cert)) {
             return false;
         }
-        match https_get(port, &ca_cert, &admin_token, "/readyz") {
+        match https(port, &ca_cert, &admin_token, "GET", "/readyz", None) {
             Ok((200, body)) if body.trim() == "ok" => true,
             Ok((status, body)) => {
                 // The failing checks are the lines marked [-].
@@ -333,11 +337,6 @@ fn find_binary(program: &'static str, env: &str) -> Result<PathBuf, KubeApiUnava
     })
 }
 
-fn write_file(path: &Path, contents: &str) -> Result<(), HarnessError> {
-    std::fs::write(path, contents)
-        .map_err(|e| HarnessError::io(format!("could not write {}", path.display()), e))
-}
-
 /// An ECDSA P-256 service-account signing key (ES256; milliseconds, unlike RSA).
 fn run_openssl(openssl: &Path, key: &Path) -> Result<(), HarnessError> {
     let out = Command::new(openssl)
@@ -377,53 +376,6 @@ fn extract_ca(bundle: &Path, ca: &Path) -> bool {
     std::fs::write(&tmp, last).is_ok() && std::fs::rename(&tmp, ca).is_ok()
 }
 
-/// One HTTPS GET over rustls, verifying the server against the PEM CA file `ca`.
-fn https_get(port: u16, ca: &Path, token: &str, path: &str) -> std::io::Result<(u16, String)> {
-    let invalid = |e: &dyn std::fmt::Display| std::io::Error::other(e.to_string());
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in CertificateDer::pem_file_iter(ca).map_err(|e| invalid(&e))? {
-        roots
-            .add(cert.map_err(|e| invalid(&e))?)
-            .map_err(|e| invalid(&e))?;
-    }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| invalid(&e))?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    let server = ServerName::IpAddress(Ipv4Addr::LOCALHOST.into());
-    let conn = rustls::ClientConnection::new(Arc::new(config), server).map_err(|e| invalid(&e))?;
-    let sock = TcpStream::connect_timeout(
-        &std::net::SocketAddr::from((Ipv4Addr::LOCALHOST, port)),
-        Duration::from_secs(2),
-    )?;
-    sock.set_read_timeout(Some(Duration::from_secs(10)))?;
-    sock.set_write_timeout(Some(Duration::from_secs(10)))?;
-    let mut tls = rustls::StreamOwned::new(conn, sock);
-    write!(
-        tls,
-        "GET {path} HTTP/1.0\r\nHost: 127.0.0.1:{port}\r\nAuthorization: Bearer {token}\r\n\
-         Accept: application/json, */*\r\n\r\n"
-    )?;
-    tls.flush()?;
-    let mut raw = Vec::new();
-    if let Err(e) = tls.read_to_end(&mut raw) {
-        // A server closing without close_notify still sent the whole response.
-        if e.kind() != std::io::ErrorKind::UnexpectedEof || raw.is_empty() {
-            return Err(e);
-        }
-    }
-    let text = String::from_utf8_lossy(&raw);
-    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| std::io::Error::other(format!("not an HTTP response: {head:.200}")))?;
-    Ok((status, body.to_owned()))
-}
-
 fn kubeconfig_yaml(port: u16, ca: &Path, admin_token: &str, user_token: &str) -> String {
     format!(
         "apiVersion: v1
@@ -455,12 +407,4 @@ current-context: admin
 ",
         ca = ca.display()
     )
-}
-
-fn random_hex(bytes: usize) -> Result<String, HarnessError> {
-    let mut buf = vec![0u8; bytes];
-    std::fs::File::open("/dev/urandom")
-        .and_then(|mut f| f.read_exact(&mut buf))
-        .map_err(|e| HarnessError::io("could not read /dev/urandom", e))?;
-    Ok(buf.iter().map(|b| format!("{b:02x}")).collect())
 }

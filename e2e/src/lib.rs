@@ -32,6 +32,7 @@
 
 mod citus;
 mod error;
+mod http;
 pub mod keeper;
 mod kubeapi;
 mod nats;

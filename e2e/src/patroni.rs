@@ -20,10 +20,8 @@
 //! in its own process group, which Patroni makes).
 
 mod dcs;
-mod http;
 mod member;
 
-use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -34,11 +32,12 @@ use umstore_localpg::{chown_to_postgres_if_root, ChildSetup, PgBinaries};
 pub use dcs::CONTEXT;
 pub use member::MemberSpec;
 
-use http::http;
 use member::Member;
 
+use crate::http::http;
 use crate::process::{find_program, log_tail, ServerProcess};
 use crate::skip::{skip_or_fail, Component};
+use crate::testdir::{random_hex, write_file};
 use crate::{HarnessError, KubeApiServer, TestDir};
 
 /// Where `scripts/install-deps.sh --test` makes Patroni's venv.
@@ -512,17 +511,4 @@ fn find_patroni() -> Result<PathBuf, PatroniUnavailable> {
             in_venv.display()
         ))
     })
-}
-
-fn write_file(path: &Path, contents: &str) -> Result<(), HarnessError> {
-    std::fs::write(path, contents)
-        .map_err(|e| HarnessError::io(format!("could not write {}", path.display()), e))
-}
-
-fn random_hex(bytes: usize) -> Result<String, HarnessError> {
-    let mut buf = vec![0u8; bytes];
-    std::fs::File::open("/dev/urandom")
-        .and_then(|mut f| f.read_exact(&mut buf))
-        .map_err(|e| HarnessError::io("could not read /dev/urandom", e))?;
-    Ok(buf.iter().map(|b| format!("{b:02x}")).collect())
 }

@@ -61,3 +61,20 @@ impl Drop for TestDir {
         }
     }
 }
+
+/// Writes `contents` to `path`, naming the file when it cannot.
+pub(crate) fn write_file(path: &Path, contents: &str) -> Result<(), HarnessError> {
+    std::fs::write(path, contents)
+        .map_err(|e| HarnessError::io(format!("could not write {}", path.display()), e))
+}
+
+/// `bytes` random bytes from `/dev/urandom`, as lowercase hex (tokens, passwords and
+/// names that must not collide between tests).
+pub(crate) fn random_hex(bytes: usize) -> Result<String, HarnessError> {
+    use std::io::Read;
+    let mut buf = vec![0u8; bytes];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut buf))
+        .map_err(|e| HarnessError::io("could not read /dev/urandom", e))?;
+    Ok(buf.iter().map(|b| format!("{b:02x}")).collect())
+}

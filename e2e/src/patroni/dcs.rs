@@ -2,19 +2,13 @@
 //! ServiceAccount Patroni runs as with the Role a test supplies, that account's token
 //! in a kubeconfig, and one Pod object per member for Patroni to label.
 //!
-//! Plain JSON over HTTPS with the admin token (the harness has no Kubernetes client
-//! of its own; the requests are few and fixed).
+//! Plain JSON over HTTPS with the admin token ([`crate::http::https`]).
 
-use std::io::{Read, Write};
-use std::net::{Ipv4Addr, TcpStream};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::time::Duration;
 
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, ServerName};
 use serde_json::{json, Value};
 
+use crate::http::https;
 use crate::{HarnessError, KubeApiServer};
 
 /// The ServiceAccount (and Role, RoleBinding) the members authenticate as.
@@ -183,55 +177,4 @@ impl Admin {
     pub(super) fn ca_cert(&self) -> &Path {
         &self.ca_cert
     }
-}
-
-/// One HTTPS request over rustls (HTTP/1.0, so the answer is never chunked),
-/// verifying the server against the PEM CA file `ca`: the status and the body.
-fn https(
-    port: u16,
-    ca: &Path,
-    token: &str,
-    method: &str,
-    path: &str,
-    body: Option<&str>,
-) -> std::io::Result<(u16, String)> {
-    let invalid = |e: &dyn std::fmt::Display| std::io::Error::other(e.to_string());
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in CertificateDer::pem_file_iter(ca).map_err(|e| invalid(&e))? {
-        roots
-            .add(cert.map_err(|e| invalid(&e))?)
-            .map_err(|e| invalid(&e))?;
-    }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| invalid(&e))?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    let server = ServerName::IpAddress(Ipv4Addr::LOCALHOST.into());
-    let conn = rustls::ClientConnection::new(Arc::new(config), server).map_err(|e| invalid(&e))?;
-    let sock = TcpStream::connect_timeout(
-        &std::net::SocketAddr::from((Ipv4Addr::LOCALHOST, port)),
-        Duration::from_secs(2),
-    )?;
-    sock.set_read_timeout(Some(Duration::from_secs(10)))?;
-    sock.set_write_timeout(Some(Duration::from_secs(10)))?;
-    let mut tls = rustls::StreamOwned::new(conn, sock);
-    let body = body.unwrap_or("");
-    write!(
-        tls,
-        "{method} {path} HTTP/1.0\r\nHost: 127.0.0.1:{port}\r\nAuthorization: Bearer {token}\r\n\
-         Accept: application/json\r\nContent-Type: application/json\r\n\
-         Content-Length: {}\r\n\r\n{body}",
-        body.len()
-    )?;
-    tls.flush()?;
-    let mut raw = Vec::new();
-    if let Err(e) = tls.read_to_end(&mut raw) {
-        // A server closing without close_notify still sent the whole response.
-        if e.kind() != std::io::ErrorKind::UnexpectedEof || raw.is_empty() {
-            return Err(e);
-        }
-    }
-    super::http::parse_http_response(&raw)
 }

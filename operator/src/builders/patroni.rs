@@ -215,18 +215,20 @@ fn rule(resources: &[&str], verbs: &[&str]) -> PolicyRule {
     }
 }
 
-/// What Patroni's Kubernetes DCS (ConfigMaps, no Endpoints) needs in the store's
-/// namespace: its leader, config, failover and sync ConfigMaps, and the labels
-/// of its own pods. Nothing else: no Secrets, no other kinds.
+/// What Patroni's Kubernetes DCS (ConfigMaps, no Endpoints) calls in the store's
+/// namespace, and nothing more (Patroni 4.1's `kubernetes.py`): it lists and watches
+/// its members' pods and patches its own pod's role label and member annotation; it
+/// reads, lists, watches, creates and patches its leader, config, failover and sync
+/// ConfigMaps. No update, no delete (`patronictl remove` would need deletecollection,
+/// and is not something a pod does), no Secrets, no other kinds. The Patroni tests
+/// take each verb away in turn and watch Patroni fail for want of it.
 pub fn pod_rules() -> Vec<PolicyRule> {
     vec![
         rule(
             &["configmaps"],
-            &[
-                "get", "list", "watch", "create", "patch", "update", "delete",
-            ],
+            &["get", "list", "watch", "create", "patch"],
         ),
-        rule(&["pods"], &["get", "list", "watch", "patch", "update"]),
+        rule(&["pods"], &["list", "watch", "patch"]),
     ]
 }
 
