@@ -21,6 +21,7 @@
 
 mod dcs;
 mod member;
+pub mod writer;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -423,6 +424,14 @@ impl PatroniCluster {
     /// Member `name`'s Pod as the API server holds it.
     pub fn pod(&self, name: &str) -> Result<Value, HarnessError> {
         self.admin.pod(&self.namespace, name)
+    }
+
+    /// Every member's Pod as the API server holds it (what the operator lists).
+    pub fn pods(&self) -> Result<Vec<Value>, HarnessError> {
+        let list = self
+            .admin
+            .get(&format!("/api/v1/namespaces/{}/pods", self.namespace))?;
+        Ok(list["items"].as_array().cloned().unwrap_or_default())
     }
 
     /// The role label Patroni keeps on member `name`'s Pod (the configuration's

@@ -6,7 +6,7 @@
 //! `postgresql.conf` and `pg_hba.conf` are the rendered ones; only what a pod would
 //! provide differs (ports, addresses, directories, the binaries' directory: the
 //! harness fills those in), and TLS is off (the test clients connect without it).
-//! Timings are the operator's own (ttl 15 s, loop_wait 5 s, retry_timeout 5 s).
+//! Timings are the operator's own (ttl 10 s, loop_wait 2 s, retry_timeout 4 s).
 //!
 //! A writer commits numbered rows in a loop through the read-write path (libpq's
 //! multi-host `target_session_attrs=read-write` over every member: what the read-write
@@ -14,19 +14,19 @@
 //! killed (SIGKILL) or switched over; every row whose commit was acknowledged is
 //! looked for afterwards.
 
-use std::collections::HashSet;
-use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
+#[path = "support/patroni.rs"]
+mod fixture;
+
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use fixture::{members, operator_rules, tier2, RenderedConf};
 use serde_json::Value;
-use umstore_crds::{ReplicaPurpose, SynchronousMode, UserMetadataStore};
-use umstore_e2e::{connect, shared, KubeApiServer, MemberSpec, PatroniCluster, TestDir};
+use umstore_crds::{ReplicaPurpose, SynchronousMode};
+use umstore_e2e::patroni::writer::{self, WriteLog, Writer};
+use umstore_e2e::{connect, shared, KubeApiServer, PatroniCluster};
+use umstore_operator::builders::patroni;
 use umstore_operator::builders::postgres::PgRole;
-use umstore_operator::builders::{patroni, pgconfig};
-use umstore_operator::validated::{validate, Validated};
 
 /// How long a cluster may take to bootstrap (initdb, then each standby's basebackup).
 const BOOTSTRAP: Duration = Duration::from_secs(90);
@@ -39,64 +39,6 @@ const WRITES: usize = 30;
 /// machine: one at a time, so failover times mean something.
 static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-/// The tier-2 example (coordinator, `ai` and `analytics` pools), TLS off.
-fn tier2(synchronous: SynchronousMode) -> Validated {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/tier2.yaml");
-    let text = std::fs::read_to_string(&path).expect("examples/tier2.yaml");
-    let mut store: UserMetadataStore = serde_yaml_ng::from_str(&text).expect("example parses");
-    store.metadata.uid = Some("00000000-0000-0000-0000-0000000000a2".into());
-    store.metadata.generation = Some(1);
-    store.spec.postgres.tls = None;
-    store.spec.postgres.synchronous = synchronous;
-    validate(&store).expect("the tier-2 example is valid")
-}
-
-/// The rendered `postgresql.conf` and `pg_hba.conf`, written where the members read
-/// them (in a pod: the ConfigMap's mount).
-struct RenderedConf {
-    dir: TestDir,
-}
-
-impl RenderedConf {
-    fn write(v: &Validated) -> Self {
-        let dir = TestDir::new("patroni-conf").expect("conf dir");
-        for (name, text) in [
-            ("postgresql.conf", pgconfig::postgresql_conf(v)),
-            ("pg_hba.conf", pgconfig::pg_hba_conf(v)),
-        ] {
-            std::fs::write(dir.path().join(name), text).expect("write the rendered conf");
-        }
-        umstore_e2e::localpg::chown_to_postgres_if_root(dir.path()).expect("chown conf dir");
-        Self { dir }
-    }
-
-    /// The operator's `patroni.yml` for `role`, pointing at these files.
-    fn config(&self, v: &Validated, role: &PgRole<'_>) -> Value {
-        let mut config = patroni::config(v, role);
-        let conf = |name: &str| Value::String(self.dir.path().join(name).display().to_string());
-        config["postgresql"]["custom_conf"] = conf("postgresql.conf");
-        config["postgresql"]["parameters"]["hba_file"] = conf("pg_hba.conf");
-        config
-    }
-}
-
-/// Members named like the StatefulSet's pods of `role` (`<statefulset>-<ordinal>`).
-fn members(
-    v: &Validated,
-    conf: &RenderedConf,
-    role: &PgRole<'_>,
-    ordinals: std::ops::Range<usize>,
-) -> Vec<MemberSpec> {
-    ordinals
-        .map(|i| MemberSpec::new(format!("{}-{i}", role.name(v)), conf.config(v, role)))
-        .collect()
-}
-
-/// The database pods' Role as the operator renders it, as JSON rules.
-fn operator_rules() -> Value {
-    serde_json::to_value(patroni::pod_rules()).expect("rules serialize")
-}
-
 fn kube() -> Option<&'static KubeApiServer> {
     shared().kube_api_or_skip()
 }
@@ -106,163 +48,12 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> 
     tokio::task::spawn_blocking(f).await.expect("blocking task")
 }
 
-/// Rows committed (acknowledged to the client) by a [`Writer`], with when.
-#[derive(Debug, Default)]
-struct WriteLog {
-    acknowledged: Vec<(i64, Instant)>,
-    failed: Vec<Instant>,
-}
-
-impl WriteLog {
-    fn acknowledged_since(&self, since: Instant) -> usize {
-        self.acknowledged
-            .iter()
-            .filter(|(_, at)| *at > since)
-            .count()
-    }
-
-    /// From `since` to the first acknowledgement after the first failed attempt that
-    /// followed it: how long writes were out (a commit in flight at `since` may still
-    /// be acknowledged before the failures start).
-    fn resumed_after(&self, since: Instant) -> Option<Duration> {
-        let first_failure = self.failed.iter().find(|at| **at > since)?;
-        self.acknowledged
-            .iter()
-            .find(|(_, at)| at > first_failure)
-            .map(|(_, at)| *at - since)
-    }
-
-    /// The longest time between two acknowledgements.
-    fn longest_pause(&self) -> Duration {
-        self.acknowledged
-            .windows(2)
-            .map(|w| w[1].1 - w[0].1)
-            .max()
-            .unwrap_or_default()
-    }
-}
-
-/// Commits `INSERT INTO acknowledged_writes VALUES (n)` for n = 1, 2, ... in a loop
-/// on its own thread, reconnecting through `conninfo` after any error; each
-/// statement and connection attempt is bounded (5 s) so a commit stuck on a dead
-/// server counts as failed.
-struct Writer {
-    stop: Arc<AtomicBool>,
-    log: Arc<Mutex<WriteLog>>,
-    thread: Option<JoinHandle<()>>,
-}
-
-impl Writer {
-    fn start(conninfo: String) -> Self {
-        let stop = Arc::new(AtomicBool::new(false));
-        let log = Arc::new(Mutex::new(WriteLog::default()));
-        let (thread_stop, thread_log) = (stop.clone(), log.clone());
-        let thread = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("writer runtime");
-            runtime.block_on(write_loop(conninfo, thread_stop, thread_log));
-        });
-        Self {
-            stop,
-            log,
-            thread: Some(thread),
-        }
-    }
-
-    fn acknowledged_since(&self, since: Instant) -> usize {
-        self.log
-            .lock()
-            .expect("write log")
-            .acknowledged_since(since)
-    }
-
-    /// Waits (polling) until `count` writes were acknowledged after `since`.
-    async fn wait_for_writes(&self, since: Instant, count: usize, timeout: Duration) {
-        let deadline = Instant::now() + timeout;
-        while self.acknowledged_since(since) < count {
-            assert!(
-                Instant::now() < deadline,
-                "only {} of {count} writes acknowledged within {}s",
-                self.acknowledged_since(since),
-                timeout.as_secs()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
-    fn finish(mut self) -> WriteLog {
-        self.stop.store(true, Ordering::SeqCst);
-        if let Some(thread) = self.thread.take() {
-            thread.join().expect("writer thread");
-        }
-        std::mem::take(&mut *self.log.lock().expect("write log"))
-    }
-}
-
-impl Drop for Writer {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-    }
-}
-
-async fn write_loop(conninfo: String, stop: Arc<AtomicBool>, log: Arc<Mutex<WriteLog>>) {
-    const BOUND: Duration = Duration::from_secs(5);
-    let mut client = None;
-    let mut next = 0i64;
-    while !stop.load(Ordering::SeqCst) {
-        let Some(c) = client.as_ref() else {
-            match tokio::time::timeout(BOUND, connect(&conninfo)).await {
-                Ok(Ok(c)) => client = Some(c),
-                _ => tokio::time::sleep(Duration::from_millis(100)).await,
-            }
-            continue;
-        };
-        next += 1;
-        let id = next;
-        let insert = "INSERT INTO acknowledged_writes (id) VALUES ($1)";
-        match tokio::time::timeout(BOUND, c.execute(insert, &[&id])).await {
-            Ok(Ok(_)) => {
-                let at = Instant::now();
-                log.lock().expect("write log").acknowledged.push((next, at));
-            }
-            _ => {
-                log.lock().expect("write log").failed.push(Instant::now());
-                client = None;
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        }
-    }
-}
-
-async fn create_table(cluster: &PatroniCluster) {
-    let client = connect(&cluster.read_write_conninfo("postgres"))
-        .await
-        .expect("connect to the leader");
-    client
-        .batch_execute("CREATE TABLE acknowledged_writes (id bigint PRIMARY KEY)")
-        .await
-        .expect("create the table");
-}
-
 /// Every acknowledged row is on `member` (read over its own port); returns how many
 /// rows it has.
 async fn assert_all_acknowledged_present(cluster: &PatroniCluster, member: &str, log: &WriteLog) {
-    let client = connect(&cluster.member_conninfo(member, "postgres"))
+    let (missing, rows) = writer::missing_on(cluster, member, log)
         .await
-        .expect("connect to the member");
-    let rows = client
-        .query("SELECT id FROM acknowledged_writes", &[])
-        .await
-        .expect("read the rows");
-    let present: HashSet<i64> = rows.iter().map(|r| r.get(0)).collect();
-    let missing: Vec<i64> = log
-        .acknowledged
-        .iter()
-        .map(|(id, _)| *id)
-        .filter(|id| !present.contains(id))
-        .collect();
+        .unwrap_or_else(|e| panic!("{e}"));
     assert!(
         missing.is_empty(),
         "{} of {} acknowledged writes are missing on {member}: {missing:?}",
@@ -270,9 +61,8 @@ async fn assert_all_acknowledged_present(cluster: &PatroniCluster, member: &str,
         log.acknowledged.len()
     );
     eprintln!(
-        "{member}: all {} acknowledged writes present ({} rows, {} failed attempts)",
+        "{member}: all {} acknowledged writes present ({rows} rows, {} failed attempts)",
         log.acknowledged.len(),
-        present.len(),
         log.failed.len()
     );
 }
@@ -318,11 +108,16 @@ async fn leader_killed_under_writes_loses_no_acknowledged_write_in_synchronous_m
     cluster
         .wait_for_replication(1, BOOTSTRAP)
         .unwrap_or_else(|e| panic!("{e}"));
-    create_table(&cluster).await;
+    Writer::create_table(&cluster)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
 
     let started = Instant::now();
-    let writer = Writer::start(cluster.read_write_conninfo("postgres"));
-    writer.wait_for_writes(started, WRITES, FAILOVER).await;
+    let writer = Writer::start(cluster.read_write_conninfo("postgres")).expect("start the writer");
+    writer
+        .wait_for_writes(started, WRITES, FAILOVER)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
 
     let killed_at = Instant::now();
     cluster.kill_member(&leader);
@@ -334,7 +129,10 @@ async fn leader_killed_under_writes_loses_no_acknowledged_write_in_synchronous_m
             .unwrap_or_else(|e| panic!("{e}"))
     };
     let elected_after = killed_at.elapsed();
-    writer.wait_for_writes(killed_at, WRITES, FAILOVER).await;
+    writer
+        .wait_for_writes(killed_at, WRITES, FAILOVER)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
     let log = writer.finish();
     let resumed_after = log
         .resumed_after(killed_at)
@@ -391,7 +189,9 @@ async fn switchover_under_writes_moves_the_leader_and_loses_no_acknowledged_writ
     cluster
         .wait_for_replication(0, BOOTSTRAP)
         .unwrap_or_else(|e| panic!("{e}"));
-    create_table(&cluster).await;
+    Writer::create_table(&cluster)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
     let candidate = cluster
         .member_names()
         .into_iter()
@@ -399,8 +199,11 @@ async fn switchover_under_writes_moves_the_leader_and_loses_no_acknowledged_writ
         .expect("a standby");
 
     let started = Instant::now();
-    let writer = Writer::start(cluster.read_write_conninfo("postgres"));
-    writer.wait_for_writes(started, WRITES, FAILOVER).await;
+    let writer = Writer::start(cluster.read_write_conninfo("postgres")).expect("start the writer");
+    writer
+        .wait_for_writes(started, WRITES, FAILOVER)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
 
     let asked_at = Instant::now();
     let (status, message) = {
@@ -416,7 +219,10 @@ async fn switchover_under_writes_moves_the_leader_and_loses_no_acknowledged_writ
         Some(candidate.as_str()),
         "the candidate leads after the switchover ({message})"
     );
-    writer.wait_for_writes(asked_at, WRITES, FAILOVER).await;
+    writer
+        .wait_for_writes(asked_at, WRITES, FAILOVER)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
     let log = writer.finish();
     eprintln!(
         "switchover {leader} -> {candidate}: answered after {:.1}s, writes resumed after {}, \
@@ -514,6 +320,148 @@ async fn analytics_replica_is_never_promoted_even_as_the_last_member_left() {
     cluster
         .wait_for_replication(0, FAILOVER)
         .unwrap_or_else(|e| panic!("{e}"));
+}
+
+/// The operator's own code on what real Patroni publishes: `status.groups` from the
+/// listed pods (role label, `status` annotation), the switchover the annotation
+/// asks for sent to Patroni's REST API, and the leader change it reports.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operator_reads_groups_from_real_pods_and_its_switchover_request_moves_the_leader() {
+    use umstore_operator::steps::status::groups::leader_changes;
+    use umstore_operator::steps::switchover;
+
+    let _one = ONE_AT_A_TIME.lock().await;
+    let Some(kube) = kube() else { return };
+    let v = tier2(SynchronousMode::Off);
+    let conf = RenderedConf::write(&v);
+    let specs = members(&v, &conf, &PgRole::Coordinator, 0..2);
+    let Some(cluster) = PatroniCluster::start_or_skip(kube, specs, &operator_rules()) else {
+        return;
+    };
+    let cluster = Arc::new(cluster);
+    let leader = cluster
+        .wait_for_leader(BOOTSTRAP)
+        .unwrap_or_else(|e| panic!("{e}"));
+    cluster
+        .wait_for_replication(0, BOOTSTRAP)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let standby = cluster
+        .member_names()
+        .into_iter()
+        .find(|m| *m != leader)
+        .expect("a standby");
+    let scope = patroni::scope(&v, &PgRole::Coordinator);
+
+    let before = settled_groups(&cluster, &leader, &standby).await;
+    let group = &before[0];
+    assert_eq!(group.name, scope);
+    assert_eq!(group.members.len(), 2);
+    let lead = group
+        .members
+        .iter()
+        .find(|m| m.name == leader)
+        .expect("the leader listed");
+    assert_eq!(lead.role, patroni::PRIMARY);
+    assert_eq!(lead.state.as_deref(), Some("running"));
+    assert_eq!(lead.timeline, Some(1));
+    let replica = group
+        .members
+        .iter()
+        .find(|m| m.name == standby)
+        .expect("the standby listed");
+    assert!(
+        replica.lag_bytes.is_some_and(|lag| lag >= 0),
+        "a replica's lag is known: {replica:?}"
+    );
+
+    // `umstore.io/switchover-to: <standby>` on the store: the step finds the group
+    // and its leader, and Patroni accepts the request the operator sends.
+    let mut store: umstore_crds::UserMetadataStore = serde_json::from_value(serde_json::json!({
+        "apiVersion": "umstore.io/v1alpha1", "kind": "UserMetadataStore",
+        "metadata": {"name": "s", "namespace": cluster.namespace(),
+                     "annotations": {switchover::SWITCHOVER_ANNOTATION: standby}},
+        "spec": {},
+    }))
+    .expect("a store");
+    let wanted = switchover::wanted(&store, &before).expect("a valid request");
+    assert_eq!(
+        wanted,
+        Some((scope.clone(), leader.clone(), standby.clone()))
+    );
+    let answer = switchover::request("127.0.0.1", cluster.api_port(&leader), &leader, &standby)
+        .await
+        .unwrap_or_else(|e| panic!("Patroni refused the operator's switchover: {e}"));
+    eprintln!("Patroni: {}", answer.trim());
+
+    let after = settled_groups(&cluster, &standby, &leader).await;
+    assert_eq!(
+        leader_changes(&before, &after),
+        vec![(scope.clone(), leader.clone(), standby.clone())],
+        "the leader change the Event reports"
+    );
+    let promoted = after[0]
+        .members
+        .iter()
+        .find(|m| m.name == standby)
+        .expect("the new leader listed");
+    assert_eq!(
+        promoted.timeline,
+        Some(2),
+        "a switchover starts a new timeline"
+    );
+
+    // Acted on once: the same annotation, recorded in status, asks for nothing more.
+    store.status = Some(umstore_crds::UserMetadataStoreStatus {
+        switchover: Some(standby.clone()),
+        ..Default::default()
+    });
+    assert_eq!(switchover::wanted(&store, &after), Ok(None));
+    // A pod that is no member is refused with a message naming what to do.
+    let annotations = store
+        .metadata
+        .annotations
+        .get_or_insert_with(Default::default);
+    annotations.insert(
+        switchover::SWITCHOVER_ANNOTATION.into(),
+        "s-coordinator-9".into(),
+    );
+    let refused = switchover::wanted(&store, &after).expect_err("not a member");
+    assert!(refused.contains("status.groups"), "{refused}");
+}
+
+/// `status.groups` as the status step makes it of the listed pods, once Patroni has
+/// published `leader` as the leader and `standby` as a running replica (on the pod,
+/// Patroni's state is PostgreSQL's: `running`, not the REST API's `streaming`).
+async fn settled_groups(
+    cluster: &Arc<PatroniCluster>,
+    leader: &str,
+    standby: &str,
+) -> Vec<umstore_crds::GroupStatus> {
+    use umstore_operator::steps::status::groups::groups;
+    let (cluster, leader, standby) = (cluster.clone(), leader.to_owned(), standby.to_owned());
+    blocking(move || {
+        let mut seen = Vec::new();
+        cluster
+            .wait_until(FAILOVER, "status.groups to settle", || {
+                let pods: Vec<k8s_openapi::api::core::v1::Pod> = cluster
+                    .pods()
+                    .unwrap_or_else(|e| panic!("{e}"))
+                    .into_iter()
+                    .map(|p| serde_json::from_value(p).expect("a Pod"))
+                    .collect();
+                seen = groups(&pods);
+                seen.len() == 1
+                    && seen[0].leader.as_deref() == Some(leader.as_str())
+                    && seen[0].members.iter().any(|m| {
+                        m.name == standby
+                            && m.role == patroni::REPLICA
+                            && m.state.as_deref() == Some("running")
+                    })
+            })
+            .unwrap_or_else(|e| panic!("{e}; last seen: {seen:?}"));
+        seen
+    })
+    .await
 }
 
 /// The operator's ttl plus loop_wait: how long after a leader dies the others may

@@ -46,13 +46,17 @@ pub const PATRONI_DIR: &str = "/etc/patroni";
 pub const PGDATA: &str = "/var/lib/postgresql/data/pgdata";
 
 /// Leader-lock TTL, loop period and DCS retry timeout (seconds). Patroni requires
-/// `loop_wait + 2 * retry_timeout <= ttl`; these give a failover in about
-/// `ttl + loop_wait` after the leader dies (Patroni's defaults: 30, 10, 10).
-pub const TTL: u32 = 15;
+/// `loop_wait + 2 * retry_timeout <= ttl`. A dead leader's lock expires `ttl` after
+/// its last renewal (at most `loop_wait` before it died) and the standbys, woken
+/// by that renewal through their watch, look again every `loop_wait`: a failover
+/// takes `ttl` to `ttl + loop_wait` plus the promotion (measured in BENCHMARKS.md;
+/// Patroni's defaults, 30/10/10, take about twice as long). The price of a short
+/// `retry_timeout`: a leader that cannot reach the API server for 4 s demotes itself.
+pub const TTL: u32 = 10;
 /// See [`TTL`].
-pub const LOOP_WAIT: u32 = 5;
+pub const LOOP_WAIT: u32 = 2;
 /// See [`TTL`].
-pub const RETRY_TIMEOUT: u32 = 5;
+pub const RETRY_TIMEOUT: u32 = 4;
 /// A standby further behind than this (bytes of WAL) is not promoted.
 pub const MAXIMUM_LAG_ON_FAILOVER: u64 = 16 * 1024 * 1024;
 
