@@ -6,7 +6,7 @@
 //! `postgresql.conf` and `pg_hba.conf` are the rendered ones; only what a pod would
 //! provide differs (ports, addresses, directories, the binaries' directory: the
 //! harness fills those in), and TLS is off (the test clients connect without it).
-//! Timings are the operator's own (ttl 10 s, loop_wait 2 s, retry_timeout 4 s).
+//! Timings are the operator's own (ttl 20 s, loop_wait 5 s, retry_timeout 7 s).
 //!
 //! A writer commits numbered rows in a loop through the read-write path (libpq's
 //! multi-host `target_session_attrs=read-write` over every member: what the read-write

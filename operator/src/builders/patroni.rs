@@ -46,17 +46,19 @@ pub const PATRONI_DIR: &str = "/etc/patroni";
 pub const PGDATA: &str = "/var/lib/postgresql/data/pgdata";
 
 /// Leader-lock TTL, loop period and DCS retry timeout (seconds). Patroni requires
-/// `loop_wait + 2 * retry_timeout <= ttl`. A dead leader's lock expires `ttl` after
-/// its last renewal (at most `loop_wait` before it died) and the standbys, woken
-/// by that renewal through their watch, look again every `loop_wait`: a failover
-/// takes `ttl` to `ttl + loop_wait` plus the promotion (measured in BENCHMARKS.md;
-/// Patroni's defaults, 30/10/10, take about twice as long). The price of a short
-/// `retry_timeout`: a leader that cannot reach the API server for 4 s demotes itself.
-pub const TTL: u32 = 10;
+/// `loop_wait + 2 * retry_timeout <= ttl` and raises any `ttl` below 20 to 20 (its
+/// floor; it logs "can't be smaller than 20"). A leader that dies without releasing
+/// its lock is replaced once a standby has seen the lock unrenewed for `ttl`: about
+/// `ttl ± loop_wait` after the crash (measured in BENCHMARKS.md beside Patroni's
+/// defaults, 30/10/10). A shorter `loop_wait` would narrow that window at the cost
+/// of one lock renewal on the API server per group every `loop_wait`; 5 s is 0.2
+/// writes a second per group. `retry_timeout` 7 s: a leader that cannot reach the
+/// API server for that long demotes itself.
+pub const TTL: u32 = 20;
 /// See [`TTL`].
-pub const LOOP_WAIT: u32 = 2;
+pub const LOOP_WAIT: u32 = 5;
 /// See [`TTL`].
-pub const RETRY_TIMEOUT: u32 = 4;
+pub const RETRY_TIMEOUT: u32 = 7;
 /// A standby further behind than this (bytes of WAL) is not promoted.
 pub const MAXIMUM_LAG_ON_FAILOVER: u64 = 16 * 1024 * 1024;
 
