@@ -76,6 +76,11 @@ impl Database {
         )
     }
 
+    /// The parsed connection settings (for a connection pool).
+    pub fn pg_config(&self) -> &Config {
+        &self.config
+    }
+
     /// Connects once; the connection runs on a spawned task.
     pub async fn connect(&self) -> Result<Client, DbError> {
         let (client, connection) =

@@ -36,8 +36,47 @@ pub struct Derived {
     pub per_capita_income_lakh: f64,
 }
 
+/// What the derived attributes are computed from: the fields of a profile they
+/// read (an event's merged state provides them as well as a seeded profile).
+#[derive(Clone, Copy)]
+pub struct Inputs<'a> {
+    /// Date of birth.
+    pub date_of_birth: NaiveDate,
+    /// People in the household.
+    pub household_size: i16,
+    /// Annual income in INR.
+    pub annual_income: i64,
+    /// Ration card (the schema's values).
+    pub ration_card: &'a str,
+    /// Children in the household.
+    pub children: i16,
+    /// Employment type (the schema's values).
+    pub employment_type: &'a str,
+    /// Land holding in hundredths of an acre.
+    pub land_holding_centiacres: i64,
+}
+
+impl<'a> From<&'a Profile> for Inputs<'a> {
+    fn from(p: &'a Profile) -> Self {
+        Inputs {
+            date_of_birth: p.date_of_birth,
+            household_size: p.household_size,
+            annual_income: p.annual_income,
+            ration_card: p.ration_card,
+            children: p.children,
+            employment_type: p.employment_type,
+            land_holding_centiacres: p.land_holding_centiacres,
+        }
+    }
+}
+
 /// Computes the derived attributes of `p` as of `today`.
 pub fn derive(p: &Profile, today: NaiveDate) -> Derived {
+    derive_from(&Inputs::from(p), today)
+}
+
+/// Computes the derived attributes from `p`'s inputs as of `today`.
+pub fn derive_from(p: &Inputs<'_>, today: NaiveDate) -> Derived {
     let age = age_on(p.date_of_birth, today);
     let household = i64::from(p.household_size.max(1));
     let per_capita = p.annual_income.max(0) / household;
@@ -81,7 +120,7 @@ pub fn derive(p: &Profile, today: NaiveDate) -> Derived {
     }
 }
 
-fn life_stage(age: i32, p: &Profile) -> &'static str {
+fn life_stage(age: i32, p: &Inputs<'_>) -> &'static str {
     match age {
         ..=14 => "childhood",
         _ if p.employment_type == "student" && age <= 30 => "student",

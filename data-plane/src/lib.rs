@@ -10,6 +10,7 @@ pub mod crypto;
 pub mod db;
 pub mod derive;
 pub mod embedded;
+pub mod ingest;
 pub mod metrics;
 pub mod model;
 pub mod seed;

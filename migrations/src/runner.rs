@@ -59,6 +59,7 @@ pub fn embedded() -> Vec<Migration> {
         migration!(7, "0007", "pg_stat_statements"),
         migration!(8, "0008", "key_management"),
         migration!(9, "0009", "schema_version_reads"),
+        migration!(10, "0010", "ingest"),
     ]
 }
 
