@@ -159,3 +159,74 @@ pub fn vault_address_url() -> Rule {
          such as https://vault.vault.svc:8200",
     )
 }
+
+/// Longest NATS URL in `events.natsUrl`; bounds the rule's cost.
+pub const MAX_NATS_URL_LENGTH: u32 = 2048;
+
+/// On `events.natsUrl`: a `nats://` or `tls://` URL with a host and no user info,
+/// what the data plane's NATS client would otherwise fail on at start. Credentials
+/// in the URL would end up in the Deployment; they belong in `credentialsSecret`.
+pub fn nats_url() -> Rule {
+    Rule::new(
+        "isURL(self) && (self.startsWith('nats://') || self.startsWith('tls://')) \
+         && url(self).getHostname() != '' && !self.contains('@')",
+    )
+    .message(
+        "events.natsUrl must be a nats:// or tls:// URL with a host and no credentials, \
+         such as nats://nats.messaging.svc:4222 (credentials go in events.credentialsSecret)",
+    )
+}
+
+/// Pattern of a NATS subject prefix: tokens of letters, digits, `_` and `-`
+/// separated by dots; no wildcards (`*`, `>`), no `$` (NATS's own subjects).
+pub const SUBJECT_PREFIX_PATTERN: &str = "^[A-Za-z0-9_-]+([.][A-Za-z0-9_-]+)*$";
+
+/// On `events.subjectPrefix`.
+pub fn subject_prefix() -> Rule {
+    Rule::new(format!("self.matches('{SUBJECT_PREFIX_PATTERN}')")).message(
+        "events.subjectPrefix must be NATS subject tokens (letters, digits, '_' or '-') \
+         separated by dots, without wildcards, such as umstore.events",
+    )
+}
+
+/// Pattern of a JetStream name prefix: the streams and the consumer are named
+/// `<prefix>_EVENTS_IN`, `<prefix>_INGEST`, ...
+pub const STREAM_PREFIX_PATTERN: &str = "^[A-Z][A-Z0-9_]{0,31}$";
+
+/// On `events.streamPrefix`.
+pub fn stream_prefix() -> Rule {
+    Rule::new(format!("self.matches('{STREAM_PREFIX_PATTERN}')")).message(
+        "events.streamPrefix must be an uppercase letter followed by at most 31 uppercase \
+         letters, digits or '_', such as UMSTORE",
+    )
+}
+
+/// Pattern of a Secret name (a DNS subdomain; the length is bounded by the schema).
+pub const SECRET_NAME_PATTERN: &str =
+    "^[a-z0-9]([-a-z0-9]*[a-z0-9])?([.][a-z0-9]([-a-z0-9]*[a-z0-9])?)*$";
+
+/// On `events.credentialsSecret`: a name the pod's `secretKeyRef` can carry.
+pub fn credentials_secret_name() -> Rule {
+    Rule::new(format!("self.matches('{SECRET_NAME_PATTERN}')")).message(
+        "events.credentialsSecret must be a Secret name: lowercase letters, digits, '-' and '.'",
+    )
+}
+
+/// Most ingest workers per data-plane pod.
+pub const MAX_INGEST_WORKERS: i32 = 64;
+
+/// On `events.workers`: 1 to [`MAX_INGEST_WORKERS`].
+pub fn ingest_workers() -> Rule {
+    Rule::new(format!("self >= 1 && self <= {MAX_INGEST_WORKERS}")).message(Message::Message(
+        format!("events.workers must be between 1 and {MAX_INGEST_WORKERS}"),
+    ))
+}
+
+/// On a retention duration (`7d`, `72h`, `1d12h`): days, hours, minutes and seconds,
+/// positive. CEL's `duration()` has no days, so the check is the pattern plus a
+/// non-zero digit (units hold no digits, so one means a non-zero part).
+pub fn retention_duration() -> Rule {
+    Rule::new("self.matches('^([0-9]+(d|h|m|s))+$') && self.matches('[1-9]')").message(
+        "must be a positive duration in days, hours, minutes or seconds such as 7d, 72h or 1d12h",
+    )
+}

@@ -115,6 +115,11 @@ pub struct UserMetadataStoreSpec {
     #[serde(default)]
     pub migrations: MigrationsSpec,
 
+    /// The event bus the data plane consumes (SPEC §5): NATS JetStream. Without it the
+    /// data plane ingests over HTTP only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub events: Option<EventsSpec>,
+
     /// How long a cached eligibility result stays valid, as a duration (`24h`, `90m`).
     #[serde(default = "default_eligibility_ttl")]
     #[x_kube(validation = rules::duration_well_formed())]
@@ -569,6 +574,65 @@ impl Default for VaultAuthSpec {
             role: default_auth_role(),
         }
     }
+}
+
+/// The NATS JetStream bus the data plane consumes events from and publishes to.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct EventsSpec {
+    /// NATS server URL, `nats://` or `tls://` with a host
+    /// (`nats://nats.messaging.svc:4222`). No credentials in the URL: name a Secret in
+    /// `credentialsSecret` instead.
+    #[schemars(length(min = 1, max = 2048))]
+    #[x_kube(validation = rules::nats_url())]
+    pub nats_url: String,
+    /// Prefix of the event subjects: inbound `<prefix>.in.<REGION>.<EVENT_TYPE>`, dead
+    /// letters `<prefix>.dlq`, outbound `<prefix>.out.<EVENT_TYPE>`. NATS subject
+    /// tokens (letters, digits, `_`, `-`) separated by dots, no wildcards.
+    #[serde(default = "default_subject_prefix")]
+    #[schemars(length(min = 1, max = 128))]
+    #[x_kube(validation = rules::subject_prefix())]
+    pub subject_prefix: String,
+    /// Prefix of the JetStream names: streams `<prefix>_EVENTS_IN`, `<prefix>_EVENTS_OUT`
+    /// and `<prefix>_EVENTS_DLQ`, durable consumer `<prefix>_INGEST`. An uppercase
+    /// letter, then at most 31 uppercase letters, digits or `_`.
+    #[serde(default = "default_stream_prefix")]
+    #[schemars(length(min = 1, max = 32))]
+    #[x_kube(validation = rules::stream_prefix())]
+    pub stream_prefix: String,
+    /// Secret in the store's namespace holding the NATS user in its keys `username` and
+    /// `password`; the data plane reads them from it (they never appear in its pod
+    /// spec). Unset: the data plane connects without credentials.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    #[x_kube(validation = rules::credentials_secret_name())]
+    pub credentials_secret: Option<String>,
+    /// Concurrent apply workers in each data-plane pod, 1 to 64.
+    #[serde(default = "default_ingest_workers")]
+    #[x_kube(validation = rules::ingest_workers())]
+    pub workers: i32,
+    /// How long the inbound stream keeps messages, as a duration of days, hours,
+    /// minutes and seconds (`7d`, `72h`, `1d12h`).
+    #[serde(default = "default_events_max_age")]
+    #[schemars(length(min = 1, max = 32))]
+    #[x_kube(validation = rules::retention_duration())]
+    pub max_age: String,
+}
+
+fn default_subject_prefix() -> String {
+    "umstore.events".into()
+}
+
+fn default_stream_prefix() -> String {
+    "UMSTORE".into()
+}
+
+fn default_ingest_workers() -> i32 {
+    4
+}
+
+fn default_events_max_age() -> String {
+    "7d".into()
 }
 
 /// Schema migrations.

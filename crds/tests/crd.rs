@@ -418,3 +418,119 @@ fn vault_address_must_be_an_http_url_with_a_host() {
         );
     }
 }
+
+fn events(fields: Value) -> Value {
+    let mut events = json!({"natsUrl": "nats://nats.messaging.svc:4222"});
+    if let (Some(base), Some(extra)) = (events.as_object_mut(), fields.as_object()) {
+        base.extend(extra.clone());
+    }
+    json!({ "events": events })
+}
+
+#[test]
+fn events_default_to_the_data_plane_contract() {
+    assert_accepted(events(json!({})));
+    let spec: UserMetadataStoreSpec = serde_json::from_value(events(json!({}))).expect("defaults");
+    let events = spec.events.expect("events");
+    assert_eq!(events.subject_prefix, "umstore.events");
+    assert_eq!(events.stream_prefix, "UMSTORE");
+    assert_eq!(events.workers, 4);
+    assert_eq!(events.max_age, "7d");
+    assert_eq!(events.credentials_secret, None);
+    let spec: UserMetadataStoreSpec = serde_json::from_value(json!({})).expect("defaults");
+    assert_eq!(spec.events, None, "no bus unless asked for");
+}
+
+#[test]
+fn nats_url_must_be_a_nats_or_tls_url_with_a_host_and_no_credentials() {
+    for good in [
+        "nats://nats.messaging.svc:4222",
+        "tls://nats.example.org:4222",
+        "nats://10.0.0.7",
+    ] {
+        assert_accepted(events(json!({"natsUrl": good})));
+    }
+    for bad in [
+        "nats.messaging.svc:4222",
+        "http://nats.messaging.svc:4222",
+        "nats://",
+        "nats://user:secret@nats.messaging.svc:4222",
+        "not a url",
+        "",
+    ] {
+        assert_rejected(
+            events(json!({"natsUrl": bad})),
+            "events.natsUrl must be a nats:// or tls:// URL",
+        );
+    }
+}
+
+#[test]
+fn subject_prefix_is_dot_separated_tokens_without_wildcards() {
+    for good in ["umstore.events", "prod-1.umstore_events", "events"] {
+        assert_accepted(events(json!({"subjectPrefix": good})));
+    }
+    for bad in [
+        "umstore.*",
+        "umstore.>",
+        "umstore..events",
+        ".umstore",
+        "umstore.",
+        "umstore events",
+        "$JS.events",
+    ] {
+        assert_rejected(
+            events(json!({"subjectPrefix": bad})),
+            "events.subjectPrefix must be NATS subject tokens",
+        );
+    }
+}
+
+#[test]
+fn stream_prefix_is_an_uppercase_jetstream_name() {
+    for good in ["UMSTORE", "PROD_2", "A"] {
+        assert_accepted(events(json!({"streamPrefix": good})));
+    }
+    for bad in ["umstore", "2UMSTORE", "UM-STORE", "UM.STORE", "_UMSTORE"] {
+        assert_rejected(
+            events(json!({"streamPrefix": bad})),
+            "events.streamPrefix must be an uppercase letter",
+        );
+    }
+}
+
+#[test]
+fn ingest_workers_are_between_1_and_64() {
+    assert_accepted(events(json!({"workers": 1})));
+    assert_accepted(events(json!({"workers": 64})));
+    for bad in [0, 65, -1] {
+        assert_rejected(
+            events(json!({"workers": bad})),
+            "events.workers must be between 1 and 64",
+        );
+    }
+}
+
+#[test]
+fn events_max_age_is_a_positive_duration_with_days() {
+    for good in ["7d", "72h", "1d12h", "90m", "45s"] {
+        assert_accepted(events(json!({"maxAge": good})));
+    }
+    for bad in ["7", "0d", "0h0m", "1w", "-7d", "7 d", "1500ms", "week"] {
+        assert_rejected(
+            events(json!({"maxAge": bad})),
+            "must be a positive duration in days, hours, minutes or seconds",
+        );
+    }
+}
+
+#[test]
+fn credentials_secret_must_be_a_secret_name() {
+    assert_accepted(events(json!({"credentialsSecret": "umstore-nats"})));
+    for bad in ["Umstore-NATS", "umstore_nats", "-nats", "nats/creds"] {
+        assert_rejected(
+            events(json!({"credentialsSecret": bad})),
+            "events.credentialsSecret must be a Secret name",
+        );
+    }
+}

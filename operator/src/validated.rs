@@ -4,8 +4,10 @@
 //! cannot express: name lengths, quantities, the tier floor recorded in status.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
 
-use umstore_crds::{ReplicaPurpose, UserMetadataStore, UserMetadataStoreSpec};
+use umstore_crds::rules::MAX_INGEST_WORKERS;
+use umstore_crds::{EventsSpec, ReplicaPurpose, UserMetadataStore, UserMetadataStoreSpec};
 use umstore_migrations::regions;
 
 use crate::meta::Owner;
@@ -30,7 +32,22 @@ pub struct Validated {
     /// The checked spec. Below tier 3 `worker_groups` is empty; below tier 2
     /// `replica_pools` is empty.
     pub spec: UserMetadataStoreSpec,
+    /// `spec.events`, checked and parsed; `None`: the data plane ingests over HTTP only.
+    pub events: Option<Events>,
 }
+
+/// `spec.events`, checked: how the data plane reaches the NATS JetStream bus.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Events {
+    /// The spec as written; every field passed its check.
+    pub spec: EventsSpec,
+    /// `maxAge`, parsed: whole seconds, at least one, within what JetStream can hold.
+    pub max_age: Duration,
+}
+
+/// Longest `events.maxAge`: JetStream keeps a stream's max age in nanoseconds in a
+/// signed 64-bit integer (about 292 years).
+pub const MAX_EVENTS_MAX_AGE: Duration = Duration::from_secs(i64::MAX as u64 / 1_000_000_000);
 
 impl Validated {
     /// Members of the coordinator's Patroni cluster that may lead it:
@@ -87,6 +104,10 @@ pub fn validate(store: &UserMetadataStore) -> Result<Validated, Invalid> {
     }
     let spec = store.spec.clone();
     check_spec(&spec, &name, &mut problems);
+    let events = spec
+        .events
+        .as_ref()
+        .and_then(|e| check_events(e, &mut problems));
 
     let running = store.status.as_ref().and_then(|s| s.tier).unwrap_or(0);
     let (tier, demotion_refused) = if (1..=4).contains(&spec.tier) && spec.tier < running {
@@ -122,7 +143,131 @@ pub fn validate(store: &UserMetadataStore) -> Result<Validated, Invalid> {
         tier,
         demotion_refused,
         spec,
+        events,
     })
+}
+
+/// Checks `spec.events` (the CRD's rules again) and parses its `maxAge`; `None`
+/// only with a problem recorded.
+fn check_events(events: &EventsSpec, problems: &mut Vec<String>) -> Option<Events> {
+    let EventsSpec {
+        nats_url,
+        subject_prefix,
+        stream_prefix,
+        credentials_secret,
+        workers,
+        max_age,
+    } = events;
+    let before = problems.len();
+    if !is_nats_url(nats_url) {
+        problems.push(format!(
+            "spec.events.natsUrl: '{nats_url}' is not a nats:// or tls:// URL with a host and no \
+             credentials; use e.g. nats://nats.messaging.svc:4222 and put credentials in \
+             spec.events.credentialsSecret"
+        ));
+    }
+    if !is_subject_prefix(subject_prefix) {
+        problems.push(format!(
+            "spec.events.subjectPrefix: '{subject_prefix}' is not NATS subject tokens (letters, \
+             digits, '_' or '-') separated by dots; use e.g. umstore.events"
+        ));
+    }
+    if !is_stream_prefix(stream_prefix) {
+        problems.push(format!(
+            "spec.events.streamPrefix: '{stream_prefix}' is not an uppercase letter followed by \
+             at most 31 uppercase letters, digits or '_'; use e.g. UMSTORE"
+        ));
+    }
+    if let Some(secret) = credentials_secret {
+        if !is_dns_subdomain(secret) {
+            problems.push(format!(
+                "spec.events.credentialsSecret: '{secret}' is not a Secret name; use lowercase \
+                 letters, digits, '-' and '.'"
+            ));
+        }
+    }
+    if !(1..=MAX_INGEST_WORKERS).contains(workers) {
+        problems.push(format!(
+            "spec.events.workers: {workers} is outside 1..{MAX_INGEST_WORKERS}"
+        ));
+    }
+    let parsed = match parse_retention_secs(max_age) {
+        Some(0) | None => {
+            problems.push(format!(
+                "spec.events.maxAge: '{max_age}' is not a positive duration; use e.g. 7d or 72h"
+            ));
+            None
+        }
+        Some(secs) if secs > MAX_EVENTS_MAX_AGE.as_secs() => {
+            problems.push(format!(
+                "spec.events.maxAge: '{max_age}' is longer than JetStream can keep; use at most {}d",
+                MAX_EVENTS_MAX_AGE.as_secs() / 86_400
+            ));
+            None
+        }
+        Some(secs) => Some(Duration::from_secs(secs)),
+    };
+    match parsed {
+        Some(max_age) if problems.len() == before => Some(Events {
+            spec: events.clone(),
+            max_age,
+        }),
+        _ => None,
+    }
+}
+
+/// A `nats://` or `tls://` URL with a host, no user info, no spaces (one server;
+/// what the CRD's rule accepts).
+fn is_nats_url(s: &str) -> bool {
+    let Some(rest) = s
+        .strip_prefix("nats://")
+        .or_else(|| s.strip_prefix("tls://"))
+    else {
+        return false;
+    };
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
+    // An IPv6 host is bracketed (`[fd00::7]:4222`); its colons are not the port's.
+    let (host, port) = match authority.strip_prefix('[') {
+        Some(bracketed) => match bracketed.split_once(']') {
+            Some((host, "")) => (host, None),
+            Some((host, after)) => match after.strip_prefix(':') {
+                Some(port) => (host, Some(port)),
+                None => return false,
+            },
+            None => return false,
+        },
+        None => match authority.rsplit_once(':') {
+            Some((host, port)) => (host, Some(port)),
+            None => (authority, None),
+        },
+    };
+    if port.is_some_and(|p| p.parse::<u16>().is_err()) {
+        return false;
+    }
+    !host.is_empty() && !s.contains('@') && !s.contains(',') && !s.chars().any(char::is_whitespace)
+}
+
+/// NATS subject tokens of letters, digits, `_` and `-`, separated by single dots.
+fn is_subject_prefix(s: &str) -> bool {
+    s.split('.').all(|token| {
+        !token.is_empty()
+            && token
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+    })
+}
+
+/// `^[A-Z][A-Z0-9_]{0,31}$`.
+fn is_stream_prefix(s: &str) -> bool {
+    s.len() <= 32
+        && s.bytes().next().is_some_and(|b| b.is_ascii_uppercase())
+        && s.bytes()
+            .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'_')
+}
+
+/// A DNS subdomain (Secret names): dot-separated DNS labels, at most 253 characters.
+fn is_dns_subdomain(s: &str) -> bool {
+    s.len() <= 253 && s.split('.').all(is_dns_label)
 }
 
 fn check_spec(spec: &UserMetadataStoreSpec, store_name: &str, problems: &mut Vec<String>) {
@@ -335,6 +480,32 @@ fn is_quantity(s: &str) -> bool {
 /// Parses a Go-style duration of `h`, `m`, `s` and `ms` parts (`1h30m`) into whole
 /// seconds (rounded down). `None` when malformed.
 pub fn parse_duration_secs(s: &str) -> Option<u64> {
+    // `ms` before `m`: the first unit that matches is taken.
+    parse_duration_ms(
+        s,
+        &[("ms", 1), ("h", 3_600_000), ("m", 60_000), ("s", 1_000)],
+    )
+    .map(|ms| ms / 1000)
+}
+
+/// Parses a retention duration of `d`, `h`, `m` and `s` parts (`7d`, `1d12h`) into
+/// seconds. `None` when malformed. Days are what a retention is usually said in;
+/// CEL and Go durations have none, hence a parser of its own.
+pub fn parse_retention_secs(s: &str) -> Option<u64> {
+    parse_duration_ms(
+        s,
+        &[
+            ("d", 86_400_000),
+            ("h", 3_600_000),
+            ("m", 60_000),
+            ("s", 1_000),
+        ],
+    )
+    .map(|ms| ms / 1000)
+}
+
+/// Sums `<digits><unit>` parts, each unit given with its length in milliseconds.
+fn parse_duration_ms(s: &str, units: &[(&str, u64)]) -> Option<u64> {
     let mut total_ms: u64 = 0;
     let mut rest = s;
     if rest.is_empty() {
@@ -347,21 +518,11 @@ pub fn parse_duration_secs(s: &str) -> Option<u64> {
         }
         let value: u64 = rest[..digits].parse().ok()?;
         rest = &rest[digits..];
-        let (unit_ms, len) = if rest.starts_with("ms") {
-            (1, 2)
-        } else if rest.starts_with('h') {
-            (3_600_000, 1)
-        } else if rest.starts_with('m') {
-            (60_000, 1)
-        } else if rest.starts_with('s') {
-            (1_000, 1)
-        } else {
-            return None;
-        };
-        total_ms = total_ms.checked_add(value.checked_mul(unit_ms)?)?;
-        rest = &rest[len..];
+        let (unit, unit_ms) = units.iter().find(|(unit, _)| rest.starts_with(unit))?;
+        total_ms = total_ms.checked_add(value.checked_mul(*unit_ms)?)?;
+        rest = &rest[unit.len()..];
     }
-    Some(total_ms / 1000)
+    Some(total_ms)
 }
 
 #[cfg(test)]
@@ -434,6 +595,106 @@ mod tests {
         ] {
             assert!(text.contains(needle), "missing `{needle}` in {text}");
         }
+    }
+
+    #[test]
+    fn retention_durations_take_days() {
+        assert_eq!(parse_retention_secs("7d"), Some(604_800));
+        assert_eq!(parse_retention_secs("1d12h"), Some(129_600));
+        assert_eq!(parse_retention_secs("72h"), Some(259_200));
+        assert_eq!(parse_retention_secs("1m30s"), Some(90));
+        for bad in ["", "7", "d", "1w", "1500ms", "-7d", "7 d"] {
+            assert_eq!(parse_retention_secs(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn events_are_checked_and_their_max_age_parsed() {
+        let v = validate(&store(json!({}), None)).expect("valid");
+        assert_eq!(v.events, None);
+        let v = validate(&store(
+            json!({"events": {"natsUrl": "nats://nats.messaging.svc:4222", "maxAge": "1d12h",
+                              "credentialsSecret": "umstore-nats"}}),
+            None,
+        ))
+        .expect("valid");
+        let events = v.events.expect("events");
+        assert_eq!(events.max_age, Duration::from_secs(129_600));
+        assert_eq!(
+            events.spec.credentials_secret.as_deref(),
+            Some("umstore-nats")
+        );
+        assert_eq!(events.spec.workers, 4);
+    }
+
+    #[test]
+    fn nats_urls() {
+        for good in [
+            "nats://nats.messaging.svc:4222",
+            "tls://nats.example.org",
+            "nats://10.0.0.7:4222",
+            "nats://[fd00::7]:4222",
+        ] {
+            assert!(is_nats_url(good), "{good}");
+        }
+        for bad in [
+            "nats.messaging.svc:4222",
+            "http://nats:4222",
+            "nats://",
+            "nats://:4222",
+            "nats://nats:port",
+            "nats://nats:99999",
+            "nats://user:pw@nats:4222",
+            "nats://a:4222,nats://b:4222",
+            "nats://[fd00::7]x",
+            "nats://nats :4222",
+        ] {
+            assert!(!is_nats_url(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn invalid_events_are_refused_with_a_fix_each() {
+        let err = validate(&store(
+            json!({"events": {"natsUrl": "http://nats:4222", "subjectPrefix": "umstore.>",
+                              "streamPrefix": "umstore", "credentialsSecret": "NATS_Creds",
+                              "workers": 65, "maxAge": "1w"}}),
+            None,
+        ))
+        .expect_err("invalid");
+        let text = err.to_string();
+        for needle in [
+            "spec.events.natsUrl: 'http://nats:4222' is not a nats:// or tls:// URL",
+            "spec.events.subjectPrefix: 'umstore.>'",
+            "spec.events.streamPrefix: 'umstore'",
+            "spec.events.credentialsSecret: 'NATS_Creds' is not a Secret name",
+            "spec.events.workers: 65 is outside 1..64",
+            "spec.events.maxAge: '1w' is not a positive duration",
+        ] {
+            assert!(text.contains(needle), "missing `{needle}` in {text}");
+        }
+        for (workers, max_age) in [(0, "7d"), (4, "0d")] {
+            let err = validate(&store(
+                json!({"events": {"natsUrl": "nats://nats:4222", "workers": workers,
+                                  "maxAge": max_age}}),
+                None,
+            ))
+            .expect_err("invalid");
+            assert_eq!(err.problems.len(), 1, "{err}");
+        }
+    }
+
+    #[test]
+    fn events_max_age_must_fit_jetstream() {
+        let days = MAX_EVENTS_MAX_AGE.as_secs() / 86_400;
+        let spec = |age: String| json!({"events": {"natsUrl": "nats://nats:4222", "maxAge": age}});
+        assert!(validate(&store(spec(format!("{days}d")), None)).is_ok());
+        let err = validate(&store(spec(format!("{}d", days + 1)), None)).expect_err("too long");
+        assert!(
+            err.to_string().contains("longer than JetStream can keep"),
+            "{err}"
+        );
+        assert!(validate(&store(spec("99999999999999999999d".into()), None)).is_err());
     }
 
     #[test]

@@ -40,6 +40,16 @@ const GPU_NAME: &str = "gpu.resourceName must be an extended resource name such 
 const REGION: &str = "unknown region code";
 const DURATION: &str = "must be a positive duration such as 24h, 90m or 1h30m";
 const AT_LEAST_ONE: &str = "must be at least 1";
+const NATS_URL: &str =
+    "events.natsUrl must be a nats:// or tls:// URL with a host and no credentials";
+const WORKERS: &str = "events.workers must be between 1 and 64";
+
+/// `events` with a valid URL and `field` set to `value`.
+fn events_with(field: &str, value: Value) -> Value {
+    let mut events = json!({"natsUrl": "nats://nats.messaging.svc:4222"});
+    events[field] = value;
+    events
+}
 
 fn cases() -> Vec<Case> {
     vec![
@@ -249,6 +259,63 @@ fn cases() -> Vec<Case> {
             edit: |s| s["encryption"]["rotationInterval"] = json!("weekly"),
             field: "spec.encryption.rotationInterval",
             message: DURATION,
+        },
+        // The bus the data plane connects to (and the names it creates there).
+        Case {
+            what: "a NATS URL with an http scheme",
+            base: 1,
+            edit: |s| s["events"] = events_with("natsUrl", json!("http://nats.messaging.svc:4222")),
+            field: "spec.events.natsUrl",
+            message: NATS_URL,
+        },
+        Case {
+            what: "a NATS URL with credentials in it",
+            base: 1,
+            edit: |s| s["events"] = events_with("natsUrl", json!("nats://u:secret@nats:4222")),
+            field: "spec.events.natsUrl",
+            message: NATS_URL,
+        },
+        Case {
+            what: "a subject prefix with a wildcard",
+            base: 1,
+            edit: |s| s["events"] = events_with("subjectPrefix", json!("umstore.>")),
+            field: "spec.events.subjectPrefix",
+            message: "events.subjectPrefix must be NATS subject tokens",
+        },
+        Case {
+            what: "a lowercase stream prefix",
+            base: 1,
+            edit: |s| s["events"] = events_with("streamPrefix", json!("umstore")),
+            field: "spec.events.streamPrefix",
+            message: "events.streamPrefix must be an uppercase letter",
+        },
+        Case {
+            what: "a credentials Secret name that is not a Secret name",
+            base: 1,
+            edit: |s| s["events"] = events_with("credentialsSecret", json!("NATS_Creds")),
+            field: "spec.events.credentialsSecret",
+            message: "events.credentialsSecret must be a Secret name",
+        },
+        Case {
+            what: "no ingest workers",
+            base: 1,
+            edit: |s| s["events"] = events_with("workers", json!(0)),
+            field: "spec.events.workers",
+            message: WORKERS,
+        },
+        Case {
+            what: "65 ingest workers",
+            base: 1,
+            edit: |s| s["events"] = events_with("workers", json!(65)),
+            field: "spec.events.workers",
+            message: WORKERS,
+        },
+        Case {
+            what: "an events max age in weeks",
+            base: 1,
+            edit: |s| s["events"] = events_with("maxAge", json!("1w")),
+            field: "spec.events.maxAge",
+            message: "must be a positive duration in days, hours, minutes or seconds",
         },
     ]
 }

@@ -193,3 +193,45 @@ fn every_object_is_owned_by_the_store_and_labelled() {
         }
     }
 }
+
+#[test]
+fn examples_from_tier_2_reach_the_bus_and_tier_1_ingests_over_http_only() {
+    for tier in 1..=4 {
+        let objects = objects(tier);
+        let env = objects
+            .iter()
+            .find_map(|o| match o {
+                Object::Deployment(d)
+                    if d.metadata
+                        .name
+                        .as_deref()
+                        .is_some_and(|n| n.ends_with("-data-plane")) =>
+                {
+                    d.spec.template.spec.as_ref()?.containers[0].env.clone()
+                }
+                _ => None,
+            })
+            .expect("data-plane env");
+        let url = env.iter().find(|e| e.name == "UMSTORE_NATS_URL");
+        if tier == 1 {
+            assert!(url.is_none(), "tier 1 has no bus");
+            continue;
+        }
+        assert_eq!(
+            url.and_then(|e| e.value.as_deref()),
+            Some("nats://nats.messaging.svc:4222"),
+            "tier {tier}"
+        );
+        for name in ["UMSTORE_NATS_USER", "UMSTORE_NATS_PASSWORD"] {
+            let secret = env
+                .iter()
+                .find(|e| e.name == name)
+                .and_then(|e| e.value_from.as_ref()?.secret_key_ref.as_ref());
+            assert_eq!(
+                secret.map(|s| s.name.as_str()),
+                Some("umstore-nats"),
+                "tier {tier} {name}"
+            );
+        }
+    }
+}

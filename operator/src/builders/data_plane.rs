@@ -2,6 +2,7 @@
 //! ServiceAccount (the identity Vault's Kubernetes auth checks).
 
 use std::collections::BTreeMap;
+use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec};
 use k8s_openapi::api::core::v1::{
@@ -12,11 +13,11 @@ use k8s_openapi::api::core::v1::{
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
-use umstore_crds::{DataPlaneSpec, EncryptionSpec, GpuSpec, VaultAuthSpec};
+use umstore_crds::{DataPlaneSpec, EncryptionSpec, EventsSpec, GpuSpec, VaultAuthSpec};
 
 use super::credentials::Role;
 use crate::meta::API_PORT;
-use crate::validated::Validated;
+use crate::validated::{Events, Validated};
 
 const COMPONENT: &str = "data-plane";
 
@@ -28,19 +29,25 @@ fn env(name: &str, value: impl Into<String>) -> EnvVar {
     }
 }
 
-fn uri_from(name: &str, secret: String) -> EnvVar {
+/// `name` from `key` of Secret `secret`, which must exist (the pod does not start
+/// without it): the value never appears in the pod spec.
+fn from_secret(name: &str, secret: String, key: &str) -> EnvVar {
     EnvVar {
         name: name.into(),
         value_from: Some(EnvVarSource {
             secret_key_ref: Some(SecretKeySelector {
                 name: secret,
-                key: "uri".into(),
+                key: key.into(),
                 optional: Some(false),
             }),
             ..EnvVarSource::default()
         }),
         ..EnvVar::default()
     }
+}
+
+fn uri_from(name: &str, secret: String) -> EnvVar {
+    from_secret(name, secret, "uri")
 }
 
 fn http_probe(path: &str, period: i32) -> Probe {
@@ -101,7 +108,66 @@ fn environment(v: &Validated) -> Vec<EnvVar> {
     if let Some(addr) = vault_address {
         vars.push(env("UMSTORE_VAULT_ADDR", addr.clone()));
     }
+    if let Some(events) = &v.events {
+        vars.extend(events_environment(events));
+    }
     vars
+}
+
+/// Keys of the NATS credentials Secret (`spec.events.credentialsSecret`).
+pub const NATS_USERNAME_KEY: &str = "username";
+/// See [`NATS_USERNAME_KEY`].
+pub const NATS_PASSWORD_KEY: &str = "password";
+
+/// The bus settings of SPEC §5, in the names the data plane reads. Every setting is
+/// passed, defaults included, so the pod spec says what the data plane runs with.
+/// Without `spec.events` none is set and the data plane ingests over HTTP only.
+fn events_environment(events: &Events) -> Vec<EnvVar> {
+    let Events {
+        spec:
+            EventsSpec {
+                nats_url,
+                subject_prefix,
+                stream_prefix,
+                credentials_secret,
+                workers,
+                max_age: _, // as parsed by validate, below
+            },
+        max_age,
+    } = events;
+    let mut vars = vec![env("UMSTORE_NATS_URL", nats_url.clone())];
+    if let Some(secret) = credentials_secret {
+        vars.push(from_secret(
+            "UMSTORE_NATS_USER",
+            secret.clone(),
+            NATS_USERNAME_KEY,
+        ));
+        vars.push(from_secret(
+            "UMSTORE_NATS_PASSWORD",
+            secret.clone(),
+            NATS_PASSWORD_KEY,
+        ));
+    }
+    vars.extend([
+        env("UMSTORE_EVENTS_SUBJECT_PREFIX", subject_prefix.clone()),
+        env("UMSTORE_EVENTS_STREAM_PREFIX", stream_prefix.clone()),
+        env("UMSTORE_INGEST_WORKERS", workers.to_string()),
+        env("UMSTORE_EVENTS_MAX_AGE", duration_text(*max_age)),
+    ]);
+    vars
+}
+
+/// A duration in its largest whole unit (`7d`, `36h`, `90m`, `45s`), so the data
+/// plane reads one number and one unit whatever form the spec used (`1d12h`).
+fn duration_text(d: Duration) -> String {
+    let secs = d.as_secs();
+    match [(86_400, "d"), (3_600, "h"), (60, "m")]
+        .into_iter()
+        .find(|(unit, _)| secs > 0 && secs.is_multiple_of(*unit))
+    {
+        Some((unit, suffix)) => format!("{}{suffix}", secs / unit),
+        None => format!("{secs}s"),
+    }
 }
 
 /// Writable scratch directory of the data plane (the root filesystem is read-only).
@@ -237,5 +303,142 @@ pub fn service_account(v: &Validated) -> ServiceAccount {
             owner.component_labels(COMPONENT),
         ),
         ..ServiceAccount::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::validated::validate;
+    use serde_json::{json, Value};
+    use umstore_crds::UserMetadataStore;
+
+    fn validated(spec: Value) -> Validated {
+        let store: UserMetadataStore = serde_json::from_value(json!({
+            "apiVersion": "umstore.io/v1alpha1", "kind": "UserMetadataStore",
+            "metadata": {"name": "s", "namespace": "ns", "uid": "u1", "generation": 1},
+            "spec": spec,
+        }))
+        .expect("store");
+        validate(&store).expect("valid")
+    }
+
+    fn container_env(v: &Validated) -> Vec<EnvVar> {
+        let deployment = deployment(v);
+        let pod = deployment.spec.template.spec.expect("pod");
+        pod.containers[0].env.clone().expect("env")
+    }
+
+    fn value<'a>(vars: &'a [EnvVar], name: &str) -> Option<&'a str> {
+        vars.iter()
+            .find(|e| e.name == name)
+            .and_then(|e| e.value.as_deref())
+    }
+
+    const BUS_VARS: [&str; 7] = [
+        "UMSTORE_NATS_URL",
+        "UMSTORE_NATS_USER",
+        "UMSTORE_NATS_PASSWORD",
+        "UMSTORE_EVENTS_SUBJECT_PREFIX",
+        "UMSTORE_EVENTS_STREAM_PREFIX",
+        "UMSTORE_INGEST_WORKERS",
+        "UMSTORE_EVENTS_MAX_AGE",
+    ];
+
+    #[test]
+    fn without_events_the_data_plane_gets_no_bus_settings() {
+        let vars = container_env(&validated(json!({})));
+        let bus: Vec<&str> = vars
+            .iter()
+            .map(|e| e.name.as_str())
+            .filter(|n| BUS_VARS.contains(n))
+            .collect();
+        assert!(bus.is_empty(), "{bus:?}");
+    }
+
+    #[test]
+    fn events_reach_the_data_plane_with_their_defaults() {
+        let vars = container_env(&validated(
+            json!({"events": {"natsUrl": "nats://nats.messaging.svc:4222"}}),
+        ));
+        for (name, expected) in [
+            ("UMSTORE_NATS_URL", "nats://nats.messaging.svc:4222"),
+            ("UMSTORE_EVENTS_SUBJECT_PREFIX", "umstore.events"),
+            ("UMSTORE_EVENTS_STREAM_PREFIX", "UMSTORE"),
+            ("UMSTORE_INGEST_WORKERS", "4"),
+            ("UMSTORE_EVENTS_MAX_AGE", "7d"),
+        ] {
+            assert_eq!(value(&vars, name), Some(expected), "{name}");
+        }
+        assert!(
+            !vars
+                .iter()
+                .any(|e| e.name == "UMSTORE_NATS_USER" || e.name == "UMSTORE_NATS_PASSWORD"),
+            "no credentials without a Secret"
+        );
+    }
+
+    #[test]
+    fn events_settings_are_passed_as_written() {
+        let vars = container_env(&validated(json!({"events": {
+            "natsUrl": "tls://nats.example.org:4443",
+            "subjectPrefix": "prod.umstore",
+            "streamPrefix": "PROD_UMSTORE",
+            "workers": 16,
+            "maxAge": "72h",
+        }})));
+        for (name, expected) in [
+            ("UMSTORE_NATS_URL", "tls://nats.example.org:4443"),
+            ("UMSTORE_EVENTS_SUBJECT_PREFIX", "prod.umstore"),
+            ("UMSTORE_EVENTS_STREAM_PREFIX", "PROD_UMSTORE"),
+            ("UMSTORE_INGEST_WORKERS", "16"),
+            ("UMSTORE_EVENTS_MAX_AGE", "3d"),
+        ] {
+            assert_eq!(value(&vars, name), Some(expected), "{name}");
+        }
+    }
+
+    #[test]
+    fn nats_credentials_come_from_the_secret_by_reference() {
+        let vars = container_env(&validated(json!({"events": {
+            "natsUrl": "nats://nats.messaging.svc:4222",
+            "credentialsSecret": "umstore-nats",
+        }})));
+        for (name, key) in [
+            ("UMSTORE_NATS_USER", "username"),
+            ("UMSTORE_NATS_PASSWORD", "password"),
+        ] {
+            let var = vars.iter().find(|e| e.name == name).expect(name);
+            assert_eq!(var.value, None, "{name} must not carry the value");
+            let selector = var
+                .value_from
+                .as_ref()
+                .and_then(|f| f.secret_key_ref.as_ref())
+                .expect("secretKeyRef");
+            assert_eq!(selector.name, "umstore-nats");
+            assert_eq!(selector.key, key);
+            assert_eq!(selector.optional, Some(false));
+        }
+    }
+
+    #[test]
+    fn max_age_is_passed_in_its_largest_whole_unit() {
+        for (spec, rendered) in [
+            ("7d", "7d"),
+            ("1d12h", "36h"),
+            ("48h", "2d"),
+            ("90m", "90m"),
+            ("120s", "2m"),
+            ("1m30s", "90s"),
+        ] {
+            let vars = container_env(&validated(json!({"events": {
+                "natsUrl": "nats://nats:4222", "maxAge": spec,
+            }})));
+            assert_eq!(
+                value(&vars, "UMSTORE_EVENTS_MAX_AGE"),
+                Some(rendered),
+                "{spec}"
+            );
+        }
     }
 }

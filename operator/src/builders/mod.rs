@@ -132,6 +132,7 @@ pub fn topology(v: &Validated, creds: &Credentials, env: &Env) -> Vec<Object> {
         data_plane,               // data_plane
         encryption: _,            // data_plane env; keys step (keys issue)
         migrations: _,            // migrate step (migrate issue)
+        events: _,                // v.events (checked): data_plane env
         eligibility_cache_ttl: _, // data_plane env
         reclaim_policy: _,        // postgres PVC retention, finalizer
     } = &v.spec;
