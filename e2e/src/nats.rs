@@ -23,22 +23,24 @@ pub struct Nats {
 impl Nats {
     /// Starts the server and waits until its `INFO` line says JetStream is on.
     pub fn start() -> Result<Self, HarnessError> {
-        let program = find_program("nats-server", &[PathBuf::from("/usr/sbin")]).ok_or(
-            HarnessError::ProgramNotFound {
-                program: "nats-server",
-                looked_in: "PATH, /usr/sbin".to_owned(),
-                install: "install it with apt-get install nats-server",
-            },
-        )?;
         let dir = TestDir::new("nats")?;
         let port = free_port()?;
-        let mut cmd = Command::new(program);
-        cmd.args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
-            .arg(dir.path().join("store"));
-        let log = dir.path().join("nats-server.log");
-        let mut process = ServerProcess::spawn("nats-server", cmd, ChildSetup::same_user(), log)?;
-        process.wait_until(|| info_line(port).is_some_and(|l| l.contains("\"jetstream\":true")))?;
+        let process = launch(port, dir.path())?;
         Ok(Self { process, port, dir })
+    }
+
+    /// Kills the server (SIGKILL: whatever it had not written to its store is
+    /// gone) and starts it again on the same port with the same store.
+    pub fn restart(&mut self) -> Result<(), HarnessError> {
+        if let Some(pid) = self.process.pid() {
+            // SAFETY: signalling our own child.
+            unsafe {
+                libc::kill(pid as libc::pid_t, libc::SIGKILL);
+            }
+        }
+        self.process.stop();
+        self.process = launch(self.port, self.dir.path())?;
+        Ok(())
     }
 
     pub(crate) fn stop_at_exit(mut self) -> Self {
@@ -76,6 +78,25 @@ impl Nats {
                 .not_ready("sent no INFO line on a new connection".to_owned())
         })
     }
+}
+
+/// Runs `nats-server -js` on `port` with its store and log in `dir`, and waits
+/// for JetStream.
+fn launch(port: u16, dir: &std::path::Path) -> Result<ServerProcess, HarnessError> {
+    let program = find_program("nats-server", &[PathBuf::from("/usr/sbin")]).ok_or(
+        HarnessError::ProgramNotFound {
+            program: "nats-server",
+            looked_in: "PATH, /usr/sbin".to_owned(),
+            install: "install it with apt-get install nats-server",
+        },
+    )?;
+    let mut cmd = Command::new(program);
+    cmd.args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
+        .arg(dir.join("store"));
+    let log = dir.join("nats-server.log");
+    let mut process = ServerProcess::spawn("nats-server", cmd, ChildSetup::same_user(), log)?;
+    process.wait_until(|| info_line(port).is_some_and(|l| l.contains("\"jetstream\":true")))?;
+    Ok(process)
 }
 
 /// Connects and reads the first protocol line, which NATS servers send unasked.

@@ -112,8 +112,15 @@ pub async fn readyz(State(state): State<AppState>) -> Response {
                      migrate step to apply them)"
                 )),
                 Ok(Err(e)) => Err(e.to_string()),
-                // The schema is current; the keys must be open too before we serve.
-                Ok(Ok(())) => state.keys.get().await.map(|_| ()),
+                // The schema is current; the keys must be open too before we
+                // serve, and the bus reached when one is configured.
+                Ok(Ok(())) => match state.keys.get().await {
+                    Err(reason) => Err(reason),
+                    Ok(_) => match &state.bus {
+                        None => Ok(()),
+                        Some(bus) => bus.get().await.map(|_| ()),
+                    },
+                },
             }
         }
     };

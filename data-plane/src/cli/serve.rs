@@ -2,16 +2,18 @@
 //! keyring open, demo users seeded) in the background.
 
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use tracing::{error, info, warn};
-use umstore_data_plane::api::{self, AppState, DbSlot, KeysSlot};
+use umstore_data_plane::api::{self, AppState, DbSlot, IngestToken, KeysSlot, Slot};
 use umstore_data_plane::backoff::Backoff;
 use umstore_data_plane::crypto::KeyProviderConfig;
 use umstore_data_plane::db::Database;
+use umstore_data_plane::ingest::bus::{self, BusConfig};
+use umstore_data_plane::ingest::{outbox, parse_duration, ApplyConfig, Ingest};
 use umstore_data_plane::metrics::Metrics;
 use umstore_data_plane::seed;
 use umstore_migrations::Runner;
@@ -30,6 +32,128 @@ pub struct ServeArgs {
     /// Do not apply pending migrations at start.
     #[arg(long)]
     no_migrate: bool,
+    #[command(flatten)]
+    events: EventArgs,
+}
+
+/// Where events come from and go to (docs/events.md).
+#[derive(Debug, clap::Args)]
+pub struct EventArgs {
+    /// NATS server (`nats://host:4222`); without it events arrive over HTTP only.
+    #[arg(long, env = "UMSTORE_NATS_URL")]
+    nats_url: Option<String>,
+    /// NATS user.
+    #[arg(long, env = "UMSTORE_NATS_USER")]
+    nats_user: Option<String>,
+    /// NATS password.
+    #[arg(long, env = "UMSTORE_NATS_PASSWORD", hide_env_values = true)]
+    nats_password: Option<String>,
+    /// Subject prefix: events in on `<prefix>.in.>`, dead letters on `<prefix>.dlq`,
+    /// events out on `<prefix>.out.>`.
+    #[arg(
+        long,
+        env = "UMSTORE_EVENTS_SUBJECT_PREFIX",
+        default_value = "umstore.events"
+    )]
+    events_subject_prefix: String,
+    /// Stream prefix: `<prefix>_EVENTS_IN`, `_EVENTS_DLQ`, `_EVENTS_OUT`, consumer `<prefix>_INGEST`.
+    #[arg(long, env = "UMSTORE_EVENTS_STREAM_PREFIX", default_value = "UMSTORE")]
+    events_stream_prefix: String,
+    /// Events applied at once by this process.
+    #[arg(long, env = "UMSTORE_INGEST_WORKERS", default_value_t = 4,
+          value_parser = clap::value_parser!(u16).range(1..=64))]
+    ingest_workers: u16,
+    /// How long the inbound and outbound streams keep messages (`7d`, `72h`).
+    #[arg(long, env = "UMSTORE_EVENTS_MAX_AGE", default_value = "7d")]
+    events_max_age: String,
+    /// How long an eligibility result stays valid (`24h`, `90m`).
+    #[arg(long, env = "UMSTORE_ELIGIBILITY_CACHE_TTL", default_value = "24h")]
+    eligibility_cache_ttl: String,
+    /// File holding the bearer token of `POST /api/v1/events`. Without it, a local
+    /// run makes one in `<data-dir>/ingest-token`.
+    #[arg(long, env = "UMSTORE_INGEST_TOKEN_FILE")]
+    ingest_token_file: Option<PathBuf>,
+}
+
+impl EventArgs {
+    fn apply_config(&self) -> Result<ApplyConfig> {
+        let ttl = parse_duration(&self.eligibility_cache_ttl)
+            .map_err(|e| anyhow::anyhow!("--eligibility-cache-ttl: {e}"))?;
+        Ok(ApplyConfig {
+            subject_prefix: self.events_subject_prefix.clone(),
+            eligibility_ttl: chrono::Duration::from_std(ttl)
+                .context("--eligibility-cache-ttl is too long")?,
+        })
+    }
+
+    fn bus_config(&self) -> Result<Option<BusConfig>> {
+        let Some(url) = &self.nats_url else {
+            return Ok(None);
+        };
+        let max_age = parse_duration(&self.events_max_age)
+            .map_err(|e| anyhow::anyhow!("--events-max-age: {e}"))?;
+        let credentials = match (&self.nats_user, &self.nats_password) {
+            (Some(u), Some(p)) => Some((u.clone(), p.clone())),
+            (None, None) => None,
+            _ => bail!("give both --nats-user and --nats-password, or neither"),
+        };
+        Ok(Some(BusConfig {
+            url: url.clone(),
+            credentials,
+            subject_prefix: self.events_subject_prefix.clone(),
+            stream_prefix: self.events_stream_prefix.clone(),
+            workers: usize::from(self.ingest_workers),
+            max_age,
+        }))
+    }
+
+    /// The ingest token: from the file given, else (outside Kubernetes) one made
+    /// in the data directory on first start.
+    fn token(&self, data_dir: &Path) -> Result<Option<IngestToken>> {
+        let path = match &self.ingest_token_file {
+            Some(p) => p.clone(),
+            None if std::env::var_os("KUBERNETES_SERVICE_HOST").is_some() => {
+                warn!("no UMSTORE_INGEST_TOKEN_FILE: POST /api/v1/events refuses every request");
+                return Ok(None);
+            }
+            None => {
+                let path = data_dir.join("ingest-token");
+                if !path.exists() {
+                    // Two v4 UUIDs: 244 random bits from the OS.
+                    let token = format!(
+                        "{}{}",
+                        uuid::Uuid::new_v4().simple(),
+                        uuid::Uuid::new_v4().simple()
+                    );
+                    write_private(&path, &format!("{token}\n"))?;
+                }
+                info!(path = %path.display(), "ingest token (Authorization: Bearer <the file's content>)");
+                path
+            }
+        };
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("cannot read the ingest token file {}", path.display()))?;
+        IngestToken::new(&text).map(Some).with_context(|| {
+            format!(
+                "{}: the ingest token must be at least 16 characters",
+                path.display()
+            )
+        })
+    }
+}
+
+/// Writes `text` to a new file readable by its owner only.
+fn write_private(path: &Path, text: &str) -> Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("cannot create {}", path.display()))?;
+    file.write_all(text.as_bytes())
+        .with_context(|| format!("cannot write {}", path.display()))
 }
 
 /// Serves until SIGINT or SIGTERM. The listener is bound first; the database and the
@@ -44,7 +168,12 @@ pub async fn run(
         listen,
         demo,
         no_migrate,
+        events,
     } = args;
+    let apply_config = events.apply_config()?;
+    let bus_config = events.bus_config()?;
+    let ingest_token = events.token(data_dir)?;
+    let workers = usize::from(events.ingest_workers);
     let runner = Runner::default();
     // Refuse a forbidden local provider before anything starts.
     let provider_config = key_args.provider_config(data_dir)?;
@@ -67,8 +196,13 @@ pub async fn run(
         slot.clone(),
         metrics.clone(),
     ));
+    let ingest_slot = Slot::empty("opening the key provider");
+    let bus_slot = bus_config
+        .as_ref()
+        .map(|b| Slot::empty(&format!("connecting to NATS at {}", b.url)));
     let prepare = {
         let (database, runner, keys) = (database.clone(), runner.clone(), keys.clone());
+        let (ingest_slot, bus_slot) = (ingest_slot.clone(), bus_slot.clone());
         tokio::spawn(async move {
             if let Err(e) =
                 prepare(&database, &runner, provider_config, &keys, demo, no_migrate).await
@@ -76,6 +210,23 @@ pub async fn run(
                 let message = format!("{e:#}");
                 error!(error = %message, "preparing the store failed");
                 keys.set(Err(message)).await;
+                return;
+            }
+            let Ok(keyring) = keys.get().await else {
+                return;
+            };
+            // The pool serves the HTTP endpoint and the bus workers (each worker
+            // holds one connection while it applies).
+            let ingest = match Ingest::new(&database, workers + 4, keyring, apply_config) {
+                Ok(i) => Arc::new(i),
+                Err(e) => {
+                    ingest_slot.set(Err(e.to_string())).await;
+                    return;
+                }
+            };
+            ingest_slot.set(Ok(ingest.clone())).await;
+            if let (Some(config), Some(slot)) = (bus_config, bus_slot) {
+                run_bus(&database, &config, &ingest, &slot).await;
             }
         })
     };
@@ -85,6 +236,9 @@ pub async fn run(
         runner: Arc::new(runner),
         no_migrate,
         metrics,
+        ingest: ingest_slot,
+        ingest_token,
+        bus: bus_slot,
     };
     let served = axum::serve(listener, api::router(state))
         .with_graceful_shutdown(shutdown_signal())
@@ -94,6 +248,44 @@ pub async fn run(
     served.context("HTTP server failed")?;
     info!("stopped");
     Ok(())
+}
+
+/// Connects to the bus, creates the streams, and runs the consumer and the outbox
+/// relay, starting over (with backoff) whenever the consumer stops. Never returns.
+async fn run_bus(database: &Database, config: &BusConfig, ingest: &Ingest, slot: &Slot<String>) {
+    let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
+    loop {
+        let js = match bus::connect(config).await {
+            Ok(js) => js,
+            Err(e) => {
+                retry(slot, &mut backoff, e.to_string()).await;
+                continue;
+            }
+        };
+        if let Err(e) = bus::ensure_streams(&js, config).await {
+            retry(slot, &mut backoff, e.to_string()).await;
+            continue;
+        }
+        slot.set(Ok(Arc::new(config.url.clone()))).await;
+        backoff.reset();
+        let relay = tokio::spawn(outbox::relay(database.clone(), js.clone()));
+        let stopped = bus::consume(&js, config, ingest).await;
+        relay.abort();
+        if let Err(e) = stopped {
+            retry(slot, &mut backoff, e.to_string()).await;
+        }
+    }
+}
+
+async fn retry(slot: &Slot<String>, backoff: &mut Backoff, reason: String) {
+    let delay = backoff.next_delay();
+    warn!(%reason, retry_in_ms = delay.as_millis() as u64, "event bus not available");
+    slot.set(Err(format!(
+        "{reason}; retrying in {} ms",
+        delay.as_millis()
+    )))
+    .await;
+    tokio::time::sleep(delay).await;
 }
 
 /// Applies migrations (unless told not to) and seeds demo data, retrying

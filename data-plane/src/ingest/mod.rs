@@ -2,7 +2,9 @@
 //! events out (the outbox relay). See docs/events.md.
 
 pub mod apply;
+pub mod bus;
 pub mod event;
+pub mod outbox;
 
 pub use apply::{apply, ApplyConfig, ApplyError, Outcome};
 pub use event::{parse, Event, EventType, Rejection};
@@ -100,4 +102,60 @@ pub enum SubmitError {
     /// Retry later.
     #[error("{0}")]
     Transient(String),
+}
+
+/// Parses a duration written as whole numbers with units, largest first: `7d`,
+/// `36h`, `1h30m`, `90m`, `45s` (what the operator passes from the resource's
+/// `maxAge` and `eligibilityCacheTTL`).
+pub fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
+    let bad = || {
+        format!(
+            "{text:?} is not a duration: write whole numbers with units d, h, m or s, \
+             e.g. 7d, 36h, 1h30m"
+        )
+    };
+    let mut total: u64 = 0;
+    let mut digits = String::new();
+    let mut any = false;
+    for c in text.trim().chars() {
+        if c.is_ascii_digit() {
+            digits.push(c);
+            continue;
+        }
+        let unit = match c {
+            'd' => 86_400,
+            'h' => 3_600,
+            'm' => 60,
+            's' => 1,
+            _ => return Err(bad()),
+        };
+        let n: u64 = digits.parse().map_err(|_| bad())?;
+        total = n
+            .checked_mul(unit)
+            .and_then(|v| total.checked_add(v))
+            .ok_or_else(bad)?;
+        digits.clear();
+        any = true;
+    }
+    if !any || !digits.is_empty() || total == 0 {
+        return Err(bad());
+    }
+    Ok(std::time::Duration::from_secs(total))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_duration;
+    use std::time::Duration;
+
+    #[test]
+    fn durations_parse_as_the_operator_writes_them() {
+        assert_eq!(parse_duration("7d"), Ok(Duration::from_secs(7 * 86_400)));
+        assert_eq!(parse_duration("36h"), Ok(Duration::from_secs(36 * 3_600)));
+        assert_eq!(parse_duration("1h30m"), Ok(Duration::from_secs(5_400)));
+        assert_eq!(parse_duration("24h0m0s"), Ok(Duration::from_secs(86_400)));
+        for bad in ["", "7", "0s", "1.5h", "7w", "h", "-1h"] {
+            assert!(parse_duration(bad).is_err(), "{bad:?} accepted");
+        }
+    }
 }

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use tokio_postgres::{Client, NoTls};
 
 pub mod crash;
+pub mod ingest;
 mod logins;
 
 pub use logins::*;

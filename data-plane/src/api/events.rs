@@ -1,0 +1,182 @@
+//! `POST /api/v1/events`: one event (a JSON object) or a batch (an array of up to
+//! [`MAX_BATCH`]), applied through the same pipeline as the bus. The answer lists,
+//! per event, `applied`, `duplicate`, `stale`, `rejected` (with the reason; send
+//! it again only once fixed) or `failed` (the store could not apply it now; send
+//! it again later). Guarded by a bearer token.
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use chrono::Utc;
+use serde::Serialize;
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+use uuid::Uuid;
+
+use super::AppState;
+use crate::ingest::event::{self, peek_event_id};
+use crate::ingest::{ApplyError, Outcome};
+
+/// The most events one request may carry.
+pub const MAX_BATCH: usize = 500;
+/// The largest body accepted.
+pub const MAX_BODY: usize = 4 * 1024 * 1024;
+
+/// The bearer token that guards ingest, kept as its SHA-256 digest.
+#[derive(Clone)]
+pub struct IngestToken([u8; 32]);
+
+impl IngestToken {
+    /// From the token's text (surrounding whitespace ignored).
+    pub fn new(token: &str) -> Option<Self> {
+        let token = token.trim();
+        (token.len() >= 16).then(|| Self(Sha256::digest(token.as_bytes()).into()))
+    }
+
+    fn accepts(&self, headers: &HeaderMap) -> bool {
+        headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .is_some_and(|t| <[u8; 32]>::from(Sha256::digest(t.trim().as_bytes())) == self.0)
+    }
+}
+
+impl std::fmt::Debug for IngestToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("IngestToken(<redacted>)")
+    }
+}
+
+/// One event's result.
+#[derive(Debug, Serialize)]
+struct Settled {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    event_id: Option<Uuid>,
+    status: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    version: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reason: Option<String>,
+}
+
+fn problem(status: StatusCode, error: &str, detail: impl Into<String>) -> Response {
+    (
+        status,
+        Json(json!({"error": error, "detail": detail.into()})),
+    )
+        .into_response()
+}
+
+/// The handler.
+pub async fn post_events(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let Some(token) = state.ingest_token.as_ref() else {
+        return problem(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "ingest_disabled",
+            "no ingest token is configured: set UMSTORE_INGEST_TOKEN_FILE",
+        );
+    };
+    if !token.accepts(&headers) {
+        return problem(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "send the ingest token as `Authorization: Bearer <token>`",
+        );
+    }
+    if body.len() > MAX_BODY {
+        return problem(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too_large",
+            format!("a request carries at most {MAX_BODY} bytes; split the batch"),
+        );
+    }
+    let ingest = match state.ingest.get().await {
+        Ok(i) => i,
+        Err(reason) => {
+            return problem(StatusCode::SERVICE_UNAVAILABLE, "not_ready", reason);
+        }
+    };
+    let parsed: Value = match serde_json::from_slice(&body) {
+        Ok(v) => v,
+        Err(e) => {
+            return problem(
+                StatusCode::BAD_REQUEST,
+                "malformed",
+                format!("the body is not JSON: {e}"),
+            )
+        }
+    };
+    let (single, items) = match parsed {
+        Value::Array(items) => (false, items),
+        other => (true, vec![other]),
+    };
+    if items.is_empty() || items.len() > MAX_BATCH {
+        return problem(
+            StatusCode::BAD_REQUEST,
+            "bad_batch",
+            format!("send one event or an array of 1 to {MAX_BATCH}"),
+        );
+    }
+    let now = Utc::now();
+    let mut results = Vec::with_capacity(items.len());
+    for item in items {
+        let id = item
+            .get("event_id")
+            .and_then(|v| v.as_str())
+            .and_then(|s| s.parse().ok());
+        let settled = match event::from_value(item, now) {
+            Err(r) => Settled {
+                event_id: id,
+                status: "rejected",
+                version: None,
+                reason: Some(r.to_string()),
+            },
+            Ok(ev) => match ingest.apply(&ev).await {
+                Ok(outcome) => Settled {
+                    event_id: Some(ev.event_id),
+                    status: outcome.as_str(),
+                    version: match outcome {
+                        Outcome::Applied { version } => version,
+                        _ => None,
+                    },
+                    reason: None,
+                },
+                Err(ApplyError::Rejected(r)) => Settled {
+                    event_id: Some(ev.event_id),
+                    status: "rejected",
+                    version: None,
+                    reason: Some(r.to_string()),
+                },
+                Err(ApplyError::Transient(m)) => {
+                    tracing::warn!(event_id = %ev.event_id, reason = %m, "event not applied");
+                    Settled {
+                        event_id: Some(ev.event_id),
+                        status: "failed",
+                        version: None,
+                        reason: Some(
+                            "the store could not apply it now; send it again later".into(),
+                        ),
+                    }
+                }
+            },
+        };
+        results.push(settled);
+    }
+    let failed = results.iter().any(|r| r.status == "failed");
+    let status = if failed {
+        StatusCode::SERVICE_UNAVAILABLE
+    } else if single && results[0].status == "rejected" {
+        StatusCode::UNPROCESSABLE_ENTITY
+    } else {
+        StatusCode::OK
+    };
+    let _ = peek_event_id;
+    (status, Json(json!({ "results": results }))).into_response()
+}
