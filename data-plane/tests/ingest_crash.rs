@@ -1,6 +1,7 @@
 //! The write path under real failures, through the `serve` binary: a worker
-//! process killed with SIGKILL while 10,000 events stream in, and PostgreSQL
-//! restarted mid-stream. Afterwards every event is applied exactly once (rows and
+//! process killed with SIGKILL while 10,000 events stream in (and the store's
+//! connections terminated after its restart), and PostgreSQL crashed (SIGKILL to
+//! the postmaster) and restarted mid-stream. Afterwards every event is applied exactly once (rows and
 //! history counted), every outbox event published exactly once (the outbound
 //! stream counted), nothing valid dead-lettered, and no personal data in the
 //! database in plaintext (a `pg_dump` is searched) or in the logs.
@@ -163,8 +164,8 @@ async fn a_worker_killed_mid_stream_leaves_every_event_applied_and_published_exa
     let at_kill = count(&admin, "SELECT count(*) FROM umstore.processed_events").await;
     assert!(at_kill < EVENTS as i64, "the kill came after the end");
 
-    // PostgreSQL restarted mid-stream too (the store's own database: the shared
-    // primary), while the restarted worker applies the rest.
+    // Every connection to the store cut while the restarted worker applies the
+    // rest (the crash of the server itself is the next test).
     let worker = Worker::start(&store, &nats, &config, dir.path());
     wait(
         "the restarted worker applying",
@@ -244,4 +245,76 @@ async fn a_worker_killed_mid_stream_leaves_every_event_applied_and_published_exa
 fn pg_dump() -> std::path::PathBuf {
     let bins = umstore_e2e::localpg::PgBinaries::discover().expect("PostgreSQL binaries");
     bins.bindir.join("pg_dump")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgresql_crashed_and_restarted_mid_stream_loses_and_doubles_nothing() {
+    const N: usize = 3_000;
+    // A server of its own: this test crashes it.
+    let mut pg = umstore_e2e::Postgres::start_with_replicas(0).expect("PostgreSQL 15");
+    let store = Store::migrated_on(&pg).await;
+    let nats = Nats::start().expect("nats-server (apt-get install nats-server)");
+    let tag = Uuid::new_v4().simple().to_string()[..8].to_owned();
+    let config = BusConfig {
+        url: nats.url(),
+        credentials: None,
+        subject_prefix: format!("p{tag}.events"),
+        stream_prefix: format!("P{}", tag.to_uppercase()),
+        workers: 4,
+        max_age: Duration::from_secs(3600),
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let js = bus::connect(&config).await.expect("connect");
+    bus::ensure_streams(&js, &config).await.expect("streams");
+    let _worker = Worker::start(&store, &nats, &config, dir.path());
+    let t0 = Utc::now() - Span::hours(2);
+    let subject = config.inbound_subject("KA", "METADATA_CREATED");
+    let mut acks = Vec::new();
+    for n in 0..N {
+        let e = created(n, t0 + Span::milliseconds(n as i64));
+        acks.push(
+            js.publish(subject.clone(), e.to_string().into_bytes().into())
+                .await
+                .expect("publish"),
+        );
+    }
+    for a in acks {
+        a.await.expect("stored");
+    }
+    {
+        let admin = connect(store.superuser()).await;
+        wait("500 applied", Duration::from_secs(120), async || {
+            count(&admin, "SELECT count(*) FROM umstore.processed_events").await >= 500
+        })
+        .await;
+    }
+    pg.crash_and_restart_primary()
+        .expect("PostgreSQL restarts after the crash");
+    let admin = connect(store.superuser()).await;
+    let before = count(&admin, "SELECT count(*) FROM umstore.processed_events").await;
+    assert!(before < N as i64, "the crash came after the end");
+    wait(
+        "all applied after the crash",
+        Duration::from_secs(240),
+        async || count(&admin, "SELECT count(*) FROM umstore.processed_events").await == N as i64,
+    )
+    .await;
+    wait(
+        "every outbound event",
+        Duration::from_secs(120),
+        async || messages(&js, config.outbound_stream()).await == 2 * N as u64,
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        count(&admin, "SELECT count(*) FROM umstore.user_metadata_history").await,
+        N as i64,
+        "one history row per event"
+    );
+    assert_eq!(
+        messages(&js, config.outbound_stream()).await,
+        2 * N as u64,
+        "an outbound event published twice"
+    );
+    assert_eq!(messages(&js, config.dead_letter_stream()).await, 0);
 }

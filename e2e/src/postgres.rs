@@ -81,6 +81,19 @@ impl Postgres {
         &self.primary
     }
 
+    /// Crashes the primary (SIGKILL to the postmaster: no shutdown checkpoint, the
+    /// backends die with it) and starts it again, which runs crash recovery.
+    pub fn crash_and_restart_primary(&mut self) -> Result<(), HarnessError> {
+        if let Some(pid) = self.primary.pid() {
+            // SAFETY: signalling the server we started.
+            unsafe {
+                libc::kill(pid as libc::pid_t, libc::SIGKILL);
+            }
+        }
+        self.primary.stop();
+        self.primary.start().map_err(HarnessError::from)
+    }
+
     /// Connection string for `dbname` on the primary's unix socket.
     pub fn conninfo(&self, dbname: &str) -> String {
         self.primary.conninfo(dbname)

@@ -31,21 +31,28 @@ impl Store {
         store
     }
 
+    /// [`Self::migrated`] on a server of the test's own.
+    pub async fn migrated_on(postgres: &umstore_e2e::Postgres) -> Self {
+        let store = Self::unmigrated_on(postgres).await;
+        let mut admin = connect(&store.superuser).await;
+        Runner::default().up(&mut admin).await.expect("migrate");
+        store
+    }
+
     /// A fresh database with the production logins and no schema.
     pub async fn unmigrated() -> Self {
-        let servers = umstore_e2e::shared();
-        let (name, superuser) = servers
-            .primary()
-            .fresh_database()
-            .await
-            .expect("fresh database");
+        Self::unmigrated_on(umstore_e2e::shared().primary()).await
+    }
+
+    async fn unmigrated_on(postgres: &umstore_e2e::Postgres) -> Self {
+        let (name, superuser) = postgres.fresh_database().await.expect("fresh database");
         let admin = connect(&superuser).await;
         make_production_logins(&admin).await;
         require_passwords(&admin).await;
         Self {
             name,
             superuser,
-            port: servers.primary().port(),
+            port: postgres.port(),
         }
     }
 
