@@ -133,7 +133,9 @@ async fn a_worker_killed_mid_stream_leaves_every_event_applied_and_published_exa
     let js = bus::connect(&config).await.expect("connect");
     bus::ensure_streams(&js, &config).await.expect("streams");
 
+    // Two worker processes share the durable consumer.
     let worker = Worker::start(&store, &nats, &config, dir.path());
+    let other = Worker::start(&store, &nats, &config, dir.path());
     let t0 = Utc::now() - Span::hours(2);
     let events: Vec<Value> = (0..EVENTS)
         .map(|n| created(n, t0 + Span::milliseconds(n as i64)))
@@ -154,8 +156,8 @@ async fn a_worker_killed_mid_stream_leaves_every_event_applied_and_published_exa
         }
     }
 
-    // Kill the worker with SIGKILL once a part is applied, mid-transaction for
-    // some of its four workers.
+    // Kill one worker process with SIGKILL once a part is applied, mid-transaction
+    // for some of its four workers; the other goes on.
     wait("1,500 applied", Duration::from_secs(120), async || {
         count(&admin, "SELECT count(*) FROM umstore.processed_events").await >= 1_500
     })
@@ -221,6 +223,7 @@ async fn a_worker_killed_mid_stream_leaves_every_event_applied_and_published_exa
     assert_eq!(messages(&js, config.inbound_stream()).await, 0);
     assert!(http_get(worker.port, "/readyz").is_some_and(|(s, _)| s == 200));
     drop(worker);
+    drop(other);
 
     // No personal data in plaintext: not in a dump of the database, not in logs.
     let dump = Command::new(pg_dump())
