@@ -4,6 +4,7 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
 /// Labels of an HTTP request counter.
@@ -16,8 +17,19 @@ pub struct HttpLabels {
 }
 
 /// Every metric the data plane exports.
+/// Labels of an ingested event: what became of it.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct IngestLabels {
+    /// `applied`, `duplicate`, `stale`, `rejected` or `failed`.
+    pub outcome: &'static str,
+}
+
 #[derive(Debug)]
 pub struct Metrics {
+    /// Events settled, by outcome.
+    pub ingest_events: Family<IngestLabels, Counter>,
+    /// Seconds from taking a connection to commit, per applied event.
+    pub ingest_apply_seconds: Histogram,
     registry: Registry,
     /// 1 while a database connection is up.
     pub db_connected: Gauge,
@@ -69,6 +81,19 @@ impl Metrics {
             "HTTP requests served",
             http_requests.clone(),
         );
+        let ingest_events = Family::<IngestLabels, Counter>::default();
+        registry.register(
+            "ingest_events",
+            "Events settled by the write path, by outcome",
+            ingest_events.clone(),
+        );
+        // 0.25 ms to about 4 s.
+        let ingest_apply_seconds = Histogram::new(exponential_buckets(0.000_25, 2.0, 15));
+        registry.register(
+            "ingest_apply_seconds",
+            "Time to apply one event (connection, transaction, commit)",
+            ingest_apply_seconds.clone(),
+        );
         let key_rotation_in_progress = Gauge::default();
         registry.register(
             "key_rotation_in_progress",
@@ -88,6 +113,8 @@ impl Metrics {
             key_rotation_target_version.clone(),
         );
         Self {
+            ingest_events,
+            ingest_apply_seconds,
             registry,
             db_connected,
             db_connect_failures,

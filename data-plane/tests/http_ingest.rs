@@ -104,6 +104,16 @@ async fn events_posted_over_http_apply_once_and_bad_ones_say_why() {
     assert_eq!(status, 400, "{body}");
     let (status, _) = http_post(port, "/api/v1/events", token, "[]");
     assert_eq!(status, 400);
+    let (_, metrics) = http_get(port, "/metrics").expect("metrics");
+    for line in [
+        "umstore_ingest_events_total{outcome=\"applied\"} 2",
+        "umstore_ingest_events_total{outcome=\"duplicate\"} 1",
+        "umstore_ingest_events_total{outcome=\"stale\"} 1",
+        "umstore_ingest_events_total{outcome=\"rejected\"} 3",
+        "umstore_ingest_apply_seconds_count 2",
+    ] {
+        assert!(metrics.contains(line), "/metrics lacks {line}:\n{metrics}");
+    }
     let (_, log) = served.stop();
     assert!(!log.contains("Asha"), "the log shows personal data");
     assert!(!log.contains(secret), "the log shows the token");

@@ -16,7 +16,7 @@ use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
 use super::AppState;
-use crate::ingest::event::{self, peek_event_id};
+use crate::ingest::event;
 use crate::ingest::{ApplyError, Outcome};
 
 /// The most events one request may carry.
@@ -132,12 +132,15 @@ pub async fn post_events(
             .and_then(|v| v.as_str())
             .and_then(|s| s.parse().ok());
         let settled = match event::from_value(item, now) {
-            Err(r) => Settled {
-                event_id: id,
-                status: "rejected",
-                version: None,
-                reason: Some(r.to_string()),
-            },
+            Err(r) => {
+                ingest.count_rejected();
+                Settled {
+                    event_id: id,
+                    status: "rejected",
+                    version: None,
+                    reason: Some(r.to_string()),
+                }
+            }
             Ok(ev) => match ingest.apply(&ev).await {
                 Ok(outcome) => Settled {
                     event_id: Some(ev.event_id),
@@ -177,6 +180,5 @@ pub async fn post_events(
     } else {
         StatusCode::OK
     };
-    let _ = peek_event_id;
     (status, Json(json!({ "results": results }))).into_response()
 }

@@ -203,6 +203,7 @@ pub async fn run(
     let prepare = {
         let (database, runner, keys) = (database.clone(), runner.clone(), keys.clone());
         let (ingest_slot, bus_slot) = (ingest_slot.clone(), bus_slot.clone());
+        let metrics = metrics.clone();
         tokio::spawn(async move {
             if let Err(e) =
                 prepare(&database, &runner, provider_config, &keys, demo, no_migrate).await
@@ -218,7 +219,7 @@ pub async fn run(
             // The pool serves the HTTP endpoint and the bus workers (each worker
             // holds one connection while it applies).
             let ingest = match Ingest::new(&database, workers + 4, keyring, apply_config) {
-                Ok(i) => Arc::new(i),
+                Ok(i) => Arc::new(i.with_metrics(metrics.clone())),
                 Err(e) => {
                     ingest_slot.set(Err(e.to_string())).await;
                     return;

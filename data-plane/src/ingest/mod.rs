@@ -15,6 +15,7 @@ use chrono::Utc;
 
 use crate::crypto::Keyring;
 use crate::db::Database;
+use crate::metrics::{IngestLabels, Metrics};
 
 /// Parses and applies events on a pool of writer connections. Shared by the
 /// JetStream workers and the HTTP endpoint.
@@ -23,6 +24,7 @@ pub struct Ingest {
     pool: deadpool_postgres::Pool,
     keyring: Arc<Keyring>,
     config: ApplyConfig,
+    metrics: Option<Arc<Metrics>>,
 }
 
 impl std::fmt::Debug for Ingest {
@@ -64,7 +66,22 @@ impl Ingest {
             pool,
             keyring,
             config,
+            metrics: None,
         })
+    }
+
+    /// Counts every settled event and times every apply in `metrics`.
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
+        self.metrics = Some(metrics);
+        self
+    }
+
+    fn count(&self, outcome: &'static str) {
+        if let Some(m) = &self.metrics {
+            m.ingest_events
+                .get_or_create(&IngestLabels { outcome })
+                .inc();
+        }
     }
 
     /// What applying uses besides the event.
@@ -74,7 +91,10 @@ impl Ingest {
 
     /// Parses `bytes` and applies the event.
     pub async fn submit(&self, bytes: &[u8]) -> Result<(Event, Outcome), SubmitError> {
-        let event = parse(bytes, Utc::now()).map_err(SubmitError::Rejected)?;
+        let event = parse(bytes, Utc::now()).map_err(|r| {
+            self.count("rejected");
+            SubmitError::Rejected(r)
+        })?;
         let outcome = self.apply(&event).await.map_err(|e| match e {
             ApplyError::Rejected(r) => SubmitError::Rejected(r),
             ApplyError::Transient(m) => SubmitError::Transient(m),
@@ -84,12 +104,29 @@ impl Ingest {
 
     /// Applies a parsed event on a pooled connection.
     pub async fn apply(&self, event: &Event) -> Result<Outcome, ApplyError> {
-        let mut client = self
-            .pool
-            .get()
-            .await
-            .map_err(|e| ApplyError::Transient(format!("no database connection: {e}")))?;
-        apply(&mut client, &self.keyring, &self.config, event).await
+        let started = std::time::Instant::now();
+        let result = match self.pool.get().await {
+            Ok(mut client) => apply(&mut client, &self.keyring, &self.config, event).await,
+            Err(e) => Err(ApplyError::Transient(format!(
+                "no database connection: {e}"
+            ))),
+        };
+        self.count(match &result {
+            Ok(outcome) => outcome.as_str(),
+            Err(ApplyError::Rejected(_)) => "rejected",
+            Err(ApplyError::Transient(_)) => "failed",
+        });
+        if let (Some(m), Ok(Outcome::Applied { .. })) = (&self.metrics, &result) {
+            m.ingest_apply_seconds
+                .observe(started.elapsed().as_secs_f64());
+        }
+        result
+    }
+
+    /// Records a rejection found before [`Self::apply`] (an HTTP batch item
+    /// that did not parse).
+    pub fn count_rejected(&self) {
+        self.count("rejected");
     }
 }
 
