@@ -235,3 +235,85 @@ fn examples_from_tier_2_reach_the_bus_and_tier_1_ingests_over_http_only() {
         }
     }
 }
+
+/// From tier 3 every PostgreSQL pod is in one Patroni cluster (Patroni's Citus
+/// integration finds the coordinator and every group's primary within a scope),
+/// its group set apart by `citus.group`, and each read-write Service selects its
+/// own group's primary only.
+#[test]
+fn tier3_groups_share_one_patroni_scope_and_services_select_their_own_group() {
+    use umstore_operator::builders::patroni::{GROUP_LABEL, ROLE_LABEL, SCOPE_LABEL};
+    let objects = objects(3);
+    let config_map = objects
+        .iter()
+        .find_map(|o| match o {
+            Object::ConfigMap(c) if c.metadata.name.as_deref() == Some("national-patroni") => {
+                Some(c)
+            }
+            _ => None,
+        })
+        .expect("the Patroni ConfigMap");
+    let mut groups = Vec::new();
+    for (key, text) in config_map.data.iter().flatten() {
+        let config: serde_json::Value = serde_yaml_ng::from_str(text).expect("patroni.yml");
+        assert_eq!(config["scope"], "national-citus", "{key}");
+        assert_eq!(
+            config["kubernetes"]["labels"][SCOPE_LABEL],
+            "national-citus"
+        );
+        assert!(
+            config["kubernetes"]["labels"].get(GROUP_LABEL).is_none(),
+            "{key}: Patroni would not see the other groups"
+        );
+        groups.push((
+            key.clone(),
+            config["citus"]["group"].as_i64().expect("citus group"),
+        ));
+    }
+    groups.sort();
+    assert!(groups.contains(&("national-coordinator.yml".into(), 0)));
+    let mut worker_groups: Vec<i64> = groups
+        .iter()
+        .filter(|(k, _)| k.starts_with("national-worker-"))
+        .map(|(_, g)| *g)
+        .collect();
+    worker_groups.sort();
+    assert_eq!(worker_groups, [1, 2, 3, 4, 5]);
+
+    for o in &objects {
+        let Object::StatefulSet(s) = o else { continue };
+        let name = s.metadata.name.clone().unwrap_or_default();
+        if !name.starts_with("national-coordinator") && !name.starts_with("national-worker") {
+            continue;
+        }
+        let labels = s
+            .spec
+            .template
+            .metadata
+            .as_ref()
+            .and_then(|m| m.labels.clone())
+            .unwrap_or_default();
+        assert_eq!(
+            labels.get(GROUP_LABEL),
+            Some(&name),
+            "{name}'s pods name their group"
+        );
+    }
+    for o in &objects {
+        let Object::Service(s) = o else { continue };
+        let name = s.metadata.name.clone().unwrap_or_default();
+        let selector = s
+            .spec
+            .as_ref()
+            .and_then(|spec| spec.selector.clone())
+            .unwrap_or_default();
+        if selector.get(ROLE_LABEL).map(String::as_str) != Some("primary") {
+            continue;
+        }
+        assert!(
+            selector.contains_key(GROUP_LABEL)
+                || selector.contains_key("app.kubernetes.io/component"),
+            "{name} would select every group's primary: {selector:?}"
+        );
+    }
+}

@@ -350,7 +350,7 @@ async fn operator_reads_groups_from_real_pods_and_its_switchover_request_moves_t
         .into_iter()
         .find(|m| *m != leader)
         .expect("a standby");
-    let scope = patroni::scope(&v, &PgRole::Coordinator);
+    let scope = patroni::group(&v, &PgRole::Coordinator);
 
     let before = settled_groups(&cluster, &leader, &standby).await;
     let group = &before[0];

@@ -3,12 +3,19 @@
 //! run as (ServiceAccount `<store>-postgres` with a Role allowing exactly what
 //! Patroni's Kubernetes DCS does).
 //!
-//! Groups: the coordinator's StatefulSet and the replica pools form one Patroni
-//! cluster (scope `<store>-coordinator`); each worker group is a cluster of its
-//! own. Patroni keeps the leader lock and the cluster state in ConfigMaps named
-//! after the scope, and labels each pod with its role ([`ROLE_LABEL`]: `primary`
-//! or `replica`), which the read-write Services select. Analytics pool members are
-//! tagged `nofailover` (never promoted), every pool member `noloadbalance`.
+//! Groups: the coordinator's StatefulSet and the replica pools form one group
+//! (`<store>-coordinator`); each worker group is a group of its own
+//! (`<store>-worker-<name>`); every pod carries its group in [`GROUP_LABEL`].
+//! Below tier 3 each group is a Patroni cluster whose scope is the group's name.
+//! From tier 3 the groups are the Citus groups of one Patroni cluster (scope
+//! `<store>-citus`, `citus.group` 0 for the coordinator, 1, 2, … for the worker
+//! groups): Patroni's Citus integration needs one scope to find the coordinator
+//! from a worker group and every group's primary from the coordinator, and tells
+//! the groups apart by its own `citus-group` label. Patroni keeps the leader locks
+//! and the cluster state in ConfigMaps named after the scope (and group), and
+//! labels each pod with its role ([`ROLE_LABEL`]: `primary` or `replica`), which
+//! the read-write Services select together with the group. Analytics pool members
+//! are tagged `nofailover` (never promoted), every pool member `noloadbalance`.
 //!
 //! PostgreSQL's own configuration stays in `<store>-postgres` (`postgresql.conf`
 //! as Patroni's `custom_conf`, `pg_hba.conf` as `hba_file`), so the files that the
@@ -30,6 +37,8 @@ use super::postgres::PgRole;
 use crate::meta::{hash_of, PG_PORT};
 use crate::validated::Validated;
 
+/// Pod label naming the group (coordinator, or a worker group) a pod belongs to.
+pub const GROUP_LABEL: &str = "umstore.io/patroni-group";
 /// Pod label naming the Patroni cluster (scope) a pod belongs to.
 pub const SCOPE_LABEL: &str = "umstore.io/patroni-cluster";
 /// Pod label Patroni keeps on each member: [`PRIMARY`] or [`REPLICA`].
@@ -62,11 +71,22 @@ pub const RETRY_TIMEOUT: u32 = 7;
 /// A standby further behind than this (bytes of WAL) is not promoted.
 pub const MAXIMUM_LAG_ON_FAILOVER: u64 = 16 * 1024 * 1024;
 
-/// The Patroni cluster (scope) a workload's pods belong to.
-pub fn scope(v: &Validated, role: &PgRole<'_>) -> String {
+/// The group a workload's pods belong to: the coordinator's (with the replica
+/// pools) or their worker group's. Below tier 3 it is also the Patroni scope.
+pub fn group(v: &Validated, role: &PgRole<'_>) -> String {
     match role {
         PgRole::Coordinator | PgRole::Replica { .. } => PgRole::Coordinator.name(v),
         PgRole::Worker { .. } => role.name(v),
+    }
+}
+
+/// The Patroni cluster (scope) a workload's pods belong to: its group's own
+/// below tier 3, one for the whole store from tier 3 (the Citus groups share it).
+pub fn scope(v: &Validated, role: &PgRole<'_>) -> String {
+    if v.citus() {
+        v.owner.child("citus")
+    } else {
+        group(v, role)
     }
 }
 
@@ -92,10 +112,18 @@ pub fn citus_group(v: &Validated, role: &PgRole<'_>) -> Option<i32> {
     }
 }
 
-/// The labels Patroni puts on its ConfigMaps and looks its members up by.
+/// The labels Patroni puts on its ConfigMaps and looks its members up by (every
+/// group's members, from tier 3: the group label is not among them).
 pub fn cluster_labels(v: &Validated, role: &PgRole<'_>) -> BTreeMap<String, String> {
     let mut labels = v.owner.selector();
     labels.insert(SCOPE_LABEL.into(), scope(v, role));
+    labels
+}
+
+/// The labels of a group's pods: Patroni's and the group's.
+pub fn group_labels(v: &Validated, role: &PgRole<'_>) -> BTreeMap<String, String> {
+    let mut labels = cluster_labels(v, role);
+    labels.insert(GROUP_LABEL.into(), group(v, role));
     labels
 }
 

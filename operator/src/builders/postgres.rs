@@ -210,7 +210,7 @@ pub fn statefulset(v: &Validated, role: &PgRole<'_>) -> StatefulSet {
     let name = role.name(v);
     let labels = role.labels(v);
     let mut pod_labels = labels.clone();
-    pod_labels.extend(patroni::cluster_labels(v, role));
+    pod_labels.extend(patroni::group_labels(v, role));
     let InstanceSpec { resources, storage } = role.instance(v);
     let admin_secret = Role::Admin.secret_name(owner);
     let replicator_secret = Role::Replicator.secret_name(owner);

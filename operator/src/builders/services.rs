@@ -67,7 +67,7 @@ pub fn client_service(v: &Validated, role: &PgRole<'_>) -> Service {
     let mut selector = match role {
         // The leader may be a coordinator pod or, after a failover, an `ai` pool
         // member: select the cluster, not the StatefulSet.
-        PgRole::Coordinator => patroni::cluster_labels(v, role),
+        PgRole::Coordinator => patroni::group_labels(v, role),
         PgRole::Worker { .. } | PgRole::Replica { .. } => labels.clone(),
     };
     let wanted = match role {

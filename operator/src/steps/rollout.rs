@@ -25,7 +25,7 @@ use super::status::groups::pod_ready;
 use super::switchover;
 use super::{Journal, Reason};
 use crate::apply::Observed;
-use crate::builders::patroni::{PRIMARY, RESTAPI_PORT, ROLE_LABEL, SCOPE_LABEL};
+use crate::builders::patroni::{GROUP_LABEL, PRIMARY, RESTAPI_PORT, ROLE_LABEL, SCOPE_LABEL};
 use crate::context::Context;
 use crate::error::Error;
 
@@ -95,7 +95,11 @@ pub fn clusters(
 ) -> BTreeMap<String, Vec<Member>> {
     let mut out: BTreeMap<String, Vec<Member>> = BTreeMap::new();
     for pod in pods {
-        let Some(scope) = pod.labels().get(SCOPE_LABEL) else {
+        let Some(scope) = pod
+            .labels()
+            .get(GROUP_LABEL)
+            .or_else(|| pod.labels().get(SCOPE_LABEL))
+        else {
             continue;
         };
         let Some(owner) = pod

@@ -9,7 +9,7 @@ use k8s_openapi::api::core::v1::Pod;
 use kube::ResourceExt;
 use umstore_crds::{GroupStatus, MemberStatus};
 
-use crate::builders::patroni::{PRIMARY, REPLICA, ROLE_LABEL, SCOPE_LABEL};
+use crate::builders::patroni::{GROUP_LABEL, PRIMARY, REPLICA, ROLE_LABEL, SCOPE_LABEL};
 
 /// The annotation in which Patroni's Kubernetes DCS publishes a member's state.
 pub const PATRONI_STATUS_ANNOTATION: &str = "status";
@@ -22,12 +22,18 @@ pub fn pod_ready(pod: &Pod) -> bool {
         .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
 }
 
-/// Each Patroni cluster among `pods` (grouped by their scope label), members
+/// Each group among `pods` (by their group label; a pod from before it, by its
+/// scope label), members
 /// sorted by name, with the WAL lag of each replica behind the leader.
 pub fn groups(pods: &[Pod]) -> Vec<GroupStatus> {
     let mut by_scope: BTreeMap<String, Vec<(MemberStatus, Option<i64>)>> = BTreeMap::new();
     for pod in pods {
-        let Some(scope) = pod.labels().get(SCOPE_LABEL) else {
+        // Pods from before the group label: their scope was their group.
+        let Some(scope) = pod
+            .labels()
+            .get(GROUP_LABEL)
+            .or_else(|| pod.labels().get(SCOPE_LABEL))
+        else {
             continue;
         };
         let state: serde_json::Value = pod
