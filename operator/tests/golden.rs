@@ -242,7 +242,9 @@ fn examples_from_tier_2_reach_the_bus_and_tier_1_ingests_over_http_only() {
 /// own group's primary only.
 #[test]
 fn tier3_groups_share_one_patroni_scope_and_services_select_their_own_group() {
-    use umstore_operator::builders::patroni::{GROUP_LABEL, ROLE_LABEL, SCOPE_LABEL};
+    use umstore_operator::builders::patroni::{
+        CITUS_GROUP_LABEL, GROUP_LABEL, ROLE_LABEL, SCOPE_LABEL,
+    };
     let objects = objects(3);
     let config_map = objects
         .iter()

@@ -141,6 +141,11 @@ fn pod_labels(config: &Value) -> Value {
         .as_str()
         .unwrap_or("cluster-name");
     labels.insert(scope_label.to_owned(), config["scope"].clone());
+    // A Citus group's pods carry the label Patroni selects the group's members by
+    // (the StatefulSets' pod templates do).
+    if let Some(group) = config["citus"]["group"].as_i64() {
+        labels.insert("citus-group".to_owned(), json!(group.to_string()));
+    }
     Value::Object(labels)
 }
 

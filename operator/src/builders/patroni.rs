@@ -37,6 +37,9 @@ use super::postgres::PgRole;
 use crate::meta::{hash_of, PG_PORT};
 use crate::validated::Validated;
 
+/// The label Patroni's Citus integration selects a Citus group's pods by (and
+/// puts on the group's ConfigMaps); from tier 3 every database pod carries it.
+pub const CITUS_GROUP_LABEL: &str = "citus-group";
 /// Pod label naming the group (coordinator, or a worker group) a pod belongs to.
 pub const GROUP_LABEL: &str = "umstore.io/patroni-group";
 /// Pod label naming the Patroni cluster (scope) a pod belongs to.
@@ -120,10 +123,14 @@ pub fn cluster_labels(v: &Validated, role: &PgRole<'_>) -> BTreeMap<String, Stri
     labels
 }
 
-/// The labels of a group's pods: Patroni's and the group's.
+/// The labels of a group's pods: Patroni's, the group's, and from tier 3 the
+/// Citus group Patroni looks the group's members up by.
 pub fn group_labels(v: &Validated, role: &PgRole<'_>) -> BTreeMap<String, String> {
     let mut labels = cluster_labels(v, role);
     labels.insert(GROUP_LABEL.into(), group(v, role));
+    if let Some(g) = citus_group(v, role) {
+        labels.insert(CITUS_GROUP_LABEL.into(), g.to_string());
+    }
     labels
 }
 
