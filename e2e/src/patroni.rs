@@ -292,11 +292,32 @@ impl PatroniCluster {
     /// The member that holds the leader lock and runs as primary (its REST API answers
     /// `GET /primary` with 200), if any.
     pub fn leader(&self) -> Option<String> {
+        self.leader_of(&self.member_names())
+    }
+
+    /// The leader among `names` (one Citus group's members: several groups share a
+    /// scope, each with a leader of its own), if any.
+    pub fn leader_of(&self, names: &[String]) -> Option<String> {
         self.members
             .iter()
-            .filter(|m| m.process.is_some())
+            .filter(|m| m.process.is_some() && names.contains(&m.name))
             .find(|m| matches!(self.rest_get(&m.name, "/primary"), Ok((200, _))))
             .map(|m| m.name.clone())
+    }
+
+    /// Waits for a leader among `names` other than `old`; returns its name.
+    pub fn wait_for_new_leader_of(
+        &self,
+        names: &[String],
+        old: Option<&str>,
+        timeout: Duration,
+    ) -> Result<String, HarnessError> {
+        let mut leader = None;
+        self.wait_until(timeout, &format!("a new leader among {names:?}"), || {
+            leader = self.leader_of(names).filter(|l| Some(l.as_str()) != old);
+            leader.is_some()
+        })?;
+        Ok(leader.unwrap_or_default())
     }
 
     /// Waits for a leader; returns its name.

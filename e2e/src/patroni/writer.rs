@@ -190,7 +190,18 @@ pub async fn missing_on(
     name: &str,
     log: &WriteLog,
 ) -> Result<(Vec<i64>, usize), HarnessError> {
-    let client = connect(&cluster.member_conninfo(name, "postgres")).await?;
+    missing_in(cluster, name, "postgres", log).await
+}
+
+/// [`missing_on`] for a table in database `dbname` (where a Citus coordinator reads a
+/// distributed table across its workers).
+pub async fn missing_in(
+    cluster: &PatroniCluster,
+    name: &str,
+    dbname: &str,
+    log: &WriteLog,
+) -> Result<(Vec<i64>, usize), HarnessError> {
+    let client = connect(&cluster.member_conninfo(name, dbname)).await?;
     let rows = client
         .query(&format!("SELECT id FROM {TABLE}"), &[])
         .await

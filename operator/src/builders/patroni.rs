@@ -200,6 +200,10 @@ pub fn config(v: &Validated, role: &PgRole<'_>) -> Value {
                 "rewind": {"username": SUPERUSER},
             },
             "use_unix_socket": true,
+            // A new or rebuilt member's pg_basebackup asks the leader for an immediate
+            // checkpoint instead of waiting out a spread one (minutes after a busy
+            // spell: CREATE EXTENSION citus alone dirties enough to take two).
+            "basebackup": [{"checkpoint": "fast"}],
         },
         "tags": tags,
     });

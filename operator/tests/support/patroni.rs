@@ -26,6 +26,17 @@ pub fn tier2(synchronous: SynchronousMode) -> Validated {
     validate(&store).expect("the tier-2 example is valid")
 }
 
+/// The tier-3 example (a Citus coordinator and worker groups), TLS off.
+pub fn tier3() -> Validated {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/tier3.yaml");
+    let text = std::fs::read_to_string(&path).expect("examples/tier3.yaml");
+    let mut store: UserMetadataStore = serde_yaml_ng::from_str(&text).expect("example parses");
+    store.metadata.uid = Some("00000000-0000-0000-0000-0000000000a3".into());
+    store.metadata.generation = Some(1);
+    store.spec.postgres.tls = None;
+    validate(&store).expect("the tier-3 example is valid")
+}
+
 /// The rendered `postgresql.conf` and `pg_hba.conf`, written where the members read
 /// them (in a pod: the ConfigMap's mount).
 pub struct RenderedConf {
