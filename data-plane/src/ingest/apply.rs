@@ -101,28 +101,38 @@ fn keys_error(e: KeyringError) -> ApplyError {
 }
 
 /// The advisory-lock key of a user: the first eight bytes of the id.
-fn user_lock_key(user_id: Uuid) -> i64 {
+pub fn user_lock_key(user_id: Uuid) -> i64 {
     let b = user_id.as_bytes();
     i64::from_be_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]])
 }
 
-const LOCK_USER: &str = "SELECT pg_advisory_xact_lock($1)";
-const RECORD_EVENT: &str =
+// The `pub` statements below are those a METADATA_UPDATED of a known user runs
+// (in the order `apply` and `apply_metadata` give them). They are public only so
+// that the write-path benchmark (benches/ingest.rs) can run the very same text
+// under pgbench as its baseline; nothing else should use them.
+
+/// The user's transaction-scoped advisory lock (`$1`: [`user_lock_key`]).
+pub const LOCK_USER: &str = "SELECT pg_advisory_xact_lock($1)";
+/// Records the event id; 0 rows means a redelivery.
+pub const RECORD_EVENT: &str =
     "INSERT INTO umstore.processed_events (event_id, region, event_type, user_id)
      VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING";
 const MARK_STALE: &str =
     "UPDATE umstore.processed_events SET outcome = 'stale' WHERE region = $1 AND event_id = $2";
-const USER_REGION: &str = "SELECT region::text FROM umstore.user_directory WHERE user_id = $1";
+/// The region the directory lists the user in.
+pub const USER_REGION: &str = "SELECT region::text FROM umstore.user_directory WHERE user_id = $1";
 const ADD_TO_DIRECTORY: &str =
     "INSERT INTO umstore.user_directory (user_id, region) VALUES ($1, $2) ON CONFLICT DO NOTHING";
-const CURRENT: &str = "SELECT version, last_event_at, erased_at IS NOT NULL,
+/// The user's current row (PII as ciphertext).
+pub const CURRENT: &str = "SELECT version, last_event_at, erased_at IS NOT NULL,
         full_name_enc, date_of_birth_enc, district_enc, pincode_enc, phone_enc,
         identity_token_enc, identity_token_bidx, annual_income_enc,
         gender, marital_status, area_type, social_category, disability, occupation,
         employment_type, land_holding_acres::float8, has_bank_account, ration_card,
         household_size, dependents, children, senior_members, head_of_household
      FROM umstore.user_metadata WHERE region = $1 AND user_id = $2";
-const UPSERT_METADATA: &str = "INSERT INTO umstore.user_metadata (user_id, region,
+/// Writes the user's row.
+pub const UPSERT_METADATA: &str = "INSERT INTO umstore.user_metadata (user_id, region,
         full_name_enc, date_of_birth_enc, birth_year, gender, marital_status, district_enc,
         pincode_enc, area_type, social_category, disability, phone_enc, identity_token_enc,
         identity_token_bidx, annual_income_enc, income_lakh, occupation, employment_type,
@@ -148,7 +158,8 @@ const UPSERT_METADATA: &str = "INSERT INTO umstore.user_metadata (user_id, regio
         last_event_at = EXCLUDED.last_event_at, updated_at = now()";
 const TOUCH_METADATA: &str =
     "UPDATE umstore.user_metadata SET last_event_at = $3 WHERE region = $1 AND user_id = $2";
-const UPSERT_DERIVED: &str = "INSERT INTO umstore.user_derived_attributes (user_id, region,
+/// Writes the user's derived attributes.
+pub const UPSERT_DERIVED: &str = "INSERT INTO umstore.user_derived_attributes (user_id, region,
         age_group, income_bracket, life_stage, employment_category, bpl_status, tax_bracket,
         is_senior_citizen, is_farmer, per_capita_income_lakh, computed_at, source_version)
      VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11::float8::numeric(8, 2), now(), $12)
@@ -159,13 +170,17 @@ const UPSERT_DERIVED: &str = "INSERT INTO umstore.user_derived_attributes (user_
         is_senior_citizen = EXCLUDED.is_senior_citizen, is_farmer = EXCLUDED.is_farmer,
         per_capita_income_lakh = EXCLUDED.per_capita_income_lakh,
         computed_at = EXCLUDED.computed_at, source_version = EXCLUDED.source_version";
-const APPEND_HISTORY: &str = "INSERT INTO umstore.user_metadata_history (user_id, region,
+/// Appends a history row.
+pub const APPEND_HISTORY: &str = "INSERT INTO umstore.user_metadata_history (user_id, region,
         change_type, changed_fields, old_values, new_values, changed_by, event_id, version,
         changed_at)
      VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)";
-const INVALIDATE_ELIGIBILITY: &str =
+/// Drops the user's cached eligibility.
+pub const INVALIDATE_ELIGIBILITY: &str =
     "DELETE FROM umstore.user_eligibility_cache WHERE region = $1 AND user_id = $2";
-const QUEUE_OUTBOX: &str = "INSERT INTO umstore.outbox (region, user_id, subject, msg_id, payload)
+/// Queues `METADATA_STORED` and `ELIGIBILITY_CACHE_INVALIDATED`.
+pub const QUEUE_OUTBOX: &str =
+    "INSERT INTO umstore.outbox (region, user_id, subject, msg_id, payload)
      VALUES ($1, $2, $3, $4, $5), ($1, $2, $6, $7, $8)";
 const USER_STATE: &str =
     "SELECT erased_at IS NOT NULL FROM umstore.user_metadata WHERE region = $1 AND user_id = $2";
