@@ -31,9 +31,11 @@ pub const POLL: Duration = Duration::from_secs(5);
 const TAKE: &str = "SELECT region::text, id, subject, msg_id, payload::text
      FROM umstore.outbox WHERE published_at IS NULL
      ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED";
+// `region` is char(2): comparing it with the array's text would cast the column
+// and scan every row the outbox keeps; casting the parameter uses the primary key.
 const MARK: &str = "UPDATE umstore.outbox o SET published_at = now()
      FROM unnest($1::text[], $2::int8[]) AS p (region, id)
-     WHERE o.region = p.region AND o.id = p.id";
+     WHERE o.region = p.region::bpchar AND o.id = p.id";
 const PRUNE: &str = "DELETE FROM umstore.outbox
      WHERE published_at IS NOT NULL AND published_at < now() - make_interval(secs => $1)";
 
