@@ -300,6 +300,17 @@ fn tier3_groups_share_one_patroni_scope_and_services_select_their_own_group() {
             Some(&name),
             "{name}'s pods name their group"
         );
+        // Patroni's Citus integration finds a group's members by this label.
+        let citus_group = groups
+            .iter()
+            .find(|(key, _)| *key == format!("{name}.yml"))
+            .map(|(_, g)| g.to_string())
+            .unwrap_or_else(|| panic!("no patroni.yml for {name}"));
+        assert_eq!(
+            labels.get(CITUS_GROUP_LABEL),
+            Some(&citus_group),
+            "{name}'s pods carry the Citus group of their patroni.yml"
+        );
     }
     for o in &objects {
         let Object::Service(s) = o else { continue };
