@@ -119,6 +119,20 @@ impl EventArgs {
             None => {
                 let path = data_dir.join("ingest-token");
                 if !path.exists() {
+                    // Serving an external database, the data directory may not
+                    // exist yet: make it (owner only).
+                    use std::os::unix::fs::DirBuilderExt;
+                    std::fs::DirBuilder::new()
+                        .recursive(true)
+                        .mode(0o700)
+                        .create(data_dir)
+                        .with_context(|| {
+                            format!(
+                                "cannot create the data directory {} for the ingest token: \
+                                 pass --data-dir, or UMSTORE_INGEST_TOKEN_FILE",
+                                data_dir.display()
+                            )
+                        })?;
                     // Two v4 UUIDs: 244 random bits from the OS.
                     let token = format!(
                         "{}{}",
