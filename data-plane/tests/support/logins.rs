@@ -150,22 +150,26 @@ async fn create_role(superuser: &Client, template: &str, name: &str, args: &[&st
 /// `pg_hba.conf`, reloaded), so a wrong password is refused as in production,
 /// and waits until the server applies it.
 async fn require_passwords(superuser: &Client) {
-    static DONE: std::sync::Mutex<bool> = std::sync::Mutex::new(false);
-    static VERIFIED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-    if VERIFIED.load(std::sync::atomic::Ordering::Acquire) {
-        return;
-    }
-    let hba: String = superuser
+    // Per server (a test may run its own beside the shared one): keyed by the
+    // server's pg_hba.conf.
+    static DONE: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+    static VERIFIED: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+    let row = superuser
         .query_one(
-            "SELECT setting FROM pg_settings WHERE name = 'hba_file'",
+            "SELECT (SELECT setting FROM pg_settings WHERE name = 'hba_file'), \
+                    (SELECT setting::int FROM pg_settings WHERE name = 'port')",
             &[],
         )
         .await
-        .expect("hba_file")
-        .get(0);
+        .expect("hba_file and port");
+    let hba: String = row.get(0);
+    let port = u16::try_from(row.get::<_, i32>(1)).expect("a port");
+    if VERIFIED.lock().expect("hba lock").contains(&hba) {
+        return;
+    }
     {
         let mut done = DONE.lock().expect("hba lock");
-        if !*done {
+        if !done.contains(&hba) {
             let logins = Purpose::CLIENTS
                 .map(|p| p.login().expect("a client purpose has a login"))
                 .join(",");
@@ -176,14 +180,13 @@ async fn require_passwords(superuser: &Client) {
                  host all {logins} 127.0.0.1/32 scram-sha-256\n{old}"
             );
             std::fs::write(&hba, new).expect("write pg_hba.conf");
-            *done = true;
+            done.push(hba.clone());
         }
     }
     superuser
         .execute("SELECT pg_reload_conf()", &[])
         .await
         .expect("reload");
-    let port: u16 = umstore_e2e::shared().primary().port();
     let wrong = format!(
         "host=127.0.0.1 port={port} user={} password=wrong dbname=postgres",
         Purpose::Analytics.login().expect("login")
@@ -193,5 +196,5 @@ async fn require_passwords(superuser: &Client) {
         assert!(Instant::now() < deadline, "pg_hba.conf was not reloaded");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    VERIFIED.store(true, std::sync::atomic::Ordering::Release);
+    VERIFIED.lock().expect("hba lock").push(hba);
 }
