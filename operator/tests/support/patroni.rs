@@ -16,25 +16,24 @@ use umstore_operator::validated::{validate, Validated};
 
 /// The tier-2 example (coordinator, `ai` and `analytics` pools), TLS off.
 pub fn tier2(synchronous: SynchronousMode) -> Validated {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/tier2.yaml");
-    let text = std::fs::read_to_string(&path).expect("examples/tier2.yaml");
-    let mut store: UserMetadataStore = serde_yaml_ng::from_str(&text).expect("example parses");
-    store.metadata.uid = Some("00000000-0000-0000-0000-0000000000a2".into());
-    store.metadata.generation = Some(1);
-    store.spec.postgres.tls = None;
-    store.spec.postgres.synchronous = synchronous;
-    validate(&store).expect("the tier-2 example is valid")
+    example(2, |store| store.spec.postgres.synchronous = synchronous)
 }
 
 /// The tier-3 example (a Citus coordinator and worker groups), TLS off.
 pub fn tier3() -> Validated {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/tier3.yaml");
-    let text = std::fs::read_to_string(&path).expect("examples/tier3.yaml");
+    example(3, |_| {})
+}
+
+/// `examples/tier<tier>.yaml` as the operator validates it, TLS off, after `adjust`.
+fn example(tier: u8, adjust: impl FnOnce(&mut UserMetadataStore)) -> Validated {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("../examples/tier{tier}.yaml"));
+    let text = std::fs::read_to_string(&path).expect("the example reads");
     let mut store: UserMetadataStore = serde_yaml_ng::from_str(&text).expect("example parses");
-    store.metadata.uid = Some("00000000-0000-0000-0000-0000000000a3".into());
+    store.metadata.uid = Some(format!("00000000-0000-0000-0000-0000000000a{tier}"));
     store.metadata.generation = Some(1);
     store.spec.postgres.tls = None;
-    validate(&store).expect("the tier-3 example is valid")
+    adjust(&mut store);
+    validate(&store).unwrap_or_else(|e| panic!("the tier-{tier} example is invalid: {e}"))
 }
 
 /// The rendered `postgresql.conf` and `pg_hba.conf`, written where the members read
