@@ -150,8 +150,13 @@ async fn serve_migrates_and_becomes_ready_against_a_database_url() {
         metrics.contains(&format!("umstore_schema_version {n}")),
         "{metrics}"
     );
-    let (code, _) = served.stop();
+    let (code, err) = served.stop();
     assert_eq!(code, Some(0));
+    // The test servers trade durability for speed; serve notices.
+    assert!(
+        err.contains("synchronous_commit is off"),
+        "serve warns that a crash would lose acknowledged events: {err}"
+    );
 }
 
 #[tokio::test]
@@ -238,6 +243,10 @@ async fn serve_without_a_database_url_runs_embedded_postgres_with_demo_users() {
     assert!(
         err.contains("USING THE LOCAL KEY PROVIDER"),
         "the local key provider says so loudly"
+    );
+    assert!(
+        !err.contains("synchronous_commit is off"),
+        "the embedded server's commits are durable: {err}"
     );
     assert!(
         !std::path::Path::new(&format!("{data_dir}/pg/postmaster.pid")).exists(),

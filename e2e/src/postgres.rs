@@ -52,9 +52,26 @@ impl Postgres {
 
     /// Starts a primary whose first replica use clones `replica_count` replicas.
     pub fn start_with_replicas(replica_count: usize) -> Result<Self, HarnessError> {
+        Self::start_with(replica_count, false)
+    }
+
+    /// Starts a primary (no replicas) whose acknowledged commits survive
+    /// [`Self::crash_and_restart_primary`]: `synchronous_commit` is on, as in
+    /// production. `fsync` stays off: when only the server's processes die, the
+    /// kernel still holds every page they wrote; what a process crash loses is
+    /// WAL that was never written, which is what `synchronous_commit = off` risks.
+    pub fn start_crash_safe() -> Result<Self, HarnessError> {
+        Self::start_with(0, true)
+    }
+
+    fn start_with(replica_count: usize, crash_safe: bool) -> Result<Self, HarnessError> {
         let bins = PgBinaries::discover()?;
         let dir = TestDir::new("pg")?;
-        let opts = cluster_options(free_port()?, dir.path());
+        let mut opts = cluster_options(free_port()?, dir.path());
+        if crash_safe {
+            opts.settings
+                .push(("synchronous_commit".to_owned(), "on".to_owned()));
+        }
         let mut primary = LocalCluster::init_or_reuse(&bins, &dir.path().join("primary"), opts)?;
         primary.start()?;
         Ok(Self {

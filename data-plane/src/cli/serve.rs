@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 use umstore_data_plane::api::{self, AppState, DbSlot, IngestToken, KeysSlot, Slot};
 use umstore_data_plane::backoff::Backoff;
 use umstore_data_plane::crypto::KeyProviderConfig;
@@ -303,6 +303,27 @@ async fn retry(slot: &Slot<String>, backoff: &mut Backoff, reason: String) {
     tokio::time::sleep(delay).await;
 }
 
+/// An event is acknowledged (to the bus, or to an HTTP caller) once its
+/// transaction commits. With `synchronous_commit = off` a commit returns before
+/// its WAL is written, and a server crash loses the last moments of accepted
+/// events for good: say so, loudly, once.
+async fn warn_unless_commits_are_durable(client: &tokio_postgres::Client) {
+    match client.query_one("SHOW synchronous_commit", &[]).await {
+        Ok(row) => {
+            let setting: String = row.get(0);
+            if setting == "off" {
+                warn!(
+                    synchronous_commit = %setting,
+                    "synchronous_commit is off for this login: events acknowledged \
+                     in the moments before a PostgreSQL crash are lost. Set it to on \
+                     (ALTER ROLE ... SET synchronous_commit = on) for anything real"
+                );
+            }
+        }
+        Err(e) => debug!(error = %e, "cannot read synchronous_commit"),
+    }
+}
+
 /// Applies migrations (unless told not to) and seeds demo data, retrying
 /// until the database is reachable; /readyz reports progress meanwhile.
 async fn prepare(
@@ -319,6 +340,7 @@ async fn prepare(
             Err(e) => warn!(error = %e, "still waiting for the database"),
         }
     };
+    warn_unless_commits_are_durable(&client).await;
     if no_migrate {
         wait_for_schema(&client, runner, keys).await;
     } else {
