@@ -55,7 +55,7 @@ enum Command {
         action: KeysAction,
     },
     /// Serve /healthz, /readyz and /metrics.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
 }
 
 fn init_tracing() {
@@ -88,7 +88,9 @@ async fn main() -> Result<()> {
         Command::Migrate { action } => cli::migrate::run(action, &database).await,
         Command::Seed(args) => cli::seed::run(args, &database, &data_dir, keys).await,
         Command::Keys { action } => cli::keys::run(action, &database, &data_dir, keys).await,
-        Command::Serve(args) => cli::serve::run(args, &database, &data_dir, keys).await,
+        Command::Serve(args) => {
+            cli::serve::run(*args, &database, &data_dir, keys, embedded.is_some()).await
+        }
     };
     if let Some(embedded) = embedded {
         embedded.stop();

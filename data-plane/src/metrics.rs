@@ -6,6 +6,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
+use std::sync::atomic::AtomicU64;
 
 /// Labels of an HTTP request counter.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -24,8 +25,19 @@ pub struct IngestLabels {
     pub outcome: &'static str,
 }
 
+/// An eligibility cache lookup's result.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CacheLabels {
+    /// `hit` (an unexpired entry answered) or `miss`.
+    pub result: &'static str,
+}
+
 #[derive(Debug)]
 pub struct Metrics {
+    /// Eligibility cache lookups through the read API, by result.
+    pub eligibility_cache: Family<CacheLabels, Counter>,
+    /// Hits over lookups since start (0 before the first lookup).
+    pub eligibility_cache_hit_ratio: Gauge<f64, AtomicU64>,
     /// Events settled, by outcome.
     pub ingest_events: Family<IngestLabels, Counter>,
     /// Seconds from taking a connection to commit, per applied event.
@@ -112,7 +124,21 @@ impl Metrics {
             "Key-encryption-key version the newest rotation rewraps to",
             key_rotation_target_version.clone(),
         );
+        let eligibility_cache = Family::<CacheLabels, Counter>::default();
+        registry.register(
+            "eligibility_cache_lookups",
+            "Eligibility cache lookups by the read API, by result (hit: an unexpired entry)",
+            eligibility_cache.clone(),
+        );
+        let eligibility_cache_hit_ratio = Gauge::<f64, AtomicU64>::default();
+        registry.register(
+            "eligibility_cache_hit_ratio",
+            "Eligibility cache hits over lookups since the process started",
+            eligibility_cache_hit_ratio.clone(),
+        );
         Self {
+            eligibility_cache,
+            eligibility_cache_hit_ratio,
             ingest_events,
             ingest_apply_seconds,
             registry,
@@ -124,6 +150,24 @@ impl Metrics {
             key_rotation_rewrapped,
             key_rotation_target_version,
         }
+    }
+
+    /// Counts one eligibility cache lookup and updates the hit ratio.
+    pub fn eligibility_lookup(&self, hit: bool) {
+        let result = if hit { "hit" } else { "miss" };
+        self.eligibility_cache
+            .get_or_create(&CacheLabels { result })
+            .inc();
+        let hits = self
+            .eligibility_cache
+            .get_or_create(&CacheLabels { result: "hit" })
+            .get();
+        let misses = self
+            .eligibility_cache
+            .get_or_create(&CacheLabels { result: "miss" })
+            .get();
+        self.eligibility_cache_hit_ratio
+            .set(hits as f64 / (hits + misses).max(1) as f64);
     }
 
     /// The Prometheus text exposition of every metric.

@@ -49,7 +49,7 @@ async fn events_posted_over_http_apply_once_and_bad_ones_say_why() {
         "not ready: {ready:?}\n{}",
         served.stop().1
     );
-    let token_file = dir.path().join("ingest-token");
+    let token_file = dir.path().join("api-tokens").join("writer");
     let mode = std::fs::metadata(&token_file)
         .expect("a token made in the data directory")
         .permissions()
@@ -66,6 +66,14 @@ async fn events_posted_over_http_apply_once_and_bad_ones_say_why() {
     assert_eq!(status, 401, "{body}");
     let (status, _) = http_post(port, "/api/v1/events", Some("not-the-token-at-all"), &event);
     assert_eq!(status, 401);
+    // Another purpose's token is known but not allowed to write.
+    let ai = std::fs::read_to_string(dir.path().join("api-tokens").join("ai")).expect("ai token");
+    let (status, body) = http_post(port, "/api/v1/events", Some(ai.trim()), &event);
+    assert_eq!(status, 403, "{body}");
+    assert!(
+        body.contains("serves the purposes writer; the token is for ai"),
+        "{body}"
+    );
 
     let (status, body) = http_post(port, "/api/v1/events", token, &event);
     assert_eq!(

@@ -2,53 +2,27 @@
 //! [`MAX_BATCH`]), applied through the same pipeline as the bus. The answer lists,
 //! per event, `applied`, `duplicate`, `stale`, `rejected` (with the reason; send
 //! it again only once fixed) or `failed` (the store could not apply it now; send
-//! it again later). Guarded by a bearer token.
+//! it again later). For the `writer` purpose's token only.
 
 use axum::body::Bytes;
 use axum::extract::State;
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use chrono::Utc;
 use serde::Serialize;
 use serde_json::{json, Value};
-use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
-use super::AppState;
+use super::{ApiError, AppState, Caller};
 use crate::ingest::event;
 use crate::ingest::{ApplyError, Outcome};
+use umstore_migrations::roles::Purpose;
 
 /// The most events one request may carry.
 pub const MAX_BATCH: usize = 500;
 /// The largest body accepted.
 pub const MAX_BODY: usize = 4 * 1024 * 1024;
-
-/// The bearer token that guards ingest, kept as its SHA-256 digest.
-#[derive(Clone)]
-pub struct IngestToken([u8; 32]);
-
-impl IngestToken {
-    /// From the token's text (surrounding whitespace ignored).
-    pub fn new(token: &str) -> Option<Self> {
-        let token = token.trim();
-        (token.len() >= 16).then(|| Self(Sha256::digest(token.as_bytes()).into()))
-    }
-
-    fn accepts(&self, headers: &HeaderMap) -> bool {
-        headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .is_some_and(|t| <[u8; 32]>::from(Sha256::digest(t.trim().as_bytes())) == self.0)
-    }
-}
-
-impl std::fmt::Debug for IngestToken {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("IngestToken(<redacted>)")
-    }
-}
 
 /// One event's result.
 #[derive(Debug, Serialize)]
@@ -65,7 +39,11 @@ struct Settled {
 fn problem(status: StatusCode, error: &str, detail: impl Into<String>) -> Response {
     (
         status,
-        Json(json!({"error": error, "detail": detail.into()})),
+        Json(json!({
+            "error": error,
+            "detail": detail.into(),
+            "schema_version": super::schema_version(),
+        })),
     )
         .into_response()
 }
@@ -76,19 +54,12 @@ pub async fn post_events(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let Some(token) = state.ingest_token.as_ref() else {
-        return problem(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "ingest_disabled",
-            "no ingest token is configured: set UMSTORE_INGEST_TOKEN_FILE",
-        );
+    let caller = match state.tokens.purpose_of(&headers) {
+        Some(purpose) => Caller(purpose),
+        None => return ApiError::Unauthorized.into_response(),
     };
-    if !token.accepts(&headers) {
-        return problem(
-            StatusCode::UNAUTHORIZED,
-            "unauthorized",
-            "send the ingest token as `Authorization: Bearer <token>`",
-        );
+    if let Err(refused) = caller.require(&[Purpose::Writer]) {
+        return refused.into_response();
     }
     if body.len() > MAX_BODY {
         return problem(
@@ -180,5 +151,9 @@ pub async fn post_events(
     } else {
         StatusCode::OK
     };
-    (status, Json(json!({ "results": results }))).into_response()
+    (
+        status,
+        Json(json!({ "results": results, "schema_version": super::schema_version() })),
+    )
+        .into_response()
 }

@@ -1,18 +1,26 @@
-//! The data plane's HTTP surface: liveness, readiness, metrics and event ingest;
-//! the user API mounts beside them.
+//! The data plane's HTTP surface: liveness, readiness and metrics, event ingest,
+//! and the read API (docs/api.md), behind bearer tokens that map to a purpose.
 
+pub mod auth;
+pub mod error;
 pub mod events;
 mod health;
+pub mod pools;
+pub mod users;
 
 use std::sync::Arc;
 
 use axum::extract::DefaultBodyLimit;
+use axum::http::HeaderValue;
+use axum::response::Response;
 use axum::routing::{get, post};
 use axum::Router;
 use umstore_migrations::Runner;
 
-pub use events::IngestToken;
+pub use auth::{ApiTokens, Caller};
+pub use error::{schema_version, ApiError, SCHEMA_VERSION_HEADER};
 pub use health::{supervise_database, DbSlot, KeysSlot, Slot};
+pub use pools::ReadPools;
 
 use crate::ingest::Ingest;
 use crate::metrics::Metrics;
@@ -32,22 +40,53 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     /// The write path, once the keys are open.
     pub ingest: Slot<Ingest>,
-    /// The token `POST /api/v1/events` wants; `None` refuses every request.
-    pub ingest_token: Option<IngestToken>,
+    /// The bearer tokens and their purposes.
+    pub tokens: Arc<ApiTokens>,
+    /// A connection pool per reading purpose.
+    pub reads: ReadPools,
     /// The event bus when one is configured: connected and its streams in place,
     /// or why not. `None`: no bus (HTTP ingest only).
     pub bus: Option<Slot<String>>,
 }
 
-/// The router: `/healthz`, `/readyz`, `/metrics`, `POST /api/v1/events`.
+/// Every API answer names the schema version it was read with.
+async fn with_schema_version(mut response: Response) -> Response {
+    response
+        .headers_mut()
+        .insert(SCHEMA_VERSION_HEADER, HeaderValue::from(schema_version()));
+    response
+}
+
+/// The router: `/healthz`, `/readyz`, `/metrics`, `POST /api/v1/events` and
+/// the read API.
 pub fn router(state: AppState) -> Router {
-    Router::new()
-        .route("/healthz", get(health::healthz))
-        .route("/readyz", get(health::readyz))
-        .route("/metrics", get(health::metrics))
+    let api = Router::new()
         .route(
             "/api/v1/events",
             post(events::post_events).layer(DefaultBodyLimit::max(events::MAX_BODY)),
         )
+        .route("/api/v1/user-metadata/{user_id}", get(users::metadata))
+        .route(
+            "/api/v1/user-metadata/{user_id}/derived",
+            get(users::derived),
+        )
+        .route(
+            "/api/v1/user-metadata/{user_id}/risk-scores",
+            get(users::risk_scores),
+        )
+        .route(
+            "/api/v1/user-metadata/{user_id}/eligibility",
+            get(users::eligibility),
+        )
+        .route(
+            "/api/v1/user-metadata/{user_id}/history",
+            get(users::history),
+        )
+        .layer(axum::middleware::map_response(with_schema_version));
+    Router::new()
+        .route("/healthz", get(health::healthz))
+        .route("/readyz", get(health::readyz))
+        .route("/metrics", get(health::metrics))
+        .merge(api)
         .with_state(state)
 }

@@ -1,6 +1,7 @@
 //! `serve`: /healthz, /readyz and /metrics, with the store prepared (migrated,
 //! keyring open, demo users seeded) in the background.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -8,7 +9,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use tracing::{debug, error, info, warn};
-use umstore_data_plane::api::{self, AppState, DbSlot, IngestToken, KeysSlot, Slot};
+use umstore_data_plane::api::{self, ApiTokens, AppState, DbSlot, KeysSlot, ReadPools, Slot};
 use umstore_data_plane::backoff::Backoff;
 use umstore_data_plane::crypto::KeyProviderConfig;
 use umstore_data_plane::db::Database;
@@ -16,6 +17,7 @@ use umstore_data_plane::ingest::bus::{self, BusConfig};
 use umstore_data_plane::ingest::{outbox, parse_duration, ApplyConfig, Ingest};
 use umstore_data_plane::metrics::Metrics;
 use umstore_data_plane::seed;
+use umstore_migrations::roles::Purpose;
 use umstore_migrations::Runner;
 
 use super::{open_keyring, KeyArgs};
@@ -34,6 +36,141 @@ pub struct ServeArgs {
     no_migrate: bool,
     #[command(flatten)]
     events: EventArgs,
+    #[command(flatten)]
+    reads: ReadArgs,
+}
+
+/// Who may call the API, and the database logins reads run as (docs/api.md).
+#[derive(Debug, clap::Args)]
+pub struct ReadArgs {
+    /// Directory of bearer tokens, one file per purpose (`writer`, `ai`, `rules`,
+    /// `json-generator`, `dashboard`, `analytics`, `admin`) holding the token or
+    /// `sha256:<hex>` of it. Without it, a local run makes one token per purpose
+    /// in `<data-dir>/api-tokens`.
+    #[arg(long, env = "UMSTORE_API_TOKENS_DIR")]
+    api_tokens_dir: Option<PathBuf>,
+    /// The AI core's login (reads as `umstore_ai`).
+    #[arg(long, env = "UMSTORE_AI_DATABASE_URL", hide_env_values = true)]
+    ai_database_url: Option<String>,
+    /// The rules engine's login (reads as `umstore_rules`).
+    #[arg(long, env = "UMSTORE_RULES_DATABASE_URL", hide_env_values = true)]
+    rules_database_url: Option<String>,
+    /// The JSON profile generator's login (reads as `umstore_json_generator`).
+    #[arg(
+        long,
+        env = "UMSTORE_JSON_GENERATOR_DATABASE_URL",
+        hide_env_values = true
+    )]
+    json_generator_database_url: Option<String>,
+    /// The dashboard's login (reads as `umstore_dashboard`).
+    #[arg(long, env = "UMSTORE_DASHBOARD_DATABASE_URL", hide_env_values = true)]
+    dashboard_database_url: Option<String>,
+    /// The analytics login (reads as `umstore_analytics`: no PII columns).
+    #[arg(long, env = "UMSTORE_ANALYTICS_DATABASE_URL", hide_env_values = true)]
+    analytics_database_url: Option<String>,
+    /// An administrator's login (a member of `umstore_admin`).
+    #[arg(long, env = "UMSTORE_ADMIN_DATABASE_URL", hide_env_values = true)]
+    admin_database_url: Option<String>,
+    /// Connections per purpose's read pool.
+    #[arg(long, env = "UMSTORE_READ_POOL_SIZE", default_value_t = 8,
+          value_parser = clap::value_parser!(u16).range(1..=256))]
+    read_pool_size: u16,
+}
+
+impl ReadArgs {
+    /// The tokens: from the directory given, else (outside Kubernetes) made in
+    /// the data directory on first start.
+    fn tokens(&self, data_dir: &Path) -> Result<ApiTokens> {
+        match &self.api_tokens_dir {
+            Some(dir) => ApiTokens::load(dir).with_context(|| {
+                format!(
+                    "reading the API tokens in {} (--api-tokens-dir)",
+                    dir.display()
+                )
+            }),
+            None if std::env::var_os("KUBERNETES_SERVICE_HOST").is_some() => {
+                warn!("no UMSTORE_API_TOKENS_DIR: the API refuses every request");
+                Ok(ApiTokens::default())
+            }
+            None => {
+                let dir = data_dir.join("api-tokens");
+                let tokens = ApiTokens::generate(&dir).with_context(|| {
+                    format!(
+                        "making API tokens in {}: pass --data-dir, or --api-tokens-dir",
+                        dir.display()
+                    )
+                })?;
+                info!(
+                    dir = %dir.display(),
+                    "API tokens, one file per purpose (Authorization: Bearer <the file's content>)"
+                );
+                Ok(tokens)
+            }
+        }
+    }
+
+    /// The login of each purpose that reads. Serving the embedded database,
+    /// a purpose without a URL logs in as its own login user over the unix
+    /// socket (made by [`ensure_embedded_logins`]); the administrator as the
+    /// owner.
+    fn logins(
+        &self,
+        database: &Database,
+        embedded: bool,
+    ) -> Result<BTreeMap<Purpose, tokio_postgres::Config>> {
+        let given = [
+            (Purpose::Ai, &self.ai_database_url),
+            (Purpose::Rules, &self.rules_database_url),
+            (Purpose::JsonGenerator, &self.json_generator_database_url),
+            (Purpose::Dashboard, &self.dashboard_database_url),
+            (Purpose::Analytics, &self.analytics_database_url),
+            (Purpose::Admin, &self.admin_database_url),
+        ];
+        let mut logins = BTreeMap::new();
+        for (purpose, url) in given {
+            let config = match url {
+                Some(url) => Database::parse(url)
+                    .with_context(|| format!("--{}-database-url", purpose.slug()))?
+                    .pg_config()
+                    .clone(),
+                None if embedded => {
+                    let mut config = database.pg_config().clone();
+                    if let Some(login) = purpose.login() {
+                        config.user(login);
+                    }
+                    config
+                }
+                None => continue,
+            };
+            logins.insert(purpose, config);
+        }
+        Ok(logins)
+    }
+}
+
+/// Makes the purposes' login users in the embedded cluster (no password: its
+/// only listener is a unix socket in the data directory, owner only).
+async fn ensure_embedded_logins(client: &tokio_postgres::Client) -> Result<()> {
+    for purpose in Purpose::CLIENTS {
+        let Some(login) = purpose.login() else {
+            continue;
+        };
+        let exists = client
+            .query_opt("SELECT 1 FROM pg_roles WHERE rolname = $1", &[&login])
+            .await?
+            .is_some();
+        if !exists {
+            // Both names are constants of this program, never input.
+            client
+                .batch_execute(&format!(
+                    "CREATE ROLE {login} LOGIN IN ROLE {}",
+                    purpose.group()
+                ))
+                .await
+                .with_context(|| format!("creating the login {login}"))?;
+        }
+    }
+    Ok(())
 }
 
 /// Where events come from and go to (docs/events.md).
@@ -69,10 +206,6 @@ pub struct EventArgs {
     /// How long an eligibility result stays valid (`24h`, `90m`).
     #[arg(long, env = "UMSTORE_ELIGIBILITY_CACHE_TTL", default_value = "24h")]
     eligibility_cache_ttl: String,
-    /// File holding the bearer token of `POST /api/v1/events`. Without it, a local
-    /// run makes one in `<data-dir>/ingest-token`.
-    #[arg(long, env = "UMSTORE_INGEST_TOKEN_FILE")]
-    ingest_token_file: Option<PathBuf>,
 }
 
 impl EventArgs {
@@ -106,68 +239,6 @@ impl EventArgs {
             max_age,
         }))
     }
-
-    /// The ingest token: from the file given, else (outside Kubernetes) one made
-    /// in the data directory on first start.
-    fn token(&self, data_dir: &Path) -> Result<Option<IngestToken>> {
-        let path = match &self.ingest_token_file {
-            Some(p) => p.clone(),
-            None if std::env::var_os("KUBERNETES_SERVICE_HOST").is_some() => {
-                warn!("no UMSTORE_INGEST_TOKEN_FILE: POST /api/v1/events refuses every request");
-                return Ok(None);
-            }
-            None => {
-                let path = data_dir.join("ingest-token");
-                if !path.exists() {
-                    // Serving an external database, the data directory may not
-                    // exist yet: make it (owner only).
-                    use std::os::unix::fs::DirBuilderExt;
-                    std::fs::DirBuilder::new()
-                        .recursive(true)
-                        .mode(0o700)
-                        .create(data_dir)
-                        .with_context(|| {
-                            format!(
-                                "cannot create the data directory {} for the ingest token: \
-                                 pass --data-dir, or UMSTORE_INGEST_TOKEN_FILE",
-                                data_dir.display()
-                            )
-                        })?;
-                    // Two v4 UUIDs: 244 random bits from the OS.
-                    let token = format!(
-                        "{}{}",
-                        uuid::Uuid::new_v4().simple(),
-                        uuid::Uuid::new_v4().simple()
-                    );
-                    write_private(&path, &format!("{token}\n"))?;
-                }
-                info!(path = %path.display(), "ingest token (Authorization: Bearer <the file's content>)");
-                path
-            }
-        };
-        let text = std::fs::read_to_string(&path)
-            .with_context(|| format!("cannot read the ingest token file {}", path.display()))?;
-        IngestToken::new(&text).map(Some).with_context(|| {
-            format!(
-                "{}: the ingest token must be at least 16 characters",
-                path.display()
-            )
-        })
-    }
-}
-
-/// Writes `text` to a new file readable by its owner only.
-fn write_private(path: &Path, text: &str) -> Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)
-        .with_context(|| format!("cannot create {}", path.display()))?;
-    file.write_all(text.as_bytes())
-        .with_context(|| format!("cannot write {}", path.display()))
 }
 
 /// Serves until SIGINT or SIGTERM. The listener is bound first; the database and the
@@ -177,16 +248,26 @@ pub async fn run(
     database: &Database,
     data_dir: &Path,
     key_args: &KeyArgs,
+    embedded: bool,
 ) -> Result<()> {
     let ServeArgs {
         listen,
         demo,
         no_migrate,
         events,
+        reads,
     } = args;
     let apply_config = events.apply_config()?;
     let bus_config = events.bus_config()?;
-    let ingest_token = events.token(data_dir)?;
+    let tokens = Arc::new(reads.tokens(data_dir)?);
+    let read_pools = ReadPools::new(
+        &reads.logins(database, embedded)?,
+        usize::from(reads.read_pool_size),
+    )?;
+    info!(
+        purposes = ?read_pools.purposes().iter().map(|p| p.slug()).collect::<Vec<_>>(),
+        "read API logins"
+    );
     let workers = usize::from(events.ingest_workers);
     let runner = Runner::default();
     // Refuse a forbidden local provider before anything starts.
@@ -219,8 +300,16 @@ pub async fn run(
         let (ingest_slot, bus_slot) = (ingest_slot.clone(), bus_slot.clone());
         let metrics = metrics.clone();
         tokio::spawn(async move {
-            if let Err(e) =
-                prepare(&database, &runner, provider_config, &keys, demo, no_migrate).await
+            if let Err(e) = prepare(
+                &database,
+                &runner,
+                provider_config,
+                &keys,
+                demo,
+                no_migrate,
+                embedded,
+            )
+            .await
             {
                 let message = format!("{e:#}");
                 error!(error = %message, "preparing the store failed");
@@ -252,7 +341,8 @@ pub async fn run(
         no_migrate,
         metrics,
         ingest: ingest_slot,
-        ingest_token,
+        tokens,
+        reads: read_pools,
         bus: bus_slot,
     };
     let served = axum::serve(listener, api::router(state))
@@ -333,6 +423,7 @@ async fn prepare(
     keys: &KeysSlot,
     demo: bool,
     no_migrate: bool,
+    embedded: bool,
 ) -> Result<()> {
     let mut client = loop {
         match database.connect_with_retry(Duration::from_secs(3600)).await {
@@ -350,6 +441,9 @@ async fn prepare(
             version = runner.latest_version(),
             "schema migrated"
         );
+    }
+    if embedded {
+        ensure_embedded_logins(&client).await?;
     }
     let keyring = Arc::new(open_keyring(provider_config, &client).await?);
     keys.set(Ok(keyring.clone())).await;

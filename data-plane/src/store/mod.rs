@@ -2,4 +2,5 @@
 
 pub mod erasure;
 pub mod keys;
+pub mod reads;
 pub mod users;

@@ -1,0 +1,384 @@
+//! `GET /api/v1/user-metadata/{user_id}[/derived|/risk-scores|/eligibility|/history]`:
+//! one user, read as the caller's purpose (its database login), PII decrypted
+//! only for the purposes that may see it.
+
+use std::collections::HashMap;
+
+use axum::extract::{Path, Query, State};
+use axum::http::HeaderValue;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use chrono::{DateTime, Utc};
+use serde_json::{json, Map, Value};
+use umstore_migrations::roles::Purpose;
+use uuid::Uuid;
+
+use super::auth::Caller;
+use super::error::{schema_version, ApiError};
+use super::pools::{Served, SERVED_BY_HEADER};
+use super::AppState;
+use crate::crypto::{FieldAad, Keyring, UserKey};
+use crate::store::reads::{self, Cursor, Found};
+use crate::store::users::{self, AsOf, ReadError, UserRecord};
+
+use Purpose::{Admin, Ai, Dashboard, JsonGenerator, Rules};
+
+/// Who may read one user's metadata, derived attributes, risk scores and
+/// eligibility.
+pub const USER_READERS: &[Purpose] = &[Ai, Rules, JsonGenerator, Dashboard, Admin];
+/// Who may read a user's change history.
+pub const HISTORY_READERS: &[Purpose] = &[Ai, JsonGenerator, Dashboard, Admin];
+
+/// Whether `purpose` sees PII in clear (the rest get every other attribute).
+pub fn sees_pii(purpose: Purpose) -> bool {
+    matches!(purpose, Ai | JsonGenerator | Dashboard | Admin)
+}
+
+/// The default and largest history page.
+pub const HISTORY_PAGE: u32 = 50;
+/// The largest history page one request may ask for.
+pub const HISTORY_PAGE_MAX: u32 = 500;
+
+fn user_id(raw: &str) -> Result<Uuid, ApiError> {
+    // Only the hyphenated form: one spelling per user in URLs and logs.
+    if raw.len() != 36 {
+        return Err(invalid_id(raw));
+    }
+    raw.parse().map_err(|_| invalid_id(raw))
+}
+
+fn invalid_id(raw: &str) -> ApiError {
+    let shown: String = raw.chars().take(64).collect();
+    ApiError::bad(
+        "invalid_user_id",
+        format!(
+            "{shown:?} is not a user id: send a UUID such as \
+             3f2b8c1e-9d4a-4e6b-8a1f-2c3d4e5f6a7b"
+        ),
+    )
+}
+
+/// Refuses parameters other than `allowed`, naming the ones that are valid.
+fn only(params: &HashMap<String, String>, allowed: &[&str]) -> Result<(), ApiError> {
+    let mut unknown: Vec<&str> = params
+        .keys()
+        .map(String::as_str)
+        .filter(|k| !allowed.contains(k))
+        .collect();
+    if unknown.is_empty() {
+        return Ok(());
+    }
+    unknown.sort_unstable();
+    let valid = if allowed.is_empty() {
+        "this endpoint takes none".to_owned()
+    } else {
+        format!("valid: {}", allowed.join(", "))
+    };
+    Err(ApiError::bad(
+        "unknown_parameter",
+        format!("unknown query parameter(s) {}; {valid}", unknown.join(", ")),
+    ))
+}
+
+fn respond(served: Served, mut body: Map<String, Value>) -> Response {
+    body.insert("schema_version".into(), json!(schema_version()));
+    let mut response = Json(Value::Object(body)).into_response();
+    response
+        .headers_mut()
+        .insert(SERVED_BY_HEADER, HeaderValue::from_static(served.as_str()));
+    response
+}
+
+fn read_failed(e: ReadError) -> ApiError {
+    // ReadError names the user and the failing step; never a value.
+    ApiError::internal("a read failed", &e)
+}
+
+fn unknown(user_id: Uuid) -> ApiError {
+    ApiError::NotFound(format!("no user {user_id} in this store"))
+}
+
+fn gone_or<T>(user_id: Uuid, found: Option<Found<T>>) -> Result<Found<T>, ApiError> {
+    let found = found.ok_or_else(|| unknown(user_id))?;
+    match found.erased_at {
+        Some(erased_at) => Err(ApiError::Gone { user_id, erased_at }),
+        None => Ok(found),
+    }
+}
+
+async fn keyring(state: &AppState) -> Result<std::sync::Arc<Keyring>, ApiError> {
+    state.keys.get().await.map_err(ApiError::Unavailable)
+}
+
+fn record_body(record: UserRecord, with_pii: bool) -> Map<String, Value> {
+    let mut body = Map::new();
+    body.insert("user_id".into(), json!(record.user_id));
+    body.insert("region".into(), json!(record.region));
+    body.insert("version".into(), json!(record.version));
+    body.insert("updated_at".into(), json!(record.updated_at));
+    body.insert("pii_included".into(), json!(with_pii));
+    if with_pii {
+        body.insert("pii".into(), json!(record.pii));
+    }
+    body.insert("attributes".into(), record.attributes);
+    body
+}
+
+/// `GET /api/v1/user-metadata/{user_id}[?as_of=<RFC 3339>]`.
+pub async fn metadata(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(raw): Path<String>,
+    Query(params): Query<HashMap<String, String>>,
+) -> Result<Response, ApiError> {
+    let purpose = caller.require(USER_READERS)?;
+    let user_id = user_id(&raw)?;
+    only(&params, &["as_of"])?;
+    let as_of = params
+        .get("as_of")
+        .map(|t| {
+            DateTime::parse_from_rfc3339(t)
+                .map(|t| t.with_timezone(&Utc))
+                .map_err(|e| {
+                    ApiError::bad(
+                        "invalid_parameter",
+                        format!(
+                            "as_of {t:?} is not an RFC 3339 time ({e}); send e.g. \
+                             2026-01-31T12:00:00Z"
+                        ),
+                    )
+                })
+        })
+        .transpose()?;
+    let keyring = keyring(&state).await?;
+    let (client, served) = state.reads.get(purpose).await?;
+    let decrypt = sees_pii(purpose);
+    let record = match as_of {
+        None => users::read_user(&**client, &keyring, user_id, decrypt)
+            .await
+            .map_err(read_failed)?
+            .ok_or_else(|| unknown(user_id))?,
+        Some(at) => match users::read_user_as_of(&**client, &keyring, user_id, at, decrypt)
+            .await
+            .map_err(read_failed)?
+        {
+            AsOf::Found(record) => *record,
+            AsOf::Unknown => return Err(unknown(user_id)),
+            AsOf::NotYet => {
+                return Err(ApiError::NotFound(format!(
+                    "user {user_id} did not exist yet at {}",
+                    at.to_rfc3339()
+                )))
+            }
+        },
+    };
+    if let Some(erased_at) = record.erased_at.clone() {
+        return Err(ApiError::Gone { user_id, erased_at });
+    }
+    let mut body = record_body(record, decrypt);
+    if let Some(at) = as_of {
+        body.insert("as_of".into(), json!(at.to_rfc3339()));
+    }
+    Ok(respond(served, body))
+}
+
+/// `GET /api/v1/user-metadata/{user_id}/derived`.
+pub async fn derived(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(raw): Path<String>,
+    Query(params): Query<HashMap<String, String>>,
+) -> Result<Response, ApiError> {
+    let purpose = caller.require(USER_READERS)?;
+    let user_id = user_id(&raw)?;
+    only(&params, &[])?;
+    let (client, served) = state.reads.get(purpose).await?;
+    let found = gone_or(
+        user_id,
+        reads::derived(&**client, user_id)
+            .await
+            .map_err(read_failed)?,
+    )?;
+    let mut body = Map::new();
+    body.insert("user_id".into(), json!(user_id));
+    body.insert("region".into(), json!(found.region));
+    body.insert("derived".into(), json!(found.value));
+    Ok(respond(served, body))
+}
+
+/// `GET /api/v1/user-metadata/{user_id}/risk-scores`.
+pub async fn risk_scores(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(raw): Path<String>,
+    Query(params): Query<HashMap<String, String>>,
+) -> Result<Response, ApiError> {
+    let purpose = caller.require(USER_READERS)?;
+    let user_id = user_id(&raw)?;
+    only(&params, &[])?;
+    let (client, served) = state.reads.get(purpose).await?;
+    let found = gone_or(
+        user_id,
+        reads::risk_scores(&**client, user_id)
+            .await
+            .map_err(read_failed)?,
+    )?;
+    let mut body = Map::new();
+    body.insert("user_id".into(), json!(user_id));
+    body.insert("region".into(), json!(found.region));
+    body.insert("risk_scores".into(), json!(found.value));
+    Ok(respond(served, body))
+}
+
+/// `GET /api/v1/user-metadata/{user_id}/eligibility[?scheme_id=]`: unexpired
+/// entries only; an expired or absent one counts as a cache miss.
+pub async fn eligibility(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(raw): Path<String>,
+    Query(params): Query<HashMap<String, String>>,
+) -> Result<Response, ApiError> {
+    let purpose = caller.require(USER_READERS)?;
+    let user_id = user_id(&raw)?;
+    only(&params, &["scheme_id"])?;
+    let scheme = params.get("scheme_id").map(String::as_str);
+    if let Some(s) = scheme {
+        let valid = !s.is_empty()
+            && s.len() <= 128
+            && s.chars().enumerate().all(|(i, c)| {
+                c.is_ascii_alphanumeric() || (i > 0 && matches!(c, '_' | '.' | ':' | '-'))
+            });
+        if !valid {
+            return Err(ApiError::bad(
+                "invalid_parameter",
+                "scheme_id is 1 to 128 of A-Z a-z 0-9 _ . : - (starting with a letter or digit)",
+            ));
+        }
+    }
+    let (client, served) = state.reads.get(purpose).await?;
+    let found = gone_or(
+        user_id,
+        reads::eligibility(&**client, user_id, scheme)
+            .await
+            .map_err(read_failed)?,
+    )?;
+    state.metrics.eligibility_lookup(!found.value.is_empty());
+    let mut body = Map::new();
+    body.insert("user_id".into(), json!(user_id));
+    body.insert("region".into(), json!(found.region));
+    body.insert("eligibility".into(), json!(found.value));
+    Ok(respond(served, body))
+}
+
+/// `GET /api/v1/user-metadata/{user_id}/history[?limit=&cursor=]`: newest
+/// first; `next_cursor` fetches the next page.
+pub async fn history(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(raw): Path<String>,
+    Query(params): Query<HashMap<String, String>>,
+) -> Result<Response, ApiError> {
+    let purpose = caller.require(HISTORY_READERS)?;
+    let user_id = user_id(&raw)?;
+    only(&params, &["limit", "cursor"])?;
+    let limit = match params.get("limit") {
+        None => HISTORY_PAGE,
+        Some(l) => match l.parse::<u32>() {
+            Ok(n) if (1..=HISTORY_PAGE_MAX).contains(&n) => n,
+            _ => {
+                return Err(ApiError::bad(
+                    "invalid_parameter",
+                    format!("limit is a whole number from 1 to {HISTORY_PAGE_MAX}"),
+                ))
+            }
+        },
+    };
+    let cursor = params
+        .get("cursor")
+        .map(|c| {
+            c.parse::<Cursor>().map_err(|()| {
+                ApiError::bad(
+                    "invalid_parameter",
+                    "cursor is not one this API gave out: pass a page's next_cursor unchanged",
+                )
+            })
+        })
+        .transpose()?;
+    let keyring = keyring(&state).await?;
+    let (client, served) = state.reads.get(purpose).await?;
+    let found = gone_or(
+        user_id,
+        reads::history(&**client, user_id, cursor, limit)
+            .await
+            .map_err(read_failed)?,
+    )?;
+    let (mut changes, more) = found.value;
+    let decrypt = sees_pii(purpose);
+    let key = if decrypt {
+        match keyring
+            .user_key(&**client, user_id, &found.region)
+            .await
+            .map_err(|e| ApiError::internal("loading a data key", &e))?
+        {
+            UserKey::Active(key) => Some(key),
+            UserKey::Erased(erased_at) => return Err(ApiError::Gone { user_id, erased_at }),
+        }
+    } else {
+        None
+    };
+    for change in &mut changes {
+        for values in [&mut change.old_values, &mut change.new_values] {
+            open_pii(values, key.as_deref(), user_id, &found.region)?;
+        }
+    }
+    let next = more.then(|| changes.last().map(|c| c.cursor.to_string()));
+    let mut body = Map::new();
+    body.insert("user_id".into(), json!(user_id));
+    body.insert("region".into(), json!(found.region));
+    body.insert("pii_included".into(), json!(decrypt));
+    body.insert("changes".into(), json!(changes));
+    body.insert("next_cursor".into(), json!(next.flatten()));
+    Ok(respond(served, body))
+}
+
+/// Replaces each sealed PII value in a history map by its plaintext (with a
+/// key), or removes it (without).
+fn open_pii(
+    values: &mut Map<String, Value>,
+    key: Option<&crate::crypto::DataKey>,
+    user_id: Uuid,
+    region: &str,
+) -> Result<(), ApiError> {
+    use base64::Engine as _;
+    for (field, column) in users::PII {
+        let Some(value) = values.get_mut(field) else {
+            continue;
+        };
+        let Some(key) = key else {
+            values.remove(field);
+            continue;
+        };
+        let Value::String(b64) = value else {
+            continue; // null: the field was cleared
+        };
+        let sealed = base64::engine::general_purpose::STANDARD
+            .decode(b64.as_bytes())
+            .map_err(|e| ApiError::internal("a history value is not base64", &e))?;
+        let plain = key
+            .open(
+                &FieldAad {
+                    user_id,
+                    region,
+                    column,
+                },
+                &sealed,
+            )
+            .map_err(|e| ApiError::internal("a history value did not decrypt", &e))?;
+        let text = String::from_utf8_lossy(&plain).into_owned();
+        *value = match field {
+            "annual_income" => text.parse::<i64>().map_or(json!(text), |n| json!(n)),
+            _ => json!(text),
+        };
+    }
+    Ok(())
+}
