@@ -37,6 +37,7 @@ impl Api {
         .map(|p| (format!("--{}-database-url", p.slug()), store.url(p)))
         .collect();
         let writer = store.url(Purpose::Writer);
+        let admin = store.admin_url().await;
         let mut args = vec![
             "serve",
             "--no-migrate",
@@ -49,6 +50,7 @@ impl Api {
             "--eligibility-cache-ttl",
             "1h",
         ];
+        args.extend(["--admin-database-url", &admin]);
         for (flag, url) in &urls {
             args.push(flag);
             args.push(url);
@@ -193,46 +195,34 @@ async fn each_endpoint_serves_its_purposes_and_refuses_the_rest() {
     let mut api = Api::start(&store).await;
     let Written { user, .. } = write_user(&api);
     let base = format!("/api/v1/user-metadata/{user}");
+    let readers = vec![
+        Purpose::Ai,
+        Purpose::Rules,
+        Purpose::JsonGenerator,
+        Purpose::Dashboard,
+        Purpose::Admin,
+    ];
     let endpoints = [
-        (
-            base.clone(),
-            vec![
-                Purpose::Ai,
-                Purpose::Rules,
-                Purpose::JsonGenerator,
-                Purpose::Dashboard,
-            ],
-        ),
-        (
-            format!("{base}/derived"),
-            vec![
-                Purpose::Ai,
-                Purpose::Rules,
-                Purpose::JsonGenerator,
-                Purpose::Dashboard,
-            ],
-        ),
-        (
-            format!("{base}/risk-scores"),
-            vec![
-                Purpose::Ai,
-                Purpose::Rules,
-                Purpose::JsonGenerator,
-                Purpose::Dashboard,
-            ],
-        ),
-        (
-            format!("{base}/eligibility"),
-            vec![
-                Purpose::Ai,
-                Purpose::Rules,
-                Purpose::JsonGenerator,
-                Purpose::Dashboard,
-            ],
-        ),
+        (base.clone(), readers.clone()),
+        (format!("{base}/derived"), readers.clone()),
+        (format!("{base}/risk-scores"), readers.clone()),
+        (format!("{base}/eligibility"), readers.clone()),
         (
             format!("{base}/history"),
-            vec![Purpose::Ai, Purpose::JsonGenerator, Purpose::Dashboard],
+            vec![
+                Purpose::Ai,
+                Purpose::JsonGenerator,
+                Purpose::Dashboard,
+                Purpose::Admin,
+            ],
+        ),
+        (
+            "/api/v1/user-metadata/query?region=KA".to_owned(),
+            vec![Purpose::Admin],
+        ),
+        (
+            "/api/v1/user-metadata/stats".to_owned(),
+            vec![Purpose::Dashboard, Purpose::Analytics, Purpose::Admin],
         ),
     ];
     for (path, allowed) in &endpoints {
@@ -243,6 +233,7 @@ async fn each_endpoint_serves_its_purposes_and_refuses_the_rest() {
             Purpose::JsonGenerator,
             Purpose::Dashboard,
             Purpose::Analytics,
+            Purpose::Admin,
         ] {
             let answer = api.get(purpose, path);
             assert_eq!(
@@ -513,4 +504,181 @@ async fn bad_ids_unknown_and_erased_users_get_clear_errors() {
     for secret in ["Asha", "9123456789", "Udupi"] {
         assert!(!log.contains(secret), "the log shows {secret}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn query_and_stats_filter_by_the_allow_list_and_suppress_small_groups() {
+    let store = Store::migrated().await;
+    let mut api = Api::start(&store).await;
+    let Written { user, .. } = write_user(&api);
+    // Seeded as the superuser (COPY under row-level security is refused to
+    // every other role), with serve's key file.
+    let data_dir = api.data_dir().display().to_string();
+    let seeded = cli(&[
+        "seed",
+        "--users",
+        "400",
+        "--seed",
+        "11",
+        "--database-url",
+        store.superuser(),
+        "--data-dir",
+        &data_dir,
+    ]);
+    assert!(seeded.status.success(), "{}", support::stderr(&seeded));
+    let observer = support::connect(store.superuser()).await;
+
+    // By identity token (the blind index), as the administrator.
+    let found = api.ok(
+        Purpose::Admin,
+        "/api/v1/user-metadata/query?identity_token=tok-0001-abcd",
+    );
+    assert_eq!(found["users"][0]["user_id"], json!(user), "{found}");
+    assert_eq!(found["users"].as_array().map(Vec::len), Some(1));
+    assert!(
+        !found.to_string().contains("Asha"),
+        "no PII in a query answer"
+    );
+
+    // A filter and paging: the pages together are exactly what SQL finds.
+    let expected: i64 = observer
+        .query_one(
+            "SELECT count(*) FROM umstore.user_metadata m
+             JOIN umstore.user_derived_attributes d USING (region, user_id)
+             WHERE m.gender = 'female' AND d.income_bracket = 'BPL' AND m.erased_at IS NULL",
+            &[],
+        )
+        .await
+        .expect("count")
+        .get(0);
+    assert!(expected > 20, "the seed has enough BPL women ({expected})");
+    let mut seen = std::collections::HashSet::new();
+    let mut path =
+        "/api/v1/user-metadata/query?gender=female&income_bracket=BPL&limit=20".to_owned();
+    loop {
+        let page = api.ok(Purpose::Admin, &path);
+        for u in page["users"].as_array().expect("users") {
+            assert_eq!(u["gender"], "female");
+            assert_eq!(u["income_bracket"], "BPL");
+            assert!(seen.insert(u["user_id"].to_string()), "a user on two pages");
+        }
+        match page["next_cursor"].as_str() {
+            Some(c) => path = format!(
+                "/api/v1/user-metadata/query?gender=female&income_bracket=BPL&limit=20&cursor={c}"
+            ),
+            None => break,
+        }
+    }
+    assert_eq!(seen.len() as i64, expected);
+
+    // Bad filters: named, with what is valid; values never reach SQL text.
+    for (query, says) in [
+        ("shoe_size=9", "valid: region, state"),
+        ("gender=robot", "gender is one of female"),
+        ("age_min=old", "0 to 130"),
+        ("region=KA%27%20OR%201%3D1--", "two-letter code"),
+        ("risk_above=2", "from 0 to 1"),
+        ("limit=501&region=KA", "limit"),
+        ("", "at least one filter"),
+    ] {
+        let answer = api.get(
+            Purpose::Admin,
+            &format!("/api/v1/user-metadata/query?{query}"),
+        );
+        assert_eq!(answer.status, 400, "{query}: {}", answer.body);
+        assert!(answer.body.contains(says), "{query}: {}", answer.body);
+    }
+    // Metacharacters and Unicode in a bound value: no match, no error.
+    for state in [
+        "Karnataka%27%3B%20DROP%20TABLE%20x%3B--",
+        "%E0%A4%95%E0%A4%B0%E0%A5%8D",
+    ] {
+        let none = api.ok(
+            Purpose::Admin,
+            &format!("/api/v1/user-metadata/query?state={state}"),
+        );
+        assert_eq!(none["users"], json!([]));
+    }
+    let by_name = api.ok(
+        Purpose::Admin,
+        "/api/v1/user-metadata/query?state=karnataka&limit=500",
+    );
+    assert!(
+        by_name["users"]
+            .as_array()
+            .expect("users")
+            .iter()
+            .all(|u| u["region"] == "KA"),
+        "{by_name}"
+    );
+
+    // Stats: every group the database holds with at least 10 users, with its
+    // count; no smaller group.
+    let stats = api.ok(
+        Purpose::Analytics,
+        "/api/v1/user-metadata/stats?group_by=region,income_bracket",
+    );
+    assert_eq!(stats["min_group_size"], 10);
+    let rows = observer
+        .query(
+            "SELECT m.region::text, d.income_bracket, count(*)
+             FROM umstore.user_metadata m
+             JOIN umstore.user_derived_attributes d USING (region, user_id)
+             WHERE m.erased_at IS NULL GROUP BY 1, 2",
+            &[],
+        )
+        .await
+        .expect("groups");
+    let groups = stats["groups"].as_array().expect("groups");
+    let mut small = 0;
+    for r in &rows {
+        let (region, bracket, n): (String, String, i64) = (r.get(0), r.get(1), r.get(2));
+        let shown = groups.iter().find(|g| {
+            g["group"]["region"] == json!(region) && g["group"]["income_bracket"] == json!(bracket)
+        });
+        if n >= 10 {
+            assert_eq!(
+                shown.map(|g| g["users"].clone()),
+                Some(json!(n)),
+                "{region} {bracket}"
+            );
+        } else {
+            small += 1;
+            assert!(
+                shown.is_none(),
+                "{region} {bracket} has {n} users and was shown"
+            );
+        }
+    }
+    assert!(small > 0, "the test has small groups to suppress");
+    assert!(!groups.is_empty(), "the test has groups to show");
+    for pii in [
+        "full_name",
+        "phone",
+        "date_of_birth",
+        "identity_token",
+        "pincode",
+        "Asha",
+    ] {
+        assert!(!stats.to_string().contains(pii), "analytics got {pii}");
+    }
+    let filtered = api.ok(
+        Purpose::Dashboard,
+        "/api/v1/user-metadata/stats?group_by=gender&bpl_status=true&age_min=18",
+    );
+    assert!(filtered["groups"].as_array().is_some());
+    for (query, says) in [
+        ("group_by=full_name", "cannot group by"),
+        ("group_by=region,region", "different dimensions"),
+        ("group_by=region,gender,life_stage,age_group", "up to 3"),
+        ("identity_token=tok-0001-abcd", "unknown query parameter"),
+    ] {
+        let answer = api.get(
+            Purpose::Analytics,
+            &format!("/api/v1/user-metadata/stats?{query}"),
+        );
+        assert_eq!(answer.status, 400, "{query}: {}", answer.body);
+        assert!(answer.body.contains(says), "{query}: {}", answer.body);
+    }
+    api.stop();
 }

@@ -6,6 +6,7 @@ pub mod error;
 pub mod events;
 mod health;
 pub mod pools;
+pub mod query;
 pub mod users;
 
 use std::sync::Arc;
@@ -44,6 +45,8 @@ pub struct AppState {
     pub tokens: Arc<ApiTokens>,
     /// A connection pool per reading purpose.
     pub reads: ReadPools,
+    /// Stats leave out groups with fewer users than this (k-anonymity).
+    pub stats_min_group: i64,
     /// The event bus when one is configured: connected and its streams in place,
     /// or why not. `None`: no bus (HTTP ingest only).
     pub bus: Option<Slot<String>>,
@@ -65,6 +68,8 @@ pub fn router(state: AppState) -> Router {
             "/api/v1/events",
             post(events::post_events).layer(DefaultBodyLimit::max(events::MAX_BODY)),
         )
+        .route("/api/v1/user-metadata/query", get(query::find))
+        .route("/api/v1/user-metadata/stats", get(query::stats))
         .route("/api/v1/user-metadata/{user_id}", get(users::metadata))
         .route(
             "/api/v1/user-metadata/{user_id}/derived",

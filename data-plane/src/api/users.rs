@@ -80,7 +80,8 @@ fn only(params: &HashMap<String, String>, allowed: &[&str]) -> Result<(), ApiErr
     ))
 }
 
-fn respond(served: Served, mut body: Map<String, Value>) -> Response {
+/// A 200 answer: `body` with the schema version, and which server answered.
+pub fn respond(served: Served, mut body: Map<String, Value>) -> Response {
     body.insert("schema_version".into(), json!(schema_version()));
     let mut response = Json(Value::Object(body)).into_response();
     response

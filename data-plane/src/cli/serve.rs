@@ -75,6 +75,10 @@ pub struct ReadArgs {
     #[arg(long, env = "UMSTORE_READ_POOL_SIZE", default_value_t = 8,
           value_parser = clap::value_parser!(u16).range(1..=256))]
     read_pool_size: u16,
+    /// Stats leave out every group with fewer users than this.
+    #[arg(long, env = "UMSTORE_STATS_MIN_GROUP", default_value_t = 10,
+          value_parser = clap::value_parser!(u32).range(2..))]
+    stats_min_group: u32,
 }
 
 impl ReadArgs {
@@ -343,6 +347,7 @@ pub async fn run(
         ingest: ingest_slot,
         tokens,
         reads: read_pools,
+        stats_min_group: i64::from(reads.stats_min_group),
         bus: bus_slot,
     };
     let served = axum::serve(listener, api::router(state))

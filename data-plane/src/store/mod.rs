@@ -2,5 +2,6 @@
 
 pub mod erasure;
 pub mod keys;
+pub mod query;
 pub mod reads;
 pub mod users;

@@ -67,6 +67,30 @@ impl Store {
         )
     }
 
+    /// Connection string of an administrator's login user: a member of
+    /// `umstore_admin` (made here, as an operator would make one; the
+    /// bootstrap step makes only the client purposes' logins).
+    pub async fn admin_url(&self) -> String {
+        let admin = connect(&self.superuser).await;
+        create_role(
+            &admin,
+            "CREATE ROLE %I LOGIN PASSWORD %L IN ROLE %I",
+            ADMIN_LOGIN,
+            &[
+                ADMIN_LOGIN,
+                &password(Purpose::Admin),
+                Purpose::Admin.group(),
+            ],
+        )
+        .await;
+        format!(
+            "host=127.0.0.1 port={} user={ADMIN_LOGIN} password={} dbname={}",
+            self.port,
+            password(Purpose::Admin),
+            self.name
+        )
+    }
+
     /// Connects as `purpose`'s login user.
     pub async fn connect(&self, purpose: Purpose) -> Client {
         connect(&self.url(purpose)).await
@@ -78,6 +102,9 @@ impl Store {
         &self.superuser
     }
 }
+
+/// The administrator login [`Store::admin_url`] makes.
+pub const ADMIN_LOGIN: &str = "umstore_admin_login";
 
 /// The password of `purpose`'s login in this test process.
 pub fn password(purpose: Purpose) -> String {

@@ -1,0 +1,202 @@
+//! `GET /api/v1/user-metadata/query` (users by attributes, administrators
+//! only) and `GET /api/v1/user-metadata/stats` (counts and averages, small
+//! groups suppressed).
+
+use std::collections::HashMap;
+
+use axum::extract::{Query, State};
+use axum::response::Response;
+use serde_json::{json, Map};
+use umstore_migrations::roles::Purpose;
+use uuid::Uuid;
+
+use super::auth::Caller;
+use super::error::ApiError;
+use super::users::respond;
+use super::AppState;
+use crate::store::query::{self, Filter, DIMENSIONS};
+
+/// Who may list users by attributes.
+pub const QUERY_READERS: &[Purpose] = &[Purpose::Admin];
+/// Who may read anonymized stats.
+pub const STATS_READERS: &[Purpose] = &[Purpose::Analytics, Purpose::Dashboard, Purpose::Admin];
+
+/// The default query page.
+pub const QUERY_PAGE: u32 = 50;
+/// The largest query page.
+pub const QUERY_PAGE_MAX: u32 = 500;
+/// The most dimensions one stats request may group by.
+pub const MAX_DIMENSIONS: usize = 3;
+
+fn unknown_parameters(params: &HashMap<String, String>, valid: &[&str]) -> Result<(), ApiError> {
+    let mut unknown: Vec<&str> = params
+        .keys()
+        .map(String::as_str)
+        .filter(|k| !valid.contains(k))
+        .collect();
+    if unknown.is_empty() {
+        return Ok(());
+    }
+    unknown.sort_unstable();
+    Err(ApiError::bad(
+        "unknown_parameter",
+        format!(
+            "unknown query parameter(s) {}; valid: {}",
+            unknown.join(", "),
+            valid.join(", ")
+        ),
+    ))
+}
+
+/// The filters among `params` (every other name must be one of `extra`).
+fn filters(
+    params: &HashMap<String, String>,
+    extra: &[&str],
+    identity_token: bool,
+) -> Result<Vec<(String, String)>, ApiError> {
+    let mut valid: Vec<&str> = Filter::NAMES
+        .iter()
+        .copied()
+        .filter(|n| identity_token || *n != "identity_token")
+        .collect();
+    valid.extend_from_slice(extra);
+    unknown_parameters(params, &valid)?;
+    let mut found: Vec<(String, String)> = params
+        .iter()
+        .filter(|(k, _)| Filter::NAMES.contains(&k.as_str()))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    found.sort();
+    Ok(found)
+}
+
+fn parse_filters(raw: &[(String, String)]) -> Result<Vec<Filter>, ApiError> {
+    raw.iter()
+        .filter(|(k, _)| k != "identity_token")
+        .map(|(k, v)| Filter::parse(k, v).map_err(|e| ApiError::bad("invalid_filter", e)))
+        .collect()
+}
+
+fn page_limit(params: &HashMap<String, String>) -> Result<u32, ApiError> {
+    match params.get("limit") {
+        None => Ok(QUERY_PAGE),
+        Some(l) => l
+            .parse::<u32>()
+            .ok()
+            .filter(|n| (1..=QUERY_PAGE_MAX).contains(n))
+            .ok_or_else(|| {
+                ApiError::bad(
+                    "invalid_parameter",
+                    format!("limit is a whole number from 1 to {QUERY_PAGE_MAX}"),
+                )
+            }),
+    }
+}
+
+fn parse_cursor(c: &str) -> Option<(String, Uuid)> {
+    let (region, user) = c.split_once('.')?;
+    let ok = region.len() == 2 && region.bytes().all(|b| b.is_ascii_uppercase());
+    ok.then_some(())?;
+    Some((region.to_owned(), user.parse().ok()?))
+}
+
+/// `GET /api/v1/user-metadata/query?<filters>&limit=&cursor=`: users in
+/// (region, id) order with their non-PII attributes; `GET` one for the rest.
+pub async fn find(
+    State(state): State<AppState>,
+    caller: Caller,
+    Query(params): Query<HashMap<String, String>>,
+) -> Result<Response, ApiError> {
+    let purpose = caller.require(QUERY_READERS)?;
+    let raw = filters(&params, &["limit", "cursor"], true)?;
+    let mut parsed = parse_filters(&raw)?;
+    if let Some(token) = params.get("identity_token") {
+        if token.is_empty() || token.len() > 256 {
+            return Err(ApiError::bad(
+                "invalid_filter",
+                "identity_token is 1 to 256 characters",
+            ));
+        }
+        let keyring = state.keys.get().await.map_err(ApiError::Unavailable)?;
+        parsed.push(Filter::IdentityTokenIndex(
+            keyring
+                .blind_index()
+                .index("identity_token", token.as_bytes()),
+        ));
+    }
+    if parsed.is_empty() {
+        return Err(ApiError::bad(
+            "no_filter",
+            format!("give at least one filter: {}", Filter::NAMES.join(", ")),
+        ));
+    }
+    let limit = page_limit(&params)?;
+    let after = params
+        .get("cursor")
+        .map(|c| {
+            parse_cursor(c).ok_or_else(|| {
+                ApiError::bad(
+                    "invalid_parameter",
+                    "cursor is not one this API gave out: pass a page's next_cursor unchanged",
+                )
+            })
+        })
+        .transpose()?;
+    let (client, served) = state.reads.get(purpose).await?;
+    let (users, more) = query::find(&**client, &parsed, after, limit)
+        .await
+        .map_err(|e| ApiError::internal("a query failed", &e))?;
+    let next = more
+        .then(|| users.last().map(|u| format!("{}.{}", u.region, u.user_id)))
+        .flatten();
+    let mut body = Map::new();
+    body.insert("users".into(), json!(users));
+    body.insert("next_cursor".into(), json!(next));
+    Ok(respond(served, body))
+}
+
+/// `GET /api/v1/user-metadata/stats?group_by=<d1,d2>&<filters>`.
+pub async fn stats(
+    State(state): State<AppState>,
+    caller: Caller,
+    Query(params): Query<HashMap<String, String>>,
+) -> Result<Response, ApiError> {
+    let purpose = caller.require(STATS_READERS)?;
+    // No identity token: a filter that singles out one person has no place in
+    // anonymized stats.
+    let raw = filters(&params, &["group_by"], false)?;
+    let parsed = parse_filters(&raw)?;
+    let dimensions: Vec<String> = match params.get("group_by") {
+        None => Vec::new(),
+        Some(g) => g.split(',').map(|d| d.trim().to_owned()).collect(),
+    };
+    for d in &dimensions {
+        if !DIMENSIONS.contains(&d.as_str()) {
+            return Err(ApiError::bad(
+                "invalid_parameter",
+                format!(
+                    "cannot group by {d:?}; group_by takes up to {MAX_DIMENSIONS} of {}",
+                    DIMENSIONS.join(", ")
+                ),
+            ));
+        }
+    }
+    let mut unique = dimensions.clone();
+    unique.sort();
+    unique.dedup();
+    if unique.len() != dimensions.len() || dimensions.len() > MAX_DIMENSIONS {
+        return Err(ApiError::bad(
+            "invalid_parameter",
+            format!("group_by takes up to {MAX_DIMENSIONS} different dimensions"),
+        ));
+    }
+    let (client, served) = state.reads.get(purpose).await?;
+    let groups = query::stats(&**client, &parsed, &dimensions, state.stats_min_group)
+        .await
+        .map_err(|e| ApiError::internal("stats failed", &e))?;
+    let mut body = Map::new();
+    body.insert("group_by".into(), json!(dimensions));
+    body.insert("min_group_size".into(), json!(state.stats_min_group));
+    body.insert("groups".into(), json!(groups));
+    Ok(respond(served, body))
+}
