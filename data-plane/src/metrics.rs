@@ -32,8 +32,21 @@ pub struct CacheLabels {
     pub result: &'static str,
 }
 
+/// A read purpose (its replica's gauges).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PurposeLabels {
+    /// The purpose's slug.
+    pub purpose: &'static str,
+}
+
 #[derive(Debug)]
 pub struct Metrics {
+    /// 1 while the purpose's replica answers as a standby.
+    pub replica_up: Family<PurposeLabels, Gauge>,
+    /// The purpose's replica lag in seconds (0 once caught up; +Inf when down).
+    pub replica_lag_seconds: Family<PurposeLabels, Gauge<f64, AtomicU64>>,
+    /// The purpose's replica lag in WAL bytes.
+    pub replica_lag_bytes: Family<PurposeLabels, Gauge>,
     /// Eligibility cache lookups through the read API, by result.
     pub eligibility_cache: Family<CacheLabels, Counter>,
     /// Hits over lookups since start (0 before the first lookup).
@@ -136,7 +149,28 @@ impl Metrics {
             "Eligibility cache hits over lookups since the process started",
             eligibility_cache_hit_ratio.clone(),
         );
+        let replica_up = Family::<PurposeLabels, Gauge>::default();
+        registry.register(
+            "replica_up",
+            "1 while the purpose's read replica answers as a standby",
+            replica_up.clone(),
+        );
+        let replica_lag_seconds = Family::<PurposeLabels, Gauge<f64, AtomicU64>>::default();
+        registry.register(
+            "replica_lag_seconds",
+            "How far the purpose's read replica is behind the primary (0 once caught up)",
+            replica_lag_seconds.clone(),
+        );
+        let replica_lag_bytes = Family::<PurposeLabels, Gauge>::default();
+        registry.register(
+            "replica_lag_bytes",
+            "WAL bytes the purpose's read replica has not replayed yet",
+            replica_lag_bytes.clone(),
+        );
         Self {
+            replica_up,
+            replica_lag_seconds,
+            replica_lag_bytes,
             eligibility_cache,
             eligibility_cache_hit_ratio,
             ingest_events,
@@ -149,6 +183,29 @@ impl Metrics {
             key_rotation_in_progress,
             key_rotation_rewrapped,
             key_rotation_target_version,
+        }
+    }
+
+    /// Records a probe of `purpose`'s replica.
+    pub fn replica(
+        &self,
+        purpose: &'static str,
+        up: bool,
+        lag: std::time::Duration,
+        lag_bytes: u64,
+    ) {
+        let labels = PurposeLabels { purpose };
+        self.replica_up.get_or_create(&labels).set(i64::from(up));
+        let seconds = if up && lag != std::time::Duration::MAX {
+            lag.as_secs_f64()
+        } else {
+            f64::INFINITY
+        };
+        self.replica_lag_seconds.get_or_create(&labels).set(seconds);
+        if up {
+            self.replica_lag_bytes
+                .get_or_create(&labels)
+                .set(i64::try_from(lag_bytes).unwrap_or(i64::MAX));
         }
     }
 

@@ -563,9 +563,11 @@ async fn query_and_stats_filter_by_the_allow_list_and_suppress_small_groups() {
             assert!(seen.insert(u["user_id"].to_string()), "a user on two pages");
         }
         match page["next_cursor"].as_str() {
-            Some(c) => path = format!(
+            Some(c) => {
+                path = format!(
                 "/api/v1/user-metadata/query?gender=female&income_bracket=BPL&limit=20&cursor={c}"
-            ),
+            )
+            }
             None => break,
         }
     }

@@ -151,9 +151,23 @@ pub async fn post_events(
     } else {
         StatusCode::OK
     };
-    (
+    // Where a read must be to see these writes (read-your-writes, X-Min-Lsn).
+    let lsn = if results.iter().any(|r| r.status == "applied") {
+        ingest.wal_position().await
+    } else {
+        None
+    };
+    let mut response = (
         status,
-        Json(json!({ "results": results, "schema_version": super::schema_version() })),
+        Json(json!({
+            "results": results,
+            "lsn": lsn,
+            "schema_version": super::schema_version(),
+        })),
     )
-        .into_response()
+        .into_response();
+    if let Some(value) = lsn.and_then(|l| axum::http::HeaderValue::from_str(&l).ok()) {
+        response.headers_mut().insert("x-lsn", value);
+    }
+    response
 }

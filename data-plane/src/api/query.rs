@@ -12,7 +12,7 @@ use uuid::Uuid;
 
 use super::auth::Caller;
 use super::error::ApiError;
-use super::users::respond;
+use super::users::{connection, finish, read_only, respond};
 use super::AppState;
 use crate::store::query::{self, Filter, DIMENSIONS};
 
@@ -105,6 +105,7 @@ fn parse_cursor(c: &str) -> Option<(String, Uuid)> {
 pub async fn find(
     State(state): State<AppState>,
     caller: Caller,
+    headers: axum::http::HeaderMap,
     Query(params): Query<HashMap<String, String>>,
 ) -> Result<Response, ApiError> {
     let purpose = caller.require(QUERY_READERS)?;
@@ -142,8 +143,9 @@ pub async fn find(
             })
         })
         .transpose()?;
-    let (client, served) = state.reads.get(purpose).await?;
-    let (users, more) = query::find(&**client, &parsed, after, limit)
+    let (mut client, served) = connection(&state, purpose, &headers).await?;
+    let tx = read_only(&mut client).await?;
+    let (users, more) = query::find(&*tx, &parsed, after, limit)
         .await
         .map_err(|e| ApiError::internal("a query failed", &e))?;
     let next = more
@@ -152,6 +154,7 @@ pub async fn find(
     let mut body = Map::new();
     body.insert("users".into(), json!(users));
     body.insert("next_cursor".into(), json!(next));
+    finish(tx).await?;
     Ok(respond(served, body))
 }
 
@@ -159,6 +162,7 @@ pub async fn find(
 pub async fn stats(
     State(state): State<AppState>,
     caller: Caller,
+    headers: axum::http::HeaderMap,
     Query(params): Query<HashMap<String, String>>,
 ) -> Result<Response, ApiError> {
     let purpose = caller.require(STATS_READERS)?;
@@ -190,13 +194,15 @@ pub async fn stats(
             format!("group_by takes up to {MAX_DIMENSIONS} different dimensions"),
         ));
     }
-    let (client, served) = state.reads.get(purpose).await?;
-    let groups = query::stats(&**client, &parsed, &dimensions, state.stats_min_group)
+    let (mut client, served) = connection(&state, purpose, &headers).await?;
+    let tx = read_only(&mut client).await?;
+    let groups = query::stats(&*tx, &parsed, &dimensions, state.stats_min_group)
         .await
         .map_err(|e| ApiError::internal("stats failed", &e))?;
     let mut body = Map::new();
     body.insert("group_by".into(), json!(dimensions));
     body.insert("min_group_size".into(), json!(state.stats_min_group));
     body.insert("groups".into(), json!(groups));
+    finish(tx).await?;
     Ok(respond(served, body))
 }

@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 
 use axum::extract::{Path, Query, State};
-use axum::http::HeaderValue;
+use axum::http::{HeaderMap, HeaderValue};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use chrono::{DateTime, Utc};
@@ -15,7 +15,7 @@ use uuid::Uuid;
 
 use super::auth::Caller;
 use super::error::{schema_version, ApiError};
-use super::pools::{Served, SERVED_BY_HEADER};
+use super::pools::{Lsn, Served, MIN_LSN_HEADER, SERVED_BY_HEADER};
 use super::AppState;
 use crate::crypto::{FieldAad, Keyring, UserKey};
 use crate::store::reads::{self, Cursor, Found};
@@ -107,6 +107,50 @@ fn gone_or<T>(user_id: Uuid, found: Option<Found<T>>) -> Result<Found<T>, ApiErr
     }
 }
 
+/// A connection for `purpose`, honouring the caller's read-your-writes position.
+pub async fn connection(
+    state: &AppState,
+    purpose: Purpose,
+    headers: &HeaderMap,
+) -> Result<(deadpool_postgres::Object, Served), ApiError> {
+    let min_lsn = match headers.get(MIN_LSN_HEADER) {
+        None => None,
+        Some(v) => Some(
+            v.to_str()
+                .ok()
+                .and_then(|v| v.parse::<Lsn>().ok())
+                .ok_or_else(|| {
+                    ApiError::bad(
+                        "invalid_header",
+                        "X-Min-Lsn is a WAL position such as 0/16B3740: send the `lsn` a \
+                         write returned",
+                    )
+                })?,
+        ),
+    };
+    state.reads.get(purpose, min_lsn).await
+}
+
+/// Every read runs in a read-only transaction: one server connection for all
+/// its statements, also through PgBouncer in transaction mode.
+pub async fn read_only(
+    client: &mut deadpool_postgres::Object,
+) -> Result<deadpool_postgres::Transaction<'_>, ApiError> {
+    client
+        .build_transaction()
+        .read_only(true)
+        .start()
+        .await
+        .map_err(|e| ApiError::internal("starting a read", &e))
+}
+
+/// Ends a read.
+pub async fn finish(tx: deadpool_postgres::Transaction<'_>) -> Result<(), ApiError> {
+    tx.commit()
+        .await
+        .map_err(|e| ApiError::internal("ending a read", &e))
+}
+
 async fn keyring(state: &AppState) -> Result<std::sync::Arc<Keyring>, ApiError> {
     state.keys.get().await.map_err(ApiError::Unavailable)
 }
@@ -129,6 +173,7 @@ fn record_body(record: UserRecord, with_pii: bool) -> Map<String, Value> {
 pub async fn metadata(
     State(state): State<AppState>,
     caller: Caller,
+    headers: HeaderMap,
     Path(raw): Path<String>,
     Query(params): Query<HashMap<String, String>>,
 ) -> Result<Response, ApiError> {
@@ -152,14 +197,15 @@ pub async fn metadata(
         })
         .transpose()?;
     let keyring = keyring(&state).await?;
-    let (client, served) = state.reads.get(purpose).await?;
+    let (mut client, served) = connection(&state, purpose, &headers).await?;
+    let tx = read_only(&mut client).await?;
     let decrypt = sees_pii(purpose);
     let record = match as_of {
-        None => users::read_user(&**client, &keyring, user_id, decrypt)
+        None => users::read_user(&*tx, &keyring, user_id, decrypt)
             .await
             .map_err(read_failed)?
             .ok_or_else(|| unknown(user_id))?,
-        Some(at) => match users::read_user_as_of(&**client, &keyring, user_id, at, decrypt)
+        Some(at) => match users::read_user_as_of(&*tx, &keyring, user_id, at, decrypt)
             .await
             .map_err(read_failed)?
         {
@@ -180,6 +226,7 @@ pub async fn metadata(
     if let Some(at) = as_of {
         body.insert("as_of".into(), json!(at.to_rfc3339()));
     }
+    finish(tx).await?;
     Ok(respond(served, body))
 }
 
@@ -187,23 +234,24 @@ pub async fn metadata(
 pub async fn derived(
     State(state): State<AppState>,
     caller: Caller,
+    headers: HeaderMap,
     Path(raw): Path<String>,
     Query(params): Query<HashMap<String, String>>,
 ) -> Result<Response, ApiError> {
     let purpose = caller.require(USER_READERS)?;
     let user_id = user_id(&raw)?;
     only(&params, &[])?;
-    let (client, served) = state.reads.get(purpose).await?;
+    let (mut client, served) = connection(&state, purpose, &headers).await?;
+    let tx = read_only(&mut client).await?;
     let found = gone_or(
         user_id,
-        reads::derived(&**client, user_id)
-            .await
-            .map_err(read_failed)?,
+        reads::derived(&*tx, user_id).await.map_err(read_failed)?,
     )?;
     let mut body = Map::new();
     body.insert("user_id".into(), json!(user_id));
     body.insert("region".into(), json!(found.region));
     body.insert("derived".into(), json!(found.value));
+    finish(tx).await?;
     Ok(respond(served, body))
 }
 
@@ -211,16 +259,18 @@ pub async fn derived(
 pub async fn risk_scores(
     State(state): State<AppState>,
     caller: Caller,
+    headers: HeaderMap,
     Path(raw): Path<String>,
     Query(params): Query<HashMap<String, String>>,
 ) -> Result<Response, ApiError> {
     let purpose = caller.require(USER_READERS)?;
     let user_id = user_id(&raw)?;
     only(&params, &[])?;
-    let (client, served) = state.reads.get(purpose).await?;
+    let (mut client, served) = connection(&state, purpose, &headers).await?;
+    let tx = read_only(&mut client).await?;
     let found = gone_or(
         user_id,
-        reads::risk_scores(&**client, user_id)
+        reads::risk_scores(&*tx, user_id)
             .await
             .map_err(read_failed)?,
     )?;
@@ -228,6 +278,7 @@ pub async fn risk_scores(
     body.insert("user_id".into(), json!(user_id));
     body.insert("region".into(), json!(found.region));
     body.insert("risk_scores".into(), json!(found.value));
+    finish(tx).await?;
     Ok(respond(served, body))
 }
 
@@ -236,6 +287,7 @@ pub async fn risk_scores(
 pub async fn eligibility(
     State(state): State<AppState>,
     caller: Caller,
+    headers: HeaderMap,
     Path(raw): Path<String>,
     Query(params): Query<HashMap<String, String>>,
 ) -> Result<Response, ApiError> {
@@ -256,10 +308,11 @@ pub async fn eligibility(
             ));
         }
     }
-    let (client, served) = state.reads.get(purpose).await?;
+    let (mut client, served) = connection(&state, purpose, &headers).await?;
+    let tx = read_only(&mut client).await?;
     let found = gone_or(
         user_id,
-        reads::eligibility(&**client, user_id, scheme)
+        reads::eligibility(&*tx, user_id, scheme)
             .await
             .map_err(read_failed)?,
     )?;
@@ -268,6 +321,7 @@ pub async fn eligibility(
     body.insert("user_id".into(), json!(user_id));
     body.insert("region".into(), json!(found.region));
     body.insert("eligibility".into(), json!(found.value));
+    finish(tx).await?;
     Ok(respond(served, body))
 }
 
@@ -276,6 +330,7 @@ pub async fn eligibility(
 pub async fn history(
     State(state): State<AppState>,
     caller: Caller,
+    headers: HeaderMap,
     Path(raw): Path<String>,
     Query(params): Query<HashMap<String, String>>,
 ) -> Result<Response, ApiError> {
@@ -306,10 +361,11 @@ pub async fn history(
         })
         .transpose()?;
     let keyring = keyring(&state).await?;
-    let (client, served) = state.reads.get(purpose).await?;
+    let (mut client, served) = connection(&state, purpose, &headers).await?;
+    let tx = read_only(&mut client).await?;
     let found = gone_or(
         user_id,
-        reads::history(&**client, user_id, cursor, limit)
+        reads::history(&*tx, user_id, cursor, limit)
             .await
             .map_err(read_failed)?,
     )?;
@@ -317,7 +373,7 @@ pub async fn history(
     let decrypt = sees_pii(purpose);
     let key = if decrypt {
         match keyring
-            .user_key(&**client, user_id, &found.region)
+            .user_key(&*tx, user_id, &found.region)
             .await
             .map_err(|e| ApiError::internal("loading a data key", &e))?
         {
@@ -339,6 +395,7 @@ pub async fn history(
     body.insert("pii_included".into(), json!(decrypt));
     body.insert("changes".into(), json!(changes));
     body.insert("next_cursor".into(), json!(next.flatten()));
+    finish(tx).await?;
     Ok(respond(served, body))
 }
 

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use tracing::{debug, error, info, warn};
+use umstore_data_plane::api::pools::Logins;
 use umstore_data_plane::api::{self, ApiTokens, AppState, DbSlot, KeysSlot, ReadPools, Slot};
 use umstore_data_plane::backoff::Backoff;
 use umstore_data_plane::crypto::KeyProviderConfig;
@@ -71,6 +72,28 @@ pub struct ReadArgs {
     /// An administrator's login (a member of `umstore_admin`).
     #[arg(long, env = "UMSTORE_ADMIN_DATABASE_URL", hide_env_values = true)]
     admin_database_url: Option<String>,
+    /// The AI core's login on its replica pool (reads there while the lag allows).
+    #[arg(long, env = "UMSTORE_AI_REPLICA_URL", hide_env_values = true)]
+    ai_replica_url: Option<String>,
+    /// The rules engine's login on its replica pool.
+    #[arg(long, env = "UMSTORE_RULES_REPLICA_URL", hide_env_values = true)]
+    rules_replica_url: Option<String>,
+    /// The JSON profile generator's login on its replica pool.
+    #[arg(
+        long,
+        env = "UMSTORE_JSON_GENERATOR_REPLICA_URL",
+        hide_env_values = true
+    )]
+    json_generator_replica_url: Option<String>,
+    /// The dashboard's login on its replica pool.
+    #[arg(long, env = "UMSTORE_DASHBOARD_REPLICA_URL", hide_env_values = true)]
+    dashboard_replica_url: Option<String>,
+    /// The analytics login on its replica pool.
+    #[arg(long, env = "UMSTORE_ANALYTICS_REPLICA_URL", hide_env_values = true)]
+    analytics_replica_url: Option<String>,
+    /// Reads leave a replica that is further behind than this (`100ms`, `2s`).
+    #[arg(long, env = "UMSTORE_MAX_REPLICA_LAG", default_value = "100ms")]
+    max_replica_lag: String,
     /// Connections per purpose's read pool.
     #[arg(long, env = "UMSTORE_READ_POOL_SIZE", default_value_t = 8,
           value_parser = clap::value_parser!(u16).range(1..=256))]
@@ -117,11 +140,7 @@ impl ReadArgs {
     /// a purpose without a URL logs in as its own login user over the unix
     /// socket (made by [`ensure_embedded_logins`]); the administrator as the
     /// owner.
-    fn logins(
-        &self,
-        database: &Database,
-        embedded: bool,
-    ) -> Result<BTreeMap<Purpose, tokio_postgres::Config>> {
+    fn logins(&self, database: &Database, embedded: bool) -> Result<Logins> {
         let given = [
             (Purpose::Ai, &self.ai_database_url),
             (Purpose::Rules, &self.rules_database_url),
@@ -148,7 +167,27 @@ impl ReadArgs {
             };
             logins.insert(purpose, config);
         }
-        Ok(logins)
+        let replicas = [
+            (Purpose::Ai, &self.ai_replica_url),
+            (Purpose::Rules, &self.rules_replica_url),
+            (Purpose::JsonGenerator, &self.json_generator_replica_url),
+            (Purpose::Dashboard, &self.dashboard_replica_url),
+            (Purpose::Analytics, &self.analytics_replica_url),
+        ];
+        let mut replica = BTreeMap::new();
+        for (purpose, url) in replicas {
+            if let Some(url) = url {
+                let config = Database::parse(url)
+                    .with_context(|| format!("--{}-replica-url", purpose.slug()))?
+                    .pg_config()
+                    .clone();
+                replica.insert(purpose, config);
+            }
+        }
+        Ok(Logins {
+            primary: logins,
+            replica,
+        })
     }
 }
 
@@ -264,9 +303,12 @@ pub async fn run(
     let apply_config = events.apply_config()?;
     let bus_config = events.bus_config()?;
     let tokens = Arc::new(reads.tokens(data_dir)?);
+    let max_lag = parse_duration(&reads.max_replica_lag)
+        .map_err(|e| anyhow::anyhow!("--max-replica-lag: {e}"))?;
     let read_pools = ReadPools::new(
         &reads.logins(database, embedded)?,
         usize::from(reads.read_pool_size),
+        max_lag,
     )?;
     info!(
         purposes = ?read_pools.purposes().iter().map(|p| p.slug()).collect::<Vec<_>>(),
@@ -284,6 +326,7 @@ pub async fn run(
         bail!("--require-vault is set but no --vault-addr was given");
     }
     let metrics = Arc::new(Metrics::new());
+    let probes = read_pools.spawn_probes(metrics.clone());
     let slot = DbSlot::empty("connecting to the database");
     let keys = KeysSlot::empty("opening the key provider");
     let listener = tokio::net::TcpListener::bind(listen)
@@ -355,6 +398,9 @@ pub async fn run(
         .await;
     supervisor.abort();
     prepare.abort();
+    for probe in probes {
+        probe.abort();
+    }
     served.context("HTTP server failed")?;
     info!("stopped");
     Ok(())

@@ -123,6 +123,21 @@ impl Ingest {
         result
     }
 
+    /// The primary's current WAL position (`X/Y`): at or past every commit
+    /// made before the call. A read that sends it back sees those commits.
+    pub async fn wal_position(&self) -> Option<String> {
+        let client = self.pool.get().await.ok()?;
+        // The simple protocol: safe through PgBouncer in transaction mode.
+        let messages = client
+            .simple_query("SELECT pg_current_wal_lsn()::text")
+            .await
+            .ok()?;
+        messages.iter().find_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_owned),
+            _ => None,
+        })
+    }
+
     /// Records a rejection found before [`Self::apply`] (an HTTP batch item
     /// that did not parse).
     pub fn count_rejected(&self) {
@@ -147,37 +162,42 @@ pub enum SubmitError {
 pub fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
     let bad = || {
         format!(
-            "{text:?} is not a duration: write whole numbers with units d, h, m or s, \
-             e.g. 7d, 36h, 1h30m"
+            "{text:?} is not a duration: write whole numbers with units d, h, m, s or ms, \
+             e.g. 7d, 36h, 1h30m, 250ms"
         )
     };
-    let mut total: u64 = 0;
+    let mut total_ms: u64 = 0;
     let mut digits = String::new();
     let mut any = false;
-    for c in text.trim().chars() {
+    let mut chars = text.trim().chars().peekable();
+    while let Some(c) = chars.next() {
         if c.is_ascii_digit() {
             digits.push(c);
             continue;
         }
-        let unit = match c {
-            'd' => 86_400,
-            'h' => 3_600,
-            'm' => 60,
-            's' => 1,
+        let unit: u64 = match c {
+            'd' => 86_400_000,
+            'h' => 3_600_000,
+            'm' if chars.peek() == Some(&'s') => {
+                chars.next();
+                1
+            }
+            'm' => 60_000,
+            's' => 1_000,
             _ => return Err(bad()),
         };
         let n: u64 = digits.parse().map_err(|_| bad())?;
-        total = n
+        total_ms = n
             .checked_mul(unit)
-            .and_then(|v| total.checked_add(v))
+            .and_then(|v| total_ms.checked_add(v))
             .ok_or_else(bad)?;
         digits.clear();
         any = true;
     }
-    if !any || !digits.is_empty() || total == 0 {
+    if !any || !digits.is_empty() || total_ms == 0 {
         return Err(bad());
     }
-    Ok(std::time::Duration::from_secs(total))
+    Ok(std::time::Duration::from_millis(total_ms))
 }
 
 #[cfg(test)]
@@ -191,7 +211,12 @@ mod tests {
         assert_eq!(parse_duration("36h"), Ok(Duration::from_secs(36 * 3_600)));
         assert_eq!(parse_duration("1h30m"), Ok(Duration::from_secs(5_400)));
         assert_eq!(parse_duration("24h0m0s"), Ok(Duration::from_secs(86_400)));
-        for bad in ["", "7", "0s", "1.5h", "7w", "h", "-1h"] {
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(
+            parse_duration("1m30s5ms"),
+            Ok(Duration::from_millis(90_005))
+        );
+        for bad in ["", "7", "0s", "0ms", "1.5h", "7w", "h", "-1h", "5sm"] {
             assert!(parse_duration(bad).is_err(), "{bad:?} accepted");
         }
     }
