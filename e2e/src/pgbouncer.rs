@@ -26,6 +26,16 @@ pub struct PgBouncer {
 impl PgBouncer {
     /// Starts PgBouncer in front of `postgres`'s primary.
     pub fn start(postgres: &Postgres) -> Result<Self, HarnessError> {
+        Self::start_with_logins(postgres, &[])
+    }
+
+    /// Starts PgBouncer in front of `postgres`'s primary that also knows the
+    /// login users `logins` (name, password): it accepts them and logs in to
+    /// the primary as them, with their passwords, as a cluster's PgBouncer does.
+    pub fn start_with_logins(
+        postgres: &Postgres,
+        logins: &[(&str, &str)],
+    ) -> Result<Self, HarnessError> {
         let program = find_program("pgbouncer", &[PathBuf::from("/usr/sbin")]).ok_or(
             HarnessError::ProgramNotFound {
                 program: "pgbouncer",
@@ -39,7 +49,15 @@ impl PgBouncer {
         let user = primary.superuser().to_owned();
 
         let auth_file = dir.path().join("userlist.txt");
-        write(&auth_file, &format!("\"{user}\" \"\"\n"))?;
+        let mut users = format!("\"{user}\" \"\"\n");
+        for (name, password) in logins {
+            users.push_str(&format!(
+                "\"{}\" \"{}\"\n",
+                name.replace('"', "\"\""),
+                password.replace('"', "\"\"")
+            ));
+        }
+        write(&auth_file, &users)?;
         let ini = dir.path().join("pgbouncer.ini");
         let backend = format!(
             "host={} port={}",

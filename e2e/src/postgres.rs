@@ -168,6 +168,29 @@ impl Postgres {
         Ok(replica)
     }
 
+    /// Stops replica `index` (a fast shutdown), as a failed standby would go
+    /// away; [`Self::restart_replica`] brings it back.
+    pub fn stop_replica(&mut self, index: usize) -> Result<(), HarnessError> {
+        self.replica_mut(index)?.stop();
+        Ok(())
+    }
+
+    /// Starts replica `index` again after [`Self::stop_replica`].
+    pub fn restart_replica(&mut self, index: usize) -> Result<(), HarnessError> {
+        self.replica_mut(index)?.start().map_err(HarnessError::from)
+    }
+
+    fn replica_mut(&mut self, index: usize) -> Result<&mut LocalCluster, HarnessError> {
+        self.replicas()?;
+        let count = self.replica_count;
+        match self.replicas.get_mut() {
+            Some(Ok(replicas)) => replicas
+                .get_mut(index)
+                .ok_or(HarnessError::NoSuchReplica { index, count }),
+            _ => Err(HarnessError::NoSuchReplica { index, count }),
+        }
+    }
+
     /// One replica, starting the replicas if needed.
     pub fn replica(&self, index: usize) -> Result<&LocalCluster, HarnessError> {
         let replicas = self.replicas()?;

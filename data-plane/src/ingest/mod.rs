@@ -123,13 +123,15 @@ impl Ingest {
         result
     }
 
-    /// The primary's current WAL position (`X/Y`): at or past every commit
-    /// made before the call. A read that sends it back sees those commits.
+    /// The primary's current WAL insert position (`X/Y`): past the commit
+    /// record of every transaction committed before the call (also with
+    /// `synchronous_commit = off`, where the write position may still be
+    /// behind it). A replica that replayed it sees those commits.
     pub async fn wal_position(&self) -> Option<String> {
         let client = self.pool.get().await.ok()?;
         // The simple protocol: safe through PgBouncer in transaction mode.
         let messages = client
-            .simple_query("SELECT pg_current_wal_lsn()::text")
+            .simple_query("SELECT pg_current_wal_insert_lsn()::text")
             .await
             .ok()?;
         messages.iter().find_map(|m| match m {

@@ -58,10 +58,15 @@ impl Store {
 
     /// Connection string of `purpose`'s login user (TCP, with its password).
     pub fn url(&self, purpose: Purpose) -> String {
+        self.url_at(purpose, self.port)
+    }
+
+    /// [`Self::url`] on another server of the same cluster (a replica, or
+    /// PgBouncer in front of the primary) listening on 127.0.0.1:`port`.
+    pub fn url_at(&self, purpose: Purpose, port: u16) -> String {
         let login = purpose.login().expect("a client purpose has a login");
         format!(
-            "host=127.0.0.1 port={} user={login} password={} dbname={}",
-            self.port,
+            "host=127.0.0.1 port={port} user={login} password={} dbname={}",
             password(purpose),
             self.name
         )

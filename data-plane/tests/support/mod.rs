@@ -97,13 +97,33 @@ impl Answer {
 
 /// `GET path` with an optional bearer `token` on 127.0.0.1:port.
 pub fn get_as(port: u16, path: &str, token: Option<&str>) -> Answer {
+    let auth = token.map(|t| format!("Bearer {t}"));
+    let headers: Vec<(&str, &str)> = auth
+        .as_deref()
+        .map(|a| vec![("Authorization", a)])
+        .unwrap_or_default();
+    get_headers(port, path, &headers)
+}
+
+/// `GET path` with a bearer `token` and more `headers`.
+pub fn get_with(port: u16, path: &str, token: &str, headers: &[(&str, &str)]) -> Answer {
+    let auth = format!("Bearer {token}");
+    let mut all = vec![("Authorization", auth.as_str())];
+    all.extend_from_slice(headers);
+    get_headers(port, path, &all)
+}
+
+fn get_headers(port: u16, path: &str, headers: &[(&str, &str)]) -> Answer {
     let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
     s.set_read_timeout(Some(Duration::from_secs(30)))
         .expect("timeout");
-    let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
+    let extra: String = headers
+        .iter()
+        .map(|(n, v)| format!("{n}: {v}\r\n"))
+        .collect();
     write!(
         s,
-        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n{auth}\r\n"
+        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n{extra}\r\n"
     )
     .expect("send");
     let mut raw = String::new();
