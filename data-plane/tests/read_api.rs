@@ -4,8 +4,12 @@
 
 mod support;
 
+use std::collections::HashMap;
 use std::path::Path;
+use std::sync::{LazyLock, Mutex};
 use std::time::Duration;
+
+use boon::{Compiler, SchemaIndex, Schemas};
 
 use chrono::{DateTime, Duration as Span, SecondsFormat, Utc};
 use serde_json::{json, Value};
@@ -13,6 +17,111 @@ use support::ingest::{created, envelope};
 use support::{cli, free_port, get_as, http_get, http_post, stdout, wait_for, Served, Store};
 use umstore_migrations::roles::Purpose;
 use uuid::Uuid;
+
+/// The committed OpenAPI document, and every answer checked against it: its
+/// status documented for the route, its body valid against that status's schema.
+struct Contract {
+    doc: Value,
+    schemas: Schemas,
+    /// The schema of each documented (route, method, status) with a JSON body.
+    compiled: HashMap<(String, String, String), SchemaIndex>,
+}
+
+const DOC_URL: &str = "http://umstore.invalid/openapi.json";
+
+static CONTRACT: LazyLock<Mutex<Contract>> = LazyLock::new(|| {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/openapi.json");
+    let text = std::fs::read_to_string(&path).expect("docs/openapi.json");
+    let doc: Value = serde_json::from_str(&text).expect("docs/openapi.json is JSON");
+    let mut compiler = Compiler::new();
+    compiler.set_default_draft(boon::Draft::V2020_12);
+    compiler
+        .add_resource(DOC_URL, doc.clone())
+        .expect("add the document");
+    let mut schemas = Schemas::new();
+    let mut compiled = HashMap::new();
+    for (route, methods) in doc["paths"].as_object().expect("paths") {
+        for (method, operation) in methods.as_object().expect("methods") {
+            let Some(responses) = operation["responses"].as_object() else {
+                continue;
+            };
+            for status in responses.keys() {
+                let pointer = format!(
+                    "/paths/{}/{method}/responses/{status}/content/application~1json/schema",
+                    route.replace('~', "~0").replace('/', "~1")
+                );
+                if doc.pointer(&pointer).is_none() {
+                    continue;
+                }
+                let location = format!("{DOC_URL}#{pointer}");
+                let index = compiler
+                    .compile(&location, &mut schemas)
+                    .unwrap_or_else(|e| panic!("{location}: {e:#}"));
+                compiled.insert((route.clone(), method.clone(), status.clone()), index);
+            }
+        }
+    }
+    Mutex::new(Contract {
+        doc,
+        schemas,
+        compiled,
+    })
+});
+
+impl Contract {
+    /// The documented route template `path` (query stripped) falls under;
+    /// static segments win over `{parameters}`, as in the router.
+    fn route(&self, path: &str) -> String {
+        let path = path.split('?').next().unwrap_or(path);
+        let segments: Vec<&str> = path.split('/').collect();
+        let mut best: Option<(usize, String)> = None;
+        for template in self.doc["paths"].as_object().expect("paths").keys() {
+            let parts: Vec<&str> = template.split('/').collect();
+            if parts.len() != segments.len() {
+                continue;
+            }
+            let mut statics = 0;
+            let fits = parts.iter().zip(&segments).all(|(t, s)| {
+                if t.starts_with('{') {
+                    true
+                } else {
+                    statics += 1;
+                    t == s
+                }
+            });
+            if fits && best.as_ref().is_none_or(|(n, _)| statics > *n) {
+                best = Some((statics, template.clone()));
+            }
+        }
+        best.map(|(_, t)| t)
+            .unwrap_or_else(|| panic!("{path} is not in docs/openapi.json"))
+    }
+
+    fn check(&self, method: &str, path: &str, status: u16, body: &str) {
+        let route = self.route(path);
+        let responses = &self.doc["paths"][&route][method]["responses"];
+        assert!(
+            responses.get(status.to_string()).is_some(),
+            "{method} {route} answered {status}, which docs/openapi.json does not list: {body}"
+        );
+        let key = (route, method.to_owned(), status.to_string());
+        let Some(index) = self.compiled.get(&key) else {
+            return;
+        };
+        let value: Value = serde_json::from_str(body)
+            .unwrap_or_else(|e| panic!("{method} {path} {status}: not JSON ({e}): {body}"));
+        if let Err(e) = self.schemas.validate(&value, *index) {
+            panic!("{method} {path} {status} does not match docs/openapi.json: {e:#}\n{body}");
+        }
+    }
+}
+
+fn conforms(method: &str, path: &str, status: u16, body: &str) {
+    CONTRACT
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .check(method, path, status, body);
+}
 
 struct Api {
     served: Option<Served>,
@@ -79,7 +188,9 @@ impl Api {
     }
 
     fn get(&self, purpose: Purpose, path: &str) -> support::Answer {
-        get_as(self.port, path, Some(&self.token(purpose)))
+        let answer = get_as(self.port, path, Some(&self.token(purpose)));
+        conforms("get", path, answer.status, &answer.body);
+        answer
     }
 
     fn ok(&self, purpose: Purpose, path: &str) -> Value {
@@ -109,6 +220,7 @@ impl Api {
         );
         assert_eq!(status, 200, "{body}");
         assert!(!body.contains("rejected"), "{body}");
+        conforms("post", "/api/v1/events", status, &body);
     }
 
     fn data_dir(&self) -> &Path {
@@ -273,6 +385,7 @@ async fn each_endpoint_serves_its_purposes_and_refuses_the_rest() {
         }
         let none = get_as(api.port, path, None);
         assert_eq!(none.status, 401, "{path}: {}", none.body);
+        conforms("get", path, none.status, &none.body);
         assert_eq!(none.header("www-authenticate"), Some("Bearer"));
         let bad = get_as(api.port, path, Some("not-a-token-of-this-store"));
         assert_eq!(bad.status, 401);
@@ -681,6 +794,51 @@ async fn query_and_stats_filter_by_the_allow_list_and_suppress_small_groups() {
         );
         assert_eq!(answer.status, 400, "{query}: {}", answer.body);
         assert!(answer.body.contains(says), "{query}: {}", answer.body);
+    }
+    api.stop();
+}
+
+#[test]
+fn the_committed_openapi_document_is_what_the_code_generates() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/openapi.json");
+    let generated = umstore_data_plane::api::openapi::openapi_json();
+    if std::env::var_os("UPDATE_GOLDEN").is_some() {
+        std::fs::write(&path, &generated).expect("write docs/openapi.json");
+    }
+    let committed = std::fs::read_to_string(&path).unwrap_or_default();
+    assert!(
+        committed == generated,
+        "docs/openapi.json differs from the handlers' document: run \
+         UPDATE_GOLDEN=1 cargo test -p umstore-data-plane --test read_api, review the diff, commit"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_server_serves_its_openapi_document_without_a_token() {
+    let store = Store::migrated().await;
+    let mut api = Api::start(&store).await;
+    let (status, body) = http_get(api.port, "/openapi.json").expect("openapi.json");
+    assert_eq!(status, 200);
+    let served: Value = serde_json::from_str(&body).expect("json");
+    let committed: Value = serde_json::from_str(
+        &std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/openapi.json"),
+        )
+        .expect("docs/openapi.json"),
+    )
+    .expect("json");
+    assert_eq!(served, committed);
+    for route in [
+        "/api/v1/user-metadata/{user_id}",
+        "/api/v1/user-metadata/{user_id}/derived",
+        "/api/v1/user-metadata/{user_id}/risk-scores",
+        "/api/v1/user-metadata/{user_id}/eligibility",
+        "/api/v1/user-metadata/{user_id}/history",
+        "/api/v1/user-metadata/query",
+        "/api/v1/user-metadata/stats",
+        "/api/v1/events",
+    ] {
+        assert!(served["paths"].get(route).is_some(), "{route} undocumented");
     }
     api.stop();
 }

@@ -10,10 +10,9 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use chrono::Utc;
-use serde::Serialize;
 use serde_json::{json, Value};
-use uuid::Uuid;
 
+use super::bodies::{ErrorBody, EventsBody, Settled};
 use super::{ApiError, AppState, Caller};
 use crate::ingest::event;
 use crate::ingest::{ApplyError, Outcome};
@@ -23,18 +22,6 @@ use umstore_migrations::roles::Purpose;
 pub const MAX_BATCH: usize = 500;
 /// The largest body accepted.
 pub const MAX_BODY: usize = 4 * 1024 * 1024;
-
-/// One event's result.
-#[derive(Debug, Serialize)]
-struct Settled {
-    #[serde(skip_serializing_if = "Option::is_none")]
-    event_id: Option<Uuid>,
-    status: &'static str,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    version: Option<i64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    reason: Option<String>,
-}
 
 fn problem(status: StatusCode, error: &str, detail: impl Into<String>) -> Response {
     (
@@ -49,6 +36,27 @@ fn problem(status: StatusCode, error: &str, detail: impl Into<String>) -> Respon
 }
 
 /// The handler.
+#[utoipa::path(
+    post,
+    path = "/api/v1/events",
+    tag = "events",
+    security(("bearer" = [])),
+    request_body(
+        content = Object,
+        description = "One event, or an array of 1 to 500 (docs/events.md; JSON Schemas in docs/events/schemas)",
+        content_type = "application/json"
+    ),
+    responses(
+        (status = 200, description = "Each event's result (a batch, or one event not refused)", body = EventsBody,
+         headers(("X-Lsn" = String, description = "Send as X-Min-Lsn to read these writes"))),
+        (status = 422, description = "One event (not an array), refused", body = EventsBody),
+        (status = 503, description = "An event failed (send it again later), or not ready", body = EventsBody),
+        (status = 400, description = "Not JSON, or an empty or oversized batch", body = ErrorBody),
+        (status = 401, description = "No token, or an unknown one", body = ErrorBody),
+        (status = 403, description = "Not the writer's token", body = ErrorBody),
+        (status = 413, description = "The body is over 4 MiB", body = ErrorBody),
+    )
+)]
 pub async fn post_events(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -157,16 +165,19 @@ pub async fn post_events(
     } else {
         None
     };
+    let header = lsn
+        .as_deref()
+        .and_then(|l| axum::http::HeaderValue::from_str(l).ok());
     let mut response = (
         status,
-        Json(json!({
-            "results": results,
-            "lsn": lsn,
-            "schema_version": super::schema_version(),
-        })),
+        Json(EventsBody {
+            results,
+            lsn,
+            schema_version: super::schema_version(),
+        }),
     )
         .into_response();
-    if let Some(value) = lsn.and_then(|l| axum::http::HeaderValue::from_str(&l).ok()) {
+    if let Some(value) = header {
         response.headers_mut().insert("x-lsn", value);
     }
     response

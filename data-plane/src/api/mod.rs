@@ -2,9 +2,11 @@
 //! and the read API (docs/api.md), behind bearer tokens that map to a purpose.
 
 pub mod auth;
+pub mod bodies;
 pub mod error;
 pub mod events;
 mod health;
+pub mod openapi;
 pub mod pools;
 pub mod query;
 pub mod users;
@@ -92,6 +94,7 @@ pub fn router(state: AppState) -> Router {
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
         .route("/metrics", get(health::metrics))
+        .route("/openapi.json", get(openapi::serve))
         .merge(api)
         .with_state(state)
 }

@@ -6,12 +6,12 @@ use std::collections::HashMap;
 
 use axum::extract::{Query, State};
 use axum::response::Response;
-use serde_json::{json, Map};
 use umstore_migrations::roles::Purpose;
 use uuid::Uuid;
 
 use super::auth::Caller;
-use super::error::ApiError;
+use super::bodies::{ErrorBody, QueryBody, StatsBody};
+use super::error::{schema_version, ApiError};
 use super::users::{connection, finish, read_only, respond};
 use super::AppState;
 use crate::store::query::{self, Filter, DIMENSIONS};
@@ -102,6 +102,36 @@ fn parse_cursor(c: &str) -> Option<(String, Uuid)> {
 
 /// `GET /api/v1/user-metadata/query?<filters>&limit=&cursor=`: users in
 /// (region, id) order with their non-PII attributes; `GET` one for the rest.
+#[utoipa::path(
+    get,
+    path = "/api/v1/user-metadata/query",
+    tag = "users",
+    security(("bearer" = [])),
+    params(
+        ("region" = Option<String>, Query, description = "Region code, e.g. KA"),
+        ("state" = Option<String>, Query, description = "State or union territory name, any case"),
+        ("age_min" = Option<u32>, Query, description = "At least this old (0 to 130, by birth year)"),
+        ("age_max" = Option<u32>, Query, description = "At most this old (0 to 130, by birth year)"),
+        ("gender" = Option<String>, Query, description = "female, male, transgender or undisclosed"),
+        ("income_bracket" = Option<String>, Query, description = "BPL, LIG, MIG or HIG"),
+        ("life_stage" = Option<String>, Query, description = "childhood, student, early_career, family_building, established, pre_retirement or retired"),
+        ("bpl_status" = Option<bool>, Query, description = "Below the poverty line"),
+        ("eligible_for" = Option<String>, Query, description = "A scheme id with an unexpired eligible result"),
+        ("risk_above" = Option<f64>, Query, description = "Overall risk above (0 to 1)"),
+        ("identity_token" = Option<String>, Query, description = "An identity token (matched through its blind index)"),
+        ("limit" = Option<u32>, Query, description = "Users per page, 1 to 500 (default 50)"),
+        ("cursor" = Option<String>, Query, description = "A previous page's next_cursor"),
+        ("X-Min-Lsn" = Option<String>, Header, description = "Read at least this WAL position"),
+    ),
+    responses(
+        (status = 200, description = "A page of matching users", body = QueryBody,
+         headers(("X-Served-By" = String, description = "primary or replica"))),
+        (status = 400, description = "An unknown or invalid parameter", body = ErrorBody),
+        (status = 401, description = "No token, or an unknown one", body = ErrorBody),
+        (status = 403, description = "The token's purpose may not use this endpoint", body = ErrorBody),
+        (status = 503, description = "Not ready, or no database login for the purpose", body = ErrorBody),
+    )
+)]
 pub async fn find(
     State(state): State<AppState>,
     caller: Caller,
@@ -151,14 +181,44 @@ pub async fn find(
     let next = more
         .then(|| users.last().map(|u| format!("{}.{}", u.region, u.user_id)))
         .flatten();
-    let mut body = Map::new();
-    body.insert("users".into(), json!(users));
-    body.insert("next_cursor".into(), json!(next));
+    let body = QueryBody {
+        schema_version: schema_version(),
+        users,
+        next_cursor: next,
+    };
     finish(tx).await?;
     Ok(respond(served, body))
 }
 
 /// `GET /api/v1/user-metadata/stats?group_by=<d1,d2>&<filters>`.
+#[utoipa::path(
+    get,
+    path = "/api/v1/user-metadata/stats",
+    tag = "stats",
+    security(("bearer" = [])),
+    params(
+        ("group_by" = Option<String>, Query, description = "Up to 3 of region, gender, area_type, social_category, age_group, income_bracket, life_stage, employment_category, bpl_status, comma-separated"),
+        ("region" = Option<String>, Query, description = "Region code, e.g. KA"),
+        ("state" = Option<String>, Query, description = "State or union territory name, any case"),
+        ("age_min" = Option<u32>, Query, description = "At least this old (0 to 130, by birth year)"),
+        ("age_max" = Option<u32>, Query, description = "At most this old (0 to 130, by birth year)"),
+        ("gender" = Option<String>, Query, description = "female, male, transgender or undisclosed"),
+        ("income_bracket" = Option<String>, Query, description = "BPL, LIG, MIG or HIG"),
+        ("life_stage" = Option<String>, Query, description = "childhood, student, early_career, family_building, established, pre_retirement or retired"),
+        ("bpl_status" = Option<bool>, Query, description = "Below the poverty line"),
+        ("eligible_for" = Option<String>, Query, description = "A scheme id with an unexpired eligible result"),
+        ("risk_above" = Option<f64>, Query, description = "Overall risk above (0 to 1)"),
+        ("X-Min-Lsn" = Option<String>, Header, description = "Read at least this WAL position"),
+    ),
+    responses(
+        (status = 200, description = "Counts and averages; groups under the threshold left out", body = StatsBody,
+         headers(("X-Served-By" = String, description = "primary or replica"))),
+        (status = 400, description = "An unknown or invalid parameter", body = ErrorBody),
+        (status = 401, description = "No token, or an unknown one", body = ErrorBody),
+        (status = 403, description = "The token's purpose may not use this endpoint", body = ErrorBody),
+        (status = 503, description = "Not ready, or no database login for the purpose", body = ErrorBody),
+    )
+)]
 pub async fn stats(
     State(state): State<AppState>,
     caller: Caller,
@@ -199,10 +259,12 @@ pub async fn stats(
     let groups = query::stats(&*tx, &parsed, &dimensions, state.stats_min_group)
         .await
         .map_err(|e| ApiError::internal("stats failed", &e))?;
-    let mut body = Map::new();
-    body.insert("group_by".into(), json!(dimensions));
-    body.insert("min_group_size".into(), json!(state.stats_min_group));
-    body.insert("groups".into(), json!(groups));
+    let body = StatsBody {
+        schema_version: schema_version(),
+        group_by: dimensions,
+        min_group_size: state.stats_min_group,
+        groups,
+    };
     finish(tx).await?;
     Ok(respond(served, body))
 }

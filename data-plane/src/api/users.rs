@@ -14,6 +14,9 @@ use umstore_migrations::roles::Purpose;
 use uuid::Uuid;
 
 use super::auth::Caller;
+use super::bodies::{
+    Attributes, DerivedBody, EligibilityBody, ErrorBody, HistoryBody, RiskScoresBody, UserMetadata,
+};
 use super::error::{schema_version, ApiError};
 use super::pools::{Lsn, Served, MIN_LSN_HEADER, SERVED_BY_HEADER};
 use super::AppState;
@@ -81,9 +84,8 @@ fn only(params: &HashMap<String, String>, allowed: &[&str]) -> Result<(), ApiErr
 }
 
 /// A 200 answer: `body` with the schema version, and which server answered.
-pub fn respond(served: Served, mut body: Map<String, Value>) -> Response {
-    body.insert("schema_version".into(), json!(schema_version()));
-    let mut response = Json(Value::Object(body)).into_response();
+pub fn respond(served: Served, body: impl serde::Serialize) -> Response {
+    let mut response = Json(body).into_response();
     response
         .headers_mut()
         .insert(SERVED_BY_HEADER, HeaderValue::from_static(served.as_str()));
@@ -155,21 +157,49 @@ async fn keyring(state: &AppState) -> Result<std::sync::Arc<Keyring>, ApiError> 
     state.keys.get().await.map_err(ApiError::Unavailable)
 }
 
-fn record_body(record: UserRecord, with_pii: bool) -> Map<String, Value> {
-    let mut body = Map::new();
-    body.insert("user_id".into(), json!(record.user_id));
-    body.insert("region".into(), json!(record.region));
-    body.insert("version".into(), json!(record.version));
-    body.insert("updated_at".into(), json!(record.updated_at));
-    body.insert("pii_included".into(), json!(with_pii));
-    if with_pii {
-        body.insert("pii".into(), json!(record.pii));
-    }
-    body.insert("attributes".into(), record.attributes);
-    body
+fn record_body(
+    record: UserRecord,
+    with_pii: bool,
+    as_of: Option<DateTime<Utc>>,
+) -> Result<UserMetadata, ApiError> {
+    let attributes: Attributes = serde_json::from_value(record.attributes)
+        .map_err(|e| ApiError::internal("a stored row has an unexpected shape", &e))?;
+    Ok(UserMetadata {
+        schema_version: schema_version(),
+        user_id: record.user_id,
+        region: record.region,
+        version: record.version,
+        updated_at: record.updated_at,
+        as_of: as_of.map(|t| t.to_rfc3339()),
+        pii_included: with_pii,
+        pii: if with_pii { record.pii } else { None },
+        attributes,
+    })
 }
 
 /// `GET /api/v1/user-metadata/{user_id}[?as_of=<RFC 3339>]`.
+#[utoipa::path(
+    get,
+    path = "/api/v1/user-metadata/{user_id}",
+    tag = "users",
+    security(("bearer" = [])),
+    params(
+        ("user_id" = Uuid, Path, description = "The user's id (a UUID, hyphenated)"),
+        ("X-Min-Lsn" = Option<String>, Header, description = "Read at least this WAL position (the `lsn` a write returned)"),
+        ("as_of" = Option<String>, Query, description = "An RFC 3339 time: the user as they were then"),
+    ),
+    responses(
+        (status = 200, description = "The user now, or as of a time", body = UserMetadata,
+         headers(("X-Served-By" = String, description = "primary or replica"),
+                 ("X-Schema-Version" = u32, description = "The schema version"))),
+        (status = 400, description = "A malformed id, parameter or header", body = ErrorBody),
+        (status = 401, description = "No token, or an unknown one", body = ErrorBody),
+        (status = 403, description = "The token's purpose may not use this endpoint", body = ErrorBody),
+        (status = 404, description = "No such user", body = ErrorBody),
+        (status = 410, description = "The user was erased (crypto-shredded)", body = ErrorBody),
+        (status = 503, description = "Not ready, or no database login for the purpose", body = ErrorBody),
+    )
+)]
 pub async fn metadata(
     State(state): State<AppState>,
     caller: Caller,
@@ -222,15 +252,33 @@ pub async fn metadata(
     if let Some(erased_at) = record.erased_at.clone() {
         return Err(ApiError::Gone { user_id, erased_at });
     }
-    let mut body = record_body(record, decrypt);
-    if let Some(at) = as_of {
-        body.insert("as_of".into(), json!(at.to_rfc3339()));
-    }
+    let body = record_body(record, decrypt, as_of)?;
     finish(tx).await?;
     Ok(respond(served, body))
 }
 
 /// `GET /api/v1/user-metadata/{user_id}/derived`.
+#[utoipa::path(
+    get,
+    path = "/api/v1/user-metadata/{user_id}/derived",
+    tag = "users",
+    security(("bearer" = [])),
+    params(
+        ("user_id" = Uuid, Path, description = "The user's id (a UUID, hyphenated)"),
+        ("X-Min-Lsn" = Option<String>, Header, description = "Read at least this WAL position (the `lsn` a write returned)"),
+    ),
+    responses(
+        (status = 200, description = "Derived attributes", body = DerivedBody,
+         headers(("X-Served-By" = String, description = "primary or replica"),
+                 ("X-Schema-Version" = u32, description = "The schema version"))),
+        (status = 400, description = "A malformed id, parameter or header", body = ErrorBody),
+        (status = 401, description = "No token, or an unknown one", body = ErrorBody),
+        (status = 403, description = "The token's purpose may not use this endpoint", body = ErrorBody),
+        (status = 404, description = "No such user", body = ErrorBody),
+        (status = 410, description = "The user was erased (crypto-shredded)", body = ErrorBody),
+        (status = 503, description = "Not ready, or no database login for the purpose", body = ErrorBody),
+    )
+)]
 pub async fn derived(
     State(state): State<AppState>,
     caller: Caller,
@@ -247,15 +295,38 @@ pub async fn derived(
         user_id,
         reads::derived(&*tx, user_id).await.map_err(read_failed)?,
     )?;
-    let mut body = Map::new();
-    body.insert("user_id".into(), json!(user_id));
-    body.insert("region".into(), json!(found.region));
-    body.insert("derived".into(), json!(found.value));
+    let body = DerivedBody {
+        schema_version: schema_version(),
+        user_id,
+        region: found.region,
+        derived: found.value,
+    };
     finish(tx).await?;
     Ok(respond(served, body))
 }
 
 /// `GET /api/v1/user-metadata/{user_id}/risk-scores`.
+#[utoipa::path(
+    get,
+    path = "/api/v1/user-metadata/{user_id}/risk-scores",
+    tag = "users",
+    security(("bearer" = [])),
+    params(
+        ("user_id" = Uuid, Path, description = "The user's id (a UUID, hyphenated)"),
+        ("X-Min-Lsn" = Option<String>, Header, description = "Read at least this WAL position (the `lsn` a write returned)"),
+    ),
+    responses(
+        (status = 200, description = "Risk scores", body = RiskScoresBody,
+         headers(("X-Served-By" = String, description = "primary or replica"),
+                 ("X-Schema-Version" = u32, description = "The schema version"))),
+        (status = 400, description = "A malformed id, parameter or header", body = ErrorBody),
+        (status = 401, description = "No token, or an unknown one", body = ErrorBody),
+        (status = 403, description = "The token's purpose may not use this endpoint", body = ErrorBody),
+        (status = 404, description = "No such user", body = ErrorBody),
+        (status = 410, description = "The user was erased (crypto-shredded)", body = ErrorBody),
+        (status = 503, description = "Not ready, or no database login for the purpose", body = ErrorBody),
+    )
+)]
 pub async fn risk_scores(
     State(state): State<AppState>,
     caller: Caller,
@@ -274,16 +345,40 @@ pub async fn risk_scores(
             .await
             .map_err(read_failed)?,
     )?;
-    let mut body = Map::new();
-    body.insert("user_id".into(), json!(user_id));
-    body.insert("region".into(), json!(found.region));
-    body.insert("risk_scores".into(), json!(found.value));
+    let body = RiskScoresBody {
+        schema_version: schema_version(),
+        user_id,
+        region: found.region,
+        risk_scores: found.value,
+    };
     finish(tx).await?;
     Ok(respond(served, body))
 }
 
 /// `GET /api/v1/user-metadata/{user_id}/eligibility[?scheme_id=]`: unexpired
 /// entries only; an expired or absent one counts as a cache miss.
+#[utoipa::path(
+    get,
+    path = "/api/v1/user-metadata/{user_id}/eligibility",
+    tag = "users",
+    security(("bearer" = [])),
+    params(
+        ("user_id" = Uuid, Path, description = "The user's id (a UUID, hyphenated)"),
+        ("X-Min-Lsn" = Option<String>, Header, description = "Read at least this WAL position (the `lsn` a write returned)"),
+        ("scheme_id" = Option<String>, Query, description = "Only this scheme"),
+    ),
+    responses(
+        (status = 200, description = "Unexpired eligibility results", body = EligibilityBody,
+         headers(("X-Served-By" = String, description = "primary or replica"),
+                 ("X-Schema-Version" = u32, description = "The schema version"))),
+        (status = 400, description = "A malformed id, parameter or header", body = ErrorBody),
+        (status = 401, description = "No token, or an unknown one", body = ErrorBody),
+        (status = 403, description = "The token's purpose may not use this endpoint", body = ErrorBody),
+        (status = 404, description = "No such user", body = ErrorBody),
+        (status = 410, description = "The user was erased (crypto-shredded)", body = ErrorBody),
+        (status = 503, description = "Not ready, or no database login for the purpose", body = ErrorBody),
+    )
+)]
 pub async fn eligibility(
     State(state): State<AppState>,
     caller: Caller,
@@ -317,16 +412,41 @@ pub async fn eligibility(
             .map_err(read_failed)?,
     )?;
     state.metrics.eligibility_lookup(!found.value.is_empty());
-    let mut body = Map::new();
-    body.insert("user_id".into(), json!(user_id));
-    body.insert("region".into(), json!(found.region));
-    body.insert("eligibility".into(), json!(found.value));
+    let body = EligibilityBody {
+        schema_version: schema_version(),
+        user_id,
+        region: found.region,
+        eligibility: found.value,
+    };
     finish(tx).await?;
     Ok(respond(served, body))
 }
 
 /// `GET /api/v1/user-metadata/{user_id}/history[?limit=&cursor=]`: newest
 /// first; `next_cursor` fetches the next page.
+#[utoipa::path(
+    get,
+    path = "/api/v1/user-metadata/{user_id}/history",
+    tag = "users",
+    security(("bearer" = [])),
+    params(
+        ("user_id" = Uuid, Path, description = "The user's id (a UUID, hyphenated)"),
+        ("X-Min-Lsn" = Option<String>, Header, description = "Read at least this WAL position (the `lsn` a write returned)"),
+        ("limit" = Option<u32>, Query, description = "Changes per page, 1 to 500 (default 50)"),
+        ("cursor" = Option<String>, Query, description = "A previous page's next_cursor"),
+    ),
+    responses(
+        (status = 200, description = "A page of changes, newest first", body = HistoryBody,
+         headers(("X-Served-By" = String, description = "primary or replica"),
+                 ("X-Schema-Version" = u32, description = "The schema version"))),
+        (status = 400, description = "A malformed id, parameter or header", body = ErrorBody),
+        (status = 401, description = "No token, or an unknown one", body = ErrorBody),
+        (status = 403, description = "The token's purpose may not use this endpoint", body = ErrorBody),
+        (status = 404, description = "No such user", body = ErrorBody),
+        (status = 410, description = "The user was erased (crypto-shredded)", body = ErrorBody),
+        (status = 503, description = "Not ready, or no database login for the purpose", body = ErrorBody),
+    )
+)]
 pub async fn history(
     State(state): State<AppState>,
     caller: Caller,
@@ -389,12 +509,14 @@ pub async fn history(
         }
     }
     let next = more.then(|| changes.last().map(|c| c.cursor.to_string()));
-    let mut body = Map::new();
-    body.insert("user_id".into(), json!(user_id));
-    body.insert("region".into(), json!(found.region));
-    body.insert("pii_included".into(), json!(decrypt));
-    body.insert("changes".into(), json!(changes));
-    body.insert("next_cursor".into(), json!(next.flatten()));
+    let body = HistoryBody {
+        schema_version: schema_version(),
+        user_id,
+        region: found.region,
+        pii_included: decrypt,
+        changes,
+        next_cursor: next.flatten(),
+    };
     finish(tx).await?;
     Ok(respond(served, body))
 }

@@ -240,7 +240,7 @@ impl Where {
 }
 
 /// A user a query found: what identifies them and their non-PII attributes.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct Match {
     /// The user.
     pub user_id: Uuid,
@@ -311,9 +311,10 @@ pub async fn find(
 }
 
 /// One group of the stats: its dimension values, size and averages.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct Group {
     /// The value of each dimension grouped by.
+    #[schema(value_type = Object)]
     pub group: Map<String, Value>,
     /// Users in the group (never below the suppression threshold).
     pub users: i64,

@@ -90,7 +90,7 @@ pub struct Found<T> {
 }
 
 /// Derived attributes (recomputed by every metadata event).
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct Derived {
     /// `child`, `youth`, `adult`, `senior`.
     pub age_group: String,
@@ -117,7 +117,7 @@ pub struct Derived {
 }
 
 /// Risk scores from the AI core, 0.00 to 1.00.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct RiskScores {
     /// Financial risk.
     pub financial_risk: f64,
@@ -134,7 +134,7 @@ pub struct RiskScores {
 }
 
 /// One unexpired eligibility result.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct Eligibility {
     /// The scheme.
     pub scheme_id: String,
@@ -143,6 +143,7 @@ pub struct Eligibility {
     /// The rules engine's score, 0.00 to 1.00.
     pub score: Option<f64>,
     /// Why (the rules engine's reasons).
+    #[schema(value_type = Vec<String>)]
     pub reasons: Value,
     /// The rules that decided.
     pub rules_version: Option<String>,
@@ -153,7 +154,7 @@ pub struct Eligibility {
 }
 
 /// One change.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct Change {
     /// The change's id (per region).
     pub id: i64,
@@ -162,8 +163,10 @@ pub struct Change {
     /// The fields it changed.
     pub changed_fields: Vec<String>,
     /// Their values before (PII fields sealed, base64, until the caller opens them).
+    #[schema(value_type = Object)]
     pub old_values: Map<String, Value>,
     /// Their values after.
+    #[schema(value_type = Object)]
     pub new_values: Map<String, Value>,
     /// Who made it (the event's source).
     pub changed_by: String,
@@ -175,6 +178,7 @@ pub struct Change {
     pub changed_at: String,
     /// Where the next page starts after this row.
     #[serde(skip)]
+    #[schema(ignore)]
     pub cursor: Cursor,
 }
 

@@ -48,7 +48,7 @@ pub const PII: [(&str, &str); 7] = [
 ];
 
 /// A user's PII, decrypted.
-#[derive(Clone, Serialize, PartialEq, Eq)]
+#[derive(Clone, Serialize, PartialEq, Eq, utoipa::ToSchema)]
 pub struct Pii {
     /// Full name.
     pub full_name: Option<String>,
