@@ -5,12 +5,15 @@
 #   scripts/install-deps.sh --test   + PgBouncer, NATS server, OpenBao, Patroni (venv in
 #                                    /opt/umstore-patroni), rustfmt, clippy,
 #                                    and helm, kube-apiserver and etcd when Go is here
+#   scripts/install-deps.sh --bench  --test's, and wrk (the read API benchmark's load)
 # Exits non-zero when an install or a build fails: the tests need what failed, and
 # CI (UMSTORE_REQUIRE_COMPONENTS=1) would fail on it anyway, later and less clearly.
 set -euo pipefail
 
 want_test=0
+want_bench=0
 [[ "${1:-}" == "--test" ]] && want_test=1
+[[ "${1:-}" == "--bench" ]] && want_test=1 && want_bench=1
 
 die() {
     echo "install-deps: $*" >&2
@@ -34,6 +37,9 @@ have_pg || apt_pkgs+=(postgresql-15 postgresql-contrib-15)
 if [[ $want_test -eq 1 ]]; then
     [[ -x /usr/sbin/pgbouncer ]] || command -v pgbouncer >/dev/null || apt_pkgs+=(pgbouncer)
     command -v nats-server >/dev/null || [[ -x /usr/sbin/nats-server ]] || apt_pkgs+=(nats-server)
+fi
+if [[ $want_bench -eq 1 ]]; then
+    command -v wrk >/dev/null || apt_pkgs+=(wrk)
 fi
 
 if [[ ${#apt_pkgs[@]} -gt 0 ]]; then

@@ -25,6 +25,15 @@ pub enum Served {
 }
 
 impl Served {
+    /// Whether every transaction of a pooled connection reaches the same
+    /// server session, so statements may be prepared once per connection: a
+    /// replica pool connects to PostgreSQL directly; the primary may sit
+    /// behind PgBouncer in transaction mode, which (before 1.21) does not
+    /// keep prepared statements.
+    pub fn keeps_sessions(self) -> bool {
+        matches!(self, Served::Replica)
+    }
+
     /// The header's value.
     pub fn as_str(self) -> &'static str {
         match self {

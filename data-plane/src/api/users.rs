@@ -21,6 +21,7 @@ use super::error::{schema_version, ApiError};
 use super::pools::{Lsn, Served, MIN_LSN_HEADER, SERVED_BY_HEADER};
 use super::AppState;
 use crate::crypto::{FieldAad, Keyring, UserKey};
+use crate::store::reader::ReadTx;
 use crate::store::reads::{self, Cursor, Found};
 use crate::store::users::{self, AsOf, ReadError, UserRecord};
 
@@ -229,13 +230,14 @@ pub async fn metadata(
     let keyring = keyring(&state).await?;
     let (mut client, served) = connection(&state, purpose, &headers).await?;
     let tx = read_only(&mut client).await?;
+    let reader = ReadTx::new(&tx, served.keeps_sessions());
     let decrypt = sees_pii(purpose);
     let record = match as_of {
-        None => users::read_user(&*tx, &keyring, user_id, decrypt)
+        None => users::read_user(&reader, &keyring, user_id, decrypt)
             .await
             .map_err(read_failed)?
             .ok_or_else(|| unknown(user_id))?,
-        Some(at) => match users::read_user_as_of(&*tx, &keyring, user_id, at, decrypt)
+        Some(at) => match users::read_user_as_of(&reader, &keyring, user_id, at, decrypt)
             .await
             .map_err(read_failed)?
         {
@@ -291,9 +293,12 @@ pub async fn derived(
     only(&params, &[])?;
     let (mut client, served) = connection(&state, purpose, &headers).await?;
     let tx = read_only(&mut client).await?;
+    let reader = ReadTx::new(&tx, served.keeps_sessions());
     let found = gone_or(
         user_id,
-        reads::derived(&*tx, user_id).await.map_err(read_failed)?,
+        reads::derived(&reader, user_id)
+            .await
+            .map_err(read_failed)?,
     )?;
     let body = DerivedBody {
         schema_version: schema_version(),
@@ -339,9 +344,10 @@ pub async fn risk_scores(
     only(&params, &[])?;
     let (mut client, served) = connection(&state, purpose, &headers).await?;
     let tx = read_only(&mut client).await?;
+    let reader = ReadTx::new(&tx, served.keeps_sessions());
     let found = gone_or(
         user_id,
-        reads::risk_scores(&*tx, user_id)
+        reads::risk_scores(&reader, user_id)
             .await
             .map_err(read_failed)?,
     )?;
@@ -405,9 +411,10 @@ pub async fn eligibility(
     }
     let (mut client, served) = connection(&state, purpose, &headers).await?;
     let tx = read_only(&mut client).await?;
+    let reader = ReadTx::new(&tx, served.keeps_sessions());
     let found = gone_or(
         user_id,
-        reads::eligibility(&*tx, user_id, scheme)
+        reads::eligibility(&reader, user_id, scheme)
             .await
             .map_err(read_failed)?,
     )?;
@@ -483,9 +490,10 @@ pub async fn history(
     let keyring = keyring(&state).await?;
     let (mut client, served) = connection(&state, purpose, &headers).await?;
     let tx = read_only(&mut client).await?;
+    let reader = ReadTx::new(&tx, served.keeps_sessions());
     let found = gone_or(
         user_id,
-        reads::history(&*tx, user_id, cursor, limit)
+        reads::history(&reader, user_id, cursor, limit)
             .await
             .map_err(read_failed)?,
     )?;

@@ -3,5 +3,6 @@
 pub mod erasure;
 pub mod keys;
 pub mod query;
+pub mod reader;
 pub mod reads;
 pub mod users;

@@ -7,7 +7,9 @@
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 use serde_json::{Map, Value};
-use tokio_postgres::{GenericClient, Row};
+use tokio_postgres::Row;
+
+use super::reader::Reader;
 use uuid::Uuid;
 
 use super::users::ReadError;
@@ -196,7 +198,7 @@ fn found<T>(rows: &[Row], value: T) -> Option<Found<T>> {
 
 /// The user's derived attributes (`None` inside: not computed yet).
 pub async fn derived(
-    client: &impl GenericClient,
+    client: &impl Reader,
     user_id: Uuid,
 ) -> Result<Option<Found<Option<Derived>>>, ReadError> {
     let rows = client
@@ -223,7 +225,7 @@ pub async fn derived(
 
 /// The user's risk scores (`None` inside: none computed yet).
 pub async fn risk_scores(
-    client: &impl GenericClient,
+    client: &impl Reader,
     user_id: Uuid,
 ) -> Result<Option<Found<Option<RiskScores>>>, ReadError> {
     let rows = client.query(RISK, &[&user_id]).await.map_err(db(user_id))?;
@@ -242,7 +244,7 @@ pub async fn risk_scores(
 
 /// The user's unexpired eligibility results, all or for one scheme.
 pub async fn eligibility(
-    client: &impl GenericClient,
+    client: &impl Reader,
     user_id: Uuid,
     scheme_id: Option<&str>,
 ) -> Result<Option<Found<Vec<Eligibility>>>, ReadError> {
@@ -270,7 +272,7 @@ pub async fn eligibility(
 /// A page of the user's history, newest first, after `cursor` (the previous
 /// page's last row); `limit` rows at most, and whether more follow.
 pub async fn history(
-    client: &impl GenericClient,
+    client: &impl Reader,
     user_id: Uuid,
     cursor: Option<Cursor>,
     limit: u32,

@@ -5,10 +5,10 @@ use base64::Engine as _;
 use chrono::{DateTime, Datelike, NaiveDate, Utc};
 use std::sync::Arc;
 
+use super::reader::Reader;
 use serde::Serialize;
 use serde_json::{Map, Value};
 use thiserror::Error;
-use tokio_postgres::GenericClient;
 use uuid::Uuid;
 
 use crate::crypto::{CryptoError, DataKey, FieldAad, Keyring, KeyringError, UserKey};
@@ -133,7 +133,7 @@ struct Stored {
     erased_at: Option<String>,
 }
 
-async fn fetch(client: &impl GenericClient, user_id: Uuid) -> Result<Option<Stored>, ReadError> {
+async fn fetch(client: &impl Reader, user_id: Uuid) -> Result<Option<Stored>, ReadError> {
     let Some(row) = client
         .query_opt(SELECT_USER, &[&user_id])
         .await
@@ -175,13 +175,13 @@ async fn fetch(client: &impl GenericClient, user_id: Uuid) -> Result<Option<Stor
 
 /// The user's data key, or when it was destroyed.
 async fn key(
-    client: &impl GenericClient,
+    client: &impl Reader,
     keyring: &Keyring,
     user_id: Uuid,
     region: &str,
 ) -> Result<Result<Arc<DataKey>, String>, ReadError> {
     match keyring
-        .user_key(client, user_id, region)
+        .user_key(client.client(), user_id, region)
         .await
         .map_err(|source| ReadError::Keys { user_id, source })?
     {
@@ -234,7 +234,7 @@ fn pii_of(open: [Option<String>; 7]) -> Pii {
 /// is decrypted when `decrypt` is set (the caller's purpose allows it) and
 /// the user was not erased.
 pub async fn read_user(
-    client: &impl GenericClient,
+    client: &impl Reader,
     keyring: &Keyring,
     user_id: Uuid,
     decrypt: bool,
@@ -287,7 +287,7 @@ pub enum AsOf {
 /// that even when `decrypt` is not set (and then not returned). An erased
 /// user is returned with `erased_at` set and no PII.
 pub async fn read_user_as_of(
-    client: &impl GenericClient,
+    client: &impl Reader,
     keyring: &Keyring,
     user_id: Uuid,
     at: DateTime<Utc>,
