@@ -28,7 +28,9 @@ pub enum Purpose {
     Dashboard,
     /// Analytics (sees no PII columns).
     Analytics,
-    /// Administration (every table; no login user: operators use the superuser).
+    /// Administration (every table). Its login user is [`ADMIN_LOGIN`], not
+    /// [`Purpose::login`]: people administer the store as the superuser, and a
+    /// local data plane reads for this purpose as the database's owner.
     Admin,
 }
 
@@ -95,6 +97,11 @@ impl Purpose {
     }
 }
 
+/// The administrator's login user, a member of `umstore_admin`: in a cluster the
+/// operator's bootstrap step makes it and the data plane's admin API purpose reads
+/// as it (never as the superuser).
+pub const ADMIN_LOGIN: &str = "umstore_admin_login";
+
 /// The streaming-replication login.
 pub const REPLICATOR: &str = "replicator";
 
@@ -155,6 +162,7 @@ mod tests {
             assert_eq!(login, format!("{}_login", p.group()), "{p:?}");
         }
         assert_eq!(Purpose::Admin.login(), None);
+        assert_eq!(ADMIN_LOGIN, format!("{}_login", Purpose::Admin.group()));
     }
 
     /// The role names between the first `ARRAY[` and its `]` in migration 0001.
