@@ -33,6 +33,17 @@ pub enum Error {
         /// The Secret's name.
         name: String,
     },
+    /// The API tokens Secret exists but lacks a purpose's token.
+    #[error(
+        "Secret {name} has no usable `{key}` token; delete it to have new tokens generated for \
+         every purpose (clients then read their new token from it)"
+    )]
+    CorruptApiTokens {
+        /// The Secret's name.
+        name: String,
+        /// The purpose slug whose token is missing.
+        key: &'static str,
+    },
     /// The object lacks a name or namespace.
     #[error("the UserMetadataStore has no name or namespace")]
     MissingMetadata,
@@ -80,7 +91,7 @@ impl Error {
             Error::Kube { .. } => "kube",
             Error::Serialize { .. } => "serialize",
             Error::Entropy(_) => "entropy",
-            Error::CorruptSecret { .. } => "corrupt_secret",
+            Error::CorruptSecret { .. } | Error::CorruptApiTokens { .. } => "corrupt_secret",
             Error::MissingMetadata => "missing_metadata",
             Error::Database { .. } => "database",
             Error::Migrate(_) => "migrate",

@@ -31,6 +31,7 @@ use serde_json::{json, Value};
 use umstore_crds::{UserMetadataStore, UserMetadataStoreStatus};
 use umstore_e2e::Postgres;
 use umstore_migrations::Runner;
+use umstore_operator::builders::api_tokens::digest;
 use umstore_operator::builders::credentials::Role;
 use umstore_operator::builders::Env;
 use umstore_operator::db::Connector;
@@ -242,6 +243,31 @@ async fn the_operator_with_the_charts_rbac_reconciles_every_example_tier() {
                 .await
                 .unwrap_or_else(|e| panic!("tier {tier}: role Secret: {e}"));
         }
+        // The API tokens (immutable) and the digests the data plane mounts.
+        let tokens = secrets
+            .get(&format!("{name}-api-tokens"))
+            .await
+            .unwrap_or_else(|e| panic!("tier {tier}: tokens Secret: {e}"));
+        assert_eq!(tokens.immutable, Some(true), "tier {tier}");
+        let digests = secrets
+            .get(&format!("{name}-api-token-digests"))
+            .await
+            .unwrap_or_else(|e| panic!("tier {tier}: digests Secret: {e}"));
+        let tokens = tokens.data.unwrap_or_default();
+        let digests = digests.data.unwrap_or_default();
+        assert_eq!(tokens.len(), 7, "tier {tier}: one token per purpose");
+        assert_eq!(
+            tokens.keys().collect::<Vec<_>>(),
+            digests.keys().collect::<Vec<_>>()
+        );
+        for (slug, token) in &tokens {
+            let token = String::from_utf8(token.0.clone()).expect("utf-8 token");
+            assert_eq!(
+                digests.get(slug).map(|d| d.0.clone()),
+                Some(digest(&token).into_bytes()),
+                "tier {tier}: {slug}"
+            );
+        }
     }
     let policies: Api<NetworkPolicy> = Api::namespaced(admin.clone(), &ns);
     assert_eq!(
@@ -347,5 +373,9 @@ async fn the_operator_with_the_charts_rbac_reconciles_every_example_tier() {
         .get("pilot-role-admin")
         .await
         .expect("reclaimPolicy Retain keeps the admin Secret");
+    secrets
+        .get("pilot-api-tokens")
+        .await
+        .expect("reclaimPolicy Retain keeps the API tokens");
     operator.abort();
 }

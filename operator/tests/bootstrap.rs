@@ -60,6 +60,7 @@ fn credentials() -> Credentials {
             .iter()
             .map(|r| (*r, generate_password().expect("password")))
             .collect(),
+        ..Credentials::default()
     }
 }
 
@@ -193,6 +194,46 @@ async fn bootstrap_and_migrate_give_each_client_a_working_login_and_rerun_as_no_
         .await
         .expect_err("analytics must not read PII");
     assert_eq!(denied.code(), Some(&SqlState::INSUFFICIENT_PRIVILEGE));
+
+    // The administrator login (the API's admin purpose) logs in with its Secret's
+    // password as a member of umstore_admin, not as a superuser, and reads every
+    // column.
+    let admin_login = login(&pg, Role::AdminLogin, creds.password(Role::AdminLogin))
+        .await
+        .expect("the admin login logs in");
+    let row = admin_login
+        .query_one(
+            "SELECT current_user::text, rolsuper, rolcreaterole, rolcreatedb, rolreplication, \
+                    rolbypassrls, pg_has_role(current_user, 'umstore_admin', 'MEMBER') \
+               FROM pg_roles WHERE rolname = current_user",
+            &[],
+        )
+        .await
+        .expect("the admin login reads its own role");
+    assert_eq!(row.get::<_, String>(0), "umstore_admin_login");
+    let attributes: [bool; 5] = [row.get(1), row.get(2), row.get(3), row.get(4), row.get(5)];
+    assert_eq!(
+        attributes, [false; 5],
+        "no superuser, createrole, createdb, replication or bypassrls"
+    );
+    assert!(row.get::<_, bool>(6), "a member of umstore_admin");
+    admin_login
+        .query(
+            &format!(
+                "SELECT {} FROM umstore.user_metadata LIMIT 1",
+                PII_COLUMNS[0]
+            ),
+            &[],
+        )
+        .await
+        .expect("the admin purpose reads every column");
+    assert!(
+        first
+            .memberships
+            .contains(&"umstore_admin to umstore_admin_login".to_string()),
+        "{:?}",
+        first.memberships
+    );
 
     // A password changed by hand is put back to the Secret's, and only that one.
     client

@@ -3,6 +3,7 @@
 
 mod support;
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -27,7 +28,7 @@ async fn first_reconcile_applies_every_object_then_the_status() {
         .expect("reconcile");
     let writes = api.writes();
 
-    // Role Secrets first, each created once.
+    // Role Secrets and the API tokens first, each created once.
     let created: Vec<String> = writes
         .iter()
         .filter(|w| w.method == "POST" && w.path == paths::secrets(NS))
@@ -38,8 +39,17 @@ async fn first_reconcile_applies_every_object_then_the_status() {
                 .to_string()
         })
         .collect();
-    assert_eq!(created.len(), 8, "{created:?}");
+    assert_eq!(
+        created.len(),
+        10,
+        "9 role Secrets and the tokens: {created:?}"
+    );
     assert!(created.contains(&"state-rollout-role-writer".to_string()));
+    assert!(created.contains(&"state-rollout-role-admin-login".to_string()));
+    assert_eq!(
+        created.last().map(String::as_str),
+        Some("state-rollout-api-tokens")
+    );
 
     // Then every object of the tier, server-side applied in builder order, then the status.
     let store: UserMetadataStore =
@@ -446,6 +456,204 @@ async fn role_passwords_are_never_regenerated() {
     );
 }
 
+/// The API tokens Secret's `data`, decoded: purpose slug → token.
+fn tokens_in(api: &FakeApi, name: &str) -> BTreeMap<String, String> {
+    let secret = api.get(&paths::secrets(NS), name).expect("tokens Secret");
+    decoded(&secret)
+}
+
+fn decoded(secret: &Value) -> BTreeMap<String, String> {
+    use base64::Engine;
+    secret["data"]
+        .as_object()
+        .expect("data")
+        .iter()
+        .map(|(k, v)| {
+            let bytes = base64::engine::general_purpose::STANDARD
+                .decode(v.as_str().expect("base64 string"))
+                .expect("base64");
+            (k.clone(), String::from_utf8(bytes).expect("utf-8"))
+        })
+        .collect()
+}
+
+/// Every digest is `sha256:` of its purpose's token, and no token is in there.
+#[track_caller]
+fn assert_digests_match(tokens: &BTreeMap<String, String>, digests: &BTreeMap<String, String>) {
+    use sha2::Digest;
+    assert_eq!(
+        tokens.keys().collect::<Vec<_>>(),
+        digests.keys().collect::<Vec<_>>()
+    );
+    for (slug, token) in tokens {
+        assert_eq!(
+            digests[slug],
+            format!(
+                "sha256:{}",
+                hex::encode(sha2::Sha256::digest(token.as_bytes()))
+            ),
+            "{slug}"
+        );
+        assert!(digests.values().all(|d| !d.contains(token.as_str())));
+    }
+}
+
+#[tokio::test]
+async fn api_tokens_are_created_once_with_their_digests_and_never_changed() {
+    let (api, ctx, name) = seeded_without_credentials(example(2)).await;
+    reconcile(stored(&api, &name), ctx.clone())
+        .await
+        .expect("first");
+    let writes = api.writes();
+    let tokens_name = format!("{name}-api-tokens");
+    let digests_name = format!("{name}-api-token-digests");
+    let created = writes
+        .iter()
+        .find(|w| {
+            w.method == "POST"
+                && w.path == paths::secrets(NS)
+                && w.body
+                    .as_ref()
+                    .is_some_and(|b| b["metadata"]["name"] == tokens_name)
+        })
+        .expect("the tokens Secret is created");
+    let body = created.body.as_ref().expect("body");
+    assert_eq!(body["immutable"], true);
+    assert_eq!(
+        body["metadata"]["labels"]["umstore.io/credential"],
+        "api-tokens"
+    );
+    assert_eq!(
+        body["metadata"]["labels"]["app.kubernetes.io/instance"],
+        name.as_str()
+    );
+    assert_eq!(
+        body["metadata"]["ownerReferences"][0]["kind"],
+        "UserMetadataStore"
+    );
+    let tokens = tokens_in(&api, &tokens_name);
+    assert_eq!(
+        tokens.keys().map(String::as_str).collect::<Vec<_>>(),
+        [
+            "admin",
+            "ai",
+            "analytics",
+            "dashboard",
+            "json-generator",
+            "rules",
+            "writer"
+        ]
+    );
+    assert!(
+        tokens.values().all(|t| t.len() == 64),
+        "{:?}",
+        tokens.keys()
+    );
+    // The digests are applied with the other objects, before the data plane.
+    let applied = apply_lines(&writes);
+    let digests_at = applied
+        .iter()
+        .position(|l| l.ends_with(&format!("/secrets/{digests_name}")))
+        .expect("digests applied");
+    let data_plane_at = applied
+        .iter()
+        .position(|l| l.ends_with(&format!("/deployments/{name}-data-plane")))
+        .expect("data plane applied");
+    assert!(digests_at < data_plane_at, "{applied:#?}");
+    let digests = decoded(
+        &api.get(&paths::secrets(NS), &digests_name)
+            .expect("digests"),
+    );
+    assert_digests_match(&tokens, &digests);
+    let events = events(&writes);
+    assert!(
+        events.contains(&"CredentialsCreated".to_string()),
+        "{events:?}"
+    );
+
+    // A later reconcile (a spec change, workloads ready) neither creates nor changes them.
+    let mut store = api.get(&paths::stores(NS), &name).expect("store");
+    store["spec"]["pgbouncer"]["replicas"] = json!(3);
+    store["metadata"]["generation"] = json!(2);
+    api.put_raw(&paths::stores(NS), store);
+    api.mark_workloads_ready();
+    api.clear_log();
+    reconcile(stored(&api, &name), ctx).await.expect("second");
+    let writes = api.writes();
+    let touches_them = |w: &Recorded| {
+        w.path.ends_with(&tokens_name)
+            || w.path.ends_with(&digests_name)
+            || (w.method == "POST" && w.path == paths::secrets(NS))
+    };
+    assert!(!writes.iter().any(touches_them), "{:#?}", lines(&writes));
+    assert_eq!(tokens_in(&api, &tokens_name), tokens);
+}
+
+#[tokio::test]
+async fn a_deleted_tokens_secret_is_recreated_and_the_digests_and_pods_follow() {
+    let (api, ctx, name) = seeded(example(1)).await;
+    steady(&api, &ctx, &name).await;
+    let tokens_name = format!("{name}-api-tokens");
+    let digests_name = format!("{name}-api-token-digests");
+    let before = tokens_in(&api, &tokens_name);
+    let hash = |api: &FakeApi| {
+        api.get(&paths::deployments(NS), &format!("{name}-data-plane"))
+            .expect("data plane")["spec"]["template"]["metadata"]["annotations"]
+            ["umstore.io/config-hash"]
+            .clone()
+    };
+    let hash_before = hash(&api);
+
+    api.remove(&paths::secrets(NS), &tokens_name)
+        .expect("deleted by hand");
+    reconcile(stored(&api, &name), ctx.clone())
+        .await
+        .expect("recreates");
+    let writes = api.writes();
+    let after = tokens_in(&api, &tokens_name);
+    assert_ne!(after, before, "new tokens");
+    for (slug, token) in &after {
+        assert_ne!(Some(token), before.get(slug), "{slug}: a new token");
+    }
+    assert_digests_match(
+        &after,
+        &decoded(
+            &api.get(&paths::secrets(NS), &digests_name)
+                .expect("digests"),
+        ),
+    );
+    assert_ne!(
+        hash(&api),
+        hash_before,
+        "the data plane's pods roll to the new digests"
+    );
+    let applied = apply_lines(&writes);
+    for object in [
+        format!("/secrets/{digests_name}"),
+        format!("/deployments/{name}-data-plane"),
+    ] {
+        assert!(applied.iter().any(|l| l.ends_with(&object)), "{applied:#?}");
+    }
+    assert!(events(&writes).contains(&"CredentialsCreated".to_string()));
+    // Role passwords are untouched.
+    assert!(
+        writes.iter().all(|w| !w.path.contains("-role-")),
+        "{:#?}",
+        lines(&writes)
+    );
+
+    // Then nothing more to do.
+    api.clear_log();
+    reconcile(stored(&api, &name), ctx).await.expect("steady");
+    assert!(
+        applies(&api.writes())
+            .iter()
+            .all(|w| w.path.ends_with("/status")),
+        "{:#?}",
+        lines(&api.writes())
+    );
+}
+
 #[tokio::test]
 async fn deletion_runs_the_finalizer_and_retains_secrets() {
     let (api, ctx, name) = seeded(example(1)).await;
@@ -465,8 +673,8 @@ async fn deletion_runs_the_finalizer_and_retains_secrets() {
         .collect();
     assert_eq!(
         orphaned.len(),
-        14,
-        "8 role + 6 connection Secrets: {:#?}",
+        18,
+        "9 role + 7 connection Secrets, the API tokens and their digests: {:#?}",
         lines(&writes)
     );
     for w in &orphaned {

@@ -236,6 +236,118 @@ fn examples_from_tier_2_reach_the_bus_and_tier_1_ingests_over_http_only() {
     }
 }
 
+/// The data plane's pod spec in every tier: each purpose's login comes from a key
+/// that exists in a Secret the tier builds; a replica URL only where the tier has
+/// that purpose's pool; the only Secret volume is the digests one, which holds no
+/// token; no password or token appears anywhere in the Deployment.
+#[test]
+fn every_tier_gives_the_data_plane_its_logins_by_reference_and_only_token_digests() {
+    use umstore_migrations::roles::Purpose;
+    let creds = Credentials::fixed_for_tests();
+    for tier in 1..=4 {
+        let objects = objects(tier);
+        let secrets: Vec<&k8s_openapi::api::core::v1::Secret> = objects
+            .iter()
+            .filter_map(|o| match o {
+                Object::Secret(s) => Some(s),
+                _ => None,
+            })
+            .collect();
+        let secret_has = |name: &str, key: &str| {
+            secrets.iter().any(|s| {
+                s.metadata.name.as_deref() == Some(name)
+                    && s.data.as_ref().is_some_and(|d| d.contains_key(key))
+            })
+        };
+        let deployment = objects
+            .iter()
+            .find_map(|o| match o {
+                Object::Deployment(d)
+                    if d.metadata
+                        .name
+                        .as_deref()
+                        .is_some_and(|n| n.ends_with("-data-plane")) =>
+                {
+                    Some(d)
+                }
+                _ => None,
+            })
+            .expect("data-plane Deployment");
+        let rendered = serde_json::to_string(deployment).expect("json");
+        for secret in creds.passwords.values().map(String::as_str).chain(
+            Purpose::ALL
+                .iter()
+                .filter_map(|p| creds.api_tokens.token(*p)),
+        ) {
+            assert!(
+                !rendered.contains(secret),
+                "tier {tier}: a secret in the pod spec"
+            );
+        }
+        let pod = deployment.spec.template.spec.as_ref().expect("pod");
+        let env = pod.containers[0].env.clone().unwrap_or_default();
+        let reference = |name: &str| {
+            env.iter()
+                .find(|e| e.name == name)
+                .and_then(|e| e.value_from.as_ref()?.secret_key_ref.as_ref())
+                .map(|s| (s.name.clone(), s.key.clone()))
+        };
+        let has_pool = |pool: &str| {
+            objects.iter().any(|o| {
+                o.key().ends_with(&format!("-replica-{pool}"))
+                    && o.key().starts_with("StatefulSet/")
+            })
+        };
+        for (prefix, pool) in [
+            ("AI", Some("ai")),
+            ("RULES", Some("ai")),
+            ("JSON_GENERATOR", Some("ai")),
+            ("DASHBOARD", Some("analytics")),
+            ("ANALYTICS", Some("analytics")),
+            ("ADMIN", None),
+        ] {
+            let (secret, key) = reference(&format!("UMSTORE_{prefix}_DATABASE_URL"))
+                .unwrap_or_else(|| panic!("tier {tier}: UMSTORE_{prefix}_DATABASE_URL"));
+            assert_eq!(key, "primary-uri");
+            assert!(secret_has(&secret, &key), "tier {tier}: {secret}/{key}");
+            let replica = reference(&format!("UMSTORE_{prefix}_REPLICA_URL"));
+            if pool.is_some_and(has_pool) {
+                let (r_secret, r_key) = replica.expect("replica URL where the pool exists");
+                assert_eq!(
+                    (r_secret.as_str(), r_key.as_str()),
+                    (secret.as_str(), "uri")
+                );
+            } else {
+                assert!(replica.is_none(), "tier {tier}: {prefix} has no pool");
+            }
+        }
+        let volumes: Vec<&str> = pod
+            .volumes
+            .iter()
+            .flatten()
+            .filter_map(|v| v.secret.as_ref()?.secret_name.as_deref())
+            .collect();
+        assert_eq!(volumes.len(), 1, "tier {tier}: {volumes:?}");
+        assert!(volumes[0].ends_with("-api-token-digests"));
+        let digests = secrets
+            .iter()
+            .find(|s| s.metadata.name.as_deref() == Some(volumes[0]))
+            .expect("the digests Secret is built");
+        let data = serde_json::to_string(&digests.data).expect("json");
+        assert!(
+            Purpose::ALL
+                .iter()
+                .filter_map(|p| creds.api_tokens.token(*p))
+                .all(|t| !data.contains(t)),
+            "tier {tier}: a token in the digests"
+        );
+        assert!(
+            !objects.iter().any(|o| o.key().ends_with("-api-tokens")),
+            "the tokens Secret is the credentials step's, not the topology's"
+        );
+    }
+}
+
 /// From tier 3 every PostgreSQL pod is in one Patroni cluster (Patroni's Citus
 /// integration finds the coordinator and every group's primary within a scope),
 /// its group set apart by `citus.group`, and each read-write Service selects its

@@ -8,15 +8,17 @@ use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec};
 use k8s_openapi::api::core::v1::{
     Capabilities, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, EnvVarSource,
     HTTPGetAction, PodSecurityContext, PodSpec, PodTemplateSpec, Probe, ResourceRequirements,
-    SecretKeySelector, SecurityContext, Service, ServiceAccount, Volume, VolumeMount,
+    SecretKeySelector, SecretVolumeSource, SecurityContext, Service, ServiceAccount, Volume,
+    VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use umstore_crds::{DataPlaneSpec, EncryptionSpec, EventsSpec, GpuSpec, VaultAuthSpec};
 
-use super::credentials::Role;
-use crate::meta::API_PORT;
+use super::api_tokens::{digests_hash, digests_secret_name, ApiTokens};
+use super::credentials::{pool_of, Role, PRIMARY_URI_KEY, URI_KEY};
+use crate::meta::{API_PORT, CONFIG_HASH};
 use crate::validated::{Events, Validated};
 
 const COMPONENT: &str = "data-plane";
@@ -47,7 +49,7 @@ fn from_secret(name: &str, secret: String, key: &str) -> EnvVar {
 }
 
 fn uri_from(name: &str, secret: String) -> EnvVar {
-    from_secret(name, secret, "uri")
+    from_secret(name, secret, URI_KEY)
 }
 
 fn http_probe(path: &str, period: i32) -> Probe {
@@ -63,10 +65,10 @@ fn http_probe(path: &str, period: i32) -> Probe {
 }
 
 /// Environment of the data plane, in the names its CLI reads (`umstore-data-plane
-/// serve`): the write URI from the writer's connection Secret (never in the pod
-/// spec), Vault with Kubernetes auth, and Vault required (no local key file in a
-/// cluster). The read-pool URIs, tier, regions and eligibility TTL are there for the
-/// read routing of SPEC §7.
+/// serve`): the write URI from the writer's connection Secret and each reading
+/// purpose's logins from its own (never in the pod spec), the directory of API
+/// token digests, Vault with Kubernetes auth, and Vault required (no local key file
+/// in a cluster). Tier, regions and eligibility TTL are passed as well.
 fn environment(v: &Validated) -> Vec<EnvVar> {
     let owner = &v.owner;
     let EncryptionSpec {
@@ -85,14 +87,10 @@ fn environment(v: &Validated) -> Vec<EnvVar> {
             "UMSTORE_DATABASE_URL",
             Role::Writer.connection_secret_name(owner),
         ),
-        uri_from(
-            "UMSTORE_READ_AI_DATABASE_URL",
-            Role::Ai.connection_secret_name(owner),
-        ),
-        uri_from(
-            "UMSTORE_READ_ANALYTICS_DATABASE_URL",
-            Role::Analytics.connection_secret_name(owner),
-        ),
+        env("UMSTORE_API_TOKENS_DIR", API_TOKENS_DIR),
+    ];
+    vars.extend(read_environment(v));
+    vars.extend([
         env("UMSTORE_DATA_DIR", DATA_DIR),
         env("UMSTORE_REQUIRE_VAULT", "true"),
         env("UMSTORE_TRANSIT_MOUNT", transit_mount.clone()),
@@ -104,12 +102,48 @@ fn environment(v: &Validated) -> Vec<EnvVar> {
             "UMSTORE_ELIGIBILITY_CACHE_TTL",
             v.spec.eligibility_cache_ttl.clone(),
         ),
-    ];
+    ]);
     if let Some(addr) = vault_address {
         vars.push(env("UMSTORE_VAULT_ADDR", addr.clone()));
     }
     if let Some(events) = &v.events {
         vars.extend(events_environment(events));
+    }
+    vars
+}
+
+/// The roles the read API reads as, one per reading purpose (SPEC §7).
+const READERS: [Role; 6] = [
+    Role::Ai,
+    Role::Rules,
+    Role::JsonGenerator,
+    Role::Dashboard,
+    Role::Analytics,
+    Role::AdminLogin,
+];
+
+/// `UMSTORE_<P>_DATABASE_URL` for each reading purpose P: its own login on the
+/// read-write endpoint (`primary-uri` of its connection Secret); and
+/// `UMSTORE_<P>_REPLICA_URL`, the same login on its replica pool (`uri`), where
+/// this tier has that pool.
+fn read_environment(v: &Validated) -> Vec<EnvVar> {
+    let owner = &v.owner;
+    let mut vars = Vec::new();
+    for role in READERS {
+        let prefix = role.purpose_slug().to_uppercase().replace('-', "_");
+        let secret = role.connection_secret_name(owner);
+        vars.push(from_secret(
+            &format!("UMSTORE_{prefix}_DATABASE_URL"),
+            secret.clone(),
+            PRIMARY_URI_KEY,
+        ));
+        if pool_of(v, role).is_some() {
+            vars.push(from_secret(
+                &format!("UMSTORE_{prefix}_REPLICA_URL"),
+                secret,
+                URI_KEY,
+            ));
+        }
     }
     vars
 }
@@ -173,8 +207,12 @@ fn duration_text(d: Duration) -> String {
 /// Writable scratch directory of the data plane (the root filesystem is read-only).
 const DATA_DIR: &str = "/var/lib/umstore";
 
-/// The Deployment `<store>-data-plane`.
-pub fn deployment(v: &Validated) -> Deployment {
+/// Where the API token digests are mounted (read-only): `UMSTORE_API_TOKENS_DIR`.
+pub const API_TOKENS_DIR: &str = "/etc/umstore/api-tokens";
+
+/// The Deployment `<store>-data-plane`. Its pod template carries a hash of the API
+/// token digests: the data plane reads them at start, so new tokens roll its pods.
+pub fn deployment(v: &Validated, tokens: &ApiTokens) -> Deployment {
     let owner = &v.owner;
     let labels = owner.component_labels(COMPONENT);
     let DataPlaneSpec {
@@ -235,11 +273,19 @@ pub fn deployment(v: &Validated) -> Deployment {
         resources: Some(resources),
         readiness_probe: Some(http_probe("/readyz", 5)),
         liveness_probe: Some(http_probe("/healthz", 15)),
-        volume_mounts: Some(vec![VolumeMount {
-            name: "data".into(),
-            mount_path: DATA_DIR.into(),
-            ..VolumeMount::default()
-        }]),
+        volume_mounts: Some(vec![
+            VolumeMount {
+                name: "data".into(),
+                mount_path: DATA_DIR.into(),
+                ..VolumeMount::default()
+            },
+            VolumeMount {
+                name: "api-tokens".into(),
+                mount_path: API_TOKENS_DIR.into(),
+                read_only: Some(true),
+                ..VolumeMount::default()
+            },
+        ]),
         security_context: Some(SecurityContext {
             read_only_root_filesystem: Some(true),
             allow_privilege_escalation: Some(false),
@@ -262,6 +308,10 @@ pub fn deployment(v: &Validated) -> Deployment {
             template: PodTemplateSpec {
                 metadata: Some(ObjectMeta {
                     labels: Some(labels),
+                    annotations: Some(BTreeMap::from([(
+                        CONFIG_HASH.to_string(),
+                        digests_hash(tokens),
+                    )])),
                     ..ObjectMeta::default()
                 }),
                 spec: Some(PodSpec {
@@ -272,11 +322,23 @@ pub fn deployment(v: &Validated) -> Deployment {
                         ..PodSecurityContext::default()
                     }),
                     containers: vec![container],
-                    volumes: Some(vec![Volume {
-                        name: "data".into(),
-                        empty_dir: Some(EmptyDirVolumeSource::default()),
-                        ..Volume::default()
-                    }]),
+                    volumes: Some(vec![
+                        Volume {
+                            name: "data".into(),
+                            empty_dir: Some(EmptyDirVolumeSource::default()),
+                            ..Volume::default()
+                        },
+                        // The digests only: a pod never holds a usable token.
+                        Volume {
+                            name: "api-tokens".into(),
+                            secret: Some(SecretVolumeSource {
+                                secret_name: Some(digests_secret_name(owner)),
+                                optional: Some(false),
+                                ..SecretVolumeSource::default()
+                            }),
+                            ..Volume::default()
+                        },
+                    ]),
                     node_selector,
                     tolerations,
                     runtime_class_name,
@@ -324,7 +386,7 @@ mod tests {
     }
 
     fn container_env(v: &Validated) -> Vec<EnvVar> {
-        let deployment = deployment(v);
+        let deployment = deployment(v, &ApiTokens::fixed_for_tests());
         let pod = deployment.spec.template.spec.expect("pod");
         pod.containers[0].env.clone().expect("env")
     }
@@ -333,6 +395,123 @@ mod tests {
         vars.iter()
             .find(|e| e.name == name)
             .and_then(|e| e.value.as_deref())
+    }
+
+    /// `(secret, key)` of a variable read from a Secret; fails if it carries a value.
+    fn secret_ref<'a>(vars: &'a [EnvVar], name: &str) -> Option<(&'a str, &'a str)> {
+        let var = vars.iter().find(|e| e.name == name)?;
+        assert_eq!(var.value, None, "{name} must not carry the value");
+        let selector = var.value_from.as_ref()?.secret_key_ref.as_ref()?;
+        assert_eq!(selector.optional, Some(false), "{name}");
+        Some((selector.name.as_str(), selector.key.as_str()))
+    }
+
+    const READ_PURPOSES: [(&str, &str); 6] = [
+        ("AI", "ai"),
+        ("RULES", "rules"),
+        ("JSON_GENERATOR", "json-generator"),
+        ("DASHBOARD", "dashboard"),
+        ("ANALYTICS", "analytics"),
+        ("ADMIN", "admin"),
+    ];
+
+    #[test]
+    fn each_reading_purpose_reads_as_its_own_login_on_the_primary() {
+        let vars = container_env(&validated(json!({})));
+        assert_eq!(
+            secret_ref(&vars, "UMSTORE_DATABASE_URL"),
+            Some(("s-conn-writer", "uri"))
+        );
+        for (prefix, slug) in READ_PURPOSES {
+            let name = format!("UMSTORE_{prefix}_DATABASE_URL");
+            let secret = format!("s-conn-{slug}");
+            assert_eq!(
+                secret_ref(&vars, &name),
+                Some((secret.as_str(), "primary-uri")),
+                "{name}"
+            );
+            let replica = format!("UMSTORE_{prefix}_REPLICA_URL");
+            assert_eq!(secret_ref(&vars, &replica), None, "tier 1 has no pools");
+        }
+        assert!(
+            !vars
+                .iter()
+                .any(|e| e.name.ends_with("_DATABASE_URL") && e.name.starts_with("UMSTORE_READ_")),
+            "no variables the data plane does not read"
+        );
+    }
+
+    #[test]
+    fn a_purpose_with_a_pool_in_the_tier_also_gets_its_replica_url() {
+        let vars = container_env(&validated(json!({
+            "tier": 2,
+            "replicaPools": [{"purpose": "ai", "replicas": 2}],
+        })));
+        for (prefix, slug) in READ_PURPOSES {
+            let secret = format!("s-conn-{slug}");
+            let replica = secret_ref(&vars, &format!("UMSTORE_{prefix}_REPLICA_URL"));
+            match slug {
+                "ai" | "rules" | "json-generator" => {
+                    assert_eq!(replica, Some((secret.as_str(), "uri")), "{slug}")
+                }
+                _ => assert_eq!(replica, None, "{slug}: no analytics pool, admin has none"),
+            }
+            assert_eq!(
+                secret_ref(&vars, &format!("UMSTORE_{prefix}_DATABASE_URL")),
+                Some((secret.as_str(), "primary-uri")),
+                "{slug}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_pod_mounts_only_the_token_digests_read_only() {
+        let v = validated(json!({}));
+        let tokens = ApiTokens::fixed_for_tests();
+        let pod = deployment(&v, &tokens).spec.template.spec.expect("pod");
+        let container = &pod.containers[0];
+        let vars = container.env.clone().expect("env");
+        assert_eq!(value(&vars, "UMSTORE_API_TOKENS_DIR"), Some(API_TOKENS_DIR));
+        let mount = container
+            .volume_mounts
+            .iter()
+            .flatten()
+            .find(|m| m.mount_path == API_TOKENS_DIR)
+            .expect("tokens mount");
+        assert_eq!(mount.read_only, Some(true));
+        let volume = pod
+            .volumes
+            .iter()
+            .flatten()
+            .find(|v| v.name == mount.name)
+            .expect("tokens volume");
+        let secret = volume.secret.as_ref().expect("a Secret volume");
+        assert_eq!(secret.secret_name.as_deref(), Some("s-api-token-digests"));
+        let secret_volumes: Vec<&str> = pod
+            .volumes
+            .iter()
+            .flatten()
+            .filter_map(|v| v.secret.as_ref()?.secret_name.as_deref())
+            .collect();
+        assert_eq!(secret_volumes, ["s-api-token-digests"], "never the tokens");
+        assert!(
+            !vars.iter().any(|e| e
+                .value_from
+                .as_ref()
+                .and_then(|f| f.secret_key_ref.as_ref())
+                .is_some_and(|s| s.name == "s-api-tokens")),
+            "no token in the environment"
+        );
+    }
+
+    #[test]
+    fn new_tokens_roll_the_pods() {
+        let v = validated(json!({}));
+        let template = |tokens: &ApiTokens| deployment(&v, tokens).spec.template.metadata;
+        let fixed = ApiTokens::fixed_for_tests();
+        let fresh = ApiTokens::generate().expect("entropy");
+        assert_eq!(template(&fixed), template(&fixed.clone()));
+        assert_ne!(template(&fixed), template(&fresh));
     }
 
     const BUS_VARS: [&str; 7] = [

@@ -1,6 +1,7 @@
 //! Pure builders: from a [`Validated`] store and its [`Credentials`] to every object of
 //! its tier. Nothing here talks to the API server; the golden-file tests cover it.
 
+pub mod api_tokens;
 pub mod credentials;
 pub mod data_plane;
 pub mod patroni;
@@ -117,8 +118,8 @@ impl Object {
 }
 
 /// Every object of the store's tier, in apply order (configuration before the
-/// workloads that read it). Role Secrets are not here: the credentials step creates
-/// them once.
+/// workloads that read it). Role Secrets and the API tokens Secret are not here: the
+/// credentials step creates them once.
 pub fn topology(v: &Validated, creds: &Credentials, env: &Env) -> Vec<Object> {
     // Exhaustive: a new spec field fails to compile here until someone decides where it goes.
     let UserMetadataStoreSpec {
@@ -166,6 +167,10 @@ pub fn topology(v: &Validated, creds: &Credentials, env: &Env) -> Vec<Object> {
             .iter()
             .map(|r| Object::Secret(credentials::connection_secret(v, *r, creds))),
     );
+    objects.push(Object::Secret(api_tokens::digests_secret(
+        &v.owner,
+        &creds.api_tokens,
+    )));
     for role in &pg_roles {
         objects.push(Object::Service(services::headless_service(v, role)));
         objects.push(Object::Service(services::client_service(v, role)));
@@ -182,7 +187,10 @@ pub fn topology(v: &Validated, creds: &Credentials, env: &Env) -> Vec<Object> {
     if v.pooled() {
         objects.push(Object::Deployment(pgbouncer::deployment(v, creds)));
     }
-    objects.push(Object::Deployment(data_plane::deployment(v)));
+    objects.push(Object::Deployment(data_plane::deployment(
+        v,
+        &creds.api_tokens,
+    )));
     for role in &pg_roles {
         if role.replicas(v) > 1 {
             objects.push(Object::PodDisruptionBudget(policy::pdb(

@@ -1,5 +1,6 @@
-//! Step 2, credentials: one password per database role, generated once into an
-//! immutable Secret and read back on every later reconcile (never regenerated).
+//! Step 2, credentials: one password per database role and one API bearer token
+//! per purpose, generated once into immutable Secrets and read back on every later
+//! reconcile (never regenerated while their Secret exists).
 
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Api, DynamicObject};
@@ -7,6 +8,7 @@ use kube::runtime::events::EventType;
 
 use super::{Journal, Reason};
 use crate::apply::{self, Observed};
+use crate::builders::api_tokens::{tokens_secret, tokens_secret_name, ApiTokens};
 use crate::builders::credentials::{generate_password, role_secret, Credentials, Role};
 use crate::builders::Object;
 use crate::context::Context;
@@ -26,6 +28,14 @@ fn password_of(name: &str, secret: &Secret) -> Result<String, Error> {
         })
 }
 
+/// Reads every purpose's token from the tokens Secret.
+fn tokens_of(name: &str, secret: &Secret) -> Result<ApiTokens, Error> {
+    ApiTokens::from_secret(secret).map_err(|missing| Error::CorruptApiTokens {
+        name: name.to_string(),
+        key: missing.0,
+    })
+}
+
 fn as_secret(name: &str, obj: &DynamicObject) -> Result<Secret, Error> {
     let mut value = serde_json::to_value(obj).map_err(|source| Error::Serialize {
         what: format!("Secret/{name}"),
@@ -40,7 +50,37 @@ fn as_secret(name: &str, obj: &DynamicObject) -> Result<Secret, Error> {
     })
 }
 
-/// Runs the step: the password of every role, from its Secret or newly generated.
+/// What the Secret `name` holds, read by `read`: from the reconcile's LIST, or,
+/// when it is absent, `fresh` written into the Secret `build` makes of it. Returns
+/// whether this call created it.
+async fn read_or_create<T>(
+    ctx: &Context,
+    v: &Validated,
+    observed: &Observed,
+    name: &str,
+    read: impl Fn(&str, &Secret) -> Result<T, Error>,
+    fresh: impl FnOnce() -> Result<T, Error>,
+    build: impl FnOnce(&T) -> Secret,
+) -> Result<(T, bool), Error> {
+    if let Some(obj) = observed.get("Secret", name) {
+        return Ok((read(name, &as_secret(name, obj)?)?, false));
+    }
+    let value = fresh()?;
+    let object = Object::Secret(build(&value));
+    if apply::create_if_absent(&ctx.client, &v.owner.namespace, &object).await? {
+        return Ok((value, true));
+    }
+    // Created by someone else since we listed: theirs wins.
+    let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &v.owner.namespace);
+    let secret = api
+        .get(name)
+        .await
+        .map_err(Error::kube(format!("reading Secret/{name}")))?;
+    Ok((read(name, &secret)?, false))
+}
+
+/// Runs the step: the password of every role and the API tokens, from their
+/// Secrets or newly generated.
 pub async fn run(
     ctx: &Context,
     v: &Validated,
@@ -52,36 +92,56 @@ pub async fn run(
     let mut created = Vec::new();
     for role in Role::ALL {
         let name = role.secret_name(owner);
-        let password = match observed.get("Secret", &name) {
-            Some(obj) => password_of(&name, &as_secret(&name, obj)?)?,
-            None => {
-                let password = generate_password().map_err(|e| Error::Entropy(e.to_string()))?;
-                let object = Object::Secret(role_secret(owner, role, &password));
-                if apply::create_if_absent(&ctx.client, &owner.namespace, &object).await? {
-                    created.push(name.clone());
-                    password
-                } else {
-                    // Created by someone else since we listed: theirs wins.
-                    let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &owner.namespace);
-                    let secret = api
-                        .get(&name)
-                        .await
-                        .map_err(Error::kube(format!("reading Secret/{name}")))?;
-                    password_of(&name, &secret)?
-                }
-            }
-        };
+        let (password, new) = read_or_create(
+            ctx,
+            v,
+            observed,
+            &name,
+            password_of,
+            || generate_password().map_err(|e| Error::Entropy(e.to_string())),
+            |password| role_secret(owner, role, password),
+        )
+        .await?;
+        if new {
+            created.push(name);
+        }
         credentials.passwords.insert(role, password);
     }
-    if !created.is_empty() {
+    let name = tokens_secret_name(owner);
+    let (tokens, new) = read_or_create(
+        ctx,
+        v,
+        observed,
+        &name,
+        tokens_of,
+        || ApiTokens::generate().map_err(|e| Error::Entropy(e.to_string())),
+        |tokens| tokens_secret(owner, tokens),
+    )
+    .await?;
+    credentials.api_tokens = tokens;
+    let tokens_created = new.then_some(name);
+
+    if !created.is_empty() || tokens_created.is_some() {
+        let mut parts = Vec::new();
+        if !created.is_empty() {
+            parts.push(format!("generated passwords in {}", created.join(", ")));
+        }
+        if let Some(name) = &tokens_created {
+            parts.push(format!(
+                "generated API tokens in {name} (clients read theirs from it)"
+            ));
+        }
         journal.event(
             EventType::Normal,
             Reason::CredentialsCreated,
-            format!("generated passwords in {}", created.join(", ")),
+            parts.join("; "),
         );
-        journal
-            .created
-            .extend(created.into_iter().map(|n| format!("Secret/{n}")));
+        journal.created.extend(
+            created
+                .into_iter()
+                .chain(tokens_created)
+                .map(|n| format!("Secret/{n}")),
+        );
     }
     Ok(credentials)
 }

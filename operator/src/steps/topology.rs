@@ -11,6 +11,7 @@ use kube::ResourceExt;
 
 use super::{Journal, Outcome, Reason, Waiting};
 use crate::apply::{self, Applied, ObjectKey, Observed};
+use crate::builders::api_tokens::tokens_secret_name;
 use crate::builders::credentials::Role;
 use crate::builders::Object;
 use crate::context::Context;
@@ -71,12 +72,14 @@ pub async fn run(
         .iter()
         .map(|o| (o.api_resource().kind, o.name().to_string()))
         .collect();
-    // Role Secrets are the credentials step's; they are never garbage-collected here.
+    // Role Secrets and the API tokens are the credentials step's; they are never
+    // garbage-collected here.
     wanted.extend(
         Role::ALL
             .iter()
             .map(|role| ("Secret".to_string(), role.secret_name(&v.owner))),
     );
+    wanted.insert(("Secret".to_string(), tokens_secret_name(&v.owner)));
 
     let mut draining: BTreeMap<&str, &[String]> = BTreeMap::new();
     let mut deleted = Vec::new();

@@ -217,6 +217,16 @@ impl FakeApi {
             .insert(name, obj);
     }
 
+    /// Deletes a stored object behind the operator's back (`kubectl delete`).
+    pub fn remove(&self, collection: &str, name: &str) -> Option<Value> {
+        self.state
+            .lock()
+            .expect("state")
+            .objects
+            .get_mut(collection)
+            .and_then(|c| c.remove(name))
+    }
+
     /// A stored object.
     pub fn get(&self, collection: &str, name: &str) -> Option<Value> {
         self.state

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use kube::runtime::controller::Action;
 use serde_json::Value;
 use umstore_crds::UserMetadataStore;
+use umstore_operator::builders::api_tokens::tokens_secret;
 use umstore_operator::builders::credentials::{role_secret, Credentials, Role};
 use umstore_operator::builders::Env;
 use umstore_operator::controller::{reconcile, Guarded};
@@ -81,7 +82,7 @@ pub fn stored(api: &FakeApi, name: &str) -> Arc<Guarded> {
 /// Makes the store's role Secrets with the same fixed passwords in every
 /// scenario: the scenarios share one PostgreSQL, where login roles are
 /// cluster-wide, so generated passwords would make each scenario's bootstrap
-/// reset the others' (and report it).
+/// reset the others' (and report it). The API tokens Secret too, with fixed tokens.
 pub fn fixed_credentials(api: &FakeApi, name: &str) {
     let store: UserMetadataStore =
         serde_json::from_value(api.get(&paths::stores(NS), name).expect("store")).expect("store");
@@ -97,6 +98,10 @@ pub fn fixed_credentials(api: &FakeApi, name: &str) {
             serde_json::to_value(secret).expect("secret"),
         );
     }
+    api.insert(
+        &paths::secrets(NS),
+        serde_json::to_value(tokens_secret(&owner, &credentials.api_tokens)).expect("secret"),
+    );
 }
 
 /// Seeds the store with fixed credentials and runs the first reconcile (which

@@ -59,7 +59,12 @@ pub fn endpoints(v: &Validated) -> Endpoints {
         api: format!("{}:{API_PORT}", owner.service_host(&owner.child("api"))),
         secrets: Role::CLIENTS
             .iter()
-            .map(|r| (r.slug().to_string(), r.connection_secret_name(owner)))
+            .map(|r| {
+                (
+                    r.purpose_slug().to_string(),
+                    r.connection_secret_name(owner),
+                )
+            })
             .collect(),
     }
 }
