@@ -12,7 +12,7 @@ mod status;
 
 pub use spec::*;
 pub use status::{
-    condition, ComponentStatus, Endpoints, GroupStatus, MemberStatus, Phase,
+    condition, ComponentStatus, Endpoints, GroupStatus, MemberStatus, Phase, ReplicaLag,
     UserMetadataStoreStatus,
 };
 

@@ -59,9 +59,13 @@ pub struct UserMetadataStoreStatus {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[x_kube(merge_strategy = ListMerge::Map(vec!["name".into()]))]
     pub components: Vec<ComponentStatus>,
-    /// Replication lag of each replica pool, in milliseconds, by purpose.
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub replica_lag_ms: BTreeMap<String, i64>,
+    /// How far each streaming member of a replica pool is behind the primary, as the
+    /// primary's `pg_stat_replication` showed it at the last reconcile that reached
+    /// the primary. A member that is not streaming, or has not reported its replay
+    /// position yet (the first seconds after it connects), is absent.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[x_kube(merge_strategy = ListMerge::Map(vec!["pod".into()]))]
+    pub replica_lag: Vec<ReplicaLag>,
     /// Where clients connect.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub endpoints: Option<Endpoints>,
@@ -130,6 +134,23 @@ pub struct MemberStatus {
     pub lag_bytes: Option<i64>,
     /// Whether the pod is Ready.
     pub ready: bool,
+}
+
+/// Replication lag of one replica pool member.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ReplicaLag {
+    /// The pool's purpose (`ai`, `analytics`).
+    pub pool: String,
+    /// The member's pod.
+    pub pod: String,
+    /// WAL bytes the primary has written that the member has not replayed yet.
+    pub lag_bytes: i64,
+    /// How long ago the primary wrote the WAL the member last replayed, in seconds
+    /// (PostgreSQL's `replay_lag`, millisecond precision; 0 for a member that has
+    /// replayed everything). Absent while PostgreSQL has no measurement.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lag_seconds: Option<f64>,
 }
 
 /// Readiness of one workload.

@@ -19,6 +19,8 @@ pub const CONFIG_HASH: &str = "umstore.io/config-hash";
 pub const CREDENTIAL_LABEL: &str = "umstore.io/credential";
 /// Label naming the worker group an object belongs to.
 pub const WORKER_GROUP_LABEL: &str = "umstore.io/worker-group";
+/// Label naming the replica pool (its purpose) a replica pod belongs to.
+pub const REPLICA_POOL_LABEL: &str = "umstore.io/replica-pool";
 /// Label naming the component (coordinator, worker, replica, pgbouncer, data-plane).
 pub const COMPONENT_LABEL: &str = "app.kubernetes.io/component";
 /// Label naming the store.

@@ -18,7 +18,7 @@ use crate::builders::postgres::PgRole;
 use crate::context::Context;
 use crate::error::Error;
 use crate::steps::{
-    bootstrap, credentials, migrate, rollout, status, switchover, topology, validate, Journal,
+    bootstrap, credentials, lag, migrate, rollout, status, switchover, topology, validate, Journal,
     Outcome, Progress, Reached, Reason, Step,
 };
 
@@ -95,6 +95,7 @@ async fn steps(
         steps: Vec::new(),
         waiting: None,
         schema_version: None,
+        replica_lag: None,
     };
     let placement = store
         .status
@@ -135,7 +136,7 @@ async fn steps(
     let clusters = rollout::clusters(&pods, &observed, &cannot_lead);
     rollout::run(ctx, &owner.namespace, &clusters, journal).await?;
 
-    let bootstrapped =
+    let mut bootstrapped =
         match bootstrap::run(ctx, &valid, &credentials, &provisioned, journal).await? {
             Outcome::Done(b) => b,
             Outcome::Waiting(w) => return Ok(reached.stopped(Step::Bootstrap, w)),
@@ -145,6 +146,8 @@ async fn steps(
         Reason::Bootstrapped,
         bootstrapped.message.clone(),
     );
+    // Measured before migrate, so a store held by pending migrations still reports it.
+    reached.replica_lag = lag::measure(&mut bootstrapped.admin, &pods, lag::TIMEOUT).await;
 
     // TODO(issue: distribute, keys): distribute (tier ≥ 3) → encryption keys go
     // here, each taking `SchemaCurrent` (and its admin connection).

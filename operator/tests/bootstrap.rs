@@ -1,19 +1,24 @@
 //! The bootstrap and migrate steps against a real PostgreSQL that checks passwords
 //! (scram-sha-256 on TCP), as the coordinator does: the login users the data plane
 //! and the other clients use connect with the passwords of their Secrets, get their
-//! purpose's grants, and a second run changes nothing.
+//! purpose's grants (the administrator login a member of `umstore_admin`, no
+//! superuser), and a second run changes nothing. The replica lag probe reads a real
+//! primary's `pg_stat_replication` with streaming replicas.
 
 use std::io::Write;
 
+use k8s_openapi::api::core::v1::Pod;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::{Client, NoTls};
-use umstore_crds::MigrationPolicy;
+use umstore_crds::{MigrationPolicy, ReplicaLag};
 use umstore_data_plane::crypto::{DataKeyCache, KeyProvider, Keyring, LocalKeyProvider};
 use umstore_e2e::Postgres;
 use umstore_migrations::{MigrateError, Runner, PII_COLUMNS};
 use umstore_operator::builders::credentials::{generate_password, Credentials, Role};
 use umstore_operator::db::Connector;
+use umstore_operator::meta::REPLICA_POOL_LABEL;
 use umstore_operator::steps::bootstrap::{bootstrap, ensure_database, scram_verifier};
+use umstore_operator::steps::lag;
 use umstore_operator::steps::migrate::{migrate, Migrated};
 
 const HOST: &str = "pilot-coordinator.umstore.svc";
@@ -21,7 +26,16 @@ const HOST: &str = "pilot-coordinator.umstore.svc";
 /// A dedicated server (roles are cluster-wide, so not the shared one) whose TCP
 /// connections need a password, with a `postgres` superuser as in the image.
 async fn password_checking_server(admin_password: &str) -> (Postgres, Connector) {
-    let pg = Postgres::start_with_replicas(0).expect("start PostgreSQL");
+    password_checking_server_with_replicas(admin_password, 0).await
+}
+
+/// [`password_checking_server`] whose first replica use clones `replicas`
+/// streaming replicas (over the unix socket, which stays trusted).
+async fn password_checking_server_with_replicas(
+    admin_password: &str,
+    replicas: usize,
+) -> (Postgres, Connector) {
+    let pg = Postgres::start_with_replicas(replicas).expect("start PostgreSQL");
     let local = pg
         .connect("postgres")
         .await
@@ -43,6 +57,7 @@ async fn password_checking_server(admin_password: &str) -> (Postgres, Connector)
         .get(0);
     let mut f = std::fs::File::create(&hba).expect("rewrite pg_hba.conf");
     writeln!(f, "local all all trust").expect("write");
+    writeln!(f, "local replication all trust").expect("write");
     writeln!(f, "host all all 127.0.0.1/32 scram-sha-256").expect("write");
     drop(f);
     local
@@ -305,4 +320,195 @@ async fn manual_policy_applies_nothing_and_a_changed_migration_is_refused() {
         Migrated::Refused(MigrateError::ChecksumMismatch { version, .. }) => assert_eq!(version, 1),
         other => panic!("expected a refusal naming migration 1, got {other:?}"),
     }
+}
+
+/// The pods of a tier-2 store the probe is given: a coordinator, two `ai` pool
+/// members (only the first streams) and nothing else.
+fn pool_pods() -> Vec<Pod> {
+    [
+        ("pilot-coordinator-0", None),
+        ("pilot-replica-ai-0", Some("ai")),
+        ("pilot-replica-ai-1", Some("ai")),
+    ]
+    .into_iter()
+    .map(|(name, pool)| {
+        let mut labels = serde_json::json!({"umstore.io/patroni-scope": "pilot-coordinator"});
+        if let Some(pool) = pool {
+            labels[REPLICA_POOL_LABEL] = pool.into();
+        }
+        serde_json::from_value(serde_json::json!({"metadata": {"name": name, "labels": labels}}))
+            .expect("pod")
+    })
+    .collect()
+}
+
+/// Names replica `index`'s replication connection `name`, as Patroni names each
+/// member's after its pod, and waits until the primary shows it streaming.
+async fn name_standby(pg: &Postgres, primary: &Client, index: usize, name: &str) {
+    let replica = umstore_e2e::connect(&pg.replica(index).expect("replica").conninfo("postgres"))
+        .await
+        .expect("connect to the replica");
+    let conninfo: String = replica
+        .query_one("SHOW primary_conninfo", &[])
+        .await
+        .expect("primary_conninfo")
+        .get(0);
+    let sql: String = replica
+        .query_one(
+            "SELECT format('ALTER SYSTEM SET primary_conninfo = %L', $1::text)",
+            &[&format!("{conninfo} application_name={name}")],
+        )
+        .await
+        .expect("quote")
+        .get(0);
+    replica.batch_execute(&sql).await.expect("alter system");
+    replica
+        .batch_execute("SELECT pg_reload_conf()")
+        .await
+        .expect("reload");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let streaming = primary
+            .query_opt(
+                "SELECT 1 FROM pg_stat_replication \
+                  WHERE application_name = $1 AND state = 'streaming'",
+                &[&name],
+            )
+            .await
+            .expect("pg_stat_replication")
+            .is_some();
+        if streaming {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "replica {index} never streamed as {name}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
+/// Measures until `done` holds of the measurement (30 s at most); returns it.
+async fn eventually(
+    client: &mut Client,
+    pods: &[Pod],
+    done: impl Fn(&[ReplicaLag]) -> bool,
+) -> Vec<ReplicaLag> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let lag = lag::measure(client, pods, lag::TIMEOUT)
+            .await
+            .expect("measured");
+        if done(&lag) {
+            return lag;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the measurement never got there: {lag:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn replica_lag_of_each_streaming_pool_member_comes_from_the_primary() {
+    let creds = credentials();
+    let (pg, connector) =
+        password_checking_server_with_replicas(creds.password(Role::Admin), 2).await;
+    pg.replicas().expect("two streaming replicas");
+    // As the operator connects after bootstrap: the superuser, over TCP, with the
+    // admin Secret's password.
+    let mut client = connector
+        .connect(
+            HOST,
+            5432,
+            "postgres",
+            "postgres",
+            creds.password(Role::Admin),
+        )
+        .await
+        .expect("connect as the superuser");
+    // Replica 0 is the pool member pilot-replica-ai-0; replica 1 keeps PostgreSQL's
+    // default name and is no pool member (like a coordinator standby).
+    name_standby(&pg, &client, 0, "pilot-replica-ai-0").await;
+    let pods = pool_pods();
+
+    // Replay paused on the member, WAL written on the primary: it is behind.
+    let member = umstore_e2e::connect(&pg.replica(0).expect("replica").conninfo("postgres"))
+        .await
+        .expect("connect to the member");
+    member
+        .batch_execute("SELECT pg_wal_replay_pause()")
+        .await
+        .expect("pause replay");
+    client
+        .batch_execute("CREATE TABLE lag_probe AS SELECT generate_series(1, 20000) AS n")
+        .await
+        .expect("write on the primary");
+    // The member reports its positions once the WAL reaches it.
+    let behind = eventually(&mut client, &pods, |lag| {
+        lag.first().is_some_and(|l| l.lag_bytes > 0)
+    })
+    .await;
+    assert_eq!(behind.len(), 1, "only the streaming member: {behind:?}");
+    assert_eq!(
+        (behind[0].pool.as_str(), behind[0].pod.as_str()),
+        ("ai", "pilot-replica-ai-0")
+    );
+
+    // Replay resumed: it catches up to no lag at all.
+    member
+        .batch_execute("SELECT pg_wal_replay_resume()")
+        .await
+        .expect("resume replay");
+    let caught_up = eventually(&mut client, &pods, |lag| {
+        lag.first().is_some_and(|l| l.lag_bytes == 0)
+    })
+    .await;
+    assert_eq!(caught_up.len(), 1, "{caught_up:?}");
+    assert_eq!(caught_up[0].lag_seconds, Some(0.0), "{caught_up:?}");
+
+    // A member that stops streaming is absent, not reported with a stale value.
+    drop(member);
+    let mut pg = pg;
+    pg.stop_replica(0).expect("stop the member");
+    eventually(&mut client, &pods, <[ReplicaLag]>::is_empty).await;
+
+    // A probe cut short by its timeout gives nothing and leaves the connection
+    // usable and outside any transaction for the migrate step that follows.
+    assert!(matches!(
+        lag::standbys(&mut client, std::time::Duration::ZERO).await,
+        Err(lag::LagError::Timeout(_))
+    ));
+    assert_eq!(
+        lag::measure(&mut client, &pods, std::time::Duration::ZERO).await,
+        None,
+        "not measured: the status keeps the last measurement"
+    );
+    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    // One simple-protocol statement: outside a transaction block it is its own
+    // transaction, so both clocks read its start.
+    let outside = client
+        .simple_query("SELECT now() = statement_timestamp()")
+        .await
+        .expect("the connection still answers")
+        .into_iter()
+        .find_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(row) => row.get(0).map(str::to_owned),
+            _ => None,
+        });
+    assert_eq!(
+        outside.as_deref(),
+        Some("t"),
+        "no transaction left open by the cut-short probe"
+    );
+    let timeout: String = client
+        .query_one("SHOW statement_timeout", &[])
+        .await
+        .expect("statement_timeout")
+        .get(0);
+    assert_eq!(
+        timeout, "0",
+        "the probe's statement_timeout was local to it"
+    );
 }

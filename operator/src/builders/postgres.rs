@@ -23,7 +23,9 @@ use umstore_crds::{InstanceSpec, ReclaimPolicy, ReplicaPurpose, StorageSpec};
 use super::credentials::Role;
 use super::patroni;
 use super::pgconfig::{self, CONFIG_DIR, TLS_DIR};
-use crate::meta::{hash_of, CONFIG_HASH, EXPORTER_PORT, PG_PORT, WORKER_GROUP_LABEL};
+use crate::meta::{
+    hash_of, CONFIG_HASH, EXPORTER_PORT, PG_PORT, REPLICA_POOL_LABEL, WORKER_GROUP_LABEL,
+};
 use crate::validated::Validated;
 
 /// Which PostgreSQL workload.
@@ -90,7 +92,7 @@ impl PgRole<'_> {
                 labels.insert(WORKER_GROUP_LABEL.into(), group.to_string());
             }
             PgRole::Replica { purpose, .. } => {
-                labels.insert("umstore.io/replica-pool".into(), purpose.as_str().into());
+                labels.insert(REPLICA_POOL_LABEL.into(), purpose.as_str().into());
             }
         }
         labels

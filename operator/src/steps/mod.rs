@@ -7,6 +7,7 @@
 //! | [`credentials`] | `&Validated`, the observed objects | [`Credentials`](crate::builders::credentials::Credentials) |
 //! | [`topology`] | `&Validated`, the desired objects | [`topology::Applied`] |
 //! | [`bootstrap`] | `&Validated`, `&Credentials`, `&Applied` | [`bootstrap::Bootstrapped`] (the admin connection) |
+//! | [`lag`] (a probe) | `&mut Bootstrapped`'s connection, the pods | the replica pool members' lag |
 //! | [`migrate`] | `&Validated`, `Bootstrapped` | [`migrate::SchemaCurrent`] |
 //! | [`status`] | the [`Progress`] the pipeline reached | whether it wrote |
 //!
@@ -16,6 +17,7 @@
 
 pub mod bootstrap;
 pub mod credentials;
+pub mod lag;
 pub mod migrate;
 pub mod rollout;
 pub mod status;
@@ -27,7 +29,7 @@ use std::fmt;
 use std::time::Duration;
 
 use kube::runtime::events::EventType;
-use umstore_crds::{ComponentStatus, Endpoints, GroupStatus};
+use umstore_crds::{ComponentStatus, Endpoints, GroupStatus, ReplicaLag};
 
 /// The steps that report a condition of their own, in pipeline order.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -223,6 +225,8 @@ pub struct Reached {
     pub waiting: Option<Waiting>,
     /// The schema version the migrate step found, if it ran.
     pub schema_version: Option<i32>,
+    /// The replica pool members' lag, when the probe after bootstrap measured it.
+    pub replica_lag: Option<Vec<ReplicaLag>>,
 }
 
 impl Reached {

@@ -255,6 +255,10 @@ pub fn compute(
         switchover: r.switchover.clone(),
         endpoints: Some(r.endpoints.clone()),
         schema_version: r.schema_version.or(old.schema_version),
+        replica_lag: r
+            .replica_lag
+            .clone()
+            .unwrap_or_else(|| old.replica_lag.clone()),
         ..old.clone()
     }
 }
@@ -263,7 +267,7 @@ pub fn compute(
 mod tests {
     use super::*;
     use crate::steps::{Reached, Waiting};
-    use umstore_crds::{GroupStatus, MemberStatus};
+    use umstore_crds::{GroupStatus, MemberStatus, ReplicaLag};
 
     fn cond(type_: &str, status: &str, reason: &str, time: i64) -> Condition {
         Condition {
@@ -329,6 +333,7 @@ mod tests {
             steps: Vec::new(),
             waiting: None,
             schema_version: None,
+            replica_lag: None,
         }
     }
 
@@ -512,6 +517,35 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn replica_lag_is_the_probes_when_it_measured_else_the_last_one() {
+        let lag = |pod: &str, bytes: i64| ReplicaLag {
+            pool: "ai".into(),
+            pod: pod.into(),
+            lag_bytes: bytes,
+            lag_seconds: Some(0.0),
+        };
+        let old = UserMetadataStoreStatus {
+            replica_lag: vec![lag("s-replica-ai-0", 10), lag("s-replica-ai-1", 20)],
+            ..running(2)
+        };
+        let now = cond("x", "", "", 500).last_transition_time;
+        let mut measured = reached(2, true);
+        measured.replica_lag = Some(vec![lag("s-replica-ai-0", 0)]);
+        let s = compute(&old, Some(2), &through_migrate(measured), &now);
+        assert_eq!(
+            s.replica_lag,
+            [lag("s-replica-ai-0", 0)],
+            "a member no longer streaming is absent"
+        );
+        let s = compute(&old, Some(2), &through_migrate(reached(2, true)), &now);
+        assert_eq!(s.replica_lag, old.replica_lag, "not measured: kept");
+        let mut none = reached(2, true);
+        none.replica_lag = Some(Vec::new());
+        let s = compute(&old, Some(2), &through_migrate(none), &now);
+        assert!(s.replica_lag.is_empty(), "measured, no member streams");
     }
 
     #[test]

@@ -3,8 +3,9 @@
 //! only when it differs from what is there. Conditions keep `lastTransitionTime`
 //! when their status did not change. Each step's condition (`Provisioned`,
 //! `Bootstrapped`, `SchemaReady`) is true once the step finished and false with
-//! the reason where the pipeline stopped. Fields later steps own (key versions,
-//! replica lag, placement) are carried over untouched.
+//! the reason where the pipeline stopped. The replica lag is the probe's when it
+//! measured, else the last one; fields later steps own (key versions, placement)
+//! are carried over untouched.
 
 mod compute;
 pub mod groups;
