@@ -237,6 +237,37 @@ async fn serve_without_a_database_url_runs_embedded_postgres_with_demo_users() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     assert_eq!(users, 10_000, "demo users seeded");
+    // The read API works out of the box: every purpose logs in as its own user
+    // of the embedded cluster, with the tokens made in the data directory.
+    let token = |p: &str| {
+        std::fs::read_to_string(format!("{data_dir}/api-tokens/{p}"))
+            .expect("a token per purpose")
+            .trim()
+            .to_owned()
+    };
+    let found = support::get_as(
+        http,
+        "/api/v1/user-metadata/query?state=karnataka&limit=1",
+        Some(&token("admin")),
+    );
+    assert_eq!(found.status, 200, "{}", found.body);
+    let id = found.json()["users"][0]["user_id"]
+        .as_str()
+        .expect("a Karnataka demo user")
+        .to_owned();
+    let user = support::get_as(
+        http,
+        &format!("/api/v1/user-metadata/{id}"),
+        Some(&token("dashboard")),
+    );
+    assert_eq!(user.status, 200, "{}", user.body);
+    assert!(user.json()["pii"]["full_name"].is_string(), "{}", user.body);
+    let stats = support::get_as(
+        http,
+        "/api/v1/user-metadata/stats?group_by=region",
+        Some(&token("analytics")),
+    );
+    assert_eq!(stats.status, 200, "{}", stats.body);
     drop(client);
     let (code, err) = served.stop();
     assert_eq!(code, Some(0), "{err}");
