@@ -501,7 +501,7 @@ pub async fn history(
     let decrypt = sees_pii(purpose);
     let key = if decrypt {
         match keyring
-            .user_key(&*tx, user_id, &found.region)
+            .user_key(&reader, user_id, &found.region)
             .await
             .map_err(|e| ApiError::internal("loading a data key", &e))?
         {

@@ -2,52 +2,91 @@
 //! key lives in memory only while it is in use. Keys are zeroized when the
 //! last reference to an evicted entry drops.
 
-use std::sync::Arc;
-use std::time::Duration;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
-use mini_moka::sync::Cache;
 use uuid::Uuid;
 
 use super::DataKey;
 
-/// Cache of unwrapped data keys by user.
+/// Shards: lookups of different users rarely wait for each other.
+const SHARDS: usize = 16;
+
+type Shard = HashMap<Uuid, (Arc<DataKey>, Instant)>;
+
+/// Cache of unwrapped data keys by user: a few mutex-guarded maps, each held
+/// only for one lookup or insert (no background work, nothing that blocks a
+/// caller for longer). A full shard first drops its expired keys, then,
+/// if still full, the oldest half.
 #[derive(Clone)]
 pub struct DataKeyCache {
-    inner: Cache<Uuid, Arc<DataKey>>,
+    shards: Arc<[Mutex<Shard>; SHARDS]>,
+    per_shard: usize,
+    ttl: Duration,
 }
 
 impl std::fmt::Debug for DataKeyCache {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let entries: usize = (0..SHARDS).map(|i| self.shard_at(i).len()).sum();
         f.debug_struct("DataKeyCache")
-            .field("entries", &self.inner.entry_count())
+            .field("entries", &entries)
             .finish()
     }
 }
 
 impl DataKeyCache {
-    /// At most `capacity` keys, each for at most `ttl` after it was cached.
+    /// At most about `capacity` keys, each for at most `ttl` after it was cached.
     pub fn new(capacity: u64, ttl: Duration) -> Self {
+        let capacity = usize::try_from(capacity).unwrap_or(usize::MAX);
         Self {
-            inner: Cache::builder()
-                .max_capacity(capacity)
-                .time_to_live(ttl)
-                .build(),
+            shards: Arc::new(std::array::from_fn(|_| Mutex::new(HashMap::new()))),
+            per_shard: capacity.div_ceil(SHARDS).max(1),
+            ttl,
         }
+    }
+
+    fn shard_at(&self, index: usize) -> MutexGuard<'_, Shard> {
+        // A panic while holding a shard leaves a consistent map behind.
+        self.shards[index].lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn shard(&self, user: &Uuid) -> MutexGuard<'_, Shard> {
+        self.shard_at(usize::from(user.as_bytes()[15]) % SHARDS)
     }
 
     /// The cached key of `user`.
     pub fn get(&self, user: &Uuid) -> Option<Arc<DataKey>> {
-        self.inner.get(user)
+        let mut shard = self.shard(user);
+        match shard.get(user) {
+            Some((key, at)) if at.elapsed() < self.ttl => Some(key.clone()),
+            Some(_) => {
+                shard.remove(user);
+                None
+            }
+            None => None,
+        }
     }
 
     /// Caches `key` for `user`.
     pub fn insert(&self, user: Uuid, key: Arc<DataKey>) {
-        self.inner.insert(user, key);
+        let mut shard = self.shard(&user);
+        if shard.len() >= self.per_shard && !shard.contains_key(&user) {
+            let ttl = self.ttl;
+            shard.retain(|_, (_, at)| at.elapsed() < ttl);
+            if shard.len() >= self.per_shard {
+                let mut ages: Vec<Instant> = shard.values().map(|(_, at)| *at).collect();
+                ages.sort_unstable();
+                let cut = ages[ages.len() / 2];
+                shard.retain(|_, (_, at)| *at > cut);
+            }
+        }
+        shard.insert(user, (key, Instant::now()));
     }
 
     /// Drops `user`'s key (crypto-shredding).
     pub fn forget(&self, user: &Uuid) {
-        self.inner.invalidate(user);
+        self.shard(user).remove(user);
     }
 }
 
@@ -66,5 +105,18 @@ mod tests {
         assert!(cache.get(&a).is_none());
         std::thread::sleep(Duration::from_millis(80));
         assert!(cache.get(&b).is_none(), "expired after its TTL");
+    }
+
+    #[test]
+    fn stays_within_its_capacity_keeping_the_newest() {
+        let cache = DataKeyCache::new(160, Duration::from_secs(60));
+        let users: Vec<Uuid> = (0..2_000).map(|_| Uuid::new_v4()).collect();
+        for u in &users {
+            cache.insert(*u, Arc::new(DataKey::generate()));
+        }
+        let held = users.iter().filter(|u| cache.get(u).is_some()).count();
+        assert!(held <= 160 + SHARDS, "{held} keys held");
+        assert!(held >= 40, "{held} keys held");
+        assert!(cache.get(&users[1_999]).is_some(), "the newest key is kept");
     }
 }

@@ -9,6 +9,8 @@ use tokio_postgres::{Client, GenericClient};
 use tracing::info;
 use uuid::Uuid;
 
+use crate::store::reader::Reader;
+
 use super::{
     BlindIndexKey, CryptoError, DataKey, DataKeyCache, FieldAad, KeyProvider, SealedField,
     WrappedKey,
@@ -132,7 +134,7 @@ impl Keyring {
     /// The data key of `user_id` (from the cache, else unwrapped and cached).
     pub async fn user_key(
         &self,
-        client: &impl GenericClient,
+        client: &impl Reader,
         user_id: Uuid,
         region: &str,
     ) -> Result<UserKey, KeyringError> {
@@ -173,7 +175,7 @@ impl Keyring {
     /// (a concurrent writer), returns that one.
     pub async fn create_user_key(
         &self,
-        client: &impl GenericClient,
+        client: &(impl GenericClient + Sync),
         user_id: Uuid,
         region: &str,
     ) -> Result<UserKey, KeyringError> {
@@ -273,7 +275,7 @@ enum StoredKey {
 
 /// The user's stored key; an error for an unknown user.
 async fn read_user_key(
-    client: &impl GenericClient,
+    client: &impl Reader,
     user_id: Uuid,
     region: &str,
 ) -> Result<StoredKey, KeyringError> {

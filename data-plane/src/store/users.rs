@@ -181,7 +181,7 @@ async fn key(
     region: &str,
 ) -> Result<Result<Arc<DataKey>, String>, ReadError> {
     match keyring
-        .user_key(client.client(), user_id, region)
+        .user_key(client, user_id, region)
         .await
         .map_err(|source| ReadError::Keys { user_id, source })?
     {
