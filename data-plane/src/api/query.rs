@@ -12,9 +12,38 @@ use uuid::Uuid;
 use super::auth::Caller;
 use super::bodies::{ErrorBody, QueryBody, StatsBody};
 use super::error::{schema_version, ApiError};
-use super::users::{connection, finish, read_only, respond};
+use super::users::{connection, finish, only, read_only, respond};
 use super::AppState;
 use crate::store::query::{self, Filter, DIMENSIONS};
+
+/// The filters query and stats share, as the OpenAPI document lists them
+/// (parsed and validated by [`Filter::parse`]).
+#[derive(utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+#[allow(dead_code)]
+struct Filters {
+    /// Region code, e.g. KA.
+    region: Option<String>,
+    /// State or union territory name, any case.
+    state: Option<String>,
+    /// At least this old (0 to 130, by birth year).
+    age_min: Option<u32>,
+    /// At most this old (0 to 130, by birth year).
+    age_max: Option<u32>,
+    /// female, male, transgender or undisclosed.
+    gender: Option<String>,
+    /// BPL, LIG, MIG or HIG.
+    income_bracket: Option<String>,
+    /// childhood, student, early_career, family_building, established,
+    /// pre_retirement or retired.
+    life_stage: Option<String>,
+    /// Below the poverty line.
+    bpl_status: Option<bool>,
+    /// A scheme id with an unexpired eligible result.
+    eligible_for: Option<String>,
+    /// Overall risk above (0 to 1).
+    risk_above: Option<f64>,
+}
 
 /// Who may list users by attributes.
 pub const QUERY_READERS: &[Purpose] = &[Purpose::Admin];
@@ -28,26 +57,6 @@ pub const QUERY_PAGE_MAX: u32 = 500;
 /// The most dimensions one stats request may group by.
 pub const MAX_DIMENSIONS: usize = 3;
 
-fn unknown_parameters(params: &HashMap<String, String>, valid: &[&str]) -> Result<(), ApiError> {
-    let mut unknown: Vec<&str> = params
-        .keys()
-        .map(String::as_str)
-        .filter(|k| !valid.contains(k))
-        .collect();
-    if unknown.is_empty() {
-        return Ok(());
-    }
-    unknown.sort_unstable();
-    Err(ApiError::bad(
-        "unknown_parameter",
-        format!(
-            "unknown query parameter(s) {}; valid: {}",
-            unknown.join(", "),
-            valid.join(", ")
-        ),
-    ))
-}
-
 /// The filters among `params` (every other name must be one of `extra`).
 fn filters(
     params: &HashMap<String, String>,
@@ -60,7 +69,7 @@ fn filters(
         .filter(|n| identity_token || *n != "identity_token")
         .collect();
     valid.extend_from_slice(extra);
-    unknown_parameters(params, &valid)?;
+    only(params, &valid)?;
     let mut found: Vec<(String, String)> = params
         .iter()
         .filter(|(k, _)| Filter::NAMES.contains(&k.as_str()))
@@ -108,16 +117,7 @@ fn parse_cursor(c: &str) -> Option<(String, Uuid)> {
     tag = "users",
     security(("bearer" = [])),
     params(
-        ("region" = Option<String>, Query, description = "Region code, e.g. KA"),
-        ("state" = Option<String>, Query, description = "State or union territory name, any case"),
-        ("age_min" = Option<u32>, Query, description = "At least this old (0 to 130, by birth year)"),
-        ("age_max" = Option<u32>, Query, description = "At most this old (0 to 130, by birth year)"),
-        ("gender" = Option<String>, Query, description = "female, male, transgender or undisclosed"),
-        ("income_bracket" = Option<String>, Query, description = "BPL, LIG, MIG or HIG"),
-        ("life_stage" = Option<String>, Query, description = "childhood, student, early_career, family_building, established, pre_retirement or retired"),
-        ("bpl_status" = Option<bool>, Query, description = "Below the poverty line"),
-        ("eligible_for" = Option<String>, Query, description = "A scheme id with an unexpired eligible result"),
-        ("risk_above" = Option<f64>, Query, description = "Overall risk above (0 to 1)"),
+        Filters,
         ("identity_token" = Option<String>, Query, description = "An identity token (matched through its blind index)"),
         ("limit" = Option<u32>, Query, description = "Users per page, 1 to 500 (default 50)"),
         ("cursor" = Option<String>, Query, description = "A previous page's next_cursor"),
@@ -198,16 +198,7 @@ pub async fn find(
     security(("bearer" = [])),
     params(
         ("group_by" = Option<String>, Query, description = "Up to 3 of region, gender, area_type, social_category, age_group, income_bracket, life_stage, employment_category, bpl_status, comma-separated"),
-        ("region" = Option<String>, Query, description = "Region code, e.g. KA"),
-        ("state" = Option<String>, Query, description = "State or union territory name, any case"),
-        ("age_min" = Option<u32>, Query, description = "At least this old (0 to 130, by birth year)"),
-        ("age_max" = Option<u32>, Query, description = "At most this old (0 to 130, by birth year)"),
-        ("gender" = Option<String>, Query, description = "female, male, transgender or undisclosed"),
-        ("income_bracket" = Option<String>, Query, description = "BPL, LIG, MIG or HIG"),
-        ("life_stage" = Option<String>, Query, description = "childhood, student, early_career, family_building, established, pre_retirement or retired"),
-        ("bpl_status" = Option<bool>, Query, description = "Below the poverty line"),
-        ("eligible_for" = Option<String>, Query, description = "A scheme id with an unexpired eligible result"),
-        ("risk_above" = Option<f64>, Query, description = "Overall risk above (0 to 1)"),
+        Filters,
         ("X-Min-Lsn" = Option<String>, Header, description = "Read at least this WAL position"),
     ),
     responses(

@@ -63,7 +63,7 @@ fn invalid_id(raw: &str) -> ApiError {
 }
 
 /// Refuses parameters other than `allowed`, naming the ones that are valid.
-fn only(params: &HashMap<String, String>, allowed: &[&str]) -> Result<(), ApiError> {
+pub fn only(params: &HashMap<String, String>, allowed: &[&str]) -> Result<(), ApiError> {
     let mut unknown: Vec<&str> = params
         .keys()
         .map(String::as_str)
