@@ -45,6 +45,24 @@ struct Filters {
     risk_above: Option<f64>,
 }
 
+/// The errors query and stats may answer with (their OpenAPI responses).
+#[derive(utoipa::IntoResponses)]
+#[allow(dead_code)]
+enum QueryErrors {
+    /// An unknown or invalid parameter
+    #[response(status = 400)]
+    BadRequest(ErrorBody),
+    /// No token, or an unknown one
+    #[response(status = 401)]
+    Unauthorized(ErrorBody),
+    /// The token's purpose may not use this endpoint
+    #[response(status = 403)]
+    Forbidden(ErrorBody),
+    /// Not ready, or no database login for the purpose
+    #[response(status = 503)]
+    Unavailable(ErrorBody),
+}
+
 /// Who may list users by attributes.
 pub const QUERY_READERS: &[Purpose] = &[Purpose::Admin];
 /// Who may read anonymized stats.
@@ -126,10 +144,7 @@ fn parse_cursor(c: &str) -> Option<(String, Uuid)> {
     responses(
         (status = 200, description = "A page of matching users", body = QueryBody,
          headers(("X-Served-By" = String, description = "primary or replica"))),
-        (status = 400, description = "An unknown or invalid parameter", body = ErrorBody),
-        (status = 401, description = "No token, or an unknown one", body = ErrorBody),
-        (status = 403, description = "The token's purpose may not use this endpoint", body = ErrorBody),
-        (status = 503, description = "Not ready, or no database login for the purpose", body = ErrorBody),
+        QueryErrors,
     )
 )]
 pub async fn find(
@@ -204,10 +219,7 @@ pub async fn find(
     responses(
         (status = 200, description = "Counts and averages; groups under the threshold left out", body = StatsBody,
          headers(("X-Served-By" = String, description = "primary or replica"))),
-        (status = 400, description = "An unknown or invalid parameter", body = ErrorBody),
-        (status = 401, description = "No token, or an unknown one", body = ErrorBody),
-        (status = 403, description = "The token's purpose may not use this endpoint", body = ErrorBody),
-        (status = 503, description = "Not ready, or no database login for the purpose", body = ErrorBody),
+        QueryErrors,
     )
 )]
 pub async fn stats(

@@ -33,6 +33,30 @@ pub const USER_READERS: &[Purpose] = &[Ai, Rules, JsonGenerator, Dashboard, Admi
 /// Who may read a user's change history.
 pub const HISTORY_READERS: &[Purpose] = &[Ai, JsonGenerator, Dashboard, Admin];
 
+/// The errors every per-user read may answer with (its OpenAPI responses).
+#[derive(utoipa::IntoResponses)]
+#[allow(dead_code)]
+pub enum UserReadErrors {
+    /// A malformed id, parameter or header
+    #[response(status = 400)]
+    BadRequest(ErrorBody),
+    /// No token, or an unknown one
+    #[response(status = 401)]
+    Unauthorized(ErrorBody),
+    /// The token's purpose may not use this endpoint
+    #[response(status = 403)]
+    Forbidden(ErrorBody),
+    /// No such user
+    #[response(status = 404)]
+    NotFound(ErrorBody),
+    /// The user was erased (crypto-shredded)
+    #[response(status = 410)]
+    Gone(ErrorBody),
+    /// Not ready, or no database login for the purpose
+    #[response(status = 503)]
+    Unavailable(ErrorBody),
+}
+
 /// Whether `purpose` sees PII in clear (the rest get every other attribute).
 pub fn sees_pii(purpose: Purpose) -> bool {
     matches!(purpose, Ai | JsonGenerator | Dashboard | Admin)
@@ -193,12 +217,7 @@ fn record_body(
         (status = 200, description = "The user now, or as of a time", body = UserMetadata,
          headers(("X-Served-By" = String, description = "primary or replica"),
                  ("X-Schema-Version" = u32, description = "The schema version"))),
-        (status = 400, description = "A malformed id, parameter or header", body = ErrorBody),
-        (status = 401, description = "No token, or an unknown one", body = ErrorBody),
-        (status = 403, description = "The token's purpose may not use this endpoint", body = ErrorBody),
-        (status = 404, description = "No such user", body = ErrorBody),
-        (status = 410, description = "The user was erased (crypto-shredded)", body = ErrorBody),
-        (status = 503, description = "Not ready, or no database login for the purpose", body = ErrorBody),
+        UserReadErrors,
     )
 )]
 pub async fn metadata(
@@ -273,12 +292,7 @@ pub async fn metadata(
         (status = 200, description = "Derived attributes", body = DerivedBody,
          headers(("X-Served-By" = String, description = "primary or replica"),
                  ("X-Schema-Version" = u32, description = "The schema version"))),
-        (status = 400, description = "A malformed id, parameter or header", body = ErrorBody),
-        (status = 401, description = "No token, or an unknown one", body = ErrorBody),
-        (status = 403, description = "The token's purpose may not use this endpoint", body = ErrorBody),
-        (status = 404, description = "No such user", body = ErrorBody),
-        (status = 410, description = "The user was erased (crypto-shredded)", body = ErrorBody),
-        (status = 503, description = "Not ready, or no database login for the purpose", body = ErrorBody),
+        UserReadErrors,
     )
 )]
 pub async fn derived(
@@ -324,12 +338,7 @@ pub async fn derived(
         (status = 200, description = "Risk scores", body = RiskScoresBody,
          headers(("X-Served-By" = String, description = "primary or replica"),
                  ("X-Schema-Version" = u32, description = "The schema version"))),
-        (status = 400, description = "A malformed id, parameter or header", body = ErrorBody),
-        (status = 401, description = "No token, or an unknown one", body = ErrorBody),
-        (status = 403, description = "The token's purpose may not use this endpoint", body = ErrorBody),
-        (status = 404, description = "No such user", body = ErrorBody),
-        (status = 410, description = "The user was erased (crypto-shredded)", body = ErrorBody),
-        (status = 503, description = "Not ready, or no database login for the purpose", body = ErrorBody),
+        UserReadErrors,
     )
 )]
 pub async fn risk_scores(
@@ -377,12 +386,7 @@ pub async fn risk_scores(
         (status = 200, description = "Unexpired eligibility results", body = EligibilityBody,
          headers(("X-Served-By" = String, description = "primary or replica"),
                  ("X-Schema-Version" = u32, description = "The schema version"))),
-        (status = 400, description = "A malformed id, parameter or header", body = ErrorBody),
-        (status = 401, description = "No token, or an unknown one", body = ErrorBody),
-        (status = 403, description = "The token's purpose may not use this endpoint", body = ErrorBody),
-        (status = 404, description = "No such user", body = ErrorBody),
-        (status = 410, description = "The user was erased (crypto-shredded)", body = ErrorBody),
-        (status = 503, description = "Not ready, or no database login for the purpose", body = ErrorBody),
+        UserReadErrors,
     )
 )]
 pub async fn eligibility(
@@ -446,12 +450,7 @@ pub async fn eligibility(
         (status = 200, description = "A page of changes, newest first", body = HistoryBody,
          headers(("X-Served-By" = String, description = "primary or replica"),
                  ("X-Schema-Version" = u32, description = "The schema version"))),
-        (status = 400, description = "A malformed id, parameter or header", body = ErrorBody),
-        (status = 401, description = "No token, or an unknown one", body = ErrorBody),
-        (status = 403, description = "The token's purpose may not use this endpoint", body = ErrorBody),
-        (status = 404, description = "No such user", body = ErrorBody),
-        (status = 410, description = "The user was erased (crypto-shredded)", body = ErrorBody),
-        (status = 503, description = "Not ready, or no database login for the purpose", body = ErrorBody),
+        UserReadErrors,
     )
 )]
 pub async fn history(
