@@ -47,11 +47,17 @@ impl Citus {
             let mut opts =
                 cluster_options(free_port().map_err(CitusUnavailable::from)?, dir.path());
             opts.citus = true;
+            // Shard moves and splits copy with logical replication.
+            opts.settings.extend(
+                [("wal_level", "logical"), ("max_replication_slots", "32")]
+                    .map(|(k, v)| (k.to_owned(), v.to_owned())),
+            );
             let mut node = LocalCluster::init_or_reuse(&bins, &dir.path().join(name), opts)
                 .map_err(HarnessError::from)?;
             node.start().map_err(HarnessError::from)?;
             node.psql("postgres", "CREATE EXTENSION IF NOT EXISTS citus")
                 .map_err(HarnessError::from)?;
+            trust_citus_output_plugin(&node)?;
             nodes.push(node);
         }
         let coordinator = nodes.remove(0);
@@ -113,6 +119,28 @@ impl Citus {
     pub fn conninfo(&self, dbname: &str) -> String {
         self.coordinator.conninfo(dbname)
     }
+}
+
+/// Some PostgreSQL builds (this machine's among them) accept a logical-decoding
+/// output plugin only when `output_plugin_libraries` names it; Citus's shard moves and
+/// splits decode with `pgoutput` and its own `citus` plugin. Where the server has no
+/// such setting (upstream PostgreSQL, the Citus images) nothing is changed.
+fn trust_citus_output_plugin(node: &LocalCluster) -> Result<(), HarnessError> {
+    let known = node
+        .psql(
+            "postgres",
+            "SELECT count(*) FROM pg_settings WHERE name = 'output_plugin_libraries'",
+        )
+        .map_err(HarnessError::from)?;
+    if known.trim() == "1" {
+        for sql in [
+            "ALTER SYSTEM SET output_plugin_libraries = pgoutput, test_decoding, citus",
+            "SELECT pg_reload_conf()",
+        ] {
+            node.psql("postgres", sql).map_err(HarnessError::from)?;
+        }
+    }
+    Ok(())
 }
 
 impl Drop for Citus {

@@ -7,9 +7,11 @@
 //! lock keeps two runners from racing, and a migration whose text changed after
 //! it was applied is refused.
 //!
-//! Citus-only statements (`create_distributed_table`, reference tables) are not
-//! here: the operator's distribute step runs them once Citus is detected.
+//! Citus-only statements (reference tables, distribution, shard placement) are not
+//! migrations: [`citus`] holds them, and the operator's distribute step runs them
+//! once Citus is detected.
 
+pub mod citus;
 mod error;
 pub mod regions;
 pub mod roles;
