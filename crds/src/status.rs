@@ -82,6 +82,19 @@ pub struct UserMetadataStoreStatus {
     /// worker group is deleted only once it holds none.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub placement: BTreeMap<String, Vec<String>>,
+    /// Where each region's shards are, as the coordinator's `pg_dist_placement`
+    /// showed it at the last distribute step: region → worker group (tier 3 and up).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub regions: BTreeMap<String, String>,
+    /// Worker groups that left the spec and still hold shard placements, with how many
+    /// are left to move off; their pods are deleted once none are left.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub draining: BTreeMap<String, i64>,
+    /// The Citus group id (`pg_dist_node.groupid`, Patroni's `citus.group`) of each
+    /// worker group, assigned once and kept while the group exists, so removing a
+    /// group never renumbers the others.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub worker_group_ids: BTreeMap<String, i32>,
 }
 
 /// One-word state of the store.

@@ -72,9 +72,6 @@ pub enum CitusError {
         #[source]
         source: tokio_postgres::Error,
     },
-    /// The extension is not there; the message says what to change.
-    #[error("{0}")]
-    Missing(String),
 }
 
 fn db(what: impl Into<String>) -> impl FnOnce(tokio_postgres::Error) -> CitusError {
@@ -375,7 +372,10 @@ async fn distribute_one(client: &Client, p: &Pending) -> Result<bool, CitusError
     let name = format!("umstore.{}", quote_ident(&p.table));
     if p.layout == Layout::Reference {
         client
-            .execute("SELECT create_reference_table($1::text::regclass)", &[&name])
+            .execute(
+                "SELECT create_reference_table($1::text::regclass)",
+                &[&name],
+            )
             .await
             .map_err(db(format!("making {name} a reference table")))?;
         info!(table = %p.table, "reference table created");
@@ -400,7 +400,9 @@ async fn distribute_one(client: &Client, p: &Pending) -> Result<bool, CitusError
     // into a shard per region (every region's shards are split off it at once).
     let sql = match shards {
         Some(_) => {
-            format!("SELECT {function}($1::text::regclass, $2, colocate_with => $3, shard_count => $4)")
+            format!(
+                "SELECT {function}($1::text::regclass, $2, colocate_with => $3, shard_count => $4)"
+            )
         }
         None => format!("SELECT {function}($1::text::regclass, $2, colocate_with => $3)"),
     };
@@ -853,7 +855,7 @@ pub async fn apply(client: &Client, action: &Action) -> Result<(), CitusError> {
             let points: Vec<String> = points.iter().map(i32::to_string).collect();
             client
                 .execute(
-                    "SELECT citus_split_shard_by_split_points($1, $2::text[], $3::int[], \
+                    "SELECT citus_split_shard_by_split_points($1::bigint, $2::text[], $3::int[], \
                      shard_transfer_mode => $4::text::citus.shard_transfer_mode)",
                     &[shard, &points, nodes, &TRANSFER_MODE],
                 )
@@ -868,8 +870,8 @@ pub async fn apply(client: &Client, action: &Action) -> Result<(), CitusError> {
         } => {
             client
                 .execute(
-                    "SELECT citus_move_shard_placement($1, $2, $3, \
-                     shard_transfer_mode => $4::text::citus.shard_transfer_mode)",
+                    "SELECT citus_move_shard_placement($1::bigint, $2::int, $3::int, \
+                     $4::text::citus.shard_transfer_mode)",
                     &[shard, from, to, &TRANSFER_MODE],
                 )
                 .await
@@ -907,6 +909,18 @@ pub async fn cleanup(client: &Client) -> Result<(), CitusError> {
         .batch_execute("CALL citus_cleanup_orphaned_resources()")
         .await
         .map_err(db("cleaning up after an interrupted shard operation"))
+}
+
+/// How many shard placements each Citus group holds.
+pub async fn placement_counts(client: &Client) -> Result<BTreeMap<i32, i64>, CitusError> {
+    let rows = client
+        .query(
+            "SELECT groupid, count(*) FROM pg_dist_placement GROUP BY groupid",
+            &[],
+        )
+        .await
+        .map_err(db("counting shard placements per group"))?;
+    Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
 }
 
 /// Removes from `pg_dist_node` each worker group of `gone` (left the spec, its pods

@@ -1,5 +1,6 @@
 //! The reconcile pipeline of SPEC §3, top to bottom:
-//! validate → credentials → topology → bootstrap → migrate → status.
+//! validate → credentials → topology → bootstrap → migrate → distribute (tier ≥ 3)
+//! → status.
 //!
 //! Each step takes what the earlier ones returned and hands its own result on
 //! (see [`crate::steps`]); the pipeline stops at the first step that is not done
@@ -18,8 +19,8 @@ use crate::builders::postgres::PgRole;
 use crate::context::Context;
 use crate::error::Error;
 use crate::steps::{
-    bootstrap, credentials, lag, migrate, rollout, status, switchover, topology, validate, Journal,
-    Outcome, Progress, Reached, Reason, Step,
+    bootstrap, credentials, distribute, lag, migrate, rollout, status, switchover, topology,
+    validate, Journal, Outcome, Progress, Reached, Reason, Step,
 };
 
 /// How often a healthy store is looked at again even without a change.
@@ -96,11 +97,24 @@ async fn steps(
         waiting: None,
         schema_version: None,
         replica_lag: None,
+        worker_group_ids: valid.citus_groups.clone(),
+        placement: None,
+        converting: false,
     };
+    // What each worker group still holds, as the last distribute step saw it: a
+    // removed group's pods stay until it holds nothing.
     let placement = store
         .status
         .as_ref()
-        .map(|s| s.placement.clone())
+        .map(|s| {
+            let mut held = s.placement.clone();
+            for (group, shards) in &s.draining {
+                held.entry(group.clone())
+                    .or_default()
+                    .push(format!("{shards} shard placements"));
+            }
+            held
+        })
         .unwrap_or_default();
 
     let provisioned =
@@ -149,8 +163,6 @@ async fn steps(
     // Measured before migrate, so a store held by pending migrations still reports it.
     reached.replica_lag = lag::measure(&mut bootstrapped.admin, &pods, lag::TIMEOUT).await;
 
-    // TODO(issue: distribute, keys): distribute (tier ≥ 3) → encryption keys go
-    // here, each taking `SchemaCurrent` (and its admin connection).
     let schema = match migrate::run(&valid, bootstrapped, journal).await? {
         Ok(current) => current,
         Err(held) => {
@@ -164,6 +176,21 @@ async fn steps(
         Reason::Migrated,
         format!("schema at version {}", schema.version),
     );
+    if valid.citus() {
+        let report = distribute::run(&valid, &schema.admin, &observed, journal).await?;
+        reached.converting = report.converting;
+        if let Some(p) = report.placement {
+            reached.worker_group_ids = p.worker_group_ids.clone();
+            reached.placement = Some(p);
+        }
+        match report.outcome {
+            Outcome::Done(message) => {
+                reached.done(Step::Distribute, Reason::RegionsPlaced, message)
+            }
+            Outcome::Waiting(w) => return Ok(reached.stopped(Step::Distribute, w)),
+        }
+    }
+    // TODO(issue: keys): the encryption keys step goes here, taking `SchemaCurrent`.
     // The connection is not kept between reconciles.
     drop(schema);
     Ok(Progress::Reached(Box::new(reached)))

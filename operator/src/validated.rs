@@ -7,7 +7,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use umstore_crds::rules::MAX_INGEST_WORKERS;
-use umstore_crds::{EventsSpec, ReplicaPurpose, UserMetadataStore, UserMetadataStoreSpec};
+use umstore_crds::{
+    EventsSpec, ReplicaPurpose, UserMetadataStore, UserMetadataStoreSpec, WorkerGroupSpec,
+};
 use umstore_migrations::regions;
 
 use crate::meta::Owner;
@@ -16,6 +18,28 @@ use crate::meta::Owner;
 pub const MAX_STORE_NAME: usize = 30;
 /// Longest store name plus worker-group name.
 pub const MAX_STORE_AND_GROUP_NAME: usize = 40;
+
+/// The Citus group ids of `groups`, keeping the ids already `recorded`.
+pub fn citus_group_ids(
+    groups: &[WorkerGroupSpec],
+    recorded: &BTreeMap<String, i32>,
+) -> BTreeMap<String, i32> {
+    let mut ids = recorded.clone();
+    for (i, group) in groups.iter().enumerate() {
+        if ids.contains_key(&group.name) {
+            continue;
+        }
+        let used: BTreeSet<i32> = ids.values().copied().collect();
+        let by_position = i32::try_from(i + 1).unwrap_or(i32::MAX);
+        let id = if used.contains(&by_position) {
+            used.iter().max().map_or(1, |m| m + 1)
+        } else {
+            by_position
+        };
+        ids.insert(group.name.clone(), id);
+    }
+    ids
+}
 
 /// A store whose spec passed every check.
 #[derive(Clone, Debug, PartialEq)]
@@ -34,6 +58,11 @@ pub struct Validated {
     pub spec: UserMetadataStoreSpec,
     /// `spec.events`, checked and parsed; `None`: the data plane ingests over HTTP only.
     pub events: Option<Events>,
+    /// The Citus group id of each worker group (tier 3 and up): the ids recorded in
+    /// `status.workerGroupIds` (also of groups that left the spec and are still being
+    /// drained), and for a new group its position in the spec counted from 1 when
+    /// that is free, else one past the highest id.
+    pub citus_groups: BTreeMap<String, i32>,
 }
 
 /// `spec.events`, checked: how the data plane reaches the NATS JetStream bus.
@@ -133,7 +162,20 @@ pub fn validate(store: &UserMetadataStore) -> Result<Validated, Invalid> {
     if tier < 2 {
         spec.replica_pools.clear();
     }
+    let citus_groups = if tier >= 3 {
+        citus_group_ids(
+            &spec.worker_groups,
+            store
+                .status
+                .as_ref()
+                .map(|s| &s.worker_group_ids)
+                .unwrap_or(&BTreeMap::new()),
+        )
+    } else {
+        BTreeMap::new()
+    };
     Ok(Validated {
+        citus_groups,
         owner: Owner {
             name,
             namespace,

@@ -99,19 +99,14 @@ pub fn config_key(v: &Validated, role: &PgRole<'_>) -> String {
 }
 
 /// The Citus group of a workload from tier 3: 0 for the coordinator (and its
-/// replica pools), 1, 2, … for the worker groups in spec order.
+/// replica pools), the worker group's id ([`Validated::citus_groups`]) otherwise.
 pub fn citus_group(v: &Validated, role: &PgRole<'_>) -> Option<i32> {
     if !v.citus() {
         return None;
     }
     match role {
         PgRole::Coordinator | PgRole::Replica { .. } => Some(0),
-        PgRole::Worker { group, .. } => v
-            .spec
-            .worker_groups
-            .iter()
-            .position(|g| g.name == *group)
-            .and_then(|i| i32::try_from(i + 1).ok()),
+        PgRole::Worker { group, .. } => v.citus_groups.get(*group).copied(),
     }
 }
 

@@ -9,6 +9,7 @@
 //! | [`bootstrap`] | `&Validated`, `&Credentials`, `&Applied` | [`bootstrap::Bootstrapped`] (the admin connection) |
 //! | [`lag`] (a probe) | `&mut Bootstrapped`'s connection, the pods | the replica pool members' lag |
 //! | [`migrate`] | `&Validated`, `Bootstrapped` | [`migrate::SchemaCurrent`] |
+//! | [`distribute`] (tier ≥ 3) | `&Validated`, `&SchemaCurrent`'s connection | [`distribute::Report`] (the placement observed) |
 //! | [`status`] | the [`Progress`] the pipeline reached | whether it wrote |
 //!
 //! so an impossible order does not compile. A step that cannot finish yet returns
@@ -17,6 +18,7 @@
 
 pub mod bootstrap;
 pub mod credentials;
+pub mod distribute;
 pub mod lag;
 pub mod migrate;
 pub mod rollout;
@@ -25,6 +27,7 @@ pub mod switchover;
 pub mod topology;
 pub mod validate;
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::time::Duration;
 
@@ -40,6 +43,8 @@ pub enum Step {
     Bootstrap,
     /// migrate: `SchemaReady`.
     Migrate,
+    /// distribute (tier 3 and up): `Distributed`.
+    Distribute,
 }
 
 impl Step {
@@ -49,6 +54,7 @@ impl Step {
             Step::Provision => umstore_crds::condition::PROVISIONED,
             Step::Bootstrap => umstore_crds::condition::BOOTSTRAPPED,
             Step::Migrate => umstore_crds::condition::SCHEMA_READY,
+            Step::Distribute => umstore_crds::condition::DISTRIBUTED,
         }
     }
 }
@@ -110,6 +116,20 @@ reasons! {
     MigrationsApplied,
     /// `Manual` policy with pending migrations (migrate).
     MigrationsPending,
+    /// The coordinator's image has no Citus, or it is not created (distribute).
+    CitusMissing,
+    /// A worker group's primary is not in `pg_dist_node` yet (distribute).
+    WorkersNotRegistered,
+    /// `pg_dist_node` lists a Citus group no worker group has (distribute, Event).
+    WorkerGroupMismatch,
+    /// A shard operation of an earlier reconcile is still running (distribute).
+    ShardOperationInProgress,
+    /// Tables were distributed (distribute, Event).
+    Distributed,
+    /// Regions are being split off or moved to their worker groups (distribute).
+    PlacingRegions,
+    /// Every table is distributed and every region is on its group (distribute).
+    RegionsPlaced,
     /// A migration failed and was rolled back (migrate).
     MigrationFailed,
     /// The runner refused the database's schema (migrate).
@@ -227,6 +247,12 @@ pub struct Reached {
     pub schema_version: Option<i32>,
     /// The replica pool members' lag, when the probe after bootstrap measured it.
     pub replica_lag: Option<Vec<ReplicaLag>>,
+    /// The Citus group id of each worker group (tier 3 and up).
+    pub worker_group_ids: BTreeMap<String, i32>,
+    /// Where the regions are, when the distribute step looked.
+    pub placement: Option<distribute::Placement>,
+    /// Tables holding rows are being distributed (a promotion into Citus).
+    pub converting: bool,
 }
 
 impl Reached {

@@ -172,7 +172,8 @@ pub fn compute(
     let target = r.tier;
     let promoting_from = old.tier.filter(|t| target > *t);
     let provisioned = r.passed(Step::Provision);
-    let promoted = provisioned && all_ready;
+    // Into Citus, the promotion also waits for the tables and regions to be placed.
+    let promoted = provisioned && all_ready && (target < 3 || r.passed(Step::Distribute));
     let tier = match (provisioned, old.tier) {
         (true, None) => Some(target),
         (true, Some(_)) if promoting_from.is_none() || promoted => Some(target),
@@ -187,13 +188,18 @@ pub fn compute(
                 format!("running tier {target}"),
             )
         } else {
+            let stage = match &r.waiting {
+                Some(w) if r.steps.last().is_some_and(|s| s.step == Step::Distribute) => {
+                    w.message.clone()
+                }
+                _ if r.converting => "tables holding rows were distributed".to_string(),
+                _ => "waiting for the new components".to_string(),
+            };
             cond(
                 condition::PROMOTING,
                 true,
                 Reason::TierRaised,
-                format!(
-                    "promoting from tier {from} to tier {target}: waiting for the new components"
-                ),
+                format!("promoting from tier {from} to tier {target}: {stage}"),
             )
         });
     }
@@ -259,6 +265,23 @@ pub fn compute(
             .replica_lag
             .clone()
             .unwrap_or_else(|| old.replica_lag.clone()),
+        placement: r
+            .placement
+            .as_ref()
+            .map_or_else(|| old.placement.clone(), |p| p.by_group.clone()),
+        regions: r
+            .placement
+            .as_ref()
+            .map_or_else(|| old.regions.clone(), |p| p.regions.clone()),
+        draining: r
+            .placement
+            .as_ref()
+            .map_or_else(|| old.draining.clone(), |p| p.draining.clone()),
+        worker_group_ids: if r.tier >= 3 {
+            r.worker_group_ids.clone()
+        } else {
+            old.worker_group_ids.clone()
+        },
         ..old.clone()
     }
 }
@@ -334,6 +357,9 @@ mod tests {
             waiting: None,
             schema_version: None,
             replica_lag: None,
+            worker_group_ids: BTreeMap::new(),
+            placement: None,
+            converting: false,
         }
     }
 
