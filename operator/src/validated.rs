@@ -585,6 +585,48 @@ mod tests {
     }
 
     #[test]
+    fn citus_group_ids_survive_a_removed_group() {
+        let groups = |names: &[&str]| -> Vec<WorkerGroupSpec> {
+            names
+                .iter()
+                .map(|n| serde_json::from_value(json!({"name": n, "regions": []})).expect("group"))
+                .collect()
+        };
+        let first = citus_group_ids(&groups(&["north", "south", "east"]), &BTreeMap::new());
+        assert_eq!(
+            first,
+            BTreeMap::from([("north".into(), 1), ("south".into(), 2), ("east".into(), 3)])
+        );
+        // north leaves the spec: south and east keep their ids (their pods' Patroni
+        // citus.group), north's stays reserved while it drains.
+        let after = citus_group_ids(&groups(&["south", "east"]), &first);
+        assert_eq!(after, first);
+        // A new group at the front takes no id in use.
+        let recorded = BTreeMap::from([("south".into(), 2), ("east".into(), 3)]);
+        let added = citus_group_ids(&groups(&["west", "south", "east"]), &recorded);
+        assert_eq!(added.get("west"), Some(&1));
+        let crowded = citus_group_ids(&groups(&["south", "west", "east"]), &recorded);
+        assert_eq!(crowded.get("west"), Some(&4), "position 2 is south's: one past the highest");
+    }
+
+    #[test]
+    fn citus_group_ids_come_from_the_status() {
+        let mut s = store(
+            json!({"tier": 3, "regions": ["KA", "DL"], "workerGroups": [
+                {"name": "south", "regions": ["KA"]}, {"name": "north", "regions": ["DL"]}]}),
+            Some(3),
+        );
+        if let Some(status) = s.status.as_mut() {
+            status.worker_group_ids = BTreeMap::from([("north".into(), 1), ("south".into(), 2)]);
+        }
+        let v = validate(&s).expect("valid");
+        assert_eq!(
+            v.citus_groups,
+            BTreeMap::from([("north".into(), 1), ("south".into(), 2)])
+        );
+    }
+
+    #[test]
     fn durations_parse_like_go() {
         assert_eq!(parse_duration_secs("24h"), Some(86_400));
         assert_eq!(parse_duration_secs("1h30m"), Some(5_400));

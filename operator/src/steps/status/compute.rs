@@ -499,6 +499,46 @@ mod tests {
                 vec![("Promoting", "False", "PromotionComplete")],
             ),
             (
+                "raised into Citus, all ready, regions still being placed",
+                running(2),
+                {
+                    let mut r = reached(3, true);
+                    r.done(Step::Provision, Reason::Applied, "applied");
+                    r.done(Step::Bootstrap, Reason::Bootstrapped, "bootstrapped");
+                    r.done(Step::Migrate, Reason::Migrated, "schema at version 9");
+                    r.stopped(
+                        Step::Distribute,
+                        Waiting::new(Reason::PlacingRegions, "moving region KA", None),
+                    )
+                },
+                Phase::Provisioning,
+                Some(2),
+                "PlacingRegions",
+                vec![
+                    ("Promoting", "True", "TierRaised"),
+                    ("Distributed", "False", "PlacingRegions"),
+                ],
+            ),
+            (
+                "raised into Citus and distributed",
+                running(2),
+                {
+                    let mut r = reached(3, true);
+                    r.done(Step::Provision, Reason::Applied, "applied");
+                    r.done(Step::Bootstrap, Reason::Bootstrapped, "bootstrapped");
+                    r.done(Step::Migrate, Reason::Migrated, "schema at version 9");
+                    r.done(Step::Distribute, Reason::RegionsPlaced, "placed");
+                    Progress::Reached(Box::new(r))
+                },
+                Phase::Ready,
+                Some(3),
+                "AllComponentsReady",
+                vec![
+                    ("Promoting", "False", "PromotionComplete"),
+                    ("Distributed", "True", "RegionsPlaced"),
+                ],
+            ),
+            (
                 "no Vault",
                 UserMetadataStoreStatus::default(),
                 through_migrate(no_vault),
