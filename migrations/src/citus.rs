@@ -352,6 +352,15 @@ pub async fn distribute(
         .batch_execute("SET citus.enable_unsafe_triggers TO on")
         .await
         .map_err(db("enabling triggers on distributed tables"))?;
+    if todo.iter().any(|p| p.table == "outbox") {
+        // Its NOTIFY would fire on a worker, where nobody listens, and PostgreSQL
+        // cannot PREPARE a transaction that notified, which breaks every event
+        // transaction Citus commits on two nodes. The relay polls instead.
+        client
+            .batch_execute("DROP TRIGGER IF EXISTS outbox_notify ON umstore.outbox")
+            .await
+            .map_err(db("dropping the outbox's NOTIFY trigger"))?;
+    }
     for (i, table) in todo.iter().enumerate() {
         progress(table, i, todo.len());
         let concurrently = distribute_one(client, table).await?;

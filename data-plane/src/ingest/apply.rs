@@ -155,7 +155,7 @@ pub const UPSERT_METADATA: &str = "INSERT INTO umstore.user_metadata (user_id, r
         household_size = EXCLUDED.household_size, dependents = EXCLUDED.dependents,
         children = EXCLUDED.children, senior_members = EXCLUDED.senior_members,
         head_of_household = EXCLUDED.head_of_household, version = EXCLUDED.version,
-        last_event_at = EXCLUDED.last_event_at, updated_at = now()";
+        last_event_at = EXCLUDED.last_event_at, updated_at = EXCLUDED.updated_at";
 const TOUCH_METADATA: &str =
     "UPDATE umstore.user_metadata SET last_event_at = $3 WHERE region = $1 AND user_id = $2";
 /// Writes the user's derived attributes.

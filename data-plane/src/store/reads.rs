@@ -1,8 +1,8 @@
 //! What the read API serves besides the metadata itself: derived attributes,
 //! risk scores, the eligibility cache and the change history of one user. Each
-//! query reads the user's row too (found through the directory, one region's
-//! partition), so an unknown user and an erased one are told apart from a user
-//! with nothing computed yet.
+//! query reads the user's row too (its region found first in the directory, then
+//! one region's partition), so an unknown user and an erased one are told apart
+//! from a user with nothing computed yet.
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
@@ -19,26 +19,41 @@ const DERIVED: &str = "SELECT u.region::text, u.erased_at::text, d.age_group, d.
         d.is_farmer, d.per_capita_income_lakh::float8, d.computed_at::text, d.source_version
      FROM umstore.user_metadata u
      LEFT JOIN umstore.user_derived_attributes d ON d.region = u.region AND d.user_id = u.user_id
-     WHERE u.region = umstore.user_region($1) AND u.user_id = $1";
+     WHERE u.region = $2 AND u.user_id = $1";
 
 const RISK: &str = "SELECT u.region::text, u.erased_at::text, r.financial_risk::float8,
         r.deadline_risk::float8, r.benefit_loss_risk::float8, r.overall_risk::float8,
         r.model_version, r.computed_at::text
      FROM umstore.user_metadata u
      LEFT JOIN umstore.user_risk_scores r ON r.region = u.region AND r.user_id = u.user_id
-     WHERE u.region = umstore.user_region($1) AND u.user_id = $1";
+     WHERE u.region = $2 AND u.user_id = $1";
 
-/// Unexpired entries only; `$2` narrows to one scheme when not null.
+/// Unexpired entries only; `$3` narrows to one scheme when not null.
 const ELIGIBILITY: &str = "SELECT u.region::text, u.erased_at::text, e.scheme_id, e.eligible,
         e.score::float8, e.reasons, e.rules_version, e.computed_at::text, e.expires_at::text
      FROM umstore.user_metadata u
      LEFT JOIN umstore.user_eligibility_cache e ON e.region = u.region AND e.user_id = u.user_id
-        AND e.expires_at > now() AND ($2::text IS NULL OR e.scheme_id = $2)
-     WHERE u.region = umstore.user_region($1) AND u.user_id = $1
+        AND e.expires_at > now() AND ($3::text IS NULL OR e.scheme_id = $3)
+     WHERE u.region = $2 AND u.user_id = $1
      ORDER BY e.scheme_id";
 
 const USER: &str = "SELECT region::text, erased_at::text FROM umstore.user_metadata
-     WHERE region = umstore.user_region($1) AND user_id = $1";
+     WHERE region = $2 AND user_id = $1";
+
+/// The directory: which region holds a user. Looked up first, on its own, so that
+/// each query after it names the region as a constant and stays on one shard when
+/// the tables are distributed by region (Citus cannot route a query whose region is
+/// computed by a function reading another distributed table).
+const REGION: &str = "SELECT region::text FROM umstore.user_directory WHERE user_id = $1";
+
+/// The region holding `user_id`, or `None` for an unknown user.
+pub async fn region_of(client: &impl Reader, user_id: Uuid) -> Result<Option<String>, ReadError> {
+    Ok(client
+        .query_opt(REGION, &[&user_id])
+        .await
+        .map_err(db(user_id))?
+        .map(|r| r.get(0)))
+}
 
 /// Newest first; `$3`/`$4` is the cursor (the last row of the previous page),
 /// `$5` the page size plus one (to know whether another page follows).
@@ -201,8 +216,11 @@ pub async fn derived(
     client: &impl Reader,
     user_id: Uuid,
 ) -> Result<Option<Found<Option<Derived>>>, ReadError> {
+    let Some(region) = region_of(client, user_id).await? else {
+        return Ok(None);
+    };
     let rows = client
-        .query(DERIVED, &[&user_id])
+        .query(DERIVED, &[&user_id, &region])
         .await
         .map_err(db(user_id))?;
     let value = rows.first().and_then(|r| {
@@ -228,7 +246,13 @@ pub async fn risk_scores(
     client: &impl Reader,
     user_id: Uuid,
 ) -> Result<Option<Found<Option<RiskScores>>>, ReadError> {
-    let rows = client.query(RISK, &[&user_id]).await.map_err(db(user_id))?;
+    let Some(region) = region_of(client, user_id).await? else {
+        return Ok(None);
+    };
+    let rows = client
+        .query(RISK, &[&user_id, &region])
+        .await
+        .map_err(db(user_id))?;
     let value = rows.first().and_then(|r| {
         Some(RiskScores {
             financial_risk: r.get::<_, Option<f64>>(2)?,
@@ -248,8 +272,11 @@ pub async fn eligibility(
     user_id: Uuid,
     scheme_id: Option<&str>,
 ) -> Result<Option<Found<Vec<Eligibility>>>, ReadError> {
+    let Some(region) = region_of(client, user_id).await? else {
+        return Ok(None);
+    };
     let rows = client
-        .query(ELIGIBILITY, &[&user_id, &scheme_id])
+        .query(ELIGIBILITY, &[&user_id, &region, &scheme_id])
         .await
         .map_err(db(user_id))?;
     let value = rows
@@ -277,8 +304,11 @@ pub async fn history(
     cursor: Option<Cursor>,
     limit: u32,
 ) -> Result<Option<Found<(Vec<Change>, bool)>>, ReadError> {
+    let Some(region) = region_of(client, user_id).await? else {
+        return Ok(None);
+    };
     let Some(user) = client
-        .query_opt(USER, &[&user_id])
+        .query_opt(USER, &[&user_id, &region])
         .await
         .map_err(db(user_id))?
     else {

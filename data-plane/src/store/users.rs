@@ -21,7 +21,7 @@ const SELECT_USER: &str = "SELECT region::text, full_name_enc, date_of_birth_enc
         has_bank_account, ration_card, household_size, dependents, children, senior_members,
         head_of_household, version, updated_at::text, erased_at::text
      FROM umstore.user_metadata
-     WHERE region = umstore.user_region($1) AND user_id = $1";
+     WHERE region = $2 AND user_id = $1";
 
 /// The changes after a time, newest first (what "as of" undoes).
 const SELECT_CHANGES_AFTER: &str = "SELECT change_type, old_values, version
@@ -134,8 +134,11 @@ struct Stored {
 }
 
 async fn fetch(client: &impl Reader, user_id: Uuid) -> Result<Option<Stored>, ReadError> {
+    let Some(region) = super::reads::region_of(client, user_id).await? else {
+        return Ok(None);
+    };
     let Some(row) = client
-        .query_opt(SELECT_USER, &[&user_id])
+        .query_opt(SELECT_USER, &[&user_id, &region])
         .await
         .map_err(|source| ReadError::Database { user_id, source })?
     else {
