@@ -339,11 +339,22 @@ pub async fn distribute(
         .batch_execute("SET search_path TO pg_catalog")
         .await
         .map_err(db("setting the search path"))?;
-    client
-        .batch_execute(SET_ASIDE_DDL)
-        .await
-        .map_err(db("creating umstore_citus.set_aside"))?;
     let todo = pending(client).await?;
+    let recorded: bool = client
+        .query_one(
+            "SELECT to_regclass('umstore_citus.set_aside') IS NOT NULL",
+            &[],
+        )
+        .await
+        .map_err(db("looking for umstore_citus.set_aside"))?
+        .get(0);
+    if !recorded {
+        // DDL on a Citus coordinator reaches every node: only when missing.
+        client
+            .batch_execute(SET_ASIDE_DDL)
+            .await
+            .map_err(db("creating umstore_citus.set_aside"))?;
+    }
     if !todo.is_empty() {
         set_aside(client).await?;
     }
