@@ -98,6 +98,18 @@ async fn regions_land_on_their_worker_groups_and_a_reassigned_region_moves_alone
         BTreeMap::from([("south".to_string(), 1), ("north".to_string(), 2)])
     );
 
+    // Each region gets a shard of its own by its hash value: no two of the 36 may
+    // share one, or they could never be placed apart.
+    let distinct: i64 = admin
+        .query_one(
+            "SELECT count(DISTINCT worker_hash(region::char(2))) FROM umstore.regions",
+            &[],
+        )
+        .await
+        .expect("hashes")
+        .get(0);
+    assert_eq!(distinct, 36);
+
     let (report, journal) = reconcile_until_done(&v, &admin).await;
     assert_eq!(
         regions_of(&report),
