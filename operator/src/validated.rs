@@ -606,7 +606,11 @@ mod tests {
         let added = citus_group_ids(&groups(&["west", "south", "east"]), &recorded);
         assert_eq!(added.get("west"), Some(&1));
         let crowded = citus_group_ids(&groups(&["south", "west", "east"]), &recorded);
-        assert_eq!(crowded.get("west"), Some(&4), "position 2 is south's: one past the highest");
+        assert_eq!(
+            crowded.get("west"),
+            Some(&4),
+            "position 2 is south's: one past the highest"
+        );
     }
 
     #[test]
