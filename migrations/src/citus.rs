@@ -931,11 +931,16 @@ pub async fn cleanup(client: &Client) -> Result<(), CitusError> {
         .map_err(db("cleaning up after an interrupted shard operation"))
 }
 
-/// How many shard placements each Citus group holds.
+/// How many shard placements of distributed tables each Citus group holds (the
+/// reference tables' copies, on every node, do not count: `citus_remove_node`
+/// drops them itself).
 pub async fn placement_counts(client: &Client) -> Result<BTreeMap<i32, i64>, CitusError> {
     let rows = client
         .query(
-            "SELECT groupid, count(*) FROM pg_dist_placement GROUP BY groupid",
+            "SELECT p.groupid, count(*) FROM pg_dist_placement p \
+             JOIN pg_dist_shard s ON s.shardid = p.shardid \
+             JOIN pg_dist_partition t ON t.logicalrelid = s.logicalrelid \
+             WHERE t.repmodel <> 't' GROUP BY p.groupid",
             &[],
         )
         .await
@@ -953,7 +958,10 @@ pub async fn remove_drained(client: &Client, gone: &[i32]) -> Result<Vec<i32>, C
         }
         let placements: i64 = client
             .query_one(
-                "SELECT count(*) FROM pg_dist_placement WHERE groupid = $1",
+                "SELECT count(*) FROM pg_dist_placement p \
+                 JOIN pg_dist_shard s ON s.shardid = p.shardid \
+                 JOIN pg_dist_partition t ON t.logicalrelid = s.logicalrelid \
+                 WHERE p.groupid = $1 AND t.repmodel <> 't'",
                 &[&node.group],
             )
             .await

@@ -31,6 +31,7 @@ async fn connect(conninfo: &str) -> Client {
 /// coordinator, and a writer login as the data plane has (a member of
 /// `umstore_writer`), created the way bootstrap does.
 async fn migrated(citus: &Citus) -> Client {
+    durable_commits(citus).await;
     let mut admin = connect(&citus.conninfo("postgres")).await;
     Runner::default().up(&mut admin).await.expect("migrations");
     for purpose in [Purpose::Writer, Purpose::Dashboard] {
@@ -44,6 +45,32 @@ async fn migrated(citus: &Citus) -> Client {
             .expect("login role");
     }
     admin
+}
+
+/// Every node commits with `synchronous_commit = on`, PostgreSQL's default and what
+/// the store runs with; the harness turns it off for speed. With it off, an online
+/// move or split can lose acknowledged writes: Citus blocks writes, reads the source's
+/// `pg_current_wal_lsn()` (the WAL *written*, which an asynchronous commit of the last
+/// ~`wal_writer_delay` may not have reached) and waits for the subscription to reach
+/// it, so a single-node transaction committed just before the cut-over is never
+/// replicated (seen here: 2 of 14,056 acknowledged KA users lost in a 1M-user move).
+async fn durable_commits(citus: &Citus) {
+    for node in std::iter::once(citus.coordinator()).chain(citus.workers()) {
+        let client = connect(&node.conninfo("postgres")).await;
+        for sql in [
+            "ALTER SYSTEM SET synchronous_commit = on",
+            "SELECT pg_reload_conf()",
+        ] {
+            client.batch_execute(sql).await.expect("synchronous_commit");
+        }
+        let client = connect(&node.conninfo("postgres")).await;
+        let setting: String = client
+            .query_one("SHOW synchronous_commit", &[])
+            .await
+            .expect("SHOW")
+            .get(0);
+        assert_eq!(setting, "on", "{}", node.conninfo("postgres"));
+    }
 }
 
 fn as_login(citus: &Citus, purpose: Purpose) -> String {
@@ -289,4 +316,513 @@ async fn an_empty_store_distributes_once_and_each_region_gets_a_shard_on_its_gro
         .expect("set_aside")
         .get(0);
     assert_eq!(left, 0);
+}
+
+fn assignment(pairs: &[(&str, i32)]) -> BTreeMap<String, i32> {
+    pairs.iter().map(|(r, g)| (r.to_string(), *g)).collect()
+}
+
+/// A migrated, distributed store with KA and TN placed on the first worker group and
+/// MH and DL on the second; returns the admin connection and the two groups.
+async fn placed(citus: &Citus) -> (Client, i32, i32) {
+    let admin = migrated(citus).await;
+    citus::distribute(&admin, |_, _, _| {})
+        .await
+        .expect("distribute");
+    let (south, north) = worker_groups(&admin).await;
+    let desired = assignment(&[("KA", south), ("TN", south), ("MH", north), ("DL", north)]);
+    place(&admin, &desired).await;
+    assert_eq!(
+        citus::observed_placement(&admin, &regions())
+            .await
+            .expect("observed"),
+        desired
+    );
+    (admin, south, north)
+}
+
+/// Adds `users` users to `region` (directory and metadata rows) in two statements, as
+/// the admin; ids are derived from the region and a counter, so they never collide
+/// across regions.
+async fn seed(admin: &Client, region: &str, users: i64) {
+    admin
+        .execute(
+            "INSERT INTO umstore.user_directory (user_id, region) \
+             SELECT md5($1::text || '/' || i)::uuid, $1::text FROM generate_series(1, $2::bigint) i",
+            &[&region, &users],
+        )
+        .await
+        .expect("seed user_directory");
+    admin
+        .execute(
+            "INSERT INTO umstore.user_metadata (user_id, region, gender, birth_year) \
+             SELECT md5($1::text || '/' || i)::uuid, $1::text, 'female', 1950 + (i % 50)::int \
+             FROM generate_series(1, $2::bigint) i",
+            &[&region, &users],
+        )
+        .await
+        .expect("seed user_metadata");
+}
+
+async fn total(client: &Client) -> i64 {
+    client
+        .query_one("SELECT count(*) FROM umstore.user_metadata", &[])
+        .await
+        .expect("count")
+        .get(0)
+}
+
+/// Each region's (anchor shard, Citus group).
+async fn shards_by_region(admin: &Client) -> BTreeMap<String, (i64, i32)> {
+    citus::region_shards(admin, &regions())
+        .await
+        .expect("region shards")
+        .into_iter()
+        .map(|s| (s.region, (s.shard, s.group)))
+        .collect()
+}
+
+/// A superuser connection to the worker of Citus group `group`.
+async fn worker(citus: &Citus, admin: &Client, group: i32) -> Client {
+    let nodes = citus::nodes(admin).await.expect("nodes");
+    let port = nodes.get(&group).expect("the group's node").port;
+    let node = citus
+        .workers()
+        .iter()
+        .find(|w| i32::from(w.port()) == port)
+        .expect("a harness worker on that port");
+    connect(&node.conninfo("postgres")).await
+}
+
+/// Polls `in_progress` until it reports an operation naming `function`; fails when
+/// `task` (the session running it) ends first or nothing shows within a minute.
+async fn wait_for_in_progress<T>(
+    admin: &Client,
+    function: &str,
+    task: &tokio::task::JoinHandle<T>,
+) -> String {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Some(running) = citus::in_progress(admin).await.expect("in_progress") {
+            if running.contains(function) {
+                return running;
+            }
+        }
+        assert!(
+            !task.is_finished(),
+            "{function} ended before it was seen running"
+        );
+        assert!(Instant::now() < deadline, "{function} never showed up");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Kills the backend running `function` (found in `pg_stat_activity`) and waits for
+/// the process to exit; returns its pid.
+async fn terminate(admin: &Client, function: &str) -> i32 {
+    let pid: i32 = admin
+        .query_one(
+            "SELECT pid FROM pg_stat_activity WHERE pid <> pg_backend_pid() \
+             AND state <> 'idle' AND query LIKE '%' || $1 || '(%'",
+            &[&function],
+        )
+        .await
+        .expect("the backend running it")
+        .get(0);
+    let killed: bool = admin
+        .query_one(
+            "SELECT pg_terminate_backend($1::int, 30000::bigint)",
+            &[&pid],
+        )
+        .await
+        .expect("pg_terminate_backend")
+        .get(0);
+    assert!(killed, "backend {pid} did not exit");
+    pid
+}
+
+#[tokio::test]
+async fn reassigning_one_region_moves_only_it_while_a_writer_and_reader_continue() {
+    let Some(citus) = Citus::start_or_skip() else {
+        return;
+    };
+    let (admin, south, north) = placed(&citus).await;
+    let before = shards_by_region(&admin).await;
+
+    let traffic = Traffic::start(&citus, "KA").await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let acked_at_start = traffic.acked.load(Ordering::Relaxed);
+    let desired = assignment(&[("KA", north), ("TN", south), ("MH", north), ("DL", north)]);
+    let taken = place(&admin, &desired).await;
+    let acked_at_end = traffic.acked.load(Ordering::Relaxed);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (acked, reads, errors) = traffic.stop().await;
+
+    assert!(
+        matches!(taken.as_slice(), [Action::Move { region, group, .. }] if region == "KA" && *group == north),
+        "one move, of KA: {taken:?}"
+    );
+    let after = shards_by_region(&admin).await;
+    for region in ["TN", "MH", "DL"] {
+        assert_eq!(
+            after[region], before[region],
+            "{region} stayed where it was"
+        );
+    }
+    assert_eq!(
+        after["KA"],
+        (before["KA"].0, north),
+        "KA's shard is on {north}"
+    );
+    assert!(errors.is_empty(), "{errors:?}");
+    assert!(reads > 0, "the reader read");
+    assert!(
+        acked_at_end > acked_at_start,
+        "writes were acknowledged while KA moved"
+    );
+    assert_eq!(
+        count(&admin, "KA").await,
+        i64::try_from(acked).expect("count"),
+        "every acknowledged write is there, and nothing else"
+    );
+}
+
+#[tokio::test]
+async fn an_interrupted_move_is_finished_by_the_next_run() {
+    let Some(citus) = Citus::start_or_skip() else {
+        return;
+    };
+    let (admin, south, north) = placed(&citus).await;
+    seed(&admin, "KA", 20_000).await;
+    let rows = count(&admin, "KA").await;
+    assert_eq!(rows, 20_000);
+    let ka = shards_by_region(&admin).await["KA"];
+    assert_eq!(ka.1, south);
+
+    let desired = assignment(&[("KA", north), ("TN", south), ("MH", north), ("DL", north)]);
+    let planned = citus::plan(&admin, &desired).await.expect("plan");
+    let [action @ Action::Move { .. }] = planned.as_slice() else {
+        panic!("one move: {planned:?}");
+    };
+    let mover = connect(&citus.conninfo("postgres")).await;
+    let mover_pid: i32 = mover
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .expect("pid")
+        .get(0);
+    let task = {
+        let action = action.clone();
+        tokio::spawn(async move { citus::apply(&mover, &action).await })
+    };
+    let running = wait_for_in_progress(&admin, "citus_move_shard_placement", &task).await;
+    assert!(
+        running.contains(&format!("backend {mover_pid} ")),
+        "{running}"
+    );
+    // Killed once the move has made something on the target (recorded for cleanup).
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let recorded: i64 = admin
+            .query_one("SELECT count(*) FROM pg_dist_cleanup", &[])
+            .await
+            .expect("pg_dist_cleanup")
+            .get(0);
+        if recorded > 0 {
+            break;
+        }
+        assert!(!task.is_finished(), "the move ended before it was killed");
+        assert!(
+            Instant::now() < deadline,
+            "the move recorded nothing to clean up"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(
+        terminate(&admin, "citus_move_shard_placement").await,
+        mover_pid
+    );
+    let outcome = task.await.expect("mover task");
+    assert!(outcome.is_err(), "the killed move failed: {outcome:?}");
+
+    assert_eq!(citus::in_progress(&admin).await.expect("in_progress"), None);
+    citus::cleanup(&admin).await.expect("cleanup");
+    let taken = place(&admin, &desired).await;
+    assert!(
+        matches!(taken.as_slice(), [Action::Move { region, .. }] if region == "KA"),
+        "{taken:?}"
+    );
+    assert_eq!(shards_by_region(&admin).await["KA"], (ka.0, north));
+    assert_eq!(count(&admin, "KA").await, rows, "no row lost or doubled");
+    let on_source: i64 = admin
+        .query_one(
+            "SELECT count(*) FROM pg_dist_placement WHERE shardid = $1 AND groupid = $2",
+            &[&ka.0, &south],
+        )
+        .await
+        .expect("placements")
+        .get(0);
+    assert_eq!(on_source, 0, "no placement of KA's shard left on {south}");
+
+    // Nothing of the interrupted attempt or of the old placement stays on the
+    // workers once cleaned up: no shard table, no replication slot holding WAL.
+    citus::cleanup(&admin).await.expect("cleanup");
+    let source = worker(&citus, &admin, south).await;
+    let target = worker(&citus, &admin, north).await;
+    let shard_table = format!("user_metadata_{}", ka.0);
+    let left: i64 = source
+        .query_one(
+            "SELECT count(*) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+             WHERE n.nspname = 'umstore' AND c.relname = $1",
+            &[&shard_table],
+        )
+        .await
+        .expect("source tables")
+        .get(0);
+    assert_eq!(left, 0, "{shard_table} dropped on the source");
+    for (name, node) in [("source", &source), ("target", &target)] {
+        let slots: i64 = node
+            .query_one("SELECT count(*) FROM pg_replication_slots", &[])
+            .await
+            .expect("slots")
+            .get(0);
+        let subscriptions: i64 = node
+            .query_one("SELECT count(*) FROM pg_subscription", &[])
+            .await
+            .expect("subscriptions")
+            .get(0);
+        assert_eq!((slots, subscriptions), (0, 0), "left on the {name}");
+    }
+    let recorded: i64 = admin
+        .query_one("SELECT count(*) FROM pg_dist_cleanup", &[])
+        .await
+        .expect("pg_dist_cleanup")
+        .get(0);
+    assert_eq!(recorded, 0, "nothing left to clean up");
+}
+
+/// Promotion of a populated tier-2 store (200,000 users over four regions) while a
+/// writer and a reader keep going; the first attempt is killed while it copies rows.
+#[tokio::test]
+async fn a_populated_store_is_distributed_while_writes_continue() {
+    const USERS: i64 = 200_000;
+    let Some(citus) = Citus::start_or_skip() else {
+        return;
+    };
+    let admin = migrated(&citus).await;
+    for region in REGIONS {
+        seed(&admin, region, USERS / 4).await;
+    }
+    assert_eq!(total(&admin).await, USERS);
+    let traffic = Traffic::start(&citus, "TN").await;
+
+    // A first run killed while it converts a populated table.
+    let crashing = connect(&citus.conninfo("postgres")).await;
+    let task = tokio::spawn(async move { citus::distribute(&crashing, |_, _, _| {}).await });
+    wait_for_in_progress(&admin, "create_distributed_table_concurrently", &task).await;
+    terminate(&admin, "create_distributed_table_concurrently").await;
+    let outcome = task.await.expect("distribute task");
+    assert!(outcome.is_err(), "the killed run failed: {outcome:?}");
+    assert_eq!(citus::in_progress(&admin).await.expect("in_progress"), None);
+
+    // The next run, as the operator's step does it: clean up, then distribute.
+    citus::cleanup(&admin).await.expect("cleanup");
+    let acked_at_start = traffic.acked.load(Ordering::Relaxed);
+    let report = citus::distribute(&admin, |_, _, _| {})
+        .await
+        .expect("distribute");
+    assert!(
+        traffic.acked.load(Ordering::Relaxed) > acked_at_start,
+        "writes were acknowledged while the tables were converted"
+    );
+    for table in ["user_metadata", "user_directory"] {
+        assert!(
+            report.concurrently.iter().any(|t| t == table),
+            "{table} converted without blocking writes: {report:?}"
+        );
+    }
+    let (south, north) = worker_groups(&admin).await;
+    let desired = assignment(&[("KA", south), ("TN", south), ("MH", north), ("DL", north)]);
+    place(&admin, &desired).await;
+    let (acked, reads, errors) = traffic.stop().await;
+
+    assert!(errors.is_empty(), "{errors:?}");
+    assert!(reads > 0 && acked > 0, "acked {acked}, reads {reads}");
+    assert_eq!(
+        total(&admin).await,
+        USERS + i64::try_from(acked).expect("count"),
+        "every seeded row and every acknowledged write, once"
+    );
+    let directory: i64 = admin
+        .query_one("SELECT count(*) FROM umstore.user_directory", &[])
+        .await
+        .expect("directory")
+        .get(0);
+    assert_eq!(directory, USERS + i64::try_from(acked).expect("count"));
+    assert_eq!(
+        citus::observed_placement(&admin, &regions())
+            .await
+            .expect("observed"),
+        desired
+    );
+}
+
+#[tokio::test]
+async fn removing_a_worker_group_drains_it_first() {
+    let Some(citus) = Citus::start_or_skip() else {
+        return;
+    };
+    let (admin, south, north) = placed(&citus).await;
+    for region in REGIONS {
+        seed(&admin, region, 100).await;
+    }
+    let mut before = BTreeMap::new();
+    for region in REGIONS {
+        before.insert(region, count(&admin, region).await);
+    }
+
+    let desired = assignment(&[("KA", south), ("TN", south), ("MH", south), ("DL", south)]);
+    let taken = place(&admin, &desired).await;
+    let mut moves: Vec<&str> = taken
+        .iter()
+        .filter_map(|a| match a {
+            Action::Move { region, .. } => Some(region.as_str()),
+            _ => None,
+        })
+        .collect();
+    let drains = taken
+        .iter()
+        .filter(|a| matches!(a, Action::Drain { .. }))
+        .count();
+    moves.sort_unstable();
+    assert_eq!(
+        moves,
+        ["DL", "MH"],
+        "the regions on {north} moved: {taken:?}"
+    );
+    assert!(drains > 0, "{taken:?}");
+    let first_drain = taken
+        .iter()
+        .position(|a| matches!(a, Action::Drain { .. }))
+        .expect("a drain");
+    assert!(
+        taken[..first_drain]
+            .iter()
+            .all(|a| matches!(a, Action::Move { .. })),
+        "moves first, then drains: {taken:?}"
+    );
+    // Every shard of a distributed table is off the group; the reference tables keep
+    // a copy on every node until the node is removed.
+    let left: i64 = admin
+        .query_one(
+            "SELECT count(*) FROM pg_dist_placement p \
+             JOIN pg_dist_shard s ON s.shardid = p.shardid \
+             JOIN pg_dist_partition t ON t.logicalrelid = s.logicalrelid \
+             WHERE p.groupid = $1 AND t.partmethod = 'h'",
+            &[&north],
+        )
+        .await
+        .expect("placements")
+        .get(0);
+    assert_eq!(left, 0, "no shard of a distributed table left on {north}");
+
+    assert_eq!(
+        citus::remove_drained(&admin, &[north])
+            .await
+            .expect("remove_drained"),
+        vec![north],
+        "the drained group is removed"
+    );
+    let (nodes, placements): (i64, i64) = {
+        let row = admin
+            .query_one(
+                "SELECT (SELECT count(*) FROM pg_dist_node WHERE groupid = $1), \
+                        (SELECT count(*) FROM pg_dist_placement WHERE groupid = $1)",
+                &[&north],
+            )
+            .await
+            .expect("pg_dist_node");
+        (row.get(0), row.get(1))
+    };
+    assert_eq!((nodes, placements), (0, 0), "group {north} is gone");
+    for region in REGIONS {
+        assert_eq!(count(&admin, region).await, before[region], "{region}");
+    }
+}
+
+#[tokio::test]
+async fn a_migration_applied_after_distribution_reaches_the_shards() {
+    let Some(citus) = Citus::start_or_skip() else {
+        return;
+    };
+    let (mut admin, _, _) = placed(&citus).await;
+    let mut migrations = umstore_migrations::embedded();
+    let latest = migrations.last().expect("migrations").version;
+    migrations.push(Migration {
+        version: latest + 1,
+        name: "test_extra",
+        sql: "ALTER TABLE umstore.user_metadata ADD COLUMN nickname_test text; \
+              CREATE TABLE umstore.test_notes (region char(2) NOT NULL, user_id uuid NOT NULL, \
+              note text, PRIMARY KEY (region, user_id));",
+    });
+    let report = Runner::new(migrations)
+        .up(&mut admin)
+        .await
+        .expect("the new migration");
+    assert_eq!(report.applied.len(), 1, "{report:?}");
+
+    let id: String = admin
+        .query_one(
+            "INSERT INTO umstore.user_metadata (user_id, region, gender, nickname_test) \
+             VALUES (gen_random_uuid(), 'KA', 'male', 'kitty') RETURNING user_id::text",
+            &[],
+        )
+        .await
+        .expect("insert with the new column")
+        .get(0);
+    let nickname: Option<String> = admin
+        .query_one(
+            "SELECT nickname_test FROM umstore.user_metadata \
+             WHERE region = 'KA' AND user_id = $1::text::uuid",
+            &[&id],
+        )
+        .await
+        .expect("read the new column")
+        .get(0);
+    assert_eq!(nickname.as_deref(), Some("kitty"));
+    let everywhere: bool = admin
+        .query_one(
+            "SELECT bool_and(success AND result = '1') FROM run_command_on_placements( \
+             'umstore.user_metadata', \
+             $$SELECT count(*) FROM pg_attribute WHERE attrelid = '%s'::regclass \
+               AND attname = 'nickname_test' AND NOT attisdropped$$)",
+            &[],
+        )
+        .await
+        .expect("the column on each shard")
+        .get(0);
+    assert!(
+        everywhere,
+        "every shard of user_metadata has the new column"
+    );
+
+    let report = citus::distribute(&admin, |_, _, _| {})
+        .await
+        .expect("distribute");
+    assert_eq!(report.tables, vec!["test_notes".to_string()]);
+    let colocation: Vec<i32> = admin
+        .query(
+            "SELECT colocationid FROM pg_dist_partition WHERE logicalrelid IN \
+             ('umstore.user_metadata'::regclass, 'umstore.test_notes'::regclass)",
+            &[],
+        )
+        .await
+        .expect("pg_dist_partition")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(colocation.len(), 2, "both distributed: {colocation:?}");
+    assert_eq!(
+        colocation[0], colocation[1],
+        "test_notes colocated with user_metadata"
+    );
 }
