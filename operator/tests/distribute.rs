@@ -204,10 +204,15 @@ async fn without_citus_the_step_says_which_image_to_use() {
     match report.outcome {
         Outcome::Waiting(w) => {
             assert_eq!(w.reason, Reason::CitusMissing);
-            // Where citus.so is installed the extension is merely not created.
-            let shipped = umstore_e2e::localpg::PgBinaries::discover()
-                .expect("PostgreSQL binaries")
-                .has_citus();
+            // Where the server offers the extension it is merely not created.
+            let shipped: bool = admin
+                .query_one(
+                    "SELECT EXISTS (SELECT 1 FROM pg_available_extensions WHERE name = 'citus')",
+                    &[],
+                )
+                .await
+                .expect("pg_available_extensions")
+                .get(0);
             let remedy = if shipped {
                 "shared_preload_libraries"
             } else {
