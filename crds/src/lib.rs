@@ -12,8 +12,8 @@ mod status;
 
 pub use spec::*;
 pub use status::{
-    condition, ComponentStatus, Endpoints, GroupStatus, MemberStatus, Phase, ReplicaLag,
-    UserMetadataStoreStatus,
+    condition, ComponentStatus, Endpoints, GroupStatus, KeysStatus, MemberStatus, MigrationsStatus,
+    Phase, PromotionStatus, ReplicaLag, RotationStatus, UserMetadataStoreStatus,
 };
 
 use kube::CustomResourceExt;

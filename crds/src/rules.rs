@@ -42,6 +42,12 @@ pub fn tier_never_decreases() -> Rule {
     )
 }
 
+/// On `spec.autoPromotion.thresholds`: each tier starts above the one before.
+pub fn thresholds_increase() -> Rule {
+    Rule::new("self.tier2Users < self.tier3Users && self.tier3Users < self.tier4Users")
+        .message("autoPromotion.thresholds must increase: tier2Users < tier3Users < tier4Users")
+}
+
 /// On the spec: from tier 3 the regions live on Citus worker groups.
 pub fn worker_groups_from_tier_3() -> Rule {
     Rule::new("self.tier < 3 || (has(self.workerGroups) && size(self.workerGroups) > 0)")

@@ -169,17 +169,90 @@ fn default_two() -> i32 {
 }
 
 /// Automatic tier promotion.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct AutoPromotionSpec {
     /// Promote automatically when the measured user count crosses a tier threshold.
     #[serde(default = "default_true")]
     pub enabled: bool,
+    /// The user counts at which each tier starts (SPEC §2: 10K, 1M, 10M).
+    #[serde(default)]
+    pub thresholds: PromotionThresholds,
 }
 
 impl Default for AutoPromotionSpec {
     fn default() -> Self {
-        Self { enabled: true }
+        Self {
+            enabled: true,
+            thresholds: PromotionThresholds::default(),
+        }
+    }
+}
+
+/// The user count from which each tier is used; each above the one before.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = rules::thresholds_increase())]
+pub struct PromotionThresholds {
+    /// Users from which the store runs tier 2 (default 10,000).
+    #[serde(default = "default_tier2_users")]
+    #[schemars(range(min = 1))]
+    pub tier2_users: i64,
+    /// Users from which the store runs tier 3 (default 1,000,000); the spec must then
+    /// name its worker groups.
+    #[serde(default = "default_tier3_users")]
+    #[schemars(range(min = 1))]
+    pub tier3_users: i64,
+    /// Users from which the store runs tier 4 (default 10,000,000).
+    #[serde(default = "default_tier4_users")]
+    #[schemars(range(min = 1))]
+    pub tier4_users: i64,
+}
+
+fn default_tier2_users() -> i64 {
+    10_000
+}
+
+fn default_tier3_users() -> i64 {
+    1_000_000
+}
+
+fn default_tier4_users() -> i64 {
+    10_000_000
+}
+
+impl Default for PromotionThresholds {
+    fn default() -> Self {
+        Self {
+            tier2_users: default_tier2_users(),
+            tier3_users: default_tier3_users(),
+            tier4_users: default_tier4_users(),
+        }
+    }
+}
+
+impl PromotionThresholds {
+    /// The tier a store of `users` users belongs to.
+    pub fn tier_for(&self, users: i64) -> i32 {
+        if users >= self.tier4_users {
+            4
+        } else if users >= self.tier3_users {
+            3
+        } else if users >= self.tier2_users {
+            2
+        } else {
+            1
+        }
+    }
+
+    /// The user count from which `tier` is used (tier 1: 0).
+    pub fn users_for(&self, tier: i32) -> i64 {
+        match tier {
+            ..=1 => 0,
+            2 => self.tier2_users,
+            3 => self.tier3_users,
+            _ => self.tier4_users,
+        }
     }
 }
 

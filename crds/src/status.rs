@@ -95,6 +95,98 @@ pub struct UserMetadataStoreStatus {
     /// group never renumbers the others.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub worker_group_ids: BTreeMap<String, i32>,
+    /// The transit key and its rotation (the keys step).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keys: Option<KeysStatus>,
+    /// Automatic promotion: the user count measured and the tier it calls for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub promotion: Option<PromotionStatus>,
+    /// Schema migrations: what is pending and what was approved (`Manual` policy).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub migrations: Option<MigrationsStatus>,
+}
+
+/// The transit key that wraps the data keys, as the keys step last saw it.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct KeysStatus {
+    /// `<transit mount>/<key name>`.
+    pub key: String,
+    /// The version new data keys are wrapped under.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<i32>,
+    /// The oldest version that still unwraps (older ones are retired).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_decryption_version: Option<i32>,
+    /// When the current version was created (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_rotation: Option<String>,
+    /// When the next scheduled rotation is due (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_rotation: Option<String>,
+    /// The last `umstore.io/rotate-keys` value acted on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rotate_request: Option<String>,
+    /// The running or last rotation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rotation: Option<RotationStatus>,
+}
+
+/// One rotation of the transit key and the rewrap of every data key.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RotationStatus {
+    /// `Running`, `Succeeded` or `Failed`.
+    pub state: String,
+    /// Why it ran: `Schedule`, `Annotation` or `Resumed`.
+    pub trigger: String,
+    /// The version every data key is rewrapped to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_version: Option<i32>,
+    /// Data keys rewrapped so far.
+    pub rewrapped: i64,
+    /// When it started (RFC 3339).
+    pub started_at: String,
+    /// When it finished or failed (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finished_at: Option<String>,
+    /// Attempts so far (a failed one is retried with backoff).
+    pub attempts: i32,
+    /// What happened: the error of a failed attempt, or the summary.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub message: String,
+}
+
+/// Automatic promotion's measurement.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PromotionStatus {
+    /// Users as the statistics estimate them (`pg_stat_user_tables.n_live_tup` of the
+    /// user directory): cheap, never a full count.
+    pub measured_users: i64,
+    /// When they were measured (RFC 3339).
+    pub measured_at: String,
+    /// The tier the count calls for, once the spec allows it; a floor like `spec.tier`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_tier: Option<i32>,
+    /// Why a tier the count calls for is not taken, if one is not.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub message: String,
+}
+
+/// Schema migrations under the `Manual` policy.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MigrationsStatus {
+    /// Versions embedded in the operator and not applied yet.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pending: Vec<i32>,
+    /// The version `umstore.io/approve-migrations` approved up to, once acted on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub approved: Option<i32>,
+    /// The store's `metadata.generation` when the approval was acted on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub approved_generation: Option<i64>,
 }
 
 /// One-word state of the store.

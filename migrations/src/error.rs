@@ -61,7 +61,8 @@ pub enum MigrateError {
 }
 
 impl MigrateError {
-    pub(crate) fn db(what: &'static str) -> impl FnOnce(tokio_postgres::Error) -> Self {
+    /// A database error while doing `what`.
+    pub fn db(what: &'static str) -> impl FnOnce(tokio_postgres::Error) -> Self {
         move |source| MigrateError::Database { what, source }
     }
 }

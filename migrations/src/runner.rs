@@ -140,6 +140,18 @@ impl Runner {
         &self.migrations
     }
 
+    /// A runner over this one's migrations up to `version` included (an approval
+    /// of migrations up to that version).
+    pub fn up_to(&self, version: u32) -> Self {
+        Self::new(
+            self.migrations
+                .iter()
+                .filter(|m| m.version <= version)
+                .cloned()
+                .collect(),
+        )
+    }
+
     /// The newest version this runner knows (the schema version it expects).
     pub fn latest_version(&self) -> u32 {
         self.migrations.last().map_or(0, |m| m.version)

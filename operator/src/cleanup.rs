@@ -28,6 +28,9 @@ pub async fn run(ctx: &Context, store: &UserMetadataStore) -> Result<Action, Err
         .clone()
         .ok_or(Error::MissingMetadata)?;
     let uid = store.metadata.uid.clone().unwrap_or_default();
+    // A rotation still running for it stops here (its record in the database lets
+    // a store restored from the same data resume it).
+    ctx.rotations.forget(&uid);
     let owner = Owner {
         name: name.clone(),
         namespace: namespace.clone(),

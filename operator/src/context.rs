@@ -13,6 +13,7 @@ use crate::builders::Env;
 use crate::db::Connector;
 use crate::leader::Leadership;
 use crate::metrics::Metrics;
+use crate::steps::keys::{Rotations, VaultAccess};
 
 /// Shared state of the controller.
 pub struct Context {
@@ -28,6 +29,10 @@ pub struct Context {
     pub env: Env,
     /// How the bootstrap and migrate steps reach a store's PostgreSQL.
     pub connector: Connector,
+    /// How the keys step reaches Vault.
+    pub vault: VaultAccess,
+    /// The key rotations running in this process.
+    pub rotations: Rotations,
     /// Consecutive failures per object (`namespace/name`), for the backoff.
     failures: Mutex<HashMap<String, u32>>,
 }
@@ -52,6 +57,8 @@ impl Context {
             leader,
             env,
             connector: Connector::in_cluster(),
+            vault: VaultAccess::default(),
+            rotations: Rotations::default(),
             failures: Mutex::new(HashMap::new()),
         }
     }
@@ -59,6 +66,12 @@ impl Context {
     /// The same context, reaching PostgreSQL through `connector`.
     pub fn with_connector(mut self, connector: Connector) -> Self {
         self.connector = connector;
+        self
+    }
+
+    /// The same context, reaching Vault with `vault`.
+    pub fn with_vault(mut self, vault: VaultAccess) -> Self {
+        self.vault = vault;
         self
     }
 

@@ -14,6 +14,7 @@ use tracing::{info, warn};
 use umstore_operator::builders::Env;
 use umstore_operator::leader::{Leadership, LeaseLock};
 use umstore_operator::metrics::{router, Health, Metrics};
+use umstore_operator::steps::keys::{VaultAccess, VaultLogin};
 use umstore_operator::{controller, Context};
 
 /// The umstore operator.
@@ -38,6 +39,23 @@ struct Args {
     /// Lease duration in seconds; renewed every third of it.
     #[arg(long, default_value_t = 15)]
     lease_seconds: u64,
+    /// Vault role the operator's ServiceAccount logs in as (Kubernetes auth, on each
+    /// store's `spec.encryption.auth.mountPath`) to create and rotate transit keys.
+    #[arg(
+        long,
+        env = "UMSTORE_OPERATOR_VAULT_ROLE",
+        default_value = "umstore-operator"
+    )]
+    vault_role: String,
+    /// A Vault token instead of Kubernetes auth (an operator run outside the cluster).
+    #[arg(long, env = "UMSTORE_OPERATOR_VAULT_TOKEN", hide_env_values = true)]
+    vault_token: Option<String>,
+    /// CA certificate (PEM) that Vault's TLS certificate is verified against.
+    #[arg(long, env = "UMSTORE_OPERATOR_VAULT_CA_CERT")]
+    vault_ca_cert: Option<std::path::PathBuf>,
+    /// Data keys per Vault `rewrap` call and per transaction during a rotation.
+    #[arg(long, default_value_t = 500)]
+    rewrap_batch_size: usize,
 }
 
 #[tokio::main]
@@ -99,13 +117,28 @@ async fn main() -> anyhow::Result<()> {
     let env = Env {
         operator_namespace: args.namespace.clone(),
     };
-    let ctx = Arc::new(Context::new(
-        client,
-        metrics,
-        leadership.clone(),
-        env,
-        Some(args.identity.clone()),
-    ));
+    let login = match args.vault_token {
+        Some(token) => VaultLogin::Token(token),
+        None => VaultLogin::Kubernetes {
+            role: args.vault_role.clone(),
+            token_path: "/var/run/secrets/kubernetes.io/serviceaccount/token".into(),
+        },
+    };
+    let vault = VaultAccess {
+        login,
+        ca_cert: args.vault_ca_cert.clone(),
+        batch_size: args.rewrap_batch_size.max(1),
+    };
+    let ctx = Arc::new(
+        Context::new(
+            client,
+            metrics,
+            leadership.clone(),
+            env,
+            Some(args.identity.clone()),
+        )
+        .with_vault(vault),
+    );
     controller::run(ctx, args.watch_namespace, ready).await;
 
     leadership.set(false);

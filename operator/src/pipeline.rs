@@ -8,20 +8,25 @@
 
 use std::time::Duration;
 
+use k8s_openapi::jiff::Timestamp;
 use kube::runtime::controller::Action;
+use kube::runtime::events::EventType;
 use kube::Resource;
 use tracing::{debug, warn};
 use umstore_crds::{ReplicaPurpose, UserMetadataStore};
 
 use crate::apply;
 use crate::builders;
+use crate::builders::credentials::Role;
 use crate::builders::postgres::PgRole;
 use crate::context::Context;
 use crate::error::Error;
+use crate::meta::PG_PORT;
 use crate::steps::{
-    bootstrap, credentials, distribute, lag, migrate, rollout, status, switchover, topology,
-    validate, Journal, Outcome, Progress, Reached, Reason, Step,
+    bootstrap, credentials, distribute, keys, lag, migrate, promote, rollout, status, switchover,
+    topology, validate, Journal, Outcome, Progress, Reached, Reason, Step,
 };
+use crate::validated::Validated;
 
 /// How often a healthy store is looked at again even without a change.
 pub const RESYNC: Duration = Duration::from_secs(300);
@@ -55,12 +60,17 @@ pub async fn run(ctx: &Context, store: &UserMetadataStore) -> Result<Report, Err
     publish_events(ctx, store, &journal).await;
     ctx.metrics
         .objects_applied(journal.applied.len() + journal.created.len());
+    let sooner = match &progress {
+        Progress::Reached(r) => r.requeue,
+        Progress::Invalid(_) => None,
+    };
+    let within = |d: Duration| sooner.map_or(d, |s| s.min(d));
     let action = match progress.waiting() {
         Some(w) => w
             .requeue_after
             .map_or_else(Action::await_change, Action::requeue),
-        None if progress.all_ready() => Action::requeue(RESYNC),
-        None => Action::requeue(NOT_READY_RECHECK),
+        None if progress.all_ready() => Action::requeue(within(RESYNC)),
+        None => Action::requeue(within(NOT_READY_RECHECK)),
     };
     Ok(Report {
         progress,
@@ -76,13 +86,14 @@ async fn steps(
     store: &UserMetadataStore,
     journal: &mut Journal,
 ) -> Result<Progress, Error> {
-    let valid = match validate::run(store, journal) {
+    let mut valid = match validate::run(store, journal) {
         Outcome::Done(v) => v,
         Outcome::Waiting(w) => return Ok(Progress::Invalid(w)),
     };
-    let owner = &valid.owner;
+    let owner = valid.owner.clone();
     let observed = apply::observe(&ctx.client, &owner.namespace, &owner.selector_string()).await?;
     let pods = apply::observe_pods(&ctx.client, &owner.namespace, &owner.name).await?;
+    valid.endpoint_tier = endpoint_tier(store, &valid, &observed);
     let credentials = credentials::run(ctx, &valid, &observed, journal).await?;
     let desired = builders::topology(&valid, &credentials, &ctx.env);
     let mut reached = Reached {
@@ -100,6 +111,11 @@ async fn steps(
         worker_group_ids: valid.citus_groups.clone(),
         placement: None,
         converting: false,
+        migrations: None,
+        promotion: None,
+        keys: None,
+        requeue: None,
+        degraded: Vec::new(),
     };
     // What each worker group still holds, as the last distribute step saw it: a
     // removed group's pods stay until it holds nothing.
@@ -163,7 +179,15 @@ async fn steps(
     // Measured before migrate, so a store held by pending migrations still reports it.
     reached.replica_lag = lag::measure(&mut bootstrapped.admin, &pods, lag::TIMEOUT).await;
 
-    let schema = match migrate::run(&valid, bootstrapped, journal).await? {
+    let approval = store
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(migrate::APPROVE_ANNOTATION))
+        .map(String::as_str);
+    let migrated = migrate::run(&valid, bootstrapped, approval, journal).await?;
+    reached.migrations = Some(migrated.migrations);
+    let schema = match migrated.outcome {
         Ok(current) => current,
         Err(held) => {
             reached.schema_version = held.applied_version;
@@ -190,10 +214,86 @@ async fn steps(
             Outcome::Waiting(w) => return Ok(reached.stopped(Step::Distribute, w)),
         }
     }
-    // TODO(issue: keys): the encryption keys step goes here, taking `SchemaCurrent`.
+    if valid.spec.auto_promotion.enabled && valid.tier < 4 {
+        match promote::measure(&schema.admin).await {
+            Ok(users) => {
+                let decision = promote::decide(store, &valid, users, Timestamp::now());
+                if decision.raised {
+                    journal.event(
+                        EventType::Normal,
+                        Reason::TierRaised,
+                        decision.status.message.clone(),
+                    );
+                    reached.requeue_within(Duration::from_secs(1));
+                } else if !decision.status.message.is_empty() {
+                    reached
+                        .degraded
+                        .push((Reason::PromotionBlocked, decision.status.message.clone()));
+                }
+                reached.promotion = Some(decision.status);
+            }
+            Err(error) => warn!(%error, "could not measure the user count for auto-promotion"),
+        }
+    }
+
+    let database = keys::Database {
+        connector: ctx.connector.clone(),
+        host: owner.service_host(&provisioned.coordinator),
+        port: u16::try_from(PG_PORT).unwrap_or(5432),
+        dbname: umstore_migrations::roles::DATABASE.to_string(),
+        user: Role::Admin.user().to_string(),
+        password: credentials.password(Role::Admin).to_string(),
+    };
+    let report = keys::run(
+        &ctx.vault,
+        &ctx.rotations,
+        store,
+        &valid,
+        &schema.admin,
+        database,
+    )
+    .await?;
+    reached.noted(
+        Step::Keys,
+        report.ready,
+        report.reason,
+        report.message.clone(),
+    );
+    if let Some(d) = report.degraded.clone() {
+        reached.degraded.push(d);
+    }
+    if let Some(after) = report.requeue {
+        reached.requeue_within(after);
+    }
+    reached.keys = Some(report);
     // The connection is not kept between reconciles.
     drop(schema);
     Ok(Progress::Reached(Box::new(reached)))
+}
+
+/// The tier whose endpoints clients get: while a promotion into tier 2 waits for
+/// PgBouncer and every replica pool to have a ready pod, still the running tier's
+/// (the primary), so the Secrets and the data plane switch only to a pooler that
+/// answers.
+fn endpoint_tier(store: &UserMetadataStore, v: &Validated, observed: &apply::Observed) -> i32 {
+    let running = store.status.as_ref().and_then(|s| s.tier);
+    let Some(running) = running.filter(|r| *r < 2 && v.tier >= 2) else {
+        return v.tier;
+    };
+    let pooler = topology::ready_replicas(observed, "Deployment", &v.owner.child("pgbouncer")) >= 1;
+    let pools = v.spec.replica_pools.iter().all(|p| {
+        let name = PgRole::Replica {
+            purpose: p.purpose,
+            replicas: p.replicas,
+        }
+        .name(v);
+        topology::ready_replicas(observed, "StatefulSet", &name) >= 1
+    });
+    if pooler && pools {
+        v.tier
+    } else {
+        running.max(1)
+    }
 }
 
 /// Publishes the queued Events; a failure to publish is logged, never fatal.

@@ -51,6 +51,11 @@ pub struct Validated {
     /// The tier to build: the spec's tier, or the tier already running if higher
     /// (the operator never demotes).
     pub tier: i32,
+    /// The tier whose endpoints the connection Secrets and the data plane use: `tier`,
+    /// except while a promotion into tier 2 waits for the pooler and the replica
+    /// pools to be ready (the running tier's endpoints until then, so clients are
+    /// never sent to a pooler that does not answer yet).
+    pub endpoint_tier: i32,
     /// Set when the spec asks for a lower tier than the one running: what to tell the user.
     pub demotion_refused: Option<String>,
     /// The checked spec. Below tier 3 `worker_groups` is empty; below tier 2
@@ -131,14 +136,21 @@ pub fn validate(store: &UserMetadataStore) -> Result<Validated, Invalid> {
             name.len()
         ));
     }
-    let spec = store.spec.clone();
-    check_spec(&spec, &name, &mut problems);
+    let mut spec = store.spec.clone();
     let events = spec
         .events
         .as_ref()
         .and_then(|e| check_events(e, &mut problems));
 
     let running = store.status.as_ref().and_then(|s| s.tier).unwrap_or(0);
+    // The tier automatic promotion recorded: a floor like the running tier.
+    let promoted = store
+        .status
+        .as_ref()
+        .filter(|_| spec.auto_promotion.enabled)
+        .and_then(|s| s.promotion.as_ref())
+        .and_then(|p| p.target_tier)
+        .unwrap_or(0);
     let (tier, demotion_refused) = if (1..=4).contains(&spec.tier) && spec.tier < running {
         (
             running,
@@ -151,11 +163,21 @@ pub fn validate(store: &UserMetadataStore) -> Result<Validated, Invalid> {
     } else {
         (spec.tier, None)
     };
+    let tier = if (1..=4).contains(&tier) {
+        tier.max(promoted.min(4))
+    } else {
+        tier
+    };
+    // Checked as the tier it will run (a promoted tier 3 needs its worker groups);
+    // an out-of-range spec.tier is checked as written.
+    if tier > spec.tier && demotion_refused.is_none() && (1..=4).contains(&spec.tier) {
+        spec.tier = tier;
+    }
+    check_spec(&spec, &name, &mut problems);
 
     if !problems.is_empty() {
         return Err(Invalid { problems });
     }
-    let mut spec = spec;
     if tier < 3 {
         spec.worker_groups.clear();
     }
@@ -183,6 +205,7 @@ pub fn validate(store: &UserMetadataStore) -> Result<Validated, Invalid> {
         },
         generation: meta.generation,
         tier,
+        endpoint_tier: tier,
         demotion_refused,
         spec,
         events,

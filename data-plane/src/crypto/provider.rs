@@ -140,6 +140,7 @@ impl KeyProvider {
             Self::Local(_) => Ok(KekVersions {
                 latest: 1,
                 min_decryption: 1,
+                latest_created: None,
             }),
         }
     }

@@ -103,6 +103,8 @@ pub struct KekVersions {
     pub latest: i32,
     /// The oldest version still allowed to unwrap.
     pub min_decryption: i32,
+    /// When the latest version was created (Unix seconds), where the provider knows.
+    pub latest_created: Option<u64>,
 }
 
 /// Wraps data keys with a Vault transit key.
@@ -292,6 +294,12 @@ impl VaultKeyProvider {
         let (mount, name) = (&self.config.transit_mount, &self.config.key_name);
         match vaultrs::transit::key::read(&self.client, mount, name).await {
             Ok(_) => return Ok(()),
+            // A policy of encrypt/decrypt/rewrap only (the data plane's in a cluster,
+            // where the operator creates and rotates the key): use it as it is.
+            Err(ClientError::APIError { code: 403, .. }) => {
+                info!(key = %name, "this token may not read the transit key; assuming it exists (the operator manages it)");
+                return Ok(());
+            }
             Err(ClientError::APIError { code: 404, .. }) => {}
             Err(e) => return Err(self.err("reading the transit key")(e)),
         }
@@ -547,21 +555,25 @@ impl VaultKeyProvider {
                 .await
             })
             .await?;
-        let latest = match &key.keys {
+        let (latest, latest_created) = match &key.keys {
             vaultrs::api::transit::responses::ReadKeyData::Symmetric(versions) => versions
-                .keys()
-                .filter_map(|v| v.parse::<i32>().ok())
+                .iter()
+                .filter_map(|(v, created)| Some((v.parse::<i32>().ok()?, Some(*created))))
                 .max()
-                .unwrap_or(1),
-            vaultrs::api::transit::responses::ReadKeyData::Asymmetric(versions) => versions
-                .keys()
-                .filter_map(|v| v.parse::<i32>().ok())
-                .max()
-                .unwrap_or(1),
+                .unwrap_or((1, None)),
+            vaultrs::api::transit::responses::ReadKeyData::Asymmetric(versions) => (
+                versions
+                    .keys()
+                    .filter_map(|v| v.parse::<i32>().ok())
+                    .max()
+                    .unwrap_or(1),
+                None,
+            ),
         };
         Ok(KekVersions {
             latest,
             min_decryption: i32::try_from(key.min_decryption_version).unwrap_or(i32::MAX),
+            latest_created,
         })
     }
 

@@ -205,7 +205,7 @@ pub fn role_secret(owner: &Owner, role: Role, password: &str) -> Secret {
 /// from one and the tier has it.
 pub fn pool_of(v: &Validated, role: Role) -> Option<ReplicaPurpose> {
     role.read_pool()
-        .filter(|pool| v.pool_purposes().contains(pool))
+        .filter(|pool| v.endpoint_tier >= 2 && v.pool_purposes().contains(pool))
 }
 
 /// Where a client role connects: (host, port). Its replica pool where it reads
@@ -221,10 +221,11 @@ pub fn endpoint_for(v: &Validated, role: Role) -> (String, i32) {
     }
 }
 
-/// The read-write endpoint: PgBouncer from tier 2, the primary below.
+/// The read-write endpoint: PgBouncer from tier 2, the primary below (and while a
+/// promotion into tier 2 waits for the pooler: [`Validated::endpoint_tier`]).
 pub fn read_write_endpoint(v: &Validated) -> (String, i32) {
     let owner = &v.owner;
-    if v.pooled() {
+    if v.endpoint_tier >= 2 {
         (
             owner.service_host(&owner.child("pgbouncer")),
             PGBOUNCER_PORT,

@@ -96,7 +96,8 @@ fn environment(v: &Validated) -> Vec<EnvVar> {
         env("UMSTORE_TRANSIT_MOUNT", transit_mount.clone()),
         env("UMSTORE_TRANSIT_KEY", key_name.clone()),
         env("UMSTORE_VAULT_K8S_ROLE", role.clone()),
-        env("UMSTORE_TIER", v.tier.to_string()),
+        // The tier whose endpoints the Secrets name: a switch to the pooler rolls the pods.
+        env("UMSTORE_TIER", v.endpoint_tier.to_string()),
         env("UMSTORE_REGIONS", v.spec.regions.join(",")),
         env(
             "UMSTORE_ELIGIBILITY_CACHE_TTL",

@@ -19,8 +19,10 @@
 pub mod bootstrap;
 pub mod credentials;
 pub mod distribute;
+pub mod keys;
 pub mod lag;
 pub mod migrate;
+pub mod promote;
 pub mod rollout;
 pub mod status;
 pub mod switchover;
@@ -45,6 +47,8 @@ pub enum Step {
     Migrate,
     /// distribute (tier 3 and up): `Distributed`.
     Distribute,
+    /// keys: `KeysReady`.
+    Keys,
 }
 
 impl Step {
@@ -55,6 +59,7 @@ impl Step {
             Step::Bootstrap => umstore_crds::condition::BOOTSTRAPPED,
             Step::Migrate => umstore_crds::condition::SCHEMA_READY,
             Step::Distribute => umstore_crds::condition::DISTRIBUTED,
+            Step::Keys => umstore_crds::condition::KEYS_READY,
         }
     }
 }
@@ -116,6 +121,8 @@ reasons! {
     MigrationsApplied,
     /// `Manual` policy with pending migrations (migrate).
     MigrationsPending,
+    /// `umstore.io/approve-migrations` names no embedded migration (migrate).
+    MigrationApprovalUnknown,
     /// The coordinator's image has no Citus, or it is not created (distribute).
     CitusMissing,
     /// A worker group's primary is not in `pg_dist_node` yet (distribute).
@@ -154,6 +161,16 @@ reasons! {
     RollingUpdate,
     /// A switchover asked for by annotation was refused.
     SwitchoverRefused,
+    /// Vault refused or could not be reached (keys).
+    VaultUnreachable,
+    /// The transit key is rotating and data keys are being rewrapped (keys).
+    RewrappingKeys,
+    /// A rotation failed; it is retried with backoff (keys).
+    KeyRotationFailed,
+    /// The transit key exists and is within its rotation interval (keys).
+    KeysCurrent,
+    /// The user count calls for a tier the spec cannot run (promotion).
+    PromotionBlocked,
 }
 
 impl fmt::Display for Reason {
@@ -222,7 +239,7 @@ pub enum Progress {
 }
 
 /// What a reconcile of a valid spec found and did.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct Reached {
     /// The tier the spec asks for (never below the running one).
     pub tier: i32,
@@ -253,6 +270,17 @@ pub struct Reached {
     pub placement: Option<distribute::Placement>,
     /// Tables holding rows are being distributed (a promotion into Citus).
     pub converting: bool,
+    /// What the migrate step found pending and approved, once it ran (`None` inside:
+    /// nothing to show, the `Auto` policy).
+    pub migrations: Option<Option<umstore_crds::MigrationsStatus>>,
+    /// Automatic promotion's measurement, when it ran.
+    pub promotion: Option<umstore_crds::PromotionStatus>,
+    /// What the keys step found, when it ran.
+    pub keys: Option<keys::Report>,
+    /// Look again sooner than the default (a rotation's progress, a promotion).
+    pub requeue: Option<Duration>,
+    /// What later steps found that makes the store `Degraded` without stopping it.
+    pub degraded: Vec<(Reason, String)>,
 }
 
 impl Reached {
@@ -264,6 +292,22 @@ impl Reached {
             reason,
             message: message.into(),
         });
+    }
+
+    /// Records `step`'s condition without stopping the pipeline (a step whose
+    /// trouble makes the store `Degraded`, not unready).
+    pub fn noted(&mut self, step: Step, ok: bool, reason: Reason, message: impl Into<String>) {
+        self.steps.push(StepCondition {
+            step,
+            done: ok,
+            reason,
+            message: message.into(),
+        });
+    }
+
+    /// Asks to be reconciled again within `after`.
+    pub fn requeue_within(&mut self, after: Duration) {
+        self.requeue = Some(self.requeue.map_or(after, |r| r.min(after)));
     }
 
     /// Records that the pipeline stopped at `step`, and returns the progress.

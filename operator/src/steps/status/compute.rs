@@ -48,6 +48,7 @@ pub fn endpoints(v: &Validated) -> Endpoints {
         replica_pools: v
             .pool_purposes()
             .iter()
+            .filter(|_| v.endpoint_tier >= 2)
             .map(|p| {
                 let service = owner.child(&format!("replica-{}", p.as_str()));
                 (
@@ -193,7 +194,23 @@ pub fn compute(
                     w.message.clone()
                 }
                 _ if r.converting => "tables holding rows were distributed".to_string(),
-                _ => "waiting for the new components".to_string(),
+                _ => {
+                    let waiting: Vec<String> = r
+                        .components
+                        .iter()
+                        .filter(|c| !c.ready)
+                        .map(|c| format!("{} {}/{}", c.name, c.ready_replicas, c.replicas))
+                        .collect();
+                    if waiting.is_empty() {
+                        "waiting for the steps after provisioning".to_string()
+                    } else {
+                        format!(
+                            "waiting for {} (clients stay on the primary until the pooler and \
+                             the replica pools are ready)",
+                            waiting.join(", ")
+                        )
+                    }
+                }
             };
             cond(
                 condition::PROMOTING,
@@ -218,6 +235,7 @@ pub fn compute(
             ),
         ));
     }
+    degraded_reasons.extend(r.degraded.iter().cloned());
     if !r.vault_configured {
         degraded_reasons.push((
             Reason::NoVault,
@@ -281,6 +299,36 @@ pub fn compute(
             r.worker_group_ids.clone()
         } else {
             old.worker_group_ids.clone()
+        },
+        keys: r
+            .keys
+            .as_ref()
+            .and_then(|k| k.status.clone())
+            .or_else(|| old.keys.clone()),
+        key_version: r
+            .keys
+            .as_ref()
+            .and_then(|k| k.status.as_ref())
+            .and_then(|k| k.version)
+            .or(old.key_version),
+        last_key_rotation: r
+            .keys
+            .as_ref()
+            .and_then(|k| k.status.as_ref())
+            .and_then(|k| k.last_rotation.clone())
+            .or_else(|| old.last_key_rotation.clone()),
+        promotion: r.promotion.clone().or_else(|| old.promotion.clone()),
+        migrations: match &r.migrations {
+            Some(m) => m.clone().map(|mut m| {
+                // An approval keeps the generation it was first acted on at.
+                if let Some(prev) = old.migrations.as_ref() {
+                    if prev.approved == m.approved && prev.approved_generation.is_some() {
+                        m.approved_generation = prev.approved_generation;
+                    }
+                }
+                m
+            }),
+            None => old.migrations.clone(),
         },
         ..old.clone()
     }
@@ -360,6 +408,7 @@ mod tests {
             worker_group_ids: BTreeMap::new(),
             placement: None,
             converting: false,
+            ..Reached::default()
         }
     }
 
