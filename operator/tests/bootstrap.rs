@@ -19,7 +19,7 @@ use umstore_operator::db::Connector;
 use umstore_operator::meta::REPLICA_POOL_LABEL;
 use umstore_operator::steps::bootstrap::{bootstrap, ensure_database, scram_verifier};
 use umstore_operator::steps::lag;
-use umstore_operator::steps::migrate::{migrate, Migrated};
+use umstore_operator::steps::migrate::{migrate, Approval, Migrated};
 
 const HOST: &str = "pilot-coordinator.umstore.svc";
 
@@ -125,7 +125,7 @@ async fn bootstrap_and_migrate_give_each_client_a_working_login_and_rerun_as_no_
     assert!(first.extensions.contains(&"pg_stat_statements".to_string()));
     assert_eq!(first.memberships.len(), Role::CLIENTS.len());
 
-    match migrate(&mut client, MigrationPolicy::Auto)
+    match migrate(&mut client, MigrationPolicy::Auto, &Approval::None)
         .await
         .expect("migrate")
     {
@@ -141,7 +141,7 @@ async fn bootstrap_and_migrate_give_each_client_a_working_login_and_rerun_as_no_
         .await
         .expect("bootstrap again");
     assert!(!second.changed(), "second bootstrap changed {second:?}");
-    match migrate(&mut client, MigrationPolicy::Auto)
+    match migrate(&mut client, MigrationPolicy::Auto, &Approval::None)
         .await
         .expect("migrate again")
     {
@@ -283,16 +283,18 @@ async fn manual_policy_applies_nothing_and_a_changed_migration_is_refused() {
         .expect("connect to umstore");
     bootstrap(&mut client, &creds, 1).await.expect("bootstrap");
 
-    match migrate(&mut client, MigrationPolicy::Manual)
+    match migrate(&mut client, MigrationPolicy::Manual, &Approval::None)
         .await
         .expect("check")
     {
         Migrated::Pending {
             versions,
             applied_version,
+            applied,
         } => {
             assert_eq!(versions.len(), Runner::default().migrations().len());
             assert_eq!(applied_version, None);
+            assert!(applied.is_empty());
         }
         other => panic!("expected pending migrations, got {other:?}"),
     }
@@ -306,19 +308,105 @@ async fn manual_policy_applies_nothing_and_a_changed_migration_is_refused() {
         .get(0);
     assert_eq!(tables, 0, "Manual must not apply anything");
 
-    migrate(&mut client, MigrationPolicy::Auto)
+    migrate(&mut client, MigrationPolicy::Auto, &Approval::None)
         .await
         .expect("apply");
     client
         .batch_execute("UPDATE umstore.schema_migrations SET checksum = 'edited' WHERE version = 1")
         .await
         .expect("tamper");
-    match migrate(&mut client, MigrationPolicy::Auto)
+    match migrate(&mut client, MigrationPolicy::Auto, &Approval::None)
         .await
         .expect("check")
     {
         Migrated::Refused(MigrateError::ChecksumMismatch { version, .. }) => assert_eq!(version, 1),
         other => panic!("expected a refusal naming migration 1, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn manual_migrations_apply_up_to_the_approved_version_and_no_further() {
+    let creds = credentials();
+    let (_pg, connector) = password_checking_server(creds.password(Role::Admin)).await;
+    let admin = creds.password(Role::Admin);
+    let maintenance = connector
+        .connect(HOST, 5432, "postgres", "postgres", admin)
+        .await
+        .expect("connect");
+    ensure_database(&maintenance).await.expect("database");
+    let mut client = connector
+        .connect(HOST, 5432, "umstore", "postgres", admin)
+        .await
+        .expect("connect to umstore");
+    bootstrap(&mut client, &creds, 1).await.expect("bootstrap");
+    let runner = Runner::default();
+    let latest = runner.latest_version();
+
+    // An approval naming no migration applies nothing and says so.
+    let unknown = Approval::parse(Some("v3"), &runner);
+    assert_eq!(unknown, Approval::Unknown("v3".into()));
+    assert_eq!(
+        Approval::parse(Some(&(latest + 1).to_string()), &runner),
+        Approval::Unknown((latest + 1).to_string())
+    );
+    match migrate(&mut client, MigrationPolicy::Manual, &unknown)
+        .await
+        .expect("check")
+    {
+        Migrated::ApprovalUnknown {
+            value, versions, ..
+        } => {
+            assert_eq!(value, "v3");
+            assert_eq!(versions.len(), runner.migrations().len());
+        }
+        other => panic!("expected ApprovalUnknown, got {other:?}"),
+    }
+
+    // Approved up to 3: 1, 2 and 3 are applied, the rest stay pending.
+    let approval = Approval::parse(Some("3"), &runner);
+    assert_eq!(approval, Approval::UpTo(3));
+    match migrate(&mut client, MigrationPolicy::Manual, &approval)
+        .await
+        .expect("apply the approved")
+    {
+        Migrated::Pending {
+            versions,
+            applied_version,
+            applied,
+        } => {
+            assert_eq!(applied.len(), 3, "{applied:?}");
+            assert!(applied[0].starts_with("1 ("), "{applied:?}");
+            assert_eq!(applied_version, Some(3));
+            assert_eq!(versions, (4..=latest).collect::<Vec<_>>());
+        }
+        other => panic!("expected the rest pending, got {other:?}"),
+    }
+    let applied: i64 = client
+        .query_one("SELECT count(*) FROM umstore.schema_migrations", &[])
+        .await
+        .expect("count")
+        .get(0);
+    assert_eq!(applied, 3, "nothing past the approved version");
+    // The same approval again applies nothing more.
+    match migrate(&mut client, MigrationPolicy::Manual, &approval)
+        .await
+        .expect("again")
+    {
+        Migrated::Pending { applied, .. } => assert!(applied.is_empty()),
+        other => panic!("expected pending, got {other:?}"),
+    }
+
+    // Approving the latest brings the schema current.
+    let all = Approval::parse(Some(&latest.to_string()), &runner);
+    match migrate(&mut client, MigrationPolicy::Manual, &all)
+        .await
+        .expect("apply the rest")
+    {
+        Migrated::Current { applied, version } => {
+            assert_eq!(version, latest);
+            assert_eq!(applied.len() as u32, latest - 3);
+        }
+        other => panic!("expected current, got {other:?}"),
     }
 }
 
