@@ -3,8 +3,11 @@
 # is already there.
 #   scripts/install-deps.sh          PostgreSQL 15 (to run the data plane locally)
 #   scripts/install-deps.sh --test   + PgBouncer, NATS server, OpenBao, Patroni (venv in
-#                                    /opt/umstore-patroni), rustfmt, clippy,
-#                                    and helm, kube-apiserver and etcd when Go is here
+#                                    /opt/umstore-patroni), rustfmt, clippy, and, when
+#                                    Go is here, built into .bin/: helm, etcd,
+#                                    kube-apiserver, kube-controller-manager,
+#                                    kube-scheduler and kwok (with kwok's stage files
+#                                    in .bin/kwok-stages/)
 #   scripts/install-deps.sh --bench  --test's, and wrk (the read API benchmark's load)
 # Exits non-zero when an install or a build fails: the tests need what failed, and
 # CI (UMSTORE_REQUIRE_COMPONENTS=1) would fail on it anyway, later and less clearly.
@@ -87,11 +90,16 @@ if [[ $want_test -eq 1 ]]; then
         GOBIN="$PWD/.bin" GOFLAGS=-mod=mod timeout 600 go install helm.sh/helm/v3/cmd/helm@v3.17.3 \
             || die "could not build helm from its Go module (see the go output above)"
     fi
-    # kube-apiserver and etcd, for the tests against a real API server: built from
-    # their Go modules the same way (cold: about 5 and 1 minutes). Both modules replace
-    # sibling modules with local paths, which `go install` refuses, so each is built
-    # in a throwaway module that requires it; k8s.io/kubernetes requires its staging
-    # modules (k8s.io/api, ...) as v0.0.0, so those are pinned to the matching v0.N.M.
+    # etcd and the Kubernetes control plane (kube-apiserver, kube-controller-manager,
+    # kube-scheduler), for the tests against a real API server and, with kwok's fake
+    # nodes, a cluster that runs pods: built from their Go modules the same way. Cold,
+    # on 2 cores: etcd about 1 minute, kube-apiserver 5, then kube-controller-manager 4
+    # and kube-scheduler under 1 (what they share with kube-apiserver already built),
+    # and kwok 4 (it shares little: its own k8s.io v0.36 libraries).
+    # etcd's and k8s.io/kubernetes's modules replace sibling modules with local paths,
+    # which `go install` refuses, so each is built in a throwaway module that requires
+    # it; k8s.io/kubernetes requires its staging modules (k8s.io/api, ...) as v0.0.0,
+    # so those are pinned to the matching v0.N.M.
     go_build() { # BINARY PACKAGE GO.MOD-LINES [LDFLAGS]
         local out="$PWD/.bin/$1" tmp rc=0
         tmp=$(mktemp -d)
@@ -100,26 +108,66 @@ if [[ $want_test -eq 1 ]]; then
         rm -rf "$tmp"
         return $rc
     }
-    k8s=v1.37.2 etcd=v3.7.3
+    # The directory of MODULE@VERSION in the module cache (downloaded if missing).
+    go_mod_dir() {
+        (cd /tmp && GOFLAGS= timeout 300 go mod download -json "$1@$2" \
+            | sed -n 's/.*"Dir": "\(.*\)",/\1/p') || true
+    }
+    k8s=v1.37.2 etcd=v3.7.3 kwok=v0.8.0
     if [[ ! -x .bin/etcd ]] && command -v go >/dev/null; then
         echo "building etcd $etcd from its Go module (go build)" >&2
         go_build etcd go.etcd.io/etcd/server/v3 "require go.etcd.io/etcd/server/v3 $etcd" \
             || die "could not build etcd $etcd from its Go module (see the go output above)"
     fi
-    if [[ ! -x .bin/kube-apiserver ]] && command -v go >/dev/null; then
-        echo "building kube-apiserver $k8s from its Go module (go build, minutes)" >&2
-        minor=${k8s#v1.} && minor=${minor%%.*}
-        k8s_mod=$(cd /tmp && GOFLAGS= timeout 300 go mod download -json "k8s.io/kubernetes@$k8s" \
-            | sed -n 's/.*"GoMod": "\(.*\)",/\1/p') || true
-        pins=$(sed -n "s#^\s*\(k8s.io/[a-z0-9-]*\) => \./staging/.*#replace \1 => \1 v0.${k8s#v1.}#p" "${k8s_mod:-/dev/null}")
-        [[ -n $pins ]] || die "could not read the go.mod of k8s.io/kubernetes@$k8s (go mod download failed?)"
-        v=k8s.io/component-base/version
-        go_build kube-apiserver k8s.io/kubernetes/cmd/kube-apiserver \
-            "require k8s.io/kubernetes $k8s"$'\n'"$pins" "-X $v.gitVersion=$k8s -X $v.gitMajor=1 -X $v.gitMinor=$minor" \
-            || die "could not build kube-apiserver $k8s from its Go module (see the go output above)"
+    k8s_pins=
+    k8s_build() { # COMMAND: k8s.io/kubernetes/cmd/COMMAND at $k8s into .bin/COMMAND
+        [[ ! -x .bin/$1 ]] && command -v go >/dev/null || return 0
+        echo "building $1 $k8s from its Go module (go build, minutes)" >&2
+        if [[ -z $k8s_pins ]]; then
+            local k8s_mod
+            k8s_mod=$(cd /tmp && GOFLAGS= timeout 300 go mod download -json "k8s.io/kubernetes@$k8s" \
+                | sed -n 's/.*"GoMod": "\(.*\)",/\1/p') || true
+            k8s_pins=$(sed -n "s#^\s*\(k8s.io/[a-z0-9-]*\) => \./staging/.*#replace \1 => \1 v0.${k8s#v1.}#p" "${k8s_mod:-/dev/null}")
+            [[ -n $k8s_pins ]] || die "could not read the go.mod of k8s.io/kubernetes@$k8s (go mod download failed?)"
+        fi
+        local minor=${k8s#v1.} v=k8s.io/component-base/version
+        minor=${minor%%.*}
+        go_build "$1" "k8s.io/kubernetes/cmd/$1" \
+            "require k8s.io/kubernetes $k8s"$'\n'"$k8s_pins" "-X $v.gitVersion=$k8s -X $v.gitMajor=1 -X $v.gitMinor=$minor" \
+            || die "could not build $1 $k8s from its Go module (see the go output above)"
+    }
+    k8s_build kube-apiserver
+    k8s_build kube-controller-manager
+    k8s_build kube-scheduler
+    # kwok plays the kubelet of fake nodes (the e2e harness's control plane); its
+    # module has no local replaces, go_build only gives it the same flags. Its stage
+    # files (what becomes of a node, pod and volume claim, and when) are in its module,
+    # not in the binary: copied from the module cache into .bin/kwok-stages/.
+    kwok_stages=(node/fast/node-initialize.yaml node/heartbeat-with-lease/node-heartbeat-with-lease.yaml
+        pod/fast/pod-ready.yaml pod/fast/pod-complete.yaml pod/fast/pod-delete.yaml
+        volume/fast/pvc-provision.yaml volume/fast/pv-bind.yaml volume/fast/pvc-delete.yaml
+        volume/fast/pv-delete.yaml)
+    if [[ ! -x .bin/kwok ]] && command -v go >/dev/null; then
+        echo "building kwok $kwok from its Go module (go build)" >&2
+        go_build kwok sigs.k8s.io/kwok/cmd/kwok "require sigs.k8s.io/kwok $kwok" \
+            || die "could not build kwok $kwok from its Go module (see the go output above)"
+    fi
+    stages_missing=0
+    for stage in "${kwok_stages[@]}"; do
+        [[ -f .bin/kwok-stages/${stage##*/} ]] || stages_missing=1
+    done
+    if [[ $stages_missing -eq 1 ]] && command -v go >/dev/null; then
+        kwok_dir=$(go_mod_dir sigs.k8s.io/kwok "$kwok")
+        [[ -n $kwok_dir && -d $kwok_dir/kustomize/stage ]] \
+            || die "could not find sigs.k8s.io/kwok@$kwok in the Go module cache (go mod download failed?)"
+        mkdir -p .bin/kwok-stages
+        for stage in "${kwok_stages[@]}"; do
+            install -m 0644 "$kwok_dir/kustomize/stage/$stage" .bin/kwok-stages/ \
+                || die "kwok $kwok has no kustomize/stage/$stage"
+        done
     fi
     if ! command -v go >/dev/null; then
-        for bin in helm etcd kube-apiserver; do
+        for bin in helm etcd kube-apiserver kube-controller-manager kube-scheduler kwok; do
             [[ -x .bin/$bin ]] || command -v "$bin" >/dev/null \
                 || echo "install-deps: no Go here to build $bin: the tests that need it skip" \
                     "(and fail under UMSTORE_REQUIRE_COMPONENTS=1)" >&2
