@@ -62,6 +62,7 @@ struct Running {
     user_token: String,
     ca_cert: PathBuf,
     kubeconfig: PathBuf,
+    service_account_key: PathBuf,
 }
 
 impl KubeApiServer {
@@ -105,6 +106,12 @@ impl KubeApiServer {
             }
             Err(e) => panic!("kube-apiserver failed to start: {e}"),
         }
+    }
+
+    /// Leaves the directory (logs inside) until the process exits, instead of removing
+    /// it on drop: for a caller that fails after the server started.
+    pub(crate) fn remove_dir_at_exit(&mut self) {
+        self.dir.remove_at_exit();
     }
 
     pub(crate) fn stop_at_exit(mut self) -> Self {
@@ -154,6 +161,12 @@ impl KubeApiServer {
         &self.running.ca_cert
     }
 
+    /// The PEM file of the ECDSA key the server signs service-account tokens with (and
+    /// verifies them against); a controller manager signs legacy tokens with it too.
+    pub fn service_account_key(&self) -> &Path {
+        &self.running.service_account_key
+    }
+
     /// The directory holding the logs, certificates, tokens, etcd data and kubeconfig.
     pub fn dir(&self) -> &Path {
         self.dir.path()
@@ -171,6 +184,30 @@ impl KubeApiServer {
             None,
         )
         .map_err(|e| HarnessError::io(format!("GET {}{path}", self.url()), e))
+    }
+
+    /// `method path` as the admin with a JSON body: the status and the parsed answer
+    /// (`null` when it is not JSON).
+    pub(crate) fn admin_request(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&serde_json::Value>,
+    ) -> Result<(u16, serde_json::Value), HarnessError> {
+        let body = body.map(serde_json::Value::to_string);
+        let (status, text) = https(
+            self.running.port,
+            &self.running.ca_cert,
+            &self.running.admin_token,
+            method,
+            path,
+            body.as_deref(),
+        )
+        .map_err(|e| HarnessError::io(format!("{method} {}{path}", self.url()), e))?;
+        Ok((
+            status,
+            serde_json::from_str(&text).unwrap_or(serde_json::Value::Null),
+        ))
     }
 }
 
@@ -306,11 +343,12 @@ fn launch(
         user_token,
         ca_cert,
         kubeconfig,
+        service_account_key: sa_key,
     })
 }
 
 /// `$<env>`, else `<workspace>/.bin/<program>`, else `<program>` on `PATH`.
-fn find_binary(program: &'static str, env: &str) -> Result<PathBuf, KubeApiUnavailable> {
+pub(crate) fn find_binary(program: &'static str, env: &str) -> Result<PathBuf, KubeApiUnavailable> {
     if let Some(path) = std::env::var_os(env).map(PathBuf::from) {
         if path.is_file() {
             return Ok(path);
@@ -322,8 +360,7 @@ fn find_binary(program: &'static str, env: &str) -> Result<PathBuf, KubeApiUnava
         }
         .into());
     }
-    let manifest_dir = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let workspace_bin = manifest_dir.parent().unwrap_or(manifest_dir).join(".bin");
+    let workspace_bin = workspace_bin();
     let in_workspace = workspace_bin.join(program);
     if in_workspace.is_file() {
         return Ok(in_workspace);
@@ -335,6 +372,13 @@ fn find_binary(program: &'static str, env: &str) -> Result<PathBuf, KubeApiUnava
             workspace_bin.display()
         ))
     })
+}
+
+/// The workspace's `.bin/`, where `scripts/install-deps.sh --test` builds the Go
+/// programs.
+pub(crate) fn workspace_bin() -> PathBuf {
+    let manifest_dir = Path::new(env!("CARGO_MANIFEST_DIR"));
+    manifest_dir.parent().unwrap_or(manifest_dir).join(".bin")
 }
 
 /// An ECDSA P-256 service-account signing key (ES256; milliseconds, unlike RSA).

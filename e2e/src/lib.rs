@@ -14,13 +14,17 @@
 //!   accounts) on its own etcd, with a kubeconfig, where both binaries are built
 //!   (`scripts/install-deps.sh --test` builds them into `.bin/`; otherwise
 //!   [`KubeApiServer::start`] returns [`KubeApiUnavailable::Skip`] with the reason);
+//! * [`ControlPlane`]: a [`KubeApiServer`] with kube-controller-manager, kube-scheduler
+//!   and kwok, whose fake nodes run pods (StatefulSets reach their ready replicas,
+//!   claims bind, deletions cascade), where those binaries are built too;
 //! * [`PatroniCluster`]: PostgreSQL servers each run by Patroni (from the venv
 //!   `scripts/install-deps.sh --test` makes), with a [`KubeApiServer`] as the DCS.
 //!
 //! A test whose component is missing calls [`skip::skip_or_fail`] and returns: it
 //! skips on a developer's machine and fails in CI (`UMSTORE_REQUIRE_COMPONENTS=1`),
-//! except for Citus and a real cluster. [`KubeApiServer::start_or_skip`] and
-//! [`Citus::start_or_skip`] do that for their servers.
+//! except for Citus and a real cluster. [`KubeApiServer::start_or_skip`],
+//! [`ControlPlane::start_or_skip`] and [`Citus::start_or_skip`] do that for their
+//! servers.
 //!
 //! Starting servers costs seconds, so each test binary normally shares one lazily started
 //! set through [`shared()`] and isolates itself with [`Servers::fresh_database`]. Shared
@@ -31,6 +35,7 @@
 //! `UMSTORE_KEEP_TEST_DIRS=1` to keep every directory.
 
 mod citus;
+pub mod controlplane;
 mod error;
 mod http;
 pub mod keeper;
@@ -47,6 +52,7 @@ pub mod skip;
 mod testdir;
 
 pub use citus::{Citus, CitusUnavailable};
+pub use controlplane::{ControlPlane, ControlPlaneUnavailable, FakeNode};
 pub use error::HarnessError;
 pub use kubeapi::{KubeApiServer, KubeApiUnavailable, ADMIN_USER, PLAIN_USER};
 pub use nats::Nats;

@@ -4,8 +4,8 @@ use std::sync::OnceLock;
 
 use crate::skip::{skip_or_fail, Component};
 use crate::{
-    Citus, CitusUnavailable, HarnessError, KubeApiServer, KubeApiUnavailable, Nats, OpenBao,
-    PgBouncer, Postgres,
+    Citus, CitusUnavailable, ControlPlane, ControlPlaneUnavailable, HarnessError, KubeApiServer,
+    KubeApiUnavailable, Nats, OpenBao, PgBouncer, Postgres,
 };
 
 /// The process-wide servers; each starts on first use and stops when the process exits
@@ -18,6 +18,7 @@ pub struct Servers {
     openbao: OnceLock<Result<OpenBao, String>>,
     citus: OnceLock<Result<Citus, (bool, String)>>,
     kube_api: OnceLock<Result<KubeApiServer, (bool, String)>>,
+    control_plane: OnceLock<Result<ControlPlane, (bool, String)>>,
 }
 
 /// The shared servers of this test process. Cheap: servers start on first use of
@@ -148,6 +149,41 @@ impl Servers {
             Err((true, reason)) => Err(KubeApiUnavailable::Skip(reason.clone())),
             Err((false, message)) => Err(KubeApiUnavailable::Failed(HarnessError::Shared {
                 server: "kube-apiserver",
+                message: message.clone(),
+            })),
+        }
+    }
+
+    /// [`Self::control_plane`] for a test: `None` after [`skip_or_fail`] when a binary
+    /// is missing; panics when they are here but did not start.
+    #[track_caller]
+    pub fn control_plane_or_skip(&self) -> Option<&ControlPlane> {
+        match self.control_plane() {
+            Ok(control_plane) => Some(control_plane),
+            Err(ControlPlaneUnavailable::Skip(reason)) => {
+                skip_or_fail(Component::ControlPlane, reason);
+                None
+            }
+            Err(e) => panic!("the kube control plane failed to start: {e}"),
+        }
+    }
+
+    /// The shared control plane (its own kube-apiserver and etcd, not
+    /// [`Self::kube_api`]'s), or why there is none. Tests sharing it should each work
+    /// in their own namespace.
+    pub fn control_plane(&self) -> Result<&ControlPlane, ControlPlaneUnavailable> {
+        let started = self
+            .control_plane
+            .get_or_init(|| match ControlPlane::start() {
+                Ok(control_plane) => Ok(control_plane.stop_at_exit()),
+                Err(ControlPlaneUnavailable::Skip(reason)) => Err((true, reason)),
+                Err(ControlPlaneUnavailable::Failed(e)) => Err((false, e.to_string())),
+            });
+        match started {
+            Ok(control_plane) => Ok(control_plane),
+            Err((true, reason)) => Err(ControlPlaneUnavailable::Skip(reason.clone())),
+            Err((false, message)) => Err(ControlPlaneUnavailable::Failed(HarnessError::Shared {
+                server: "kube control plane",
                 message: message.clone(),
             })),
         }

@@ -41,6 +41,9 @@ pub enum Component {
     OpenBao,
     /// kube-apiserver and etcd, built from their Go modules.
     KubeApiServer,
+    /// kube-controller-manager, kube-scheduler and kwok (with its stage files), built
+    /// from their Go modules, beside a [`Self::KubeApiServer`].
+    ControlPlane,
     /// `helm`, built from its Go module.
     Helm,
     /// Patroni (`scripts/install-deps.sh --test` puts it in a venv).
@@ -60,6 +63,7 @@ impl Component {
             Self::OpenSsl => "openssl",
             Self::OpenBao => "openbao",
             Self::KubeApiServer => "kube-apiserver",
+            Self::ControlPlane => "kube-control-plane",
             Self::Helm => "helm",
             Self::Patroni => "patroni",
             Self::Citus => "citus",
@@ -150,6 +154,7 @@ mod tests {
             OpenSsl,
             OpenBao,
             KubeApiServer,
+            ControlPlane,
             Helm,
             Patroni,
             Citus,
