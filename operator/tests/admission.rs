@@ -53,6 +53,17 @@ fn events_with(field: &str, value: Value) -> Value {
 
 fn cases() -> Vec<Case> {
     vec![
+        // Promotion thresholds that do not increase.
+        Case {
+            what: "a tier-3 threshold below the tier-2 one",
+            base: 1,
+            edit: |s| {
+                s["autoPromotion"] = json!({"thresholds":
+                    {"tier2Users": 5000, "tier3Users": 4000, "tier4Users": 10000000}})
+            },
+            field: "spec.autoPromotion.thresholds",
+            message: "autoPromotion.thresholds must increase",
+        },
         // Quantities a PersistentVolumeClaim or a pod would be refused for.
         Case {
             what: "a storage size that is not a quantity",

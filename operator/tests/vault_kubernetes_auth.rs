@@ -17,10 +17,16 @@ use kubeapi::{admin_client, fresh_namespace, new_service_account_token, server_o
 
 const ROLE: &str = "umstore";
 
+const OPERATOR_ROLE: &str = "umstore-operator";
+
 fn config(bao: &OpenBao, token_path: std::path::PathBuf) -> VaultConfig {
+    config_as(bao, ROLE, token_path)
+}
+
+fn config_as(bao: &OpenBao, role: &str, token_path: std::path::PathBuf) -> VaultConfig {
     let mut config = VaultConfig::with_token(bao.address(), "");
     config.auth = VaultAuth::Kubernetes {
-        role: ROLE.into(),
+        role: role.into(),
         token_path,
         mount: "kubernetes".into(),
     };
@@ -47,14 +53,30 @@ async fn the_data_plane_logs_in_with_its_service_account_and_no_other_account_do
     let data_plane_jwt = new_service_account_token(&client, &ns, "pilot-data-plane").await;
     let other_jwt = new_service_account_token(&client, &ns, "someone-else").await;
 
-    // What docs/encryption.md tells operators to configure in Vault.
+    let operator_jwt = new_service_account_token(&client, &ns, "umstore-operator").await;
+
+    // What docs/encryption.md tells operators to configure in Vault: one policy per
+    // identity, for the store's key only.
     let dir = tempfile::tempdir().expect("tempdir");
-    let policy = dir.path().join("policy.hcl");
-    std::fs::write(
-        &policy,
-        "path \"transit/*\" { capabilities = [\"create\", \"read\", \"update\", \"list\"] }\n",
-    )
-    .expect("policy");
+    let write_policy = |name: &str, hcl: &str| {
+        let file = dir.path().join(format!("{name}.hcl"));
+        std::fs::write(&file, hcl).expect("policy");
+        bao.cli(&["policy", "write", name, &file.display().to_string()])
+            .expect("policy write");
+    };
+    write_policy(
+        "umstore-data-plane",
+        "path \"transit/encrypt/umstore-pii\" { capabilities = [\"update\"] }\n\
+         path \"transit/decrypt/umstore-pii\" { capabilities = [\"update\"] }\n\
+         path \"transit/rewrap/umstore-pii\" { capabilities = [\"update\"] }\n",
+    );
+    write_policy(
+        "umstore-operator",
+        "path \"transit/keys/umstore-pii\" { capabilities = [\"create\", \"read\", \"update\"] }\n\
+         path \"transit/keys/umstore-pii/rotate\" { capabilities = [\"update\"] }\n\
+         path \"transit/keys/umstore-pii/config\" { capabilities = [\"update\"] }\n\
+         path \"transit/rewrap/umstore-pii\" { capabilities = [\"update\"] }\n",
+    );
     bao.cli(&["auth", "enable", "kubernetes"])
         .expect("enable kubernetes auth");
     bao.cli(&[
@@ -66,21 +88,31 @@ async fn the_data_plane_logs_in_with_its_service_account_and_no_other_account_do
     ])
     .expect("configure kubernetes auth");
     bao.cli(&[
-        "policy",
-        "write",
-        "umstore-transit",
-        &policy.display().to_string(),
-    ])
-    .expect("policy");
-    bao.cli(&[
         "write",
         &format!("auth/kubernetes/role/{ROLE}"),
         "bound_service_account_names=pilot-data-plane",
         &format!("bound_service_account_namespaces={ns}"),
-        "token_policies=umstore-transit",
+        "token_policies=umstore-data-plane",
         "token_ttl=10m",
     ])
     .expect("role");
+    bao.cli(&[
+        "write",
+        &format!("auth/kubernetes/role/{OPERATOR_ROLE}"),
+        "bound_service_account_names=umstore-operator",
+        &format!("bound_service_account_namespaces={ns}"),
+        "token_policies=umstore-operator",
+        "token_ttl=10m",
+    ])
+    .expect("operator role");
+
+    // The operator creates the key (the keys step); the data plane may not.
+    let operator_token = dir.path().join("operator-token");
+    std::fs::write(&operator_token, &operator_jwt).expect("token file");
+    let operator = VaultKeyProvider::connect(config_as(&bao, OPERATOR_ROLE, operator_token))
+        .await
+        .expect("the operator's service account logs in and creates the key");
+    assert_eq!(operator.versions().await.expect("versions").latest, 1);
 
     // The pod's projected token, as the kubelet mounts it.
     let token_path = dir.path().join("token");
@@ -104,6 +136,17 @@ async fn the_data_plane_logs_in_with_its_service_account_and_no_other_account_do
         unwrapped.open(&aad, &sealed.0).expect("open"),
         b"+91 98450 00000"
     );
+    let refused = provider
+        .rotate()
+        .await
+        .expect_err("the data plane's token must not rotate the key");
+    assert!(
+        refused.to_string().contains("permission denied"),
+        "{refused}"
+    );
+    operator.rotate().await.expect("the operator rotates");
+    let rewrapped = provider.rewrap_one(&wrapped).await.expect("rewrap");
+    assert_eq!(rewrapped.kek_version, 2);
 
     // Another service account of the namespace is refused, and the error says where.
     std::fs::write(&token_path, &other_jwt).expect("token file");

@@ -381,6 +381,39 @@ mod tests {
     }
 
     #[test]
+    fn during_a_promotion_to_tier_2_clients_stay_on_the_primary_until_the_pooler_is_ready() {
+        let creds = Credentials::fixed_for_tests();
+        let mut promoting = validated(serde_json::json!({
+            "tier": 2,
+            "replicaPools": [{"purpose": "ai", "replicas": 1}],
+        }));
+        // The pipeline lowers the endpoints' tier while PgBouncer and the pools wait.
+        promoting.endpoint_tier = 1;
+        for role in [Role::Writer, Role::Ai] {
+            let d = data(&connection_secret(&promoting, role, &creds));
+            assert!(
+                d["uri"].contains("@s-coordinator.ns.svc:5432/"),
+                "{role:?}: {}",
+                d["uri"]
+            );
+            assert!(d["primary-uri"].contains("@s-coordinator.ns.svc:5432/"));
+        }
+        promoting.endpoint_tier = 2;
+        let writer = data(&connection_secret(&promoting, Role::Writer, &creds));
+        assert!(
+            writer["uri"].contains("@s-pgbouncer.ns.svc:"),
+            "{}",
+            writer["uri"]
+        );
+        let ai = data(&connection_secret(&promoting, Role::Ai, &creds));
+        assert!(
+            ai["uri"].contains("@s-replica-ai.ns.svc:5432/"),
+            "{}",
+            ai["uri"]
+        );
+    }
+
+    #[test]
     fn role_secret_is_immutable_and_labelled() {
         let owner = Owner {
             name: "s".into(),

