@@ -1,4 +1,8 @@
-//! Database connections: parsing the URL, connecting with retries.
+//! Database connections: parsing the URL, connecting with retries, over TLS when
+//! the URL's `sslmode` asks for it (see [`ssl_options`] and [`tls`]).
+
+pub mod ssl_options;
+pub mod tls;
 
 use std::str::FromStr;
 use std::time::Duration;
@@ -7,6 +11,7 @@ use thiserror::Error;
 use tokio_postgres::{Client, Config, NoTls};
 use tracing::{debug, warn};
 
+use self::tls::PgTls;
 use crate::backoff::Backoff;
 
 /// The backoff between database connection attempts: 100 ms doubling to 5 s.
@@ -22,8 +27,11 @@ pub enum DbError {
         "invalid database URL: {0} (expected postgres://user@host:port/db or key=value pairs)"
     )]
     InvalidUrl(#[source] tokio_postgres::Error),
+    /// The URL's TLS settings are incomplete, or its root certificate unusable.
+    #[error("database URL: {0}")]
+    Tls(String),
     /// The server could not be reached or refused the login.
-    #[error("cannot connect to {target}: {source}")]
+    #[error("cannot connect to {target}: {}", with_causes(source))]
     Connect {
         /// Host/port/db, without the password.
         target: String,
@@ -37,6 +45,8 @@ pub enum DbError {
 #[derive(Clone)]
 pub struct Database {
     config: Config,
+    /// `None`: plaintext (`sslmode` disable, allow, prefer or absent).
+    tls: Option<PgTls>,
 }
 
 impl std::fmt::Debug for Database {
@@ -46,14 +56,21 @@ impl std::fmt::Debug for Database {
 }
 
 impl Database {
-    /// Parses a `postgres://` URL or a key=value conninfo string.
+    /// Parses a `postgres://` URL or a key=value conninfo string. `sslmode`
+    /// `require`, `verify-ca` and `verify-full` connect over TLS, checking the
+    /// server against the CA file `sslrootcert` as libpq does (`require` without
+    /// it checks nothing); `disable`, `allow` and `prefer` connect in plaintext.
+    /// The root certificate is read here, once.
     pub fn parse(url: &str) -> Result<Self, DbError> {
-        let mut config = Config::from_str(url).map_err(DbError::InvalidUrl)?;
+        let (url, ssl) = ssl_options::split(url).map_err(DbError::Tls)?;
+        let mut config = Config::from_str(&url).map_err(DbError::InvalidUrl)?;
         if config.get_application_name().is_none() {
             config.application_name("umstore-data-plane");
         }
         config.connect_timeout(Duration::from_secs(5));
-        Ok(Self { config })
+        let (mode, tls) = ssl.resolve().map_err(DbError::Tls)?;
+        config.ssl_mode(mode);
+        Ok(Self { config, tls })
     }
 
     /// Host, port, user and database, never the password: safe to log.
@@ -76,27 +93,50 @@ impl Database {
         )
     }
 
-    /// The parsed connection settings (for a connection pool).
+    /// The parsed connection settings.
     pub fn pg_config(&self) -> &Config {
         &self.config
     }
 
+    /// The connection settings, to change (a login user, an application name);
+    /// the TLS settings stay.
+    pub fn pg_config_mut(&mut self) -> &mut Config {
+        &mut self.config
+    }
+
+    /// The TLS connections are made with; `None` for plaintext.
+    pub fn tls(&self) -> Option<&PgTls> {
+        self.tls.as_ref()
+    }
+
+    /// A connection pool manager for these settings and this TLS.
+    pub fn pool_manager(
+        &self,
+        manager: deadpool_postgres::ManagerConfig,
+    ) -> deadpool_postgres::Manager {
+        let config = self.config.clone();
+        match &self.tls {
+            Some(tls) => deadpool_postgres::Manager::from_config(config, tls.clone(), manager),
+            None => deadpool_postgres::Manager::from_config(config, NoTls, manager),
+        }
+    }
+
     /// Connects once; the connection runs on a spawned task.
     pub async fn connect(&self) -> Result<Client, DbError> {
-        let (client, connection) =
-            self.config
-                .connect(NoTls)
-                .await
-                .map_err(|source| DbError::Connect {
-                    target: self.describe(),
-                    source,
-                })?;
-        tokio::spawn(async move {
-            if let Err(e) = connection.await {
-                debug!(error = %e, "database connection closed");
-            }
-        });
-        Ok(client)
+        let connected = match &self.tls {
+            Some(tls) => self.config.connect(tls.clone()).await.map(|(client, c)| {
+                tokio::spawn(drive(c));
+                client
+            }),
+            None => self.config.connect(NoTls).await.map(|(client, c)| {
+                tokio::spawn(drive(c));
+                client
+            }),
+        };
+        connected.map_err(|source| DbError::Connect {
+            target: self.describe(),
+            source,
+        })
     }
 
     /// Connects, retrying with exponential backoff (100 ms doubling to 5 s)
@@ -118,6 +158,34 @@ impl Database {
     }
 }
 
+/// `error` followed by each of its sources, `: `-separated: tokio-postgres's
+/// message names only the kind of failure, its source the server's message or
+/// the TLS verification failure.
+pub fn with_causes(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut cause = error.source();
+    while let Some(c) = cause {
+        let next = c.to_string();
+        if !text.ends_with(&next) {
+            text.push_str(": ");
+            text.push_str(&next);
+        }
+        cause = c.source();
+    }
+    text
+}
+
+/// Runs a connection until it closes.
+async fn drive<S, T>(connection: tokio_postgres::Connection<S, T>)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    if let Err(e) = connection.await {
+        debug!(error = %e, "database connection closed");
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -131,6 +199,22 @@ mod tests {
             .unwrap_or_default();
         assert!(text.contains("writer@db.example:6432/umstore"), "{text}");
         assert!(!text.contains("s3cret"));
+    }
+
+    #[test]
+    fn sslmode_picks_the_tls_and_the_drivers_mode() {
+        use tokio_postgres::config::SslMode;
+        let db = Database::parse("postgres://w@h/db?sslmode=require").expect("parses");
+        assert_eq!(db.pg_config().get_ssl_mode(), SslMode::Require);
+        assert_eq!(db.tls().map(|t| t.verify()), Some(tls::Verify::Nothing));
+        let db = Database::parse("host=h user=w dbname=db").expect("parses");
+        assert_eq!(db.pg_config().get_ssl_mode(), SslMode::Prefer);
+        assert!(db.tls().is_none(), "no TLS unless asked for");
+        let err = Database::parse("postgres://w@h/db?sslmode=verify-ca")
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(err.contains("sslmode=verify-ca needs sslrootcert"), "{err}");
     }
 
     #[test]

@@ -8,11 +8,12 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod, Runtime};
-use tokio_postgres::{Config, NoTls, SimpleQueryMessage};
+use deadpool_postgres::{ManagerConfig, Object, Pool, RecyclingMethod, Runtime};
+use tokio_postgres::SimpleQueryMessage;
 use umstore_migrations::roles::Purpose;
 
 use super::error::ApiError;
+use crate::db::Database;
 use crate::metrics::Metrics;
 
 /// Which server answered a read (the `X-Served-By` header).
@@ -155,17 +156,15 @@ pub struct PoolError {
     detail: String,
 }
 
-fn pool(purpose: Purpose, what: &str, config: &Config, size: usize) -> Result<Pool, PoolError> {
-    let mut config = config.clone();
-    config.application_name(format!("umstore-api-{}-{what}", purpose.slug()));
-    config.connect_timeout(WAIT);
-    let manager = Manager::from_config(
-        config,
-        NoTls,
-        ManagerConfig {
-            recycling_method: RecyclingMethod::Fast,
-        },
-    );
+fn pool(purpose: Purpose, what: &str, login: &Database, size: usize) -> Result<Pool, PoolError> {
+    let mut login = login.clone();
+    login
+        .pg_config_mut()
+        .application_name(format!("umstore-api-{}-{what}", purpose.slug()))
+        .connect_timeout(WAIT);
+    let manager = login.pool_manager(ManagerConfig {
+        recycling_method: RecyclingMethod::Fast,
+    });
     Pool::builder(manager)
         .max_size(size.max(1))
         .runtime(Runtime::Tokio1)
@@ -179,13 +178,13 @@ fn pool(purpose: Purpose, what: &str, config: &Config, size: usize) -> Result<Po
         })
 }
 
-/// Where each purpose reads.
+/// Where each purpose reads (each login with its URL's TLS settings).
 #[derive(Debug, Clone, Default)]
 pub struct Logins {
     /// The purpose's login on the primary (through PgBouncer where there is one).
-    pub primary: BTreeMap<Purpose, Config>,
+    pub primary: BTreeMap<Purpose, Database>,
     /// The purpose's login on its replica pool, where it has one.
-    pub replica: BTreeMap<Purpose, Config>,
+    pub replica: BTreeMap<Purpose, Database>,
 }
 
 impl ReadPools {

@@ -151,21 +151,19 @@ impl ReadArgs {
         ];
         let mut logins = BTreeMap::new();
         for (purpose, url) in given {
-            let config = match url {
+            let login = match url {
                 Some(url) => Database::parse(url)
-                    .with_context(|| format!("--{}-database-url", purpose.slug()))?
-                    .pg_config()
-                    .clone(),
+                    .with_context(|| format!("--{}-database-url", purpose.slug()))?,
                 None if embedded => {
-                    let mut config = database.pg_config().clone();
-                    if let Some(login) = purpose.login() {
-                        config.user(login);
+                    let mut login = database.clone();
+                    if let Some(user) = purpose.login() {
+                        login.pg_config_mut().user(user);
                     }
-                    config
+                    login
                 }
                 None => continue,
             };
-            logins.insert(purpose, config);
+            logins.insert(purpose, login);
         }
         let replicas = [
             (Purpose::Ai, &self.ai_replica_url),
@@ -177,11 +175,9 @@ impl ReadArgs {
         let mut replica = BTreeMap::new();
         for (purpose, url) in replicas {
             if let Some(url) = url {
-                let config = Database::parse(url)
-                    .with_context(|| format!("--{}-replica-url", purpose.slug()))?
-                    .pg_config()
-                    .clone();
-                replica.insert(purpose, config);
+                let login = Database::parse(url)
+                    .with_context(|| format!("--{}-replica-url", purpose.slug()))?;
+                replica.insert(purpose, login);
             }
         }
         Ok(Logins {

@@ -50,13 +50,9 @@ impl Ingest {
         keyring: Arc<Keyring>,
         config: ApplyConfig,
     ) -> Result<Self, PoolError> {
-        let manager = deadpool_postgres::Manager::from_config(
-            database.pg_config().clone(),
-            tokio_postgres::NoTls,
-            deadpool_postgres::ManagerConfig {
-                recycling_method: deadpool_postgres::RecyclingMethod::Fast,
-            },
-        );
+        let manager = database.pool_manager(deadpool_postgres::ManagerConfig {
+            recycling_method: deadpool_postgres::RecyclingMethod::Fast,
+        });
         let pool = deadpool_postgres::Pool::builder(manager)
             .max_size(connections.max(1))
             .runtime(deadpool_postgres::Runtime::Tokio1)

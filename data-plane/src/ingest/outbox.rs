@@ -14,8 +14,9 @@ use std::time::{Duration, Instant};
 use async_nats::jetstream::message::PublishMessage;
 use async_nats::jetstream::Context;
 use futures_util::future::poll_fn;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::mpsc;
-use tokio_postgres::{AsyncMessage, NoTls};
+use tokio_postgres::{AsyncMessage, Connection, NoTls};
 use tracing::{debug, info, warn};
 
 use crate::backoff::Backoff;
@@ -72,23 +73,17 @@ pub enum RelayError {
 }
 
 async fn run(database: &Database, js: &Context, backoff: &mut Backoff) -> Result<(), RelayError> {
-    let (mut client, mut connection) = database.pg_config().connect(NoTls).await?;
     let (wake_tx, mut wake) = mpsc::channel::<()>(1);
-    // Drives the connection and turns notifications into wake-ups.
-    let driver = tokio::spawn(async move {
-        while let Some(message) = poll_fn(|cx| connection.poll_message(cx)).await {
-            match message {
-                Ok(AsyncMessage::Notification(_)) => {
-                    let _ = wake_tx.try_send(());
-                }
-                Ok(_) => {}
-                Err(e) => {
-                    debug!(error = %e, "outbox relay connection closed");
-                    break;
-                }
-            }
+    let (mut client, driver) = match database.tls() {
+        Some(tls) => {
+            let (client, connection) = database.pg_config().connect(tls.clone()).await?;
+            (client, tokio::spawn(wake_on_notify(connection, wake_tx)))
         }
-    });
+        None => {
+            let (client, connection) = database.pg_config().connect(NoTls).await?;
+            (client, tokio::spawn(wake_on_notify(connection, wake_tx)))
+        }
+    };
     client.batch_execute("LISTEN umstore_outbox").await?;
     info!("outbox relay running");
     let mut pruned_at = Instant::now();
@@ -116,6 +111,26 @@ async fn run(database: &Database, js: &Context, backoff: &mut Backoff) -> Result
     };
     driver.abort();
     result
+}
+
+/// Drives the connection and turns notifications into wake-ups.
+async fn wake_on_notify<S, T>(mut connection: Connection<S, T>, wake_tx: mpsc::Sender<()>)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+    T: AsyncRead + AsyncWrite + Unpin,
+{
+    while let Some(message) = poll_fn(|cx| connection.poll_message(cx)).await {
+        match message {
+            Ok(AsyncMessage::Notification(_)) => {
+                let _ = wake_tx.try_send(());
+            }
+            Ok(_) => {}
+            Err(e) => {
+                debug!(error = %e, "outbox relay connection closed");
+                break;
+            }
+        }
+    }
 }
 
 /// Publishes up to [`BATCH`] rows in one transaction; returns how many.
