@@ -18,7 +18,11 @@
 //!   and kwok, whose fake nodes run pods (StatefulSets reach their ready replicas,
 //!   claims bind, deletions cascade), where those binaries are built too;
 //! * [`PatroniCluster`]: PostgreSQL servers each run by Patroni (from the venv
-//!   `scripts/install-deps.sh --test` makes), with a [`KubeApiServer`] as the DCS.
+//!   `scripts/install-deps.sh --test` makes), with a [`KubeApiServer`] as the DCS;
+//! * [`TestCa`]: a throwaway CA and server certificates it signs (the `openssl`
+//!   CLI), for PostgreSQL with TLS ([`Postgres::start_serving_tls`]; the shared
+//!   primary serves TLS too), and [`forward_from`], which makes a loopback client
+//!   look remote (its connections come from 127.0.0.2).
 //!
 //! A test whose component is missing calls [`skip::skip_or_fail`] and returns: it
 //! skips on a developer's machine and fails in CI (`UMSTORE_REQUIRE_COMPONENTS=1`),
@@ -37,6 +41,7 @@
 mod citus;
 pub mod controlplane;
 mod error;
+mod forward;
 mod http;
 pub mod keeper;
 mod kubeapi;
@@ -50,18 +55,21 @@ mod process;
 mod shared;
 pub mod skip;
 mod testdir;
+mod tls;
 
 pub use citus::{Citus, CitusUnavailable};
 pub use controlplane::{ControlPlane, ControlPlaneUnavailable, FakeNode};
 pub use error::HarnessError;
+pub use forward::forward_from;
 pub use kubeapi::{KubeApiServer, KubeApiUnavailable, ADMIN_USER, PLAIN_USER};
 pub use nats::Nats;
 pub use openbao::OpenBao;
 pub use patroni::{MemberSpec, PatroniCluster, PatroniUnavailable};
 pub use pgbouncer::PgBouncer;
 pub use ports::free_port;
-pub use postgres::{connect, Postgres, DEFAULT_REPLICAS};
+pub use postgres::{connect, Postgres, DEFAULT_REPLICAS, SHARED_TLS_NAMES};
 pub use shared::{shared, Servers};
 pub use testdir::TestDir;
+pub use tls::{ServerCert, TestCa};
 pub use tokio_postgres::types::PgLsn;
 pub use umstore_localpg as localpg;

@@ -9,7 +9,7 @@ use tokio_postgres::types::PgLsn;
 use tokio_postgres::{Client, NoTls};
 use umstore_localpg::{ClusterOptions, LocalCluster, PgBinaries};
 
-use crate::{free_port, keeper, HarnessError, TestDir};
+use crate::{free_port, keeper, HarnessError, TestCa, TestDir};
 
 /// How many replicas [`Postgres::start`] clones on first use.
 pub const DEFAULT_REPLICAS: usize = 2;
@@ -41,7 +41,23 @@ pub struct Postgres {
     replica_count: usize,
     stop_replicas_at_exit: bool,
     primary: LocalCluster,
+    /// The CA of the primary's certificate, when it serves TLS.
+    tls: Option<TestCa>,
     dir: TestDir,
+}
+
+/// The names the shared primary's certificate holds: every Service of the
+/// operator's scenarios (namespace `umstore`), and loopback.
+pub const SHARED_TLS_NAMES: &[&str] = &["DNS:*.umstore.svc", "DNS:localhost", "IP:127.0.0.1"];
+
+/// How a primary is started.
+#[derive(Default)]
+struct Start<'a> {
+    replica_count: usize,
+    crash_safe: bool,
+    /// Serve TLS with a certificate for these names, signed by a new CA.
+    tls_names: Option<&'a [&'a str]>,
+    settings: Vec<(String, String)>,
 }
 
 impl Postgres {
@@ -52,7 +68,33 @@ impl Postgres {
 
     /// Starts a primary whose first replica use clones `replica_count` replicas.
     pub fn start_with_replicas(replica_count: usize) -> Result<Self, HarnessError> {
-        Self::start_with(replica_count, false)
+        Self::start_with(Start {
+            replica_count,
+            ..Start::default()
+        })
+    }
+
+    /// Starts a primary (no replicas) with `settings` written after the harness's
+    /// (so overriding them: `listen_addresses`, `ssl_cert_file`, ...).
+    pub fn start_with_settings(settings: Vec<(String, String)>) -> Result<Self, HarnessError> {
+        Self::start_with(Start {
+            settings,
+            ..Start::default()
+        })
+    }
+
+    /// Starts a primary that also serves TLS (`ssl = on`) with a certificate for
+    /// `subject_alt_names` (`DNS:...`, `IP:...`) signed by a CA of its own
+    /// ([`Self::tls_ca`]); `replica_count` replicas are cloned on first use.
+    pub fn start_serving_tls(
+        replica_count: usize,
+        subject_alt_names: &[&str],
+    ) -> Result<Self, HarnessError> {
+        Self::start_with(Start {
+            replica_count,
+            tls_names: Some(subject_alt_names),
+            ..Start::default()
+        })
     }
 
     /// Starts a primary (no replicas) whose acknowledged commits survive
@@ -61,26 +103,49 @@ impl Postgres {
     /// kernel still holds every page they wrote; what a process crash loses is
     /// WAL that was never written, which is what `synchronous_commit = off` risks.
     pub fn start_crash_safe() -> Result<Self, HarnessError> {
-        Self::start_with(0, true)
+        Self::start_with(Start {
+            crash_safe: true,
+            ..Start::default()
+        })
     }
 
-    fn start_with(replica_count: usize, crash_safe: bool) -> Result<Self, HarnessError> {
+    fn start_with(start: Start<'_>) -> Result<Self, HarnessError> {
         let bins = PgBinaries::discover()?;
         let dir = TestDir::new("pg")?;
         let mut opts = cluster_options(free_port()?, dir.path());
-        if crash_safe {
+        if start.crash_safe {
             opts.settings
                 .push(("synchronous_commit".to_owned(), "on".to_owned()));
         }
+        let tls = match start.tls_names {
+            Some(names) => {
+                let ca = TestCa::new(&dir.path().join("tls"), "postgres")?;
+                let cert = ca.issue("server", names)?;
+                opts.settings.extend([
+                    ("ssl".to_owned(), "on".to_owned()),
+                    ("ssl_cert_file".to_owned(), cert.cert.display().to_string()),
+                    ("ssl_key_file".to_owned(), cert.key.display().to_string()),
+                ]);
+                Some(ca)
+            }
+            None => None,
+        };
+        opts.settings.extend(start.settings);
         let mut primary = LocalCluster::init_or_reuse(&bins, &dir.path().join("primary"), opts)?;
         primary.start()?;
         Ok(Self {
             replicas: OnceLock::new(),
-            replica_count,
+            replica_count: start.replica_count,
             stop_replicas_at_exit: false,
             primary,
+            tls,
             dir,
         })
+    }
+
+    /// The CA that signed the primary's certificate, when it serves TLS.
+    pub fn tls_ca(&self) -> Option<&TestCa> {
+        self.tls.as_ref()
     }
 
     /// Hands cleanup to the process-exit hook (for shared instances in statics).

@@ -5,7 +5,7 @@ use std::sync::OnceLock;
 use crate::skip::{skip_or_fail, Component};
 use crate::{
     Citus, CitusUnavailable, ControlPlane, ControlPlaneUnavailable, HarnessError, KubeApiServer,
-    KubeApiUnavailable, Nats, OpenBao, PgBouncer, Postgres,
+    KubeApiUnavailable, Nats, OpenBao, PgBouncer, Postgres, DEFAULT_REPLICAS,
 };
 
 /// The process-wide servers; each starts on first use and stops when the process exits
@@ -53,10 +53,17 @@ fn get<'a, T>(
 
 impl Servers {
     /// The shared PostgreSQL primary (its two replicas start on first
-    /// [`Postgres::replicas`] use). Blocks while starting.
+    /// [`Postgres::replicas`] use). It also serves TLS, with a certificate for
+    /// [`crate::SHARED_TLS_NAMES`] ([`Postgres::tls_ca`]), where the `openssl` CLI
+    /// is installed. Blocks while starting.
     pub fn postgres(&self) -> Result<&Postgres, HarnessError> {
         get(&self.postgres, "PostgreSQL", || {
-            Ok(Postgres::start()?.stop_at_exit())
+            let started =
+                match Postgres::start_serving_tls(DEFAULT_REPLICAS, crate::SHARED_TLS_NAMES) {
+                    Err(HarnessError::ProgramNotFound { .. }) => Postgres::start(),
+                    started => started,
+                };
+            Ok(started?.stop_at_exit())
         })
     }
 
