@@ -1,5 +1,7 @@
 //! The operator's error type: each variant says what failed and what to check.
 
+use umstore_data_plane::db::with_causes;
+
 /// Errors of a reconcile.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -48,7 +50,9 @@ pub enum Error {
     #[error("the UserMetadataStore has no name or namespace")]
     MissingMetadata,
     /// A statement against the store's PostgreSQL failed (bootstrap, migrate).
-    #[error("PostgreSQL: {action}: {source}")]
+    /// The driver's message names only the kind of failure; its causes (the
+    /// server's message, a TLS verification failure) are written after it.
+    #[error("PostgreSQL: {action}: {}", with_causes(source))]
     Database {
         /// What the operator was doing.
         action: String,

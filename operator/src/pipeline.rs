@@ -185,6 +185,8 @@ async fn steps(
         .as_ref()
         .and_then(|a| a.get(migrate::APPROVE_ANNOTATION))
         .map(String::as_str);
+    // The store's TLS, as bootstrap connected, for the keys step's own connection.
+    let connector = bootstrapped.connector.clone();
     let migrated = migrate::run(&valid, bootstrapped, approval, journal).await?;
     reached.migrations = Some(migrated.migrations);
     let schema = match migrated.outcome {
@@ -237,7 +239,7 @@ async fn steps(
     }
 
     let database = keys::Database {
-        connector: ctx.connector.clone(),
+        connector,
         host: owner.service_host(&provisioned.coordinator),
         port: u16::try_from(PG_PORT).unwrap_or(5432),
         dbname: umstore_migrations::roles::DATABASE.to_string(),

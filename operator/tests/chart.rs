@@ -246,6 +246,10 @@ fn cluster_role_grants_exactly_what_the_operator_uses() {
         ["patch"]
     );
     assert_eq!(verbs_for("events.k8s.io", "events"), ["create", "patch"]);
+    assert!(
+        verbs_for("", "secrets").iter().any(|v| v == "get"),
+        "the bootstrap step reads the TLS Secret's ca.crt"
+    );
     let lease: Role = typed(docs.iter().find(|d| d["kind"] == "Role").expect("Role"));
     assert_eq!(
         lease.rules.unwrap_or_default()[0].verbs,

@@ -959,8 +959,20 @@ async fn a_steady_state_reconcile_only_lists() {
     let log = api.log();
     let status = status_of(&api, &name);
     assert!(api.writes().is_empty(), "{:#?}\n{status:#}", api.writes());
-    // One LIST per owned kind and one of the database pods; no GET of single objects.
-    assert_eq!(log.len(), 11, "{:#?}", lines(&log));
+    // One LIST per owned kind and one of the database pods; one GET only, of the
+    // TLS Secret whose CA the bootstrap step connects with (the example sets one).
+    assert_eq!(log.len(), 12, "{:#?}", lines(&log));
+    let gets: Vec<String> = log
+        .iter()
+        .filter(|r| r.method == "GET" && r.path.starts_with(&format!("{}/", paths::secrets(NS))))
+        .map(Recorded::line)
+        .collect();
+    assert_eq!(
+        gets,
+        [format!("GET {}/state-rollout-tls", paths::secrets(NS))],
+        "{:#?}",
+        lines(&log)
+    );
 }
 
 /// The `DELETE path` lines among the recorded writes.

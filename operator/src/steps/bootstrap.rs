@@ -11,6 +11,9 @@
 //! Role names are constants; passwords travel as bind parameters into the
 //! server's `format('%L')`, never spliced into SQL text here.
 //!
+//! With `spec.postgres.tls` it connects over TLS, checking the coordinator's
+//! certificate against the TLS Secret's `ca.crt` (see [`super::tls`]).
+//!
 //! Worker registration (tier ≥ 3) belongs to the distribute step.
 
 use std::time::Duration;
@@ -24,9 +27,10 @@ use tokio_postgres::Client;
 use umstore_migrations::roles::{with_advisory_lock, AdvisoryLock, Purpose, DATABASE};
 
 use super::topology::Provisioned;
-use super::{Journal, Outcome, Reason, Waiting};
+use super::{tls, Journal, Outcome, Reason, Waiting};
 use crate::builders::credentials::{Credentials, Role};
 use crate::context::Context;
+use crate::db::Connector;
 use crate::error::Error;
 use crate::meta::PG_PORT;
 use crate::validated::Validated;
@@ -65,10 +69,13 @@ impl BootstrapReport {
 
 /// What the later steps receive from bootstrap: the superuser connection to the
 /// store's database, which the migrate (and later the distribute and keys) steps
-/// reuse rather than opening their own.
+/// reuse rather than opening their own, and the connector it was made with (the
+/// store's TLS), for a step that opens one of its own (the keys step's rewrap).
 pub struct Bootstrapped {
     /// Connected as the superuser to the store's database.
     pub admin: Client,
+    /// How the store's PostgreSQL is reached, with its TLS.
+    pub connector: Connector,
     /// The `Bootstrapped` condition's message.
     pub message: String,
 }
@@ -97,18 +104,27 @@ pub async fn run(
             Some(RECHECK),
         )));
     }
+    let connector = match tls::store_tls(ctx, v).await? {
+        Outcome::Done(tls) => ctx.connector.clone().with_tls(tls),
+        Outcome::Waiting(w) => return Ok(Outcome::Waiting(w)),
+    };
     let host = v.owner.service_host(coordinator);
     let admin = credentials.password(Role::Admin);
     let port = u16::try_from(PG_PORT).unwrap_or(5432);
+    let check = if connector.tls().is_some() {
+        "check the coordinator's logs and NetworkPolicy, and that its certificate is signed \
+         by the TLS Secret's ca.crt and names this host"
+    } else {
+        "check the coordinator's logs and NetworkPolicy"
+    };
     let unreachable = |e: Error| {
         Outcome::Waiting(Waiting::new(
             Reason::CoordinatorUnreachable,
-            format!("{e}; retrying (check the coordinator's logs and NetworkPolicy)"),
+            format!("{e}; retrying ({check})"),
             Some(RECHECK),
         ))
     };
-    let maintenance = match ctx
-        .connector
+    let maintenance = match connector
         .connect(&host, port, "postgres", Role::Admin.user(), admin)
         .await
     {
@@ -117,8 +133,7 @@ pub async fn run(
     };
     let database_created = ensure_database(&maintenance).await?;
     drop(maintenance);
-    let mut client = match ctx
-        .connector
+    let mut client = match connector
         .connect(&host, port, DATABASE, Role::Admin.user(), admin)
         .await
     {
@@ -132,6 +147,7 @@ pub async fn run(
     }
     Ok(Outcome::Done(Bootstrapped {
         admin: client,
+        connector,
         message: format!(
             "database {DATABASE}, extensions and {} login roles in place",
             Role::CLIENTS.len() + 1

@@ -6,7 +6,7 @@
 //! | [`validate`] | the store | [`Validated`](crate::validated::Validated) |
 //! | [`credentials`] | `&Validated`, the observed objects | [`Credentials`](crate::builders::credentials::Credentials) |
 //! | [`topology`] | `&Validated`, the desired objects | [`topology::Applied`] |
-//! | [`bootstrap`] | `&Validated`, `&Credentials`, `&Applied` | [`bootstrap::Bootstrapped`] (the admin connection) |
+//! | [`bootstrap`] | `&Validated`, `&Credentials`, `&Applied` (the store's CA through [`tls`]) | [`bootstrap::Bootstrapped`] (the admin connection, and the connector with the store's TLS) |
 //! | [`lag`] (a probe) | `&mut Bootstrapped`'s connection, the pods | the replica pool members' lag |
 //! | [`migrate`] | `&Validated`, `Bootstrapped` | [`migrate::SchemaCurrent`] |
 //! | [`distribute`] (tier ≥ 3) | `&Validated`, `&SchemaCurrent`'s connection | [`distribute::Report`] (the placement observed) |
@@ -26,6 +26,7 @@ pub mod promote;
 pub mod rollout;
 pub mod status;
 pub mod switchover;
+pub mod tls;
 pub mod topology;
 pub mod validate;
 
@@ -113,6 +114,9 @@ reasons! {
     CoordinatorNotReady,
     /// The coordinator did not accept a connection (bootstrap).
     CoordinatorUnreachable,
+    /// `spec.postgres.tls.secretName` names no Secret, or one without a usable
+    /// `ca.crt` (bootstrap).
+    TlsSecretMissing,
     /// Database, extensions and roles are in place (bootstrap).
     Bootstrapped,
     /// Migrations were applied or the schema is current (migrate).

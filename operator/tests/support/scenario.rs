@@ -161,6 +161,9 @@ pub async fn seeded_without_credentials(spec_of: Value) -> (FakeApi, Arc<Context
         .as_str()
         .expect("name")
         .to_string();
+    if let Some(secret) = spec_of["spec"]["postgres"]["tls"]["secretName"].as_str() {
+        tls_secret(&api, secret);
+    }
     api.insert(&paths::stores(NS), spec_of);
     let ctx = context(client, true);
     let action = reconcile(stored(&api, &name), ctx.clone())
@@ -181,6 +184,29 @@ pub async fn seeded_without_credentials(spec_of: Value) -> (FakeApi, Arc<Context
     );
     api.clear_log();
     (api, ctx, name)
+}
+
+/// The TLS Secret a store names, holding (as cert-manager's `ca.crt`) the CA of
+/// the shared PostgreSQL, which serves TLS for every `*.umstore.svc` name: the
+/// bootstrap step of a store with TLS connects over TLS and checks the server
+/// against it.
+pub fn tls_secret(api: &FakeApi, name: &str) {
+    use base64::Engine;
+    let ca = umstore_e2e::shared()
+        .primary()
+        .tls_ca()
+        .expect("the shared PostgreSQL serves TLS (it needs the openssl CLI)")
+        .cert_pem()
+        .expect("the shared PostgreSQL's CA certificate");
+    api.insert(
+        &paths::secrets(NS),
+        serde_json::json!({
+            "apiVersion": "v1", "kind": "Secret",
+            "metadata": {"name": name, "namespace": NS},
+            "type": "Opaque",
+            "data": {"ca.crt": base64::engine::general_purpose::STANDARD.encode(ca)},
+        }),
+    );
 }
 
 /// `METHOD path` of each request.
