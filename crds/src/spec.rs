@@ -404,8 +404,10 @@ impl Default for StorageSpec {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct TlsSpec {
-    /// A `kubernetes.io/tls` Secret (keys `tls.crt`, `tls.key`) in the store's namespace.
-    /// With it, pg_hba.conf accepts remote connections only over TLS.
+    /// A Secret in the store's namespace with `tls.crt` and `tls.key` (the servers'
+    /// certificate) and `ca.crt` (the CA the operator and the data plane check it
+    /// against), as a cert-manager Certificate writes it. With it, pg_hba.conf
+    /// accepts remote connections only over TLS and clients verify the server.
     pub secret_name: String,
 }
 

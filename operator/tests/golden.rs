@@ -170,6 +170,12 @@ fn pgbouncer_ini_pools_transactions_with_at_most_500_clients() {
         ini.contains("client_tls_sslmode = require"),
         "tier 2 example sets a TLS secret"
     );
+    // PgBouncer checks the primary's certificate against the Secret's CA.
+    assert!(ini.contains("server_tls_sslmode = verify-full"), "{ini}");
+    assert!(
+        ini.contains("server_tls_ca_file = /etc/postgresql/tls/ca.crt"),
+        "{ini}"
+    );
 }
 
 #[test]
@@ -238,8 +244,9 @@ fn examples_from_tier_2_reach_the_bus_and_tier_1_ingests_over_http_only() {
 
 /// The data plane's pod spec in every tier: each purpose's login comes from a key
 /// that exists in a Secret the tier builds; a replica URL only where the tier has
-/// that purpose's pool; the only Secret volume is the digests one, which holds no
-/// token; no password or token appears anywhere in the Deployment.
+/// that purpose's pool; the only Secret volumes are the digests one, which holds no
+/// token, and with TLS the TLS Secret's `ca.crt` alone; no password or token appears
+/// anywhere in the Deployment.
 #[test]
 fn every_tier_gives_the_data_plane_its_logins_by_reference_and_only_token_digests() {
     use umstore_migrations::roles::Purpose;
@@ -321,14 +328,34 @@ fn every_tier_gives_the_data_plane_its_logins_by_reference_and_only_token_digest
                 assert!(replica.is_none(), "tier {tier}: {prefix} has no pool");
             }
         }
-        let volumes: Vec<&str> = pod
+        let secret_volumes: Vec<&k8s_openapi::api::core::v1::SecretVolumeSource> = pod
             .volumes
             .iter()
             .flatten()
-            .filter_map(|v| v.secret.as_ref()?.secret_name.as_deref())
+            .filter_map(|v| v.secret.as_ref())
             .collect();
-        assert_eq!(volumes.len(), 1, "tier {tier}: {volumes:?}");
+        let volumes: Vec<&str> = secret_volumes
+            .iter()
+            .filter_map(|s| s.secret_name.as_deref())
+            .collect();
+        let tls = example(tier).spec.postgres.tls.map(|t| t.secret_name);
+        assert_eq!(
+            volumes.len(),
+            1 + usize::from(tls.is_some()),
+            "tier {tier}: {volumes:?}"
+        );
         assert!(volumes[0].ends_with("-api-token-digests"));
+        if let Some(tls) = &tls {
+            // The TLS Secret's CA certificate only, never its key.
+            assert_eq!(volumes[1], tls.as_str(), "tier {tier}");
+            let keys: Vec<&str> = secret_volumes[1]
+                .items
+                .iter()
+                .flatten()
+                .map(|i| i.key.as_str())
+                .collect();
+            assert_eq!(keys, ["ca.crt"], "tier {tier}");
+        }
         let digests = secrets
             .iter()
             .find(|s| s.metadata.name.as_deref() == Some(volumes[0]))

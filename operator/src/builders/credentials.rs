@@ -242,22 +242,28 @@ pub const URI_KEY: &str = "uri";
 /// the role's pool: what a client that must see its own writes connects to.
 pub const PRIMARY_URI_KEY: &str = "primary-uri";
 
+/// Where clients mount the TLS Secret's `ca.crt` (the data plane does): the
+/// connection URIs of a store with TLS name this file as `sslrootcert`.
+pub const CLIENT_CA_DIR: &str = "/etc/umstore/postgres-tls";
+
 /// A client role's connection Secret: `uri`, `host`, `port` of its endpoint
 /// (its replica pool where it has one), `primary-uri` of the read-write
-/// endpoint, `dbname`, `user`, `password`.
+/// endpoint, `dbname`, `user`, `password`. With TLS the URIs ask for
+/// `sslmode=verify-full` against `ca.crt` mounted in [`CLIENT_CA_DIR`] (what
+/// libpq and the data plane understand); without, `sslmode=prefer`.
 pub fn connection_secret(v: &Validated, role: Role, creds: &Credentials) -> Secret {
     let owner = &v.owner;
     let (host, port) = endpoint_for(v, role);
     let (primary_host, primary_port) = read_write_endpoint(v);
     let user = role.user();
     let password = creds.password(role);
-    let sslmode = if v.spec.postgres.tls.is_some() {
-        "require"
+    let ssl = if v.spec.postgres.tls.is_some() {
+        format!("sslmode=verify-full&sslrootcert={CLIENT_CA_DIR}/ca.crt")
     } else {
-        "prefer"
+        "sslmode=prefer".to_string()
     };
     let uri_of = |host: &str, port: i32| {
-        format!("postgresql://{user}:{password}@{host}:{port}/{DATABASE}?sslmode={sslmode}")
+        format!("postgresql://{user}:{password}@{host}:{port}/{DATABASE}?{ssl}")
     };
     let uri = uri_of(&host, port);
     let primary_uri = uri_of(&primary_host, primary_port);
@@ -378,6 +384,22 @@ mod tests {
             "postgresql://umstore_writer_login:writer-password@s-coordinator.ns.svc:5432/umstore?sslmode=prefer"
         );
         assert_eq!(writer["uri"], writer["primary-uri"]);
+    }
+
+    #[test]
+    fn with_tls_the_uris_verify_the_server_against_the_mounted_ca() {
+        let creds = Credentials::fixed_for_tests();
+        let tls = validated(serde_json::json!({
+            "tier": 1,
+            "postgres": {"tls": {"secretName": "s-tls"}},
+        }));
+        let writer = data(&connection_secret(&tls, Role::Writer, &creds));
+        assert_eq!(
+            writer["uri"],
+            "postgresql://umstore_writer_login:writer-password@s-coordinator.ns.svc:5432/umstore\
+             ?sslmode=verify-full&sslrootcert=/etc/umstore/postgres-tls/ca.crt"
+        );
+        assert_eq!(writer["primary-uri"], writer["uri"]);
     }
 
     #[test]

@@ -7,17 +7,17 @@ use std::time::Duration;
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec};
 use k8s_openapi::api::core::v1::{
     Capabilities, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, EnvVarSource,
-    HTTPGetAction, PodSecurityContext, PodSpec, PodTemplateSpec, Probe, ResourceRequirements,
-    SecretKeySelector, SecretVolumeSource, SecurityContext, Service, ServiceAccount, Volume,
-    VolumeMount,
+    HTTPGetAction, KeyToPath, PodSecurityContext, PodSpec, PodTemplateSpec, Probe,
+    ResourceRequirements, SecretKeySelector, SecretVolumeSource, SecurityContext, Service,
+    ServiceAccount, Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
-use umstore_crds::{DataPlaneSpec, EncryptionSpec, EventsSpec, GpuSpec, VaultAuthSpec};
+use umstore_crds::{DataPlaneSpec, EncryptionSpec, EventsSpec, GpuSpec, TlsSpec, VaultAuthSpec};
 
 use super::api_tokens::{digests_hash, digests_secret_name, ApiTokens};
-use super::credentials::{pool_of, Role, PRIMARY_URI_KEY, URI_KEY};
+use super::credentials::{pool_of, Role, CLIENT_CA_DIR, PRIMARY_URI_KEY, URI_KEY};
 use crate::meta::{API_PORT, CONFIG_HASH};
 use crate::validated::{Events, Validated};
 
@@ -254,6 +254,60 @@ pub fn deployment(v: &Validated, tokens: &ApiTokens) -> Deployment {
         tolerations = (!t.is_empty()).then(|| t.clone());
         runtime_class_name = rc.clone();
     }
+    let mut mounts = vec![
+        VolumeMount {
+            name: "data".into(),
+            mount_path: DATA_DIR.into(),
+            ..VolumeMount::default()
+        },
+        VolumeMount {
+            name: "api-tokens".into(),
+            mount_path: API_TOKENS_DIR.into(),
+            read_only: Some(true),
+            ..VolumeMount::default()
+        },
+    ];
+    let mut volumes = vec![
+        Volume {
+            name: "data".into(),
+            empty_dir: Some(EmptyDirVolumeSource::default()),
+            ..Volume::default()
+        },
+        // The digests only: a pod never holds a usable token.
+        Volume {
+            name: "api-tokens".into(),
+            secret: Some(SecretVolumeSource {
+                secret_name: Some(digests_secret_name(owner)),
+                optional: Some(false),
+                ..SecretVolumeSource::default()
+            }),
+            ..Volume::default()
+        },
+    ];
+    // The CA its connection URIs name as `sslrootcert`: only `ca.crt` of the TLS
+    // Secret, never the server's key.
+    if let Some(TlsSpec { secret_name }) = &v.spec.postgres.tls {
+        mounts.push(VolumeMount {
+            name: "postgres-tls".into(),
+            mount_path: CLIENT_CA_DIR.into(),
+            read_only: Some(true),
+            ..VolumeMount::default()
+        });
+        volumes.push(Volume {
+            name: "postgres-tls".into(),
+            secret: Some(SecretVolumeSource {
+                secret_name: Some(secret_name.clone()),
+                items: Some(vec![KeyToPath {
+                    key: "ca.crt".into(),
+                    path: "ca.crt".into(),
+                    ..KeyToPath::default()
+                }]),
+                optional: Some(false),
+                ..SecretVolumeSource::default()
+            }),
+            ..Volume::default()
+        });
+    }
     let container = Container {
         name: "data-plane".into(),
         image: Some(image.clone()),
@@ -274,19 +328,7 @@ pub fn deployment(v: &Validated, tokens: &ApiTokens) -> Deployment {
         resources: Some(resources),
         readiness_probe: Some(http_probe("/readyz", 5)),
         liveness_probe: Some(http_probe("/healthz", 15)),
-        volume_mounts: Some(vec![
-            VolumeMount {
-                name: "data".into(),
-                mount_path: DATA_DIR.into(),
-                ..VolumeMount::default()
-            },
-            VolumeMount {
-                name: "api-tokens".into(),
-                mount_path: API_TOKENS_DIR.into(),
-                read_only: Some(true),
-                ..VolumeMount::default()
-            },
-        ]),
+        volume_mounts: Some(mounts),
         security_context: Some(SecurityContext {
             read_only_root_filesystem: Some(true),
             allow_privilege_escalation: Some(false),
@@ -323,23 +365,7 @@ pub fn deployment(v: &Validated, tokens: &ApiTokens) -> Deployment {
                         ..PodSecurityContext::default()
                     }),
                     containers: vec![container],
-                    volumes: Some(vec![
-                        Volume {
-                            name: "data".into(),
-                            empty_dir: Some(EmptyDirVolumeSource::default()),
-                            ..Volume::default()
-                        },
-                        // The digests only: a pod never holds a usable token.
-                        Volume {
-                            name: "api-tokens".into(),
-                            secret: Some(SecretVolumeSource {
-                                secret_name: Some(digests_secret_name(owner)),
-                                optional: Some(false),
-                                ..SecretVolumeSource::default()
-                            }),
-                            ..Volume::default()
-                        },
-                    ]),
+                    volumes: Some(volumes),
                     node_selector,
                     tolerations,
                     runtime_class_name,
@@ -503,6 +529,38 @@ mod tests {
                 .is_some_and(|s| s.name == "s-api-tokens")),
             "no token in the environment"
         );
+    }
+
+    #[test]
+    fn with_tls_the_pod_mounts_only_the_ca_certificate_read_only() {
+        let v = validated(json!({"postgres": {"tls": {"secretName": "s-tls"}}}));
+        let pod = deployment(&v, &ApiTokens::fixed_for_tests())
+            .spec
+            .template
+            .spec
+            .expect("pod");
+        let mount = pod.containers[0]
+            .volume_mounts
+            .iter()
+            .flatten()
+            .find(|m| m.mount_path == CLIENT_CA_DIR)
+            .expect("CA mount");
+        assert_eq!(mount.read_only, Some(true));
+        let secret = pod
+            .volumes
+            .iter()
+            .flatten()
+            .find(|v| v.name == mount.name)
+            .and_then(|v| v.secret.clone())
+            .expect("a Secret volume");
+        assert_eq!(secret.secret_name.as_deref(), Some("s-tls"));
+        let keys: Vec<&str> = secret
+            .items
+            .iter()
+            .flatten()
+            .map(|i| i.key.as_str())
+            .collect();
+        assert_eq!(keys, ["ca.crt"], "never tls.key");
     }
 
     #[test]

@@ -57,7 +57,10 @@ pub fn pgbouncer_ini(v: &Validated) -> String {
         "log_disconnections = 0".into(),
     ];
     if tls {
-        lines.push("server_tls_sslmode = require".into());
+        // The primary's certificate is checked against the Secret's CA and must
+        // name the coordinator's Service (the host above).
+        lines.push("server_tls_sslmode = verify-full".into());
+        lines.push(format!("server_tls_ca_file = {TLS_DIR}/ca.crt"));
         lines.push("client_tls_sslmode = require".into());
         lines.push(format!("client_tls_cert_file = {TLS_DIR}/tls.crt"));
         lines.push(format!("client_tls_key_file = {TLS_DIR}/tls.key"));
