@@ -164,7 +164,8 @@ pub struct PromotionStatus {
     /// Users as the statistics estimate them (`pg_stat_user_tables.n_live_tup` of the
     /// user directory): cheap, never a full count.
     pub measured_users: i64,
-    /// When they were measured (RFC 3339).
+    /// When the count was measured at this value (RFC 3339): an unchanged count keeps
+    /// its time, so a steady store's status is not rewritten.
     pub measured_at: String,
     /// The tier the count calls for, once the spec allows it; a floor like `spec.tier`.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -224,6 +224,24 @@ fn random_token() -> Result<String, HarnessError> {
 }
 
 impl OpenBao {
+    /// Writes `policy` (HCL) as the policy `name` and returns a new token holding
+    /// only that policy: a test connects as the identity it stands for.
+    pub fn token_with_policy(&self, name: &str, policy: &str) -> Result<String, HarnessError> {
+        let file = self.dir.path().join(format!("policy-{name}.hcl"));
+        std::fs::write(&file, policy)
+            .map_err(|e| HarnessError::io(format!("could not write {}", file.display()), e))?;
+        self.cli(&["policy", "write", name, &file.display().to_string()])?;
+        Ok(self
+            .cli(&[
+                "token",
+                "create",
+                "-field=token",
+                &format!("-policy={name}"),
+            ])?
+            .trim()
+            .to_string())
+    }
+
     /// `GET <path>` against the server, returning the raw HTTP response.
     pub fn http_get(&self, path: &str) -> Option<String> {
         http_get(self.port, path)

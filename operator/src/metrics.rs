@@ -24,12 +24,27 @@ pub struct ErrorLabels {
     pub error: String,
 }
 
+/// Label of the per-step duration.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StepLabels {
+    /// The pipeline step: observe, credentials, provision, bootstrap, migrate,
+    /// distribute, promote, keys, status.
+    pub step: String,
+}
+
+fn step_histogram() -> Histogram {
+    Histogram::new([
+        0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+    ])
+}
+
 /// The operator's metrics.
 pub struct Metrics {
     registry: Registry,
     reconciles: Counter,
     failures: Family<ErrorLabels, Counter>,
     duration: Histogram,
+    steps: Family<StepLabels, Histogram, fn() -> Histogram>,
     objects_applied: Counter,
     leader: Gauge,
 }
@@ -51,6 +66,14 @@ impl Metrics {
         ]);
         let objects_applied = Counter::default();
         let leader = Gauge::default();
+        let steps = Family::<StepLabels, Histogram, fn() -> Histogram>::new_with_constructor(
+            step_histogram,
+        );
+        registry.register(
+            "step_duration_seconds",
+            "Time spent in each pipeline step of a reconcile",
+            steps.clone(),
+        );
         registry.register("reconciles", "Reconciles started", reconciles.clone());
         registry.register(
             "reconcile_failures",
@@ -77,9 +100,22 @@ impl Metrics {
             reconciles,
             failures,
             duration,
+            steps,
             objects_applied,
             leader,
         }
+    }
+
+    /// Records that `step` ran from `started` until now; returns now, the next
+    /// step's start.
+    pub fn step_finished(&self, step: &str, started: Instant) -> Instant {
+        let now = Instant::now();
+        self.steps
+            .get_or_create(&StepLabels {
+                step: step.to_string(),
+            })
+            .observe(now.duration_since(started).as_secs_f64());
+        now
     }
 
     /// Counts a reconcile and returns its start time.

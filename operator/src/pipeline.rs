@@ -56,7 +56,9 @@ pub async fn run(ctx: &Context, store: &UserMetadataStore) -> Result<Report, Err
         deleted = journal.deleted.len(),
         "pipeline finished"
     );
+    let started = std::time::Instant::now();
     let status_written = status::run(ctx, store, &progress, &mut journal).await?;
+    ctx.metrics.step_finished("status", started);
     publish_events(ctx, store, &journal).await;
     ctx.metrics
         .objects_applied(journal.applied.len() + journal.created.len());
@@ -86,6 +88,8 @@ async fn steps(
     store: &UserMetadataStore,
     journal: &mut Journal,
 ) -> Result<Progress, Error> {
+    let m = &ctx.metrics;
+    let t = std::time::Instant::now();
     let mut valid = match validate::run(store, journal) {
         Outcome::Done(v) => v,
         Outcome::Waiting(w) => return Ok(Progress::Invalid(w)),
@@ -94,7 +98,9 @@ async fn steps(
     let observed = apply::observe(&ctx.client, &owner.namespace, &owner.selector_string()).await?;
     let pods = apply::observe_pods(&ctx.client, &owner.namespace, &owner.name).await?;
     valid.endpoint_tier = endpoint_tier(store, &valid, &observed);
+    let t = m.step_finished("observe", t);
     let credentials = credentials::run(ctx, &valid, &observed, journal).await?;
+    let t = m.step_finished("credentials", t);
     let desired = builders::topology(&valid, &credentials, &ctx.env);
     let mut reached = Reached {
         tier: valid.tier,
@@ -136,7 +142,10 @@ async fn steps(
     let provisioned =
         match topology::run(ctx, &valid, &desired, &observed, &placement, journal).await? {
             Outcome::Done(p) => p,
-            Outcome::Waiting(w) => return Ok(reached.stopped(Step::Provision, w)),
+            Outcome::Waiting(w) => {
+                m.step_finished("provision", t);
+                return Ok(reached.stopped(Step::Provision, w));
+            }
         };
     reached.done(
         Step::Provision,
@@ -166,11 +175,13 @@ async fn steps(
     let clusters = rollout::clusters(&pods, &observed, &cannot_lead);
     rollout::run(ctx, &owner.namespace, &clusters, journal).await?;
 
-    let mut bootstrapped =
-        match bootstrap::run(ctx, &valid, &credentials, &provisioned, journal).await? {
-            Outcome::Done(b) => b,
-            Outcome::Waiting(w) => return Ok(reached.stopped(Step::Bootstrap, w)),
-        };
+    let t = m.step_finished("provision", t);
+    let bootstrapped = bootstrap::run(ctx, &valid, &credentials, &provisioned, journal).await?;
+    let t = m.step_finished("bootstrap", t);
+    let mut bootstrapped = match bootstrapped {
+        Outcome::Done(b) => b,
+        Outcome::Waiting(w) => return Ok(reached.stopped(Step::Bootstrap, w)),
+    };
     reached.done(
         Step::Bootstrap,
         Reason::Bootstrapped,
@@ -178,6 +189,7 @@ async fn steps(
     );
     // Measured before migrate, so a store held by pending migrations still reports it.
     reached.replica_lag = lag::measure(&mut bootstrapped.admin, &pods, lag::TIMEOUT).await;
+    let t = m.step_finished("lag", t);
 
     let approval = store
         .metadata
@@ -188,6 +200,7 @@ async fn steps(
     // The store's TLS, as bootstrap connected, for the keys step's own connection.
     let connector = bootstrapped.connector.clone();
     let migrated = migrate::run(&valid, bootstrapped, approval, journal).await?;
+    let t = m.step_finished("migrate", t);
     reached.migrations = Some(migrated.migrations);
     let schema = match migrated.outcome {
         Ok(current) => current,
@@ -202,8 +215,9 @@ async fn steps(
         Reason::Migrated,
         format!("schema at version {}", schema.version),
     );
-    if valid.citus() {
+    let t = if valid.citus() {
         let report = distribute::run(&valid, &schema.admin, &observed, journal).await?;
+        let t = m.step_finished("distribute", t);
         reached.converting = report.converting;
         if let Some(p) = report.placement {
             reached.worker_group_ids = p.worker_group_ids.clone();
@@ -215,7 +229,10 @@ async fn steps(
             }
             Outcome::Waiting(w) => return Ok(reached.stopped(Step::Distribute, w)),
         }
-    }
+        t
+    } else {
+        t
+    };
     if valid.spec.auto_promotion.enabled && valid.tier < 4 {
         match promote::measure(&schema.admin).await {
             Ok(users) => {
@@ -238,6 +255,7 @@ async fn steps(
         }
     }
 
+    let t = m.step_finished("promote", t);
     let database = keys::Database {
         connector,
         host: owner.service_host(&provisioned.coordinator),
@@ -255,6 +273,7 @@ async fn steps(
         database,
     )
     .await?;
+    m.step_finished("keys", t);
     reached.noted(
         Step::Keys,
         report.ready,

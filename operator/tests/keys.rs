@@ -37,44 +37,26 @@ fn bao() -> &'static OpenBao {
 
 /// A token holding only `policy` (HCL), written under `name`.
 fn token_with(bao: &OpenBao, name: &str, policy: &str) -> String {
-    let file = std::env::temp_dir().join(format!("{name}.hcl"));
-    std::fs::write(&file, policy).expect("write policy");
-    bao.cli(&["policy", "write", name, &file.display().to_string()])
-        .expect("policy write");
-    let _ = std::fs::remove_file(&file);
-    bao.cli(&[
-        "token",
-        "create",
-        "-field=token",
-        &format!("-policy={name}"),
-    ])
-    .expect("token create")
-    .trim()
-    .to_string()
+    bao.token_with_policy(name, policy).expect("token")
 }
 
-/// The operator's policy from docs/encryption.md, for one key.
+/// The operator's policy from docs/encryption.md, for one key; without `rewrap`
+/// for an operator whose rotation must fail.
 fn operator_policy(key: &str, rewrap: bool) -> String {
-    let mut p = format!(
-        "path \"transit/keys/{key}\" {{ capabilities = [\"create\", \"read\", \"update\"] }}\n\
-         path \"transit/keys/{key}/rotate\" {{ capabilities = [\"update\"] }}\n\
-         path \"transit/keys/{key}/config\" {{ capabilities = [\"update\"] }}\n"
-    );
+    let policy = keys::operator_policy("transit", key);
     if rewrap {
-        p.push_str(&format!(
-            "path \"transit/rewrap/{key}\" {{ capabilities = [\"update\"] }}\n"
-        ));
+        policy
+    } else {
+        policy
+            .lines()
+            .filter(|l| !l.contains("/rewrap/"))
+            .map(|l| format!("{l}\n"))
+            .collect()
     }
-    p
 }
 
-/// The data plane's policy from docs/encryption.md, for one key.
 fn data_plane_policy(key: &str) -> String {
-    format!(
-        "path \"transit/encrypt/{key}\" {{ capabilities = [\"update\"] }}\n\
-         path \"transit/decrypt/{key}\" {{ capabilities = [\"update\"] }}\n\
-         path \"transit/rewrap/{key}\" {{ capabilities = [\"update\"] }}\n"
-    )
+    keys::data_plane_policy("transit", key)
 }
 
 /// A server whose TCP logins need a password, with the `postgres` superuser the

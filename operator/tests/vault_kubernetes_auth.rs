@@ -12,6 +12,7 @@ use std::time::Duration;
 use umstore_data_plane::crypto::{DataKey, VaultAuth, VaultConfig, VaultKeyProvider};
 use umstore_e2e::skip::{skip_or_fail, Component};
 use umstore_e2e::{HarnessError, OpenBao};
+use umstore_operator::steps::keys::{data_plane_policy, operator_policy};
 
 use kubeapi::{admin_client, fresh_namespace, new_service_account_token, server_or_skip};
 
@@ -66,16 +67,11 @@ async fn the_data_plane_logs_in_with_its_service_account_and_no_other_account_do
     };
     write_policy(
         "umstore-data-plane",
-        "path \"transit/encrypt/umstore-pii\" { capabilities = [\"update\"] }\n\
-         path \"transit/decrypt/umstore-pii\" { capabilities = [\"update\"] }\n\
-         path \"transit/rewrap/umstore-pii\" { capabilities = [\"update\"] }\n",
+        &data_plane_policy("transit", "umstore-pii"),
     );
     write_policy(
         "umstore-operator",
-        "path \"transit/keys/umstore-pii\" { capabilities = [\"create\", \"read\", \"update\"] }\n\
-         path \"transit/keys/umstore-pii/rotate\" { capabilities = [\"update\"] }\n\
-         path \"transit/keys/umstore-pii/config\" { capabilities = [\"update\"] }\n\
-         path \"transit/rewrap/umstore-pii\" { capabilities = [\"update\"] }\n",
+        &operator_policy("transit", "umstore-pii"),
     );
     bao.cli(&["auth", "enable", "kubernetes"])
         .expect("enable kubernetes auth");

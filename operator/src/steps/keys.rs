@@ -123,6 +123,30 @@ impl VaultAccess {
     }
 }
 
+/// The Vault policy (HCL) the operator's identity needs for one store's transit
+/// key: create and read it, rotate it, configure it (`min_decryption_version`),
+/// rewrap (ciphertext in, ciphertext out). No encrypt or decrypt: it never sees a
+/// data key. docs/encryption.md shows it for the default key.
+pub fn operator_policy(mount: &str, key: &str) -> String {
+    format!(
+        "path \"{mount}/keys/{key}\"        {{ capabilities = [\"create\", \"read\", \"update\"] }}\n\
+         path \"{mount}/keys/{key}/rotate\" {{ capabilities = [\"update\"] }}\n\
+         path \"{mount}/keys/{key}/config\" {{ capabilities = [\"update\"] }}\n\
+         path \"{mount}/rewrap/{key}\"      {{ capabilities = [\"update\"] }}\n"
+    )
+}
+
+/// The Vault policy (HCL) the data plane's identity needs for one store's transit
+/// key: encrypt (wrap new data keys), decrypt (unwrap), rewrap. It may not create,
+/// read, rotate or configure the key.
+pub fn data_plane_policy(mount: &str, key: &str) -> String {
+    format!(
+        "path \"{mount}/encrypt/{key}\" {{ capabilities = [\"update\"] }}\n\
+         path \"{mount}/decrypt/{key}\" {{ capabilities = [\"update\"] }}\n\
+         path \"{mount}/rewrap/{key}\"  {{ capabilities = [\"update\"] }}\n"
+    )
+}
+
 /// Why a rotation runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Trigger {
@@ -575,6 +599,20 @@ mod tests {
         assert_eq!(retry_delay(5), Duration::from_secs(480));
         assert_eq!(retry_delay(6), MAX_RETRY);
         assert_eq!(retry_delay(60), MAX_RETRY);
+    }
+
+    #[test]
+    fn the_policies_in_the_docs_are_the_ones_the_tests_use() {
+        let docs = include_str!("../../../docs/encryption.md");
+        for policy in [
+            operator_policy("transit", "umstore-pii"),
+            data_plane_policy("transit", "umstore-pii"),
+        ] {
+            assert!(
+                docs.contains(&policy),
+                "docs/encryption.md lacks:\n{policy}"
+            );
+        }
     }
 
     #[test]

@@ -27,10 +27,13 @@ const USERS: &str = "SELECT greatest(coalesce(s.n_live_tup, 0), c.reltuples::int
      FROM pg_class c LEFT JOIN pg_stat_user_tables s ON s.relid = c.oid \
      WHERE c.oid = 'umstore.user_directory'::regclass";
 
+/// Whether Citus's catalog is here (asked first: a query naming a missing table
+/// fails when planned, whatever its other conditions).
+const CITUS_CATALOG: &str = "SELECT to_regclass('pg_catalog.pg_dist_partition') IS NOT NULL";
+
 /// Whether the directory is a Citus distributed table (its rows are on the workers).
-const DISTRIBUTED: &str = "SELECT to_regclass('pg_catalog.pg_dist_partition') IS NOT NULL \
-     AND EXISTS (SELECT 1 FROM pg_dist_partition \
-                 WHERE logicalrelid = 'umstore.user_directory'::regclass)";
+const DISTRIBUTED: &str = "SELECT EXISTS (SELECT 1 FROM pg_dist_partition \
+     WHERE logicalrelid = 'umstore.user_directory'::regclass)";
 
 /// The same figures summed over the directory's shards.
 const USERS_CITUS: &str = "SELECT coalesce(sum(result::int8), 0)::int8 \
@@ -42,11 +45,17 @@ const USERS_CITUS: &str = "SELECT coalesce(sum(result::int8), 0)::int8 \
 
 /// The user count as the statistics estimate it.
 pub async fn measure(client: &Client) -> Result<i64, Error> {
-    let distributed: bool = client
-        .query_one(DISTRIBUTED, &[])
+    let citus: bool = client
+        .query_one(CITUS_CATALOG, &[])
         .await
-        .map_err(Error::db("looking for a distributed user directory"))?
+        .map_err(Error::db("looking for Citus's catalog"))?
         .get(0);
+    let distributed = citus
+        && client
+            .query_one(DISTRIBUTED, &[])
+            .await
+            .map_err(Error::db("looking for a distributed user directory"))?
+            .get::<_, bool>(0);
     let sql = if distributed { USERS_CITUS } else { USERS };
     Ok(client
         .query_one(sql, &[])
@@ -68,6 +77,22 @@ pub struct Decision {
 /// it is above the running one and the spec can run it (tier 3 needs worker
 /// groups); otherwise the message says what stops it.
 pub fn decide(store: &UserMetadataStore, v: &Validated, users: i64, now: Timestamp) -> Decision {
+    let mut decision = decide_at(store, v, users, now);
+    // An unchanged measurement keeps its time: a steady store's status is not
+    // rewritten on every reconcile.
+    if let Some(old) = store.status.as_ref().and_then(|s| s.promotion.as_ref()) {
+        let same = PromotionStatus {
+            measured_at: old.measured_at.clone(),
+            ..decision.status.clone()
+        };
+        if &same == old {
+            decision.status = same;
+        }
+    }
+    decision
+}
+
+fn decide_at(store: &UserMetadataStore, v: &Validated, users: i64, now: Timestamp) -> Decision {
     let thresholds = &v.spec.auto_promotion.thresholds;
     let recorded = store
         .status
@@ -160,6 +185,30 @@ mod tests {
         assert_eq!(v.tier, 2);
         assert!(v.pooled());
         assert!(v.demotion_refused.is_none());
+        // Once tier 2 runs, spec.tier 1 below it is no demotion: auto-promotion raised it.
+        promoted.status.as_mut().expect("status").tier = Some(2);
+        let v = validate(&promoted).expect("valid");
+        assert_eq!(v.tier, 2);
+        assert!(v.demotion_refused.is_none(), "{:?}", v.demotion_refused);
+        // With auto-promotion switched off afterwards, the spec must say tier 2.
+        promoted.spec.auto_promotion.enabled = false;
+        let v = validate(&promoted).expect("valid");
+        assert_eq!(v.tier, 2);
+        assert!(v.demotion_refused.is_some());
+    }
+
+    #[test]
+    fn an_unchanged_count_keeps_its_measurement_time() {
+        let s = store(
+            json!({"tier": 1}),
+            json!({"tier": 1, "promotion": {"measuredUsers": 12,
+                "measuredAt": "2026-06-01T00:00:00Z"}}),
+        );
+        let v = validate(&s).expect("valid");
+        let d = decide(&s, &v, 12, now());
+        assert_eq!(d.status.measured_at, "2026-06-01T00:00:00Z");
+        let d = decide(&s, &v, 13, now());
+        assert_ne!(d.status.measured_at, "2026-06-01T00:00:00Z");
     }
 
     #[test]

@@ -16,7 +16,7 @@ use umstore_operator::controller::{reconcile, Guarded};
 use umstore_operator::db::Connector;
 use umstore_operator::leader::Leadership;
 use umstore_operator::metrics::Metrics;
-use umstore_operator::steps::keys::{VaultAccess, VaultLogin};
+use umstore_operator::steps::keys::{operator_policy, VaultAccess, VaultLogin};
 use umstore_operator::validated::validate;
 use umstore_operator::Context;
 
@@ -47,23 +47,12 @@ fn bao() -> &'static umstore_e2e::OpenBao {
 pub fn vault() -> VaultAccess {
     static TOKEN: std::sync::OnceLock<String> = std::sync::OnceLock::new();
     let token = TOKEN.get_or_init(|| {
-        let bao = bao();
-        let policy = std::env::temp_dir().join(format!("umstore-operator-{}.hcl", std::process::id()));
-        std::fs::write(
-            &policy,
-            "path \"transit/keys/umstore-pii\" { capabilities = [\"create\", \"read\", \"update\"] }\n\
-             path \"transit/keys/umstore-pii/rotate\" { capabilities = [\"update\"] }\n\
-             path \"transit/keys/umstore-pii/config\" { capabilities = [\"update\"] }\n\
-             path \"transit/rewrap/umstore-pii\" { capabilities = [\"update\"] }\n",
-        )
-        .expect("policy");
-        bao.cli(&["policy", "write", "umstore-operator", &policy.display().to_string()])
-            .expect("policy write");
-        let _ = std::fs::remove_file(&policy);
-        bao.cli(&["token", "create", "-field=token", "-policy=umstore-operator"])
-            .expect("token")
-            .trim()
-            .to_string()
+        bao()
+            .token_with_policy(
+                "umstore-operator",
+                &operator_policy("transit", "umstore-pii"),
+            )
+            .expect("operator token")
     });
     VaultAccess {
         login: VaultLogin::Token(token.clone()),

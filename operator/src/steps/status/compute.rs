@@ -70,6 +70,15 @@ pub fn endpoints(v: &Validated) -> Endpoints {
     }
 }
 
+/// The workloads not ready yet, as `name ready/desired`.
+fn not_ready(components: &[ComponentStatus]) -> Vec<String> {
+    components
+        .iter()
+        .filter(|c| !c.ready)
+        .map(|c| format!("{} {}/{}", c.name, c.ready_replicas, c.replicas))
+        .collect()
+}
+
 pub(super) fn condition(
     type_: &str,
     ok: bool,
@@ -150,12 +159,7 @@ pub fn compute(
             format!("{} workloads ready", r.components.len()),
         ),
         None => {
-            let waiting: Vec<String> = r
-                .components
-                .iter()
-                .filter(|c| !c.ready)
-                .map(|c| format!("{} {}/{}", c.name, c.ready_replicas, c.replicas))
-                .collect();
+            let waiting = not_ready(&r.components);
             cond(
                 condition::READY,
                 false,
@@ -195,12 +199,7 @@ pub fn compute(
                 }
                 _ if r.converting => "tables holding rows were distributed".to_string(),
                 _ => {
-                    let waiting: Vec<String> = r
-                        .components
-                        .iter()
-                        .filter(|c| !c.ready)
-                        .map(|c| format!("{} {}/{}", c.name, c.ready_replicas, c.replicas))
-                        .collect();
+                    let waiting = not_ready(&r.components);
                     if waiting.is_empty() {
                         "waiting for the steps after provisioning".to_string()
                     } else {
