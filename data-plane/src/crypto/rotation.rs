@@ -23,9 +23,9 @@ mod pause;
 
 use crate::store::keys::{
     FINISH_ROTATION, INSERT_ROTATION, SAVE_ROTATION_CURSOR, SELECT_KEYS_TO_REWRAP,
-    SELECT_OLDEST_VERSION_IN_USE, SELECT_REGION_SCOPE, SELECT_STORE_KEYS_TO_REWRAP,
-    SELECT_UNFINISHED_ROTATION, UPDATE_REWRAPPED_KEYS, UPDATE_REWRAPPED_STORE_KEY,
-    UPDATE_ROTATION_TARGET,
+    SELECT_KEYS_TO_REWRAP_AFTER, SELECT_OLDEST_VERSION_IN_USE, SELECT_REGION_SCOPE,
+    SELECT_STORE_KEYS_TO_REWRAP, SELECT_UNFINISHED_ROTATION, UPDATE_REWRAPPED_KEYS,
+    UPDATE_REWRAPPED_STORE_KEY, UPDATE_ROTATION_TARGET,
 };
 use pause::Pause;
 pub use pause::{PausePoint, PAUSE_ENV};
@@ -297,13 +297,22 @@ async fn rewrap_data_keys(
             Some((r, u)) if *use_cursor => (Some(r.clone()), Some(*u)),
             _ => (None, None),
         };
-        let rows = client
-            .query(
-                SELECT_KEYS_TO_REWRAP,
-                &[&run.kek, &run.version, &cursor_region, &cursor_user, &limit],
-            )
-            .await
-            .map_err(db("reading a batch of data keys"))?;
+        let rows = match (&cursor_region, &cursor_user) {
+            (Some(region), Some(user)) => {
+                client
+                    .query(
+                        SELECT_KEYS_TO_REWRAP_AFTER,
+                        &[&run.kek, &run.version, region, user, &limit],
+                    )
+                    .await
+            }
+            _ => {
+                client
+                    .query(SELECT_KEYS_TO_REWRAP, &[&run.kek, &run.version, &limit])
+                    .await
+            }
+        }
+        .map_err(db("reading a batch of data keys"))?;
         if rows.is_empty() {
             if *use_cursor {
                 *use_cursor = false;

@@ -61,14 +61,24 @@ pub const INSERT_ROTATION: &str =
 pub const UPDATE_ROTATION_TARGET: &str =
     "UPDATE umstore.key_rotations SET target_version = $2 WHERE id = $1";
 
-/// The next batch of data keys wrapped under an older version than `$2`, in
-/// key order after the cursor (`$3` region, `$4` user; both NULL for no
-/// cursor): `$1` KEK name, `$5` batch size. Columns: region, user, wrapped
+/// The first batch of data keys wrapped under an older version than `$2`, in
+/// key order: `$1` KEK name, `$3` batch size. Columns: region, user, wrapped
 /// key, KEK name, KEK version.
 pub const SELECT_KEYS_TO_REWRAP: &str =
     "SELECT region::text, user_id, wrapped_key, kek_name, kek_version FROM umstore.user_data_keys
      WHERE kek_name = $1 AND kek_version < $2 AND wrapped_key IS NOT NULL
-       AND ($3::text IS NULL OR (region, user_id) > ($3::text::char(2), $4::uuid))
+     ORDER BY region, user_id LIMIT $3";
+
+/// The next batch after the cursor (`$3` region, `$4` user), as
+/// [`SELECT_KEYS_TO_REWRAP`]; `$5` batch size. A statement of its own: written as
+/// one query with `$3 IS NULL OR ...`, the generic plan PostgreSQL switches to
+/// after five runs cannot use the cursor as a range of the primary key and scans
+/// every key already rewrapped again on each batch (quadratic: a million keys took
+/// longer than 19 minutes).
+pub const SELECT_KEYS_TO_REWRAP_AFTER: &str =
+    "SELECT region::text, user_id, wrapped_key, kek_name, kek_version FROM umstore.user_data_keys
+     WHERE kek_name = $1 AND kek_version < $2 AND wrapped_key IS NOT NULL
+       AND (region, user_id) > ($3::text::char(2), $4::uuid)
      ORDER BY region, user_id LIMIT $5";
 
 /// Stores a batch of rewrapped keys, compare-and-set on the old wrapped bytes
