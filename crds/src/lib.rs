@@ -6,6 +6,8 @@
 //! file differs. Admission-time validation is in the schema as CEL rules
 //! ([`rules`]); the operator re-checks what CEL cannot express.
 
+pub mod annotations;
+pub mod refusals;
 pub mod rules;
 mod spec;
 mod status;

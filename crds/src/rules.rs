@@ -5,6 +5,8 @@
 use kube::core::{Message, Rule};
 use umstore_migrations::regions::REGIONS;
 
+use crate::refusals::{TIER_NEVER_DECREASES, TIER_RANGE};
+
 /// Largest number of worker groups; bounds the CEL cost of the overlap rule.
 pub const MAX_WORKER_GROUPS: u32 = 12;
 
@@ -31,15 +33,12 @@ pub fn regions_known() -> Rule {
 
 /// On `spec.tier`: 1 to 4.
 pub fn tier_range() -> Rule {
-    Rule::new("self >= 1 && self <= 4").message("tier must be 1, 2, 3 or 4")
+    Rule::new("self >= 1 && self <= 4").message(TIER_RANGE)
 }
 
 /// On `spec.tier`: a transition rule, the tier never goes down.
 pub fn tier_never_decreases() -> Rule {
-    Rule::new("self >= oldSelf").message(
-        "tier cannot be decreased: the operator promotes but never demotes a store; \
-         set spec.tier back to its previous value",
-    )
+    Rule::new("self >= oldSelf").message(TIER_NEVER_DECREASES)
 }
 
 /// On `spec.autoPromotion.thresholds`: each tier starts above the one before.

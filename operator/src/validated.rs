@@ -6,6 +6,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
+use umstore_crds::refusals;
 use umstore_crds::rules::MAX_INGEST_WORKERS;
 use umstore_crds::{
     EventsSpec, ReplicaPurpose, UserMetadataStore, UserMetadataStoreSpec, WorkerGroupSpec,
@@ -156,11 +157,7 @@ pub fn validate(store: &UserMetadataStore) -> Result<Validated, Invalid> {
         if (1..=4).contains(&spec.tier) && spec.tier < running && promoted < running {
             (
                 running,
-                Some(format!(
-                "spec.tier is {} but the store runs tier {running}; the operator never demotes: \
-                 set spec.tier to {running} or higher",
-                spec.tier
-            )),
+                Some(refusals::demotion_refused(spec.tier, running)),
             )
         } else {
             (spec.tier, None)

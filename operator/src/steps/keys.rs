@@ -42,8 +42,7 @@ use crate::db::Connector;
 use crate::error::Error;
 use crate::validated::{parse_duration_secs, Validated};
 
-/// The annotation that asks for a rotation whenever its value changes.
-pub const ROTATE_ANNOTATION: &str = "umstore.io/rotate-keys";
+pub use umstore_crds::annotations::ROTATE_ANNOTATION;
 /// How often a running rotation's progress is written to the status.
 pub const PROGRESS_INTERVAL: Duration = Duration::from_secs(2);
 /// How soon the step looks again when Vault could not be reached.

@@ -15,6 +15,8 @@ use std::time::Duration;
 
 use kube::runtime::events::EventType;
 use tokio_postgres::Client;
+use umstore_crds::annotations::approved_version;
+use umstore_crds::refusals::approval_unknown;
 use umstore_crds::{MigrationPolicy, MigrationsStatus};
 use umstore_migrations::{MigrateError, Runner, MIGRATIONS_TABLE};
 
@@ -26,9 +28,7 @@ use crate::validated::Validated;
 /// How often a store held by pending manual migrations or a refused schema is looked at.
 pub const RECHECK: Duration = Duration::from_secs(60);
 
-/// The annotation that approves pending migrations up to a version under the
-/// `Manual` policy: `umstore.io/approve-migrations: "<version>"`.
-pub const APPROVE_ANNOTATION: &str = "umstore.io/approve-migrations";
+pub use umstore_crds::annotations::APPROVE_ANNOTATION;
 
 /// What `umstore.io/approve-migrations` says, checked against the embedded migrations.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -47,9 +47,9 @@ impl Approval {
         let Some(value) = value else {
             return Self::None;
         };
-        match value.trim().parse::<u32>() {
-            Ok(v) if runner.migrations().iter().any(|m| m.version == v) => Self::UpTo(v),
-            _ => Self::Unknown(value.to_string()),
+        match approved_version(value, runner.migrations()) {
+            Some(v) => Self::UpTo(v),
+            None => Self::Unknown(value.to_string()),
         }
     }
 }
@@ -293,13 +293,7 @@ pub async fn run(
             outcome: Err(SchemaHeld {
                 waiting: Waiting::new(
                     Reason::MigrationApprovalUnknown,
-                    format!(
-                        "{APPROVE_ANNOTATION} is \"{value}\", which is not the version of a \
-                         migration this operator has (it has 1 to {}); nothing was applied. \
-                         Pending: {}. Set it to one of those versions",
-                        Runner::default().latest_version(),
-                        joined(&versions)
-                    ),
+                    approval_unknown(&value, Runner::default().latest_version(), &versions),
                     None,
                 ),
                 applied_version: applied_version.map(as_i32),
