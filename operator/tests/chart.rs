@@ -83,6 +83,20 @@ fn render(helm: &Path, values: Option<&Path>) -> Vec<Value> {
         .collect()
 }
 
+/// The ClusterRole the operator's ClusterRoleBinding grants (not the users' roles).
+fn operator_cluster_role(docs: &[Value]) -> &Value {
+    let binding: ClusterRoleBinding = typed(
+        docs.iter()
+            .find(|d| d["kind"] == "ClusterRoleBinding")
+            .expect("ClusterRoleBinding"),
+    );
+    docs.iter()
+        .find(|d| {
+            d["kind"] == "ClusterRole" && d["metadata"]["name"] == binding.role_ref.name.as_str()
+        })
+        .expect("the ClusterRole of the operator's binding")
+}
+
 fn typed<T: serde::de::DeserializeOwned>(doc: &Value) -> T {
     serde_yaml_ng::from_value(doc.clone()).unwrap_or_else(|e| panic!("{doc:?} does not parse: {e}"))
 }
@@ -185,11 +199,7 @@ fn cluster_role_grants_exactly_what_the_operator_uses() {
         return;
     };
     let docs = render(&helm, None);
-    let role: ClusterRole = typed(
-        docs.iter()
-            .find(|d| d["kind"] == "ClusterRole")
-            .expect("ClusterRole"),
-    );
+    let role: ClusterRole = typed(operator_cluster_role(&docs));
     let rules = role.rules.unwrap_or_default();
     let verbs_for = |group: &str, resource: &str| -> Vec<String> {
         rules
@@ -254,5 +264,73 @@ fn cluster_role_grants_exactly_what_the_operator_uses() {
     assert_eq!(
         lease.rules.unwrap_or_default()[0].verbs,
         ["get", "create", "update"]
+    );
+}
+
+#[test]
+fn user_roles_aggregate_into_view_and_edit_and_never_grant_status() {
+    let Some(helm) = helm() else {
+        skip_or_fail(Component::Helm, NO_HELM);
+        return;
+    };
+    let docs = render(&helm, None);
+    let role = |name: &str| -> ClusterRole {
+        typed(
+            docs.iter()
+                .find(|d| d["kind"] == "ClusterRole" && d["metadata"]["name"] == name)
+                .unwrap_or_else(|| panic!("ClusterRole {name}")),
+        )
+    };
+    let aggregated = |role: &ClusterRole| -> Vec<String> {
+        let mut to: Vec<String> = role
+            .metadata
+            .labels
+            .iter()
+            .flatten()
+            .filter(|(_, v)| v.as_str() == "true")
+            .filter_map(|(k, _)| k.strip_prefix("rbac.authorization.k8s.io/aggregate-to-"))
+            .map(str::to_owned)
+            .collect();
+        to.sort();
+        to
+    };
+    for (name, verbs, into) in [
+        (
+            "umstore-view",
+            &["get", "list", "watch"][..],
+            &["admin", "edit", "view"][..],
+        ),
+        (
+            "umstore-edit",
+            &[
+                "get", "list", "watch", "create", "update", "patch", "delete",
+            ][..],
+            &["admin", "edit"][..],
+        ),
+    ] {
+        let role = role(name);
+        assert_eq!(aggregated(&role), into, "{name}");
+        let rules = role.rules.unwrap_or_default();
+        assert_eq!(rules.len(), 1, "{name}");
+        assert_eq!(
+            rules[0].api_groups.as_deref(),
+            Some(&["umstore.io".to_owned()][..])
+        );
+        assert_eq!(
+            rules[0].resources.as_deref(),
+            Some(&["usermetadatastores".to_owned()][..]),
+            "{name}: no status subresource, nothing else"
+        );
+        assert_eq!(rules[0].verbs, verbs, "{name}");
+    }
+
+    let off = chart().join("ci/no-user-roles-values.yaml");
+    let docs = render(&helm, Some(&off));
+    assert!(
+        !docs
+            .iter()
+            .any(|d| d["metadata"]["name"] == "umstore-view"
+                || d["metadata"]["name"] == "umstore-edit"),
+        "userRoles.enabled: false installs no user roles"
     );
 }
