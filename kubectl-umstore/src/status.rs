@@ -113,16 +113,14 @@ fn summary(
     lines.push(("Schema", schema(store, status, name)));
     lines.push(("Keys", keys(status, now)));
     if let Some(r) = status.keys.as_ref().and_then(|k| k.rotation.as_ref()) {
+        let when = match &r.finished_at {
+            Some(done) => format!("finished {}", time_and_age(done, now)),
+            None => format!("started {}", time_and_age(&r.started_at, now)),
+        };
         let mut line = format!(
-            "{} ({}), {} data keys rewrapped, started {}",
-            r.state,
-            r.trigger,
-            r.rewrapped,
-            time_and_age(&r.started_at, now)
+            "{} ({}), {} data keys rewrapped, {when}",
+            r.state, r.trigger, r.rewrapped
         );
-        if let Some(done) = &r.finished_at {
-            line.push_str(&format!(", finished {}", time_and_age(done, now)));
-        }
         if r.attempts > 1 {
             line.push_str(&format!(", attempt {}", r.attempts));
         }

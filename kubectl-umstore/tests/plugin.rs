@@ -329,7 +329,8 @@ async fn status_shows_conditions_components_keys_migrations_and_more() {
         return;
     };
     env.create("pilot").await;
-    let five_minutes_ago = Timestamp::now() - Duration::from_secs(300);
+    // 20m30s ago: the AGE column says 20m for the half minute either side of it.
+    let twenty_minutes_ago = Timestamp::now() - Duration::from_secs(20 * 60 + 30);
     let written = env
         .write_status(
             "pilot",
@@ -337,9 +338,9 @@ async fn status_shows_conditions_components_keys_migrations_and_more() {
                 "observedGeneration": 1, "tier": 1, "phase": "Provisioning", "schemaVersion": 9,
                 "conditions": [
                     {"type": "Ready", "status": "False", "reason": "MigrationsPending",
-                     "message": "migrations 10, 11 are pending", "lastTransitionTime": five_minutes_ago.to_string()},
+                     "message": "migrations 10, 11 are pending", "lastTransitionTime": twenty_minutes_ago.to_string()},
                     {"type": "Provisioned", "status": "True", "reason": "Applied",
-                     "message": "every object applied", "lastTransitionTime": five_minutes_ago.to_string()},
+                     "message": "every object applied", "lastTransitionTime": twenty_minutes_ago.to_string()},
                 ],
                 "components": [
                     {"name": "pilot-coordinator", "kind": "StatefulSet", "replicas": 1, "readyReplicas": 1, "ready": true},
@@ -377,8 +378,8 @@ async fn status_shows_conditions_components_keys_migrations_and_more() {
         field("Key rotation", "Succeeded (Annotation), 300 data keys rewrapped"),
         field("Backup", "not configured"),
         "  TYPE          STATUS   REASON              AGE   MESSAGE".to_string(),
-        "  Ready         False    MigrationsPending   5m    migrations 10, 11 are pending".to_string(),
-        "  Provisioned   True     Applied             5m    every object applied".to_string(),
+        "  Ready         False    MigrationsPending   20m   migrations 10, 11 are pending".to_string(),
+        "  Provisioned   True     Applied             20m   every object applied".to_string(),
         "  pilot-api           Deployment    0/1     pod pilot-api-0: image ghcr.io/umstore/data-plane:0.1.0 cannot be pulled".to_string(),
         "  pilot-coordinator   StatefulSet   1/1\n".to_string(),
         "  read-write   pilot-coordinator.ns.svc:5432\n".to_string(),
