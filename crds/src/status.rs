@@ -273,6 +273,12 @@ pub struct ComponentStatus {
     pub ready_replicas: i32,
     /// All desired pods are ready.
     pub ready: bool,
+    /// Why the workload is not ready, from what the cluster reports on its pods and
+    /// volume claims (a claim pending, a pod unschedulable, an image that cannot be
+    /// pulled, a container crash-looping, a readiness probe failing). Absent when
+    /// ready, or when the cluster reports nothing yet.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
 }
 
 /// Client endpoints (`host:port`).

@@ -63,20 +63,29 @@ pub async fn observe(client: &Client, namespace: &str, selector: &str) -> Result
     Ok(observed)
 }
 
-/// The store's database pods (those with a Patroni scope label), for the state
-/// Patroni publishes on them.
+/// Every pod of the store (its instance label): the database pods carry the state
+/// Patroni publishes on them; the others are read only to say why a workload is
+/// not ready.
 pub async fn observe_pods(
     client: &Client,
     namespace: &str,
     store: &str,
 ) -> Result<Vec<Pod>, Error> {
     let api: Api<Pod> = Api::namespaced(client.clone(), namespace);
-    let selector = format!("{INSTANCE_LABEL}={store},{SCOPE_LABEL}");
+    let selector = format!("{INSTANCE_LABEL}={store}");
     let list = api
         .list(&ListParams::default().labels(&selector))
         .await
-        .map_err(Error::kube("listing the database pods"))?;
+        .map_err(Error::kube("listing the store's pods"))?;
     Ok(list.items)
+}
+
+/// The database pods among `pods` (those with a Patroni scope label).
+pub fn database_pods(pods: &[Pod]) -> Vec<Pod> {
+    pods.iter()
+        .filter(|p| p.labels().contains_key(SCOPE_LABEL))
+        .cloned()
+        .collect()
 }
 
 /// The desired object as JSON with its [`APPLIED_HASH`] annotation set.

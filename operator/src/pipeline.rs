@@ -96,7 +96,8 @@ async fn steps(
     };
     let owner = valid.owner.clone();
     let observed = apply::observe(&ctx.client, &owner.namespace, &owner.selector_string()).await?;
-    let pods = apply::observe_pods(&ctx.client, &owner.namespace, &owner.name).await?;
+    let all_pods = apply::observe_pods(&ctx.client, &owner.namespace, &owner.name).await?;
+    let pods = apply::database_pods(&all_pods);
     valid.endpoint_tier = endpoint_tier(store, &valid, &observed);
     let t = m.step_finished("observe", t);
     let credentials = credentials::run(ctx, &valid, &observed, journal).await?;
@@ -106,7 +107,14 @@ async fn steps(
         tier: valid.tier,
         demotion_refused: valid.demotion_refused.clone(),
         vault_configured: valid.spec.encryption.vault_address.is_some(),
-        components: status::components(&desired, &observed),
+        components: status::diagnose(
+            ctx,
+            store,
+            status::components(&desired, &observed),
+            all_pods,
+            journal,
+        )
+        .await,
         groups: status::groups::groups(&pods),
         switchover: store.status.as_ref().and_then(|s| s.switchover.clone()),
         endpoints: status::endpoints(&valid),
@@ -180,7 +188,20 @@ async fn steps(
     let t = m.step_finished("bootstrap", t);
     let mut bootstrapped = match bootstrapped {
         Outcome::Done(b) => b,
-        Outcome::Waiting(w) => return Ok(reached.stopped(Step::Bootstrap, w)),
+        Outcome::Waiting(mut w) => {
+            // Waiting for the coordinator: say why it is not ready, when the cluster does.
+            if w.reason == Reason::CoordinatorNotReady {
+                let cause = reached
+                    .components
+                    .iter()
+                    .find(|c| c.name == provisioned.coordinator)
+                    .and_then(|c| c.message.as_deref());
+                if let Some(cause) = cause {
+                    w.message = format!("{}: {cause}", w.message);
+                }
+            }
+            return Ok(reached.stopped(Step::Bootstrap, w));
+        }
     };
     reached.done(
         Step::Bootstrap,

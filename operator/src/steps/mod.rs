@@ -175,6 +175,18 @@ reasons! {
     KeysCurrent,
     /// The user count calls for a tier the spec cannot run (promotion).
     PromotionBlocked,
+    /// A workload's volume claim is Pending (status, Warning Event).
+    VolumeClaimPending,
+    /// A workload's pod cannot be scheduled (status, Warning Event).
+    Unschedulable,
+    /// A container's image cannot be pulled (status, Warning Event).
+    ImagePullFailed,
+    /// A container keeps exiting and restarting (status, Warning Event).
+    CrashLooping,
+    /// A container runs but its readiness probe fails (status, Warning Event).
+    ProbeFailing,
+    /// A container cannot be created or started, or exited (status, Warning Event).
+    ContainerFailing,
 }
 
 impl fmt::Display for Reason {

@@ -32,6 +32,7 @@ pub fn components(desired: &[Object], observed: &Observed) -> Vec<ComponentStatu
                 replicas,
                 ready_replicas,
                 ready: ready_replicas >= replicas,
+                message: None,
             })
         })
         .collect();
@@ -75,7 +76,10 @@ fn not_ready(components: &[ComponentStatus]) -> Vec<String> {
     components
         .iter()
         .filter(|c| !c.ready)
-        .map(|c| format!("{} {}/{}", c.name, c.ready_replicas, c.replicas))
+        .map(|c| match &c.message {
+            Some(cause) => format!("{} {}/{} ({cause})", c.name, c.ready_replicas, c.replicas),
+            None => format!("{} {}/{}", c.name, c.ready_replicas, c.replicas),
+        })
         .collect()
 }
 
@@ -387,6 +391,7 @@ mod tests {
             replicas: 1,
             ready_replicas: i32::from(ready),
             ready,
+            message: None,
         }
     }
 

@@ -7,6 +7,7 @@
 //! measured, else the last one; fields later steps own (key versions, placement)
 //! are carried over untouched.
 
+pub mod causes;
 mod compute;
 pub mod groups;
 
@@ -15,12 +16,52 @@ pub use compute::{components, compute, endpoints, merge_conditions};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::api::{Api, ApiResource, DynamicObject, Patch, PatchParams};
 use kube::runtime::events::EventType;
+use kube::ResourceExt;
 use umstore_crds::{condition, UserMetadataStore};
 
 use super::{Journal, Note, Progress, Reason};
 use crate::context::Context;
 use crate::error::Error;
 use crate::meta::MANAGER;
+
+/// `components` with the cause of each one that is not ready (see [`causes`]); a
+/// cause that is new since the last status is also a Warning Event.
+pub async fn diagnose(
+    ctx: &Context,
+    store: &UserMetadataStore,
+    mut components: Vec<umstore_crds::ComponentStatus>,
+    pods: Vec<k8s_openapi::api::core::v1::Pod>,
+    journal: &mut Journal,
+) -> Vec<umstore_crds::ComponentStatus> {
+    let (Some(namespace), Some(name)) = (store.namespace(), store.metadata.name.as_deref()) else {
+        return components;
+    };
+    let selector = format!("{}={name}", crate::meta::INSTANCE_LABEL);
+    let evidence = causes::gather(&ctx.client, &namespace, &selector, &components, pods).await;
+    let old = store
+        .status
+        .as_ref()
+        .map(|s| s.components.as_slice())
+        .unwrap_or_default();
+    for component in components.iter_mut() {
+        let Some(cause) = causes::explain(component, &evidence) else {
+            continue;
+        };
+        let before = old
+            .iter()
+            .find(|c| c.name == component.name)
+            .and_then(|c| c.message.as_deref());
+        if before != Some(cause.message.as_str()) {
+            journal.event(
+                EventType::Warning,
+                cause.reason,
+                format!("{} {}: {}", component.kind, component.name, cause.message),
+            );
+        }
+        component.message = Some(cause.message);
+    }
+    components
+}
 
 /// The Events announcing the conditions whose status or reason changed from `old`
 /// to `new`: one per reason (Provisioned and Ready often fail for the same one).
