@@ -62,14 +62,17 @@ impl From<KubeApiUnavailable> for ControlPlaneUnavailable {
     }
 }
 
-/// A fake node for kwok to keep Ready: 32 CPUs, 256Gi of memory, 110 pods, labels
-/// `type: kwok` and `kubernetes.io/hostname`, and optionally GPUs (see [`GPU_NODE`]).
+/// A fake node for kwok to keep Ready: 32 CPUs, 256Gi of memory, 110 pods (unless
+/// [`FakeNode::with_capacity`] says otherwise), labels `type: kwok` and
+/// `kubernetes.io/hostname`, and optionally GPUs (see [`GPU_NODE`]).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct FakeNode {
     /// The node's name.
     pub name: String,
     /// How many [`GPU_RESOURCE`] it offers; with any, it is tainted [`GPU_TAINT`].
     pub gpus: u32,
+    /// CPUs, memory (a quantity) and pods it offers.
+    capacity: (u32, String, u32),
 }
 
 impl FakeNode {
@@ -78,7 +81,16 @@ impl FakeNode {
         Self {
             name: name.into(),
             gpus: 0,
+            capacity: (32, "256Gi".into(), 110),
         }
+    }
+
+    /// The same node offering `cpus` CPUs, `memory` (a quantity such as `4Ti`) and
+    /// room for `pods` pods: a fleet of stores needs a few large nodes rather than
+    /// hundreds of small ones.
+    pub fn with_capacity(mut self, cpus: u32, memory: &str, pods: u32) -> Self {
+        self.capacity = (cpus, memory.to_string(), pods);
+        self
     }
 
     /// A node with [`GPUS_PER_NODE`] GPUs.
@@ -86,12 +98,15 @@ impl FakeNode {
         Self {
             name: name.into(),
             gpus: GPUS_PER_NODE,
+            capacity: (32, "256Gi".into(), 110),
         }
     }
 
     /// The Node object (status included: kwok keeps the allocatable it finds).
     fn object(&self) -> Value {
-        let mut resources = json!({"cpu": "32", "memory": "256Gi", "pods": "110"});
+        let (cpus, memory, pods) = &self.capacity;
+        let mut resources =
+            json!({"cpu": cpus.to_string(), "memory": memory, "pods": pods.to_string()});
         let mut labels = json!({
             "type": "kwok",
             "kubernetes.io/hostname": self.name,

@@ -9,7 +9,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use clap::Parser;
 use k8s_openapi::api::coordination::v1::Lease;
-use kube::{Api, Client};
+use kube::Api;
 use tracing::{info, warn};
 use umstore_operator::builders::Env;
 use umstore_operator::leader::{Leadership, LeaseLock};
@@ -68,11 +68,14 @@ async fn main() -> anyhow::Result<()> {
         )
         .init();
     let args = Args::parse();
-    let client = Client::try_default()
-        .await
-        .context("connecting to the Kubernetes API (in-cluster config or KUBECONFIG)")?;
-
     let metrics = Arc::new(Metrics::new());
+    let config = kube::Config::infer().await.context(
+        "reading the Kubernetes API's address and credentials (in-cluster or KUBECONFIG)",
+    )?;
+    let client = kube::client::ClientBuilder::try_from(config)
+        .context("building the Kubernetes API client")?
+        .with_layer(&metrics.counting_layer())
+        .build();
     let leadership = Leadership::new(false);
     let lock = LeaseLock::new(
         Api::<Lease>::namespaced(client.clone(), &args.namespace),

@@ -24,6 +24,27 @@ pub struct ErrorLabels {
     pub error: String,
 }
 
+/// Label of the API request counter.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct VerbLabels {
+    /// `get` (a GET or a LIST), `watch`, `create`, `patch`, `update` or `delete`.
+    pub verb: &'static str,
+}
+
+/// The verb of a request to the Kubernetes API, from its method and query.
+pub fn api_verb(method: &http::Method, query: Option<&str>) -> &'static str {
+    let watching = query.is_some_and(|q| q.split('&').any(|kv| kv == "watch=true"));
+    match *method {
+        _ if watching => "watch",
+        http::Method::GET => "get",
+        http::Method::POST => "create",
+        http::Method::PATCH => "patch",
+        http::Method::PUT => "update",
+        http::Method::DELETE => "delete",
+        _ => "other",
+    }
+}
+
 /// Label of the per-step duration.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct StepLabels {
@@ -47,6 +68,7 @@ pub struct Metrics {
     steps: Family<StepLabels, Histogram, fn() -> Histogram>,
     objects_applied: Counter,
     leader: Gauge,
+    api_requests: Family<VerbLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -90,6 +112,12 @@ impl Metrics {
             "Objects server-side applied or created",
             objects_applied.clone(),
         );
+        let api_requests = Family::<VerbLabels, Counter>::default();
+        registry.register(
+            "api_requests",
+            "Requests to the Kubernetes API, by verb (watches counted when opened)",
+            api_requests.clone(),
+        );
         registry.register(
             "leader",
             "1 while this replica holds the leader Lease",
@@ -103,7 +131,27 @@ impl Metrics {
             steps,
             objects_applied,
             leader,
+            api_requests,
         }
+    }
+
+    /// Counts one request to the Kubernetes API.
+    pub fn api_request(&self, verb: &'static str) {
+        self.api_requests.get_or_create(&VerbLabels { verb }).inc();
+    }
+
+    /// A client layer counting every request it sends in
+    /// `umstore_operator_api_requests_total`.
+    pub fn counting_layer(
+        self: &Arc<Self>,
+    ) -> tower::util::MapRequestLayer<
+        impl Fn(http::Request<kube::client::Body>) -> http::Request<kube::client::Body> + Clone,
+    > {
+        let metrics = self.clone();
+        tower::util::MapRequestLayer::new(move |request: http::Request<kube::client::Body>| {
+            metrics.api_request(api_verb(request.method(), request.uri().query()));
+            request
+        })
     }
 
     /// Records that `step` ran from `started` until now; returns now, the next
