@@ -37,7 +37,7 @@ pub const KWOK_NODE_ANNOTATION: (&str, &str) = ("kwok.x-k8s.io/node", "fake");
 /// server, to make the nodes Ready and schedulable (one to two seconds on 2 cores).
 const READY_TIMEOUT: Duration = Duration::from_secs(90);
 
-/// Pod IPs kwok hands out (apart from the API server's service range, 10.0.0.0/24).
+/// Pod IPs kwok hands out (apart from the API server's service range, 10.96.0.0/16).
 const POD_CIDR: &str = "10.244.0.0/16";
 
 /// Why [`ControlPlane::start`] gave no control plane.
@@ -145,6 +145,12 @@ impl FakeNode {
 /// complete, owners' deletions cascade and volume claim templates give bound claims.
 /// Nothing answers on a pod's IP: a test that needs a server behind a Service runs it
 /// on loopback itself.
+///
+/// Two failures can be provoked through this crate's own stages (`e2e/kwok-stages/`):
+/// a pod with a container image under `registry.invalid/` stays Pending with that
+/// container in `ImagePullBackOff`, and a running pod labelled
+/// `umstore.io/kwok-test=crash-loop` has its first container in `CrashLoopBackOff`
+/// (4 restarts, last exit `Error` with code 1).
 ///
 /// The three components authenticate with the admin token through
 /// [`KubeApiServer::kubeconfig`]; the controller manager signs legacy service-account
@@ -554,7 +560,8 @@ fn poll_until(
 }
 
 /// kwok's stage files: every `*.yaml` in `$UMSTORE_KWOK_STAGES`, else in
-/// `.bin/kwok-stages/`; a skip when there are none.
+/// `.bin/kwok-stages/` (kwok's own), then this crate's `kwok-stages/` (the failures
+/// tests provoke); a skip when kwok's are missing.
 fn kwok_stages() -> Result<Vec<PathBuf>, ControlPlaneUnavailable> {
     let (dir, from_env) = match std::env::var_os("UMSTORE_KWOK_STAGES") {
         Some(dir) => (PathBuf::from(dir), true),
@@ -568,6 +575,17 @@ fn kwok_stages() -> Result<Vec<PathBuf>, ControlPlaneUnavailable> {
         .collect();
     stages.sort();
     if !stages.is_empty() {
+        // The failures tests provoke (an image that cannot be pulled, a crash loop),
+        // from this crate's own stage files.
+        let ours = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("kwok-stages");
+        let mut extra: Vec<PathBuf> = std::fs::read_dir(&ours)
+            .into_iter()
+            .flatten()
+            .filter_map(|entry| entry.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+            .collect();
+        extra.sort();
+        stages.extend(extra);
         return Ok(stages);
     }
     let reason = format!(

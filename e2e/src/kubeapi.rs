@@ -263,7 +263,8 @@ fn launch(
             "--service-account-signing-key-file={}",
             sa_key.display()
         ))
-        .arg("--service-cluster-ip-range=10.0.0.0/24")
+        // Room for a fleet of stores: each has two or three Services with an IP.
+        .arg("--service-cluster-ip-range=10.96.0.0/16")
         // The endpoints of the `kubernetes` Service may not be a loopback address.
         .arg("--endpoint-reconciler-type=none")
         .arg("--allow-privileged=true");

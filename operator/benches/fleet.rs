@@ -33,6 +33,7 @@ use clap::Parser;
 use futures_util::{stream, StreamExt};
 use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod};
 use kube::api::{Api, DynamicObject, ListParams, PostParams};
+use kube::runtime::WatchStreamExt;
 use kube::Client;
 use serde_json::json;
 use umstore_crds::{condition, UserMetadataStore};
@@ -55,6 +56,12 @@ struct Args {
     /// Give up waiting for the fleet to be provisioned after this many seconds.
     #[arg(long, default_value_t = 900)]
     timeout: u64,
+    /// Stores per namespace (0: all in one namespace).
+    #[arg(long, default_value_t = 10)]
+    per_namespace: usize,
+    /// The operator's `--concurrency` (its default when absent).
+    #[arg(long)]
+    concurrency: Option<String>,
     /// Accepted for `cargo bench`'s harness flag.
     #[arg(long, hide = true)]
     bench: bool,
@@ -155,6 +162,7 @@ impl Drop for Operator {
 }
 
 async fn start_operator(
+    args: &Args,
     cp: &ControlPlane,
     admin: &Client,
     namespace: &str,
@@ -181,7 +189,11 @@ async fn start_operator(
         .map(|a| a.port())
         .expect("a free port");
     let log = std::fs::File::create(dir.join("operator.log")).expect("operator log");
-    let child = Command::new(env!("CARGO_BIN_EXE_umstore-operator"))
+    let mut command = Command::new(env!("CARGO_BIN_EXE_umstore-operator"));
+    if let Some(c) = &args.concurrency {
+        command.args(["--concurrency", c]);
+    }
+    let child = command
         .env("KUBECONFIG", &kubeconfig)
         .env("RUST_LOG", "warn")
         .args(["--listen", &format!("127.0.0.1:{port}")])
@@ -228,17 +240,23 @@ async fn owned_objects(admin: &Client, namespace: &str) -> usize {
 }
 
 async fn run(cp: &ControlPlane, admin: &Client, operator: &Operator, n: usize, args: &Args) {
-    let namespace = format!("fleet-{n}");
-    ensure_namespace(admin, &namespace).await;
-    let stores: Api<UserMetadataStore> = Api::namespaced(admin.clone(), &namespace);
-    let template = example(1, &namespace);
+    // Stores spread over namespaces of `--per-namespace` (a team's namespace each),
+    // or all in one.
+    let per = if args.per_namespace == 0 { n } else { args.per_namespace };
+    let namespace_of = |i: usize| format!("fleet-{}", i / per);
+    let namespaces: Vec<String> = (0..n.div_ceil(per)).map(|k| format!("fleet-{k}")).collect();
+    for ns in &namespaces {
+        ensure_namespace(admin, ns).await;
+    }
+    let stores: Api<UserMetadataStore> = Api::all(admin.clone());
     let before = scrape(operator.port).await;
     let rss_before = rss_kib(operator.child.id());
     let started = Instant::now();
     let created: Vec<_> = stream::iter(0..n)
         .map(|i| {
-            let stores = stores.clone();
-            let mut store = template.clone();
+            let namespace = namespace_of(i);
+            let stores: Api<UserMetadataStore> = Api::namespaced(admin.clone(), &namespace);
+            let mut store = example(1, &namespace);
             store["metadata"]["name"] = json!(format!("s{i:04}"));
             async move {
                 let store: UserMetadataStore =
@@ -258,24 +276,39 @@ async fn run(cp: &ControlPlane, admin: &Client, operator: &Operator, n: usize, a
     );
     let created_in = started.elapsed();
     let mut rss_peak = rss_kib(operator.child.id());
-    let deadline = started + Duration::from_secs(args.timeout);
+    // A watch, not repeated LISTs of every store: the bench must not be what loads
+    // the API server.
+    let mut done: std::collections::BTreeSet<String> = std::collections::BTreeSet::new();
+    let mut events = Box::pin(
+        kube::runtime::watcher(stores.clone(), kube::runtime::watcher::Config::default())
+            .applied_objects(),
+    );
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(args.timeout);
+    let mut sample = tokio::time::interval(Duration::from_millis(500));
     let provisioned_in = loop {
-        rss_peak = rss_peak.max(rss_kib(operator.child.id()));
-        let list = stores
-            .list(&ListParams::default())
-            .await
-            .expect("list stores");
-        let done = list.items.iter().filter(|s| provisioned(s)).count();
-        if done == n {
-            break started.elapsed();
+        tokio::select! {
+            event = events.next() => match event {
+                Some(Ok(store)) if provisioned(&store) => {
+                    done.insert(store.metadata.name.clone().unwrap_or_default());
+                    if done.len() == n {
+                        break started.elapsed();
+                    }
+                }
+                Some(_) => {}
+                None => panic!("the watch of the stores ended"),
+            },
+            _ = sample.tick() => {
+                rss_peak = rss_peak.max(rss_kib(operator.child.id()));
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "{} of {n} stores provisioned after {} s",
+                    done.len(),
+                    args.timeout
+                );
+            }
         }
-        assert!(
-            Instant::now() < deadline,
-            "{done} of {n} stores provisioned after {} s",
-            args.timeout
-        );
-        tokio::time::sleep(Duration::from_millis(500)).await;
     };
+    drop(events);
     let at_provisioned = scrape(operator.port).await;
     let rss_provisioned = rss_kib(operator.child.id());
     // Let the cluster catch up (pods scheduled and Ready, claims bound), then count
@@ -299,15 +332,20 @@ async fn run(cp: &ControlPlane, admin: &Client, operator: &Operator, n: usize, a
             .get("umstore_operator_reconciles_total")
             .copied()
             .unwrap_or(0.0);
-    let objects = owned_objects(admin, &namespace).await;
-    let pods = Api::<Pod>::namespaced(admin.clone(), &namespace)
-        .list_metadata(&ListParams::default())
-        .await
-        .map_or(0, |l| l.items.len());
-    let claims = Api::<PersistentVolumeClaim>::namespaced(admin.clone(), &namespace)
-        .list_metadata(&ListParams::default())
-        .await
-        .map_or(0, |l| l.items.len());
+    let mut objects = 0;
+    let mut pods = 0;
+    let mut claims = 0;
+    for namespace in &namespaces {
+        objects += owned_objects(admin, namespace).await;
+        pods += Api::<Pod>::namespaced(admin.clone(), namespace)
+            .list_metadata(&ListParams::default())
+            .await
+            .map_or(0, |l| l.items.len());
+        claims += Api::<PersistentVolumeClaim>::namespaced(admin.clone(), namespace)
+            .list_metadata(&ListParams::default())
+            .await
+            .map_or(0, |l| l.items.len());
+    }
     let p50 = quantile(&before, &at_provisioned, 0.5);
     let p95 = quantile(&before, &at_provisioned, 0.95);
     let sp50 = quantile(&window_start, &window_end, 0.5);
@@ -322,8 +360,60 @@ async fn run(cp: &ControlPlane, admin: &Client, operator: &Operator, n: usize, a
         "\u{0}",
     );
     let _ = cp;
+    let step_means = |a: &BTreeMap<String, f64>, b: &BTreeMap<String, f64>| {
+        let mut out = Vec::new();
+        for (k, v) in b {
+            let Some(step) = k
+                .strip_prefix("umstore_operator_step_duration_seconds_sum{step=\"")
+                .and_then(|s| s.strip_suffix("\"}"))
+            else {
+                continue;
+            };
+            let count_key =
+                format!("umstore_operator_step_duration_seconds_count{{step=\"{step}\"}}");
+            let sum = v - a.get(k).copied().unwrap_or(0.0);
+            let count = b.get(&count_key).copied().unwrap_or(0.0)
+                - a.get(&count_key).copied().unwrap_or(0.0);
+            if count > 0.0 {
+                out.push(format!("{step} {:.0} ms", sum / count * 1000.0));
+            }
+        }
+        out.join(", ")
+    };
+    let total_reconciles = |m: &BTreeMap<String, f64>| {
+        m.get("umstore_operator_reconciles_total")
+            .copied()
+            .unwrap_or(0.0)
+    };
+    let verbs = |a: &BTreeMap<String, f64>, b: &BTreeMap<String, f64>| {
+        b.iter()
+            .filter_map(|(k, v)| {
+                let verb = k
+                    .strip_prefix("umstore_operator_api_requests_total{verb=\"")?
+                    .strip_suffix("\"}")?;
+                Some(format!(
+                    "{verb} {:.0}",
+                    v - a.get(k).copied().unwrap_or(0.0)
+                ))
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    eprintln!(
+        "API requests until provisioned: {}; in the steady window: {}",
+        verbs(&before, &at_provisioned),
+        verbs(&window_start, &window_end)
+    );
+    eprintln!(
+        "reconciles until provisioned: {:.0} ({:.1} per store); step means until provisioned: {}; in the steady window: {}",
+        total_reconciles(&at_provisioned) - total_reconciles(&before),
+        (total_reconciles(&at_provisioned) - total_reconciles(&before)) / n as f64,
+        step_means(&before, &at_provisioned),
+        step_means(&window_start, &window_end),
+    );
     println!(
-        "| {n} | {objects} | {pods} / {claims} | {:.1} s | {:.1} s | {:.0} / {:.0} ms | {:.0} / {:.0} ms | {:.1} ({requests:.0} / {reconciles:.0}) | {:.1} / {:.1} / {:.1} / {:.1} MiB | {:.1} KiB | {failures:.0} |",
+        "| {n} ({} ns) | {objects} | {pods} / {claims} | {:.1} s | {:.1} s | {:.0} / {:.0} ms | {:.0} / {:.0} ms | {:.1} ({requests:.0} / {reconciles:.0}) | {:.1} / {:.1} / {:.1} / {:.1} MiB | {:.1} KiB | {failures:.0} |",
+        namespaces.len(),
         created_in.as_secs_f64(),
         provisioned_in.as_secs_f64(),
         p50 * 1000.0,
@@ -360,7 +450,7 @@ async fn main() {
     let admin = admin_client(cp.api()).await;
     install_crd(&admin).await;
     let rbac = install_chart_rbac(&admin, &helm, "umstore-system").await;
-    let operator = start_operator(&cp, &admin, &rbac.namespace, &rbac.service_account).await;
+    let operator = start_operator(&args, &cp, &admin, &rbac.namespace, &rbac.service_account).await;
     println!(
         "| stores | owned objects | pods / claims | all created | all Provisioned | reconcile P50 / P95 (to provisioned) | steady P50 / P95 | API requests per steady reconcile | RSS start / peak / provisioned / settled | RSS per store | failed reconciles |"
     );

@@ -47,7 +47,12 @@ impl Observed {
 /// Lists every owned kind in `namespace` with the store's label selector.
 pub async fn observe(client: &Client, namespace: &str, selector: &str) -> Result<Observed, Error> {
     let mut observed = Observed::default();
-    let params = ListParams::default().labels(selector);
+    // Served from the API server's watch cache (resourceVersion 0) rather than a
+    // consistent read: a LIST a moment behind is safe here (an absent object is
+    // applied, which changes nothing if it exists; a credential Secret is created
+    // only if absent and read back on a conflict; a stale drift is one no-op
+    // apply), and a consistent read is what makes LISTs expensive at fleet scale.
+    let params = ListParams::default().labels(selector).match_any();
     for ar in owned_kinds() {
         let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), namespace, &ar);
         let list = api
@@ -74,7 +79,7 @@ pub async fn observe_pods(
     let api: Api<Pod> = Api::namespaced(client.clone(), namespace);
     let selector = format!("{INSTANCE_LABEL}={store}");
     let list = api
-        .list(&ListParams::default().labels(&selector))
+        .list(&ListParams::default().labels(&selector).match_any())
         .await
         .map_err(Error::kube("listing the store's pods"))?;
     Ok(list.items)

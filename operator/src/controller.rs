@@ -9,7 +9,9 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
-use k8s_openapi::api::core::v1::{ConfigMap, ObjectReference, Secret, Service, ServiceAccount};
+use k8s_openapi::api::core::v1::{
+    ConfigMap, ObjectReference, Pod, Secret, Service, ServiceAccount,
+};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
@@ -19,6 +21,7 @@ use kube::core::error_boundary::InvalidObject;
 use kube::core::DeserializeGuard;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event, EventType};
+use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher::Config;
 use kube::runtime::{predicates, reflector, watcher, Predicate, WatchStreamExt};
 use kube::{Client, Resource};
@@ -28,7 +31,7 @@ use umstore_crds::{condition, Phase, UserMetadataStore};
 
 use crate::context::Context;
 use crate::error::Error;
-use crate::meta::{MANAGED_BY_LABEL, MANAGER};
+use crate::meta::{INSTANCE_LABEL, MANAGED_BY_LABEL, MANAGER};
 use crate::steps::status::merge_conditions;
 use crate::steps::Reason;
 use crate::{cleanup, finalizer, pipeline};
@@ -195,8 +198,40 @@ where
     .predicate_filter(predicates::resource_version, Default::default())
 }
 
-/// Runs the controller until SIGTERM/ctrl-c. `namespace` limits it to one namespace.
+/// How many stores are reconciled at once, and how long a burst of changes to one
+/// store is gathered into one reconcile.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Settings {
+    /// Reconciles in flight at most (each holds its store's listed objects, so this
+    /// bounds the operator's memory as the fleet grows; never two of one store).
+    pub concurrency: u16,
+    /// Changes to a store or its objects within this window make one reconcile
+    /// (the first reconcile's creates each come back as a watch event).
+    pub debounce: Duration,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            concurrency: 16,
+            debounce: Duration::from_millis(500),
+        }
+    }
+}
+
+/// Runs the controller until SIGTERM/ctrl-c with the default [`Settings`].
+/// `namespace` limits it to one namespace.
 pub async fn run(ctx: Arc<Context>, namespace: Option<String>, ready: Arc<AtomicBool>) {
+    run_with(ctx, namespace, ready, Settings::default()).await;
+}
+
+/// Runs the controller until SIGTERM/ctrl-c. `namespace` limits it to one namespace.
+pub async fn run_with(
+    ctx: Arc<Context>,
+    namespace: Option<String>,
+    ready: Arc<AtomicBool>,
+    settings: Settings,
+) {
     let client = ctx.client.clone();
     let ns = namespace.as_deref();
     let stores: Api<Guarded> = match ns {
@@ -206,7 +241,12 @@ pub async fn run(ctx: Arc<Context>, namespace: Option<String>, ready: Arc<Atomic
     let (reader, writer) = reflector::store();
     // Status writes do not change the generation: they never trigger a reconcile.
     // Finalizer changes do (the finalizer helper waits for one after adding it).
-    let trigger = reflector(writer, watcher(stores, Config::default().any_semantic()))
+    // The cached stores without their managedFields (often half of a small object):
+    // the operator never reads them.
+    let watch = watcher(stores, Config::default().any_semantic()).modify(|store| {
+        store.meta_mut().managed_fields = None;
+    });
+    let trigger = reflector(writer, watch)
         .default_backoff()
         .touched_objects()
         .predicate_filter(
@@ -227,9 +267,27 @@ pub async fn run(ctx: Arc<Context>, namespace: Option<String>, ready: Arc<Atomic
         .owns_stream(owned_stream::<NetworkPolicy>(&client, ns))
         .owns_stream(owned_stream::<Role>(&client, ns))
         .owns_stream(owned_stream::<RoleBinding>(&client, ns))
+        // The pods (owned by the StatefulSets and ReplicaSets, not the store): a
+        // pod that becomes ready, or starts failing, is looked at at once, so the
+        // status names the cause without waiting for a recheck.
+        .watches_stream(owned_stream::<Pod>(&client, ns), |pod| {
+            let namespace = pod.metadata.namespace.clone()?;
+            let store = pod.metadata.labels.as_ref()?.get(INSTANCE_LABEL)?.clone();
+            Some(ObjectRef::<Guarded>::new(&store).within(&namespace))
+        })
+        .with_config(
+            kube::runtime::controller::Config::default()
+                .concurrency(settings.concurrency)
+                .debounce(settings.debounce),
+        )
         .shutdown_on_signal();
     ready.store(true, Ordering::Release);
-    info!(namespace = ns.unwrap_or("<all>"), "controller started");
+    info!(
+        namespace = ns.unwrap_or("<all>"),
+        concurrency = settings.concurrency,
+        debounce = ?settings.debounce,
+        "controller started"
+    );
     controller
         .run(reconcile, error_policy, ctx)
         .for_each(|result| async move {

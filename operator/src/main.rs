@@ -56,6 +56,12 @@ struct Args {
     /// Data keys per Vault `rewrap` call and per transaction during a rotation.
     #[arg(long, default_value_t = 500)]
     rewrap_batch_size: usize,
+    /// Stores reconciled at once at most (bounds memory as the fleet grows).
+    #[arg(long, env = "UMSTORE_OPERATOR_CONCURRENCY", default_value_t = 16)]
+    concurrency: u16,
+    /// Changes to one store within this many milliseconds make one reconcile.
+    #[arg(long, default_value_t = 500)]
+    debounce_ms: u64,
 }
 
 #[tokio::main]
@@ -143,7 +149,11 @@ async fn main() -> anyhow::Result<()> {
         )
         .with_vault(vault),
     );
-    controller::run(ctx, args.watch_namespace, ready).await;
+    let settings = controller::Settings {
+        concurrency: args.concurrency,
+        debounce: Duration::from_millis(args.debounce_ms),
+    };
+    controller::run_with(ctx, args.watch_namespace, ready, settings).await;
 
     leadership.set(false);
     if let Err(error) = release.release().await {

@@ -190,6 +190,20 @@ async fn steps(
         Outcome::Done(b) => b,
         Outcome::Waiting(mut w) => {
             // Waiting for the coordinator: say why it is not ready, when the cluster does.
+            if w.reason == Reason::CoordinatorUnreachable {
+                let since = store
+                    .status
+                    .as_ref()
+                    .and_then(|s| {
+                        s.conditions.iter().find(|c| {
+                            c.type_ == umstore_crds::condition::BOOTSTRAPPED
+                                && c.status == "False"
+                                && c.reason == Reason::CoordinatorUnreachable.as_str()
+                        })
+                    })
+                    .map(|c| c.last_transition_time.0);
+                w.requeue_after = Some(bootstrap::unreachable_backoff(since, Timestamp::now()));
+            }
             if w.reason == Reason::CoordinatorNotReady {
                 let cause = reached
                     .components

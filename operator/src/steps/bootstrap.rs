@@ -37,6 +37,25 @@ use crate::validated::Validated;
 
 /// How often to look again while the coordinator is not ready or not reachable.
 pub const RECHECK: Duration = Duration::from_secs(15);
+/// How long to wait for the coordinator to become ready at most: its pods and its
+/// StatefulSet are watched, so a change wakes the store sooner.
+pub const NOT_READY_WAIT: Duration = Duration::from_secs(60);
+/// The longest wait between attempts to reach a coordinator that does not answer.
+pub const UNREACHABLE_MAX: Duration = Duration::from_secs(300);
+
+/// When to try a coordinator that did not answer again: [`RECHECK`] at first, then
+/// half the time it has been unreachable (about doubling), at most
+/// [`UNREACHABLE_MAX`]; `since` is when `Bootstrapped` turned False for it. A fleet
+/// of stores whose databases are down does not poll them every 15 seconds.
+pub fn unreachable_backoff(
+    since: Option<k8s_openapi::jiff::Timestamp>,
+    now: k8s_openapi::jiff::Timestamp,
+) -> Duration {
+    let elapsed = since
+        .and_then(|s| now.duration_since(s).try_into().ok())
+        .unwrap_or(Duration::ZERO);
+    (elapsed / 2).clamp(RECHECK, UNREACHABLE_MAX)
+}
 
 /// Extensions every tier gets (when the image ships them).
 const EXTENSIONS: [&str; 1] = ["pg_stat_statements"];
@@ -101,7 +120,7 @@ pub async fn run(
         return Ok(Outcome::Waiting(Waiting::new(
             Reason::CoordinatorNotReady,
             format!("waiting for StatefulSet {coordinator} to have a ready replica"),
-            Some(RECHECK),
+            Some(NOT_READY_WAIT),
         )));
     }
     let connector = match tls::store_tls(ctx, v).await? {
@@ -462,6 +481,17 @@ pub fn scram_matches(stored: &str, password: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_unreachable_coordinator_is_tried_less_and_less_often() {
+        use k8s_openapi::jiff::{SignedDuration, Timestamp};
+        let now = Timestamp::UNIX_EPOCH + SignedDuration::from_secs(100_000);
+        let ago = |s: i64| Some(now - SignedDuration::from_secs(s));
+        assert_eq!(unreachable_backoff(None, now), RECHECK);
+        assert_eq!(unreachable_backoff(ago(10), now), RECHECK);
+        assert_eq!(unreachable_backoff(ago(120), now), Duration::from_secs(60));
+        assert_eq!(unreachable_backoff(ago(3600), now), UNREACHABLE_MAX);
+    }
 
     #[test]
     fn scram_verifier_matches_only_its_password() {

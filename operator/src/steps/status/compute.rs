@@ -384,6 +384,29 @@ mod tests {
         );
     }
 
+    #[test]
+    fn the_ready_message_carries_each_workloads_cause() {
+        let mut r = reached(1, false);
+        r.components[0].message = Some("pod p-0 cannot be scheduled: 0/1 nodes".into());
+        let progress = through_migrate(r);
+        let status = compute(
+            &UserMetadataStoreStatus::default(),
+            Some(1),
+            &progress,
+            &Time(k8s_openapi::jiff::Timestamp::UNIX_EPOCH),
+        );
+        let ready = status
+            .conditions
+            .iter()
+            .find(|c| c.type_ == "Ready")
+            .expect("Ready");
+        let name = &status.components[0].name;
+        assert_eq!(
+            ready.message,
+            format!("waiting for {name} 0/1 (pod p-0 cannot be scheduled: 0/1 nodes)")
+        );
+    }
+
     fn component(name: &str, ready: bool) -> ComponentStatus {
         ComponentStatus {
             name: name.into(),
