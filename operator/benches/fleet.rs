@@ -242,7 +242,11 @@ async fn owned_objects(admin: &Client, namespace: &str) -> usize {
 async fn run(cp: &ControlPlane, admin: &Client, operator: &Operator, n: usize, args: &Args) {
     // Stores spread over namespaces of `--per-namespace` (a team's namespace each),
     // or all in one.
-    let per = if args.per_namespace == 0 { n } else { args.per_namespace };
+    let per = if args.per_namespace == 0 {
+        n
+    } else {
+        args.per_namespace
+    };
     let namespace_of = |i: usize| format!("fleet-{}", i / per);
     let namespaces: Vec<String> = (0..n.div_ceil(per)).map(|k| format!("fleet-{k}")).collect();
     for ns in &namespaces {

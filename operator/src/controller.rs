@@ -185,7 +185,9 @@ where
         + 'static,
 {
     // Metadata only (`PartialObjectMeta`): enough to map a change to its owner, and
-    // small in memory; the reconcile re-lists what it needs.
+    // nothing is kept (no cache, no per-object predicate state: a fleet's objects
+    // would cost memory for each); the reconcile re-lists what it needs. A relist
+    // re-triggers each store once, which the debounce and the scheduler absorb.
     let api: Api<kube::core::PartialObjectMeta<K>> = match namespace {
         Some(ns) => Api::namespaced(client.clone(), ns),
         None => Api::all(client.clone()),
@@ -195,7 +197,6 @@ where
         Config::default().labels(&format!("{MANAGED_BY_LABEL}={MANAGER}")),
     )
     .touched_objects()
-    .predicate_filter(predicates::resource_version, Default::default())
 }
 
 /// How many stores are reconciled at once, and how long a burst of changes to one
@@ -214,7 +215,7 @@ impl Default for Settings {
     fn default() -> Self {
         Self {
             concurrency: 16,
-            debounce: Duration::from_millis(500),
+            debounce: Duration::from_secs(1),
         }
     }
 }

@@ -60,7 +60,7 @@ struct Args {
     #[arg(long, env = "UMSTORE_OPERATOR_CONCURRENCY", default_value_t = 16)]
     concurrency: u16,
     /// Changes to one store within this many milliseconds make one reconcile.
-    #[arg(long, default_value_t = 500)]
+    #[arg(long, default_value_t = 1000)]
     debounce_ms: u64,
 }
 
