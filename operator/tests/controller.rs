@@ -136,8 +136,8 @@ async fn second_reconcile_with_nothing_changed_writes_nothing() {
     assert!(log.iter().all(|r| r.method == "GET"), "only reads");
     assert_eq!(
         action,
-        Action::requeue(bootstrap::RECHECK),
-        "the coordinator is not ready yet"
+        Action::requeue(bootstrap::NOT_READY_WAIT),
+        "the coordinator is not ready yet (its pods and StatefulSet are watched)"
     );
 }
 
