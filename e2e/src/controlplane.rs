@@ -147,7 +147,7 @@ impl FakeNode {
 /// on loopback itself.
 ///
 /// Two failures can be provoked through this crate's own stages (`e2e/kwok-stages/`):
-/// a pod with a container image under `registry.invalid/` stays Pending with that
+/// a pod with a container image under `unpullable.invalid/` stays Pending with that
 /// container in `ImagePullBackOff`, and a running pod labelled
 /// `umstore.io/kwok-test=crash-loop` has its first container in `CrashLoopBackOff`
 /// (4 restarts, last exit `Error` with code 1).

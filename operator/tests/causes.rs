@@ -7,7 +7,7 @@
 //!    (`fast-ssd`);
 //! 2. a data plane asking for a GPU no node offers (`amd.com/gpu`);
 //! 3. a coordinator image that cannot be pulled (kwok's pod stage for images under
-//!    `registry.invalid/`, `e2e/kwok-stages/`);
+//!    `unpullable.invalid/`, `e2e/kwok-stages/`);
 //! 4. a coordinator that was ready and starts crash-looping (kwok's pod stage for a
 //!    pod labelled `umstore.io/kwok-test=crash-loop`).
 //!
@@ -182,7 +182,7 @@ async fn the_status_names_why_a_workload_is_not_ready() {
     no_gpu["spec"]["dataPlane"]["gpu"] = json!({"count": 1, "resourceName": "amd.com/gpu"});
     apply(&stores, &no_gpu).await;
     let mut no_image = named(&ns, "no-image");
-    no_image["spec"]["postgres"]["image"] = json!("registry.invalid/umstore/postgres:missing");
+    no_image["spec"]["postgres"]["image"] = json!("unpullable.invalid/umstore/postgres:missing");
     apply(&stores, &no_image).await;
     apply(&stores, &named(&ns, "crashing")).await;
 
@@ -225,7 +225,7 @@ async fn the_status_names_why_a_workload_is_not_ready() {
         "no-image",
         "no-image-coordinator",
         &[
-            "image \"registry.invalid/umstore/postgres:missing\"",
+            "image \"unpullable.invalid/umstore/postgres:missing\"",
             "cannot be pulled (ImagePullBackOff",
         ],
     )
