@@ -559,6 +559,18 @@ fn poll_until(
     }
 }
 
+/// The `*.yaml` files in `dir`, sorted (none if it cannot be read).
+fn yaml_files(dir: &Path) -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .filter_map(|entry| entry.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+        .collect();
+    files.sort();
+    files
+}
+
 /// kwok's stage files: every `*.yaml` in `$UMSTORE_KWOK_STAGES`, else in
 /// `.bin/kwok-stages/` (kwok's own), then this crate's `kwok-stages/` (the failures
 /// tests provoke); a skip when kwok's are missing.
@@ -567,25 +579,13 @@ fn kwok_stages() -> Result<Vec<PathBuf>, ControlPlaneUnavailable> {
         Some(dir) => (PathBuf::from(dir), true),
         None => (workspace_bin().join("kwok-stages"), false),
     };
-    let mut stages: Vec<PathBuf> = std::fs::read_dir(&dir)
-        .into_iter()
-        .flatten()
-        .filter_map(|entry| entry.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
-        .collect();
-    stages.sort();
+    let mut stages = yaml_files(&dir);
     if !stages.is_empty() {
         // The failures tests provoke (an image that cannot be pulled, a crash loop),
         // from this crate's own stage files.
-        let ours = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("kwok-stages");
-        let mut extra: Vec<PathBuf> = std::fs::read_dir(&ours)
-            .into_iter()
-            .flatten()
-            .filter_map(|entry| entry.ok().map(|e| e.path()))
-            .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
-            .collect();
-        extra.sort();
-        stages.extend(extra);
+        stages.extend(yaml_files(
+            &PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("kwok-stages"),
+        ));
         return Ok(stages);
     }
     let reason = format!(

@@ -19,11 +19,8 @@
 #[path = "support/kubeapi.rs"]
 mod kubeapi;
 
-use std::sync::atomic::AtomicBool;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::api::events::v1::Event;
 use kube::api::{Api, ListParams, Patch, PatchParams};
@@ -31,39 +28,14 @@ use kube::Client;
 use serde_json::json;
 use umstore_crds::{ComponentStatus, UserMetadataStore, UserMetadataStoreStatus};
 use umstore_e2e::shared;
-use umstore_operator::builders::Env;
-use umstore_operator::leader::{Leadership, LeaseLock};
-use umstore_operator::metrics::Metrics;
-use umstore_operator::{controller, Context};
 
 use kubeapi::{
     admin_client, example, fresh_namespace, helm_or_skip, install_chart_rbac, install_crd,
-    service_account_client, TEST_MANAGER,
+    service_account_client, start_operator, TEST_MANAGER,
 };
 
 const OPERATOR_NS: &str = "umstore-system";
 const IDENTITY: &str = "causes-replica";
-
-fn start_operator(client: Client) {
-    let leadership = Leadership::new(false);
-    let lock = LeaseLock::new(
-        Api::<Lease>::namespaced(client.clone(), OPERATOR_NS),
-        "umstore-operator",
-        IDENTITY,
-        Duration::from_secs(15),
-    );
-    tokio::spawn(lock.run(leadership.clone(), Duration::from_secs(1)));
-    let ctx = Arc::new(Context::new(
-        client,
-        Arc::new(Metrics::new()),
-        leadership,
-        Env {
-            operator_namespace: OPERATOR_NS.into(),
-        },
-        Some(IDENTITY.into()),
-    ));
-    tokio::spawn(controller::run(ctx, None, Arc::new(AtomicBool::new(false))));
-}
 
 fn component<'a>(status: &'a UserMetadataStoreStatus, name: &str) -> Option<&'a ComponentStatus> {
     status.components.iter().find(|c| c.name == name)
@@ -171,7 +143,7 @@ async fn the_status_names_why_a_workload_is_not_ready() {
     let rbac = install_chart_rbac(&admin, &helm, OPERATOR_NS).await;
     let operator_client =
         service_account_client(cp.api(), &admin, &rbac.namespace, &rbac.service_account).await;
-    start_operator(operator_client);
+    start_operator(operator_client, OPERATOR_NS, IDENTITY, |ctx| ctx);
     let stores: Api<UserMetadataStore> = Api::namespaced(admin.clone(), &ns);
 
     // All four at once: each waits on the cluster, not on the others.

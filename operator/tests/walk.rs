@@ -22,33 +22,25 @@
 #[path = "support/kubeapi.rs"]
 mod kubeapi;
 
-use std::sync::atomic::AtomicBool;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::apps::v1::StatefulSet;
-use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod, Secret};
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
-use kube::Client;
 use serde_json::json;
 use umstore_crds::{UserMetadataStore, UserMetadataStoreStatus};
 use umstore_data_plane::crypto::{
     DataKeyCache, KeyProvider, Keyring, VaultConfig, VaultKeyProvider,
 };
 use umstore_e2e::{shared, Postgres};
-use umstore_operator::builders::Env;
 use umstore_operator::db::Connector;
-use umstore_operator::leader::{Leadership, LeaseLock};
-use umstore_operator::metrics::Metrics;
 use umstore_operator::steps::keys::{
     data_plane_policy, operator_policy, VaultAccess, VaultLogin, ROTATE_ANNOTATION,
 };
-use umstore_operator::{controller, Context};
 
 use kubeapi::{
     admin_client, example, fresh_namespace, helm_or_skip, install_chart_rbac, install_crd,
-    service_account_client, wait_for, TEST_MANAGER,
+    service_account_client, start_operator, wait_for, TEST_MANAGER,
 };
 
 const OPERATOR_NS: &str = "umstore-system";
@@ -87,31 +79,6 @@ async fn wait_for_status(
         );
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
-}
-
-fn start_operator(client: Client, connector: Connector, vault: VaultAccess) {
-    let leadership = Leadership::new(false);
-    let lock = LeaseLock::new(
-        Api::<Lease>::namespaced(client.clone(), OPERATOR_NS),
-        "umstore-operator",
-        IDENTITY,
-        Duration::from_secs(15),
-    );
-    tokio::spawn(lock.run(leadership.clone(), Duration::from_secs(1)));
-    let ctx = Arc::new(
-        Context::new(
-            client,
-            Arc::new(Metrics::new()),
-            leadership,
-            Env {
-                operator_namespace: OPERATOR_NS.into(),
-            },
-            Some(IDENTITY.into()),
-        )
-        .with_connector(connector)
-        .with_vault(vault),
-    );
-    tokio::spawn(controller::run(ctx, None, Arc::new(AtomicBool::new(false))));
 }
 
 async fn annotate(stores: &Api<UserMetadataStore>, key: &str, value: &str) {
@@ -175,14 +142,12 @@ async fn a_store_walks_from_tier_1_through_promotion_rotation_and_deletion() {
             &data_plane_policy("transit", "umstore-pii"),
         )
         .expect("data-plane token");
-    start_operator(
-        operator_client,
-        connector,
-        VaultAccess {
+    start_operator(operator_client, OPERATOR_NS, IDENTITY, |ctx| {
+        ctx.with_connector(connector).with_vault(VaultAccess {
             login: VaultLogin::Token(operator_token),
             ..VaultAccess::default()
-        },
-    );
+        })
+    });
 
     // 1. Tier 1, Ready from the pods' readiness as the cluster reports it.
     let mut store = example(1, &ns);

@@ -291,3 +291,43 @@ where
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
+
+/// Runs the operator in this process as `client` (the chart's ServiceAccount):
+/// the leader Lease `umstore-operator` in `operator_namespace` held as `identity`,
+/// and the controller over every namespace. `configure` adds what a test needs
+/// (a connector's address map, a Vault login).
+pub fn start_operator(
+    client: Client,
+    operator_namespace: &str,
+    identity: &str,
+    configure: impl FnOnce(umstore_operator::Context) -> umstore_operator::Context,
+) {
+    use std::sync::atomic::AtomicBool;
+    use std::sync::Arc;
+    use umstore_operator::leader::{Leadership, LeaseLock};
+    let leadership = Leadership::new(false);
+    let lock = LeaseLock::new(
+        Api::<k8s_openapi::api::coordination::v1::Lease>::namespaced(
+            client.clone(),
+            operator_namespace,
+        ),
+        "umstore-operator",
+        identity,
+        Duration::from_secs(15),
+    );
+    tokio::spawn(lock.run(leadership.clone(), Duration::from_secs(1)));
+    let ctx = Arc::new(configure(umstore_operator::Context::new(
+        client,
+        Arc::new(umstore_operator::metrics::Metrics::new()),
+        leadership,
+        umstore_operator::builders::Env {
+            operator_namespace: operator_namespace.into(),
+        },
+        Some(identity.into()),
+    )));
+    tokio::spawn(umstore_operator::controller::run(
+        ctx,
+        None,
+        Arc::new(AtomicBool::new(false)),
+    ));
+}
