@@ -17,7 +17,6 @@ pub struct HttpLabels {
     pub status: u16,
 }
 
-/// Every metric the data plane exports.
 /// Labels of an ingested event: what became of it.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct IngestLabels {
@@ -39,6 +38,19 @@ pub struct PurposeLabels {
     pub purpose: &'static str,
 }
 
+/// A read API route (its template, e.g. `/api/v1/user-metadata/{user_id}`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteLabels {
+    /// The route template.
+    pub route: String,
+}
+
+fn read_histogram() -> Histogram {
+    // 0.1 ms to about 3 s.
+    Histogram::new(exponential_buckets(0.000_1, 2.0, 16))
+}
+
+/// Every metric the data plane exports.
 #[derive(Debug)]
 pub struct Metrics {
     /// 1 while the purpose's replica answers as a standby.
@@ -55,6 +67,10 @@ pub struct Metrics {
     pub ingest_events: Family<IngestLabels, Counter>,
     /// Seconds from taking a connection to commit, per applied event.
     pub ingest_apply_seconds: Histogram,
+    /// Events published to the dead-letter subject.
+    pub ingest_dead_letters: Counter,
+    /// Seconds to answer a read API request, by route.
+    pub read_duration_seconds: Family<RouteLabels, Histogram, fn() -> Histogram>,
     registry: Registry,
     /// 1 while a database connection is up.
     pub db_connected: Gauge,
@@ -119,6 +135,21 @@ impl Metrics {
             "Time to apply one event (connection, transaction, commit)",
             ingest_apply_seconds.clone(),
         );
+        let ingest_dead_letters = Counter::default();
+        registry.register(
+            "ingest_dead_letters",
+            "Events the bus consumer published to the dead-letter subject (never applicable)",
+            ingest_dead_letters.clone(),
+        );
+        let read_duration_seconds =
+            Family::<RouteLabels, Histogram, fn() -> Histogram>::new_with_constructor(
+                read_histogram,
+            );
+        registry.register(
+            "read_duration_seconds",
+            "Time to answer a read API request, by route",
+            read_duration_seconds.clone(),
+        );
         let key_rotation_in_progress = Gauge::default();
         registry.register(
             "key_rotation_in_progress",
@@ -175,6 +206,8 @@ impl Metrics {
             eligibility_cache_hit_ratio,
             ingest_events,
             ingest_apply_seconds,
+            ingest_dead_letters,
+            read_duration_seconds,
             registry,
             db_connected,
             db_connect_failures,
@@ -225,6 +258,15 @@ impl Metrics {
             .get();
         self.eligibility_cache_hit_ratio
             .set(hits as f64 / (hits + misses).max(1) as f64);
+    }
+
+    /// Records how long a read API request on `route` took.
+    pub fn read_answered(&self, route: &str, took: std::time::Duration) {
+        self.read_duration_seconds
+            .get_or_create(&RouteLabels {
+                route: route.to_owned(),
+            })
+            .observe(took.as_secs_f64());
     }
 
     /// The Prometheus text exposition of every metric.

@@ -5,6 +5,7 @@
 
 mod support;
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, consumer, Context};
@@ -15,6 +16,7 @@ use support::ingest::{created, envelope, fixture_with, Fixture};
 use umstore_data_plane::db::Database;
 use umstore_data_plane::ingest::bus::{self, BusConfig, CODE_HEADER, REASON_HEADER};
 use umstore_data_plane::ingest::outbox;
+use umstore_data_plane::metrics::Metrics;
 use umstore_e2e::Nats;
 use umstore_migrations::roles::Purpose;
 use uuid::Uuid;
@@ -41,12 +43,16 @@ struct Running {
     config: BusConfig,
     js: Context,
     tasks: Vec<tokio::task::JoinHandle<()>>,
+    /// What the ingest counts, as `serve` exports it.
+    metrics: Arc<Metrics>,
 }
 
 impl Running {
     async fn start(nats: &Nats) -> Self {
         let config = config(nats);
-        let f = fixture_with(&config.subject_prefix).await;
+        let mut f = fixture_with(&config.subject_prefix).await;
+        let metrics = Arc::new(Metrics::new());
+        f.ingest = f.ingest.clone().with_metrics(metrics.clone());
         let js = bus::connect(&config).await.expect("connect");
         bus::ensure_streams(&js, &config).await.expect("streams");
         let mut running = Self {
@@ -54,6 +60,7 @@ impl Running {
             config,
             js,
             tasks: Vec::new(),
+            metrics,
         };
         running.spawn();
         running
@@ -228,6 +235,14 @@ async fn valid_events_apply_and_publish_once_and_bad_ones_are_dead_lettered_with
     r.wait_for("6 dead letters", Duration::from_secs(30), async || {
         r.stream_messages(r.config.dead_letter_stream()).await == 6
     })
+    .await;
+    // What UmstoreDeadLettersGrowing counts (docs/monitoring.md); counted once
+    // the stream acknowledged the publish, so a moment after the stream has it.
+    r.wait_for(
+        "6 dead letters counted",
+        Duration::from_secs(5),
+        async || r.metrics.ingest_dead_letters.get() == 6,
+    )
     .await;
     // Every metadata event applied queued two outbound events; each published once.
     r.wait_for("44 outbound events", Duration::from_secs(30), async || {

@@ -13,8 +13,9 @@ pub mod users;
 
 use std::sync::Arc;
 
-use axum::extract::DefaultBodyLimit;
+use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
 use axum::http::HeaderValue;
+use axum::middleware::Next;
 use axum::response::Response;
 use axum::routing::{get, post};
 use axum::Router;
@@ -62,14 +63,24 @@ async fn with_schema_version(mut response: Response) -> Response {
     response
 }
 
-/// The router: `/healthz`, `/readyz`, `/metrics`, `POST /api/v1/events` and
-/// the read API.
-pub fn router(state: AppState) -> Router {
-    let api = Router::new()
-        .route(
-            "/api/v1/events",
-            post(events::post_events).layer(DefaultBodyLimit::max(events::MAX_BODY)),
-        )
+/// Times each read API request into `umstore_read_duration_seconds{route}`, by
+/// route template (a bounded set of labels).
+async fn timed_read(State(metrics): State<Arc<Metrics>>, request: Request, next: Next) -> Response {
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_owned());
+    let started = std::time::Instant::now();
+    let response = next.run(request).await;
+    if let Some(route) = route {
+        metrics.read_answered(&route, started.elapsed());
+    }
+    response
+}
+
+/// The read API's routes, each request timed.
+fn read_routes(metrics: Arc<Metrics>) -> Router<AppState> {
+    Router::new()
         .route("/api/v1/user-metadata/query", get(query::find))
         .route("/api/v1/user-metadata/stats", get(query::stats))
         .route("/api/v1/user-metadata/{user_id}", get(users::metadata))
@@ -89,6 +100,18 @@ pub fn router(state: AppState) -> Router {
             "/api/v1/user-metadata/{user_id}/history",
             get(users::history),
         )
+        .route_layer(axum::middleware::from_fn_with_state(metrics, timed_read))
+}
+
+/// The router: `/healthz`, `/readyz`, `/metrics`, `POST /api/v1/events` and
+/// the read API.
+pub fn router(state: AppState) -> Router {
+    let api = Router::new()
+        .route(
+            "/api/v1/events",
+            post(events::post_events).layer(DefaultBodyLimit::max(events::MAX_BODY)),
+        )
+        .merge(read_routes(state.metrics.clone()))
         .layer(axum::middleware::map_response(with_schema_version));
     Router::new()
         .route("/healthz", get(health::healthz))
@@ -97,4 +120,40 @@ pub fn router(state: AppState) -> Router {
         .route("/openapi.json", get(openapi::serve))
         .merge(api)
         .with_state(state)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn each_read_is_timed_under_its_route_template() {
+        let metrics = Arc::new(Metrics::new());
+        let app: Router = Router::new()
+            .route("/api/v1/user-metadata/{user_id}", get(|| async { "ok" }))
+            .route_layer(axum::middleware::from_fn_with_state(
+                metrics.clone(),
+                timed_read,
+            ));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        for user in ["u1", "u2"] {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+            let request = format!(
+                "GET /api/v1/user-metadata/{user} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+            );
+            stream.write_all(request.as_bytes()).await.expect("write");
+            let mut response = String::new();
+            stream.read_to_string(&mut response).await.expect("read");
+            assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+        }
+        let body = metrics.encode();
+        let line =
+            "umstore_read_duration_seconds_count{route=\"/api/v1/user-metadata/{user_id}\"} 2";
+        assert!(body.contains(line), "missing `{line}` in {body}");
+    }
 }

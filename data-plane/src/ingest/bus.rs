@@ -231,6 +231,7 @@ async fn handle(js: &Context, config: &BusConfig, ingest: &Ingest, message: jets
             );
             match dead_letter(js, config, &message, &rejection).await {
                 Ok(()) => {
+                    ingest.dead_lettered();
                     if let Err(e) = message.ack_with(AckKind::Term).await {
                         warn!(error = %e, "terminating a dead-lettered event");
                     }

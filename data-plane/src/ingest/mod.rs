@@ -80,6 +80,13 @@ impl Ingest {
         }
     }
 
+    /// Counts an event published to the dead-letter subject.
+    pub fn dead_lettered(&self) {
+        if let Some(m) = &self.metrics {
+            m.ingest_dead_letters.inc();
+        }
+    }
+
     /// What applying uses besides the event.
     pub fn config(&self) -> &ApplyConfig {
         &self.config
