@@ -31,6 +31,7 @@ pub async fn run(ctx: &Context, store: &UserMetadataStore) -> Result<Action, Err
     // A rotation still running for it stops here (its record in the database lets
     // a store restored from the same data resume it).
     ctx.rotations.forget(&uid);
+    ctx.metrics.forget_store(&namespace, &name);
     let owner = Owner {
         name: name.clone(),
         namespace: namespace.clone(),

@@ -1,5 +1,7 @@
 //! Prometheus metrics (prometheus-client) and the HTTP endpoints `/metrics`,
-//! `/healthz` and `/readyz`.
+//! `/healthz` and `/readyz`. The per-store gauges are in [`store`].
+
+mod store;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -16,6 +18,9 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
+use umstore_crds::{UserMetadataStore, UserMetadataStoreStatus};
+
+pub use store::{ReplicaLabels, StoreLabels};
 
 /// Label of the failure counter.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -69,6 +74,7 @@ pub struct Metrics {
     objects_applied: Counter,
     leader: Gauge,
     api_requests: Family<VerbLabels, Counter>,
+    stores: store::StoreGauges,
 }
 
 impl Default for Metrics {
@@ -123,6 +129,7 @@ impl Metrics {
             "1 while this replica holds the leader Lease",
             leader.clone(),
         );
+        let stores = store::StoreGauges::register(&mut registry);
         Self {
             registry,
             reconciles,
@@ -132,7 +139,21 @@ impl Metrics {
             objects_applied,
             leader,
             api_requests,
+            stores,
         }
+    }
+
+    /// Sets the store's `umstore_operator_store_*` gauges from `status` (the status
+    /// step calls it with every status it computes, written or unchanged).
+    pub fn observe_store(&self, store: &UserMetadataStore, status: &UserMetadataStoreStatus) {
+        if let (Some(namespace), Some(name)) = (&store.metadata.namespace, &store.metadata.name) {
+            self.stores.observe(namespace, name, status);
+        }
+    }
+
+    /// Removes every `umstore_operator_store_*` series of a store that is deleted.
+    pub fn forget_store(&self, namespace: &str, name: &str) {
+        self.stores.forget(namespace, name);
     }
 
     /// Counts one request to the Kubernetes API.
@@ -191,9 +212,13 @@ impl Metrics {
         self.objects_applied.inc_by(n as u64);
     }
 
-    /// Sets the leader gauge.
+    /// Sets the leader gauge. A replica that is not the leader exports no per-store
+    /// gauges: only the leader reconciles, so only its values are current.
     pub fn set_leader(&self, leader: bool) {
         self.leader.set(i64::from(leader));
+        if !leader {
+            self.stores.clear();
+        }
     }
 
     /// The metrics in the Prometheus text format.

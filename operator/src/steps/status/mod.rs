@@ -110,6 +110,7 @@ pub async fn run(
     let now = Time(k8s_openapi::jiff::Timestamp::now());
     let old = store.status.clone().unwrap_or_default();
     let status = compute(&old, store.metadata.generation, progress, &now);
+    ctx.metrics.observe_store(store, &status);
     if status == old {
         return Ok(false);
     }
