@@ -6,28 +6,20 @@
 //! module) and skip with a message without it, or fail under
 //! `UMSTORE_REQUIRE_COMPONENTS=1`.
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+#[path = "support/helm.rs"]
+mod chart_support;
 
+use std::path::PathBuf;
+
+use chart_support::{chart, helm, render, repo, typed, NO_HELM};
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{Service, ServiceAccount};
+use k8s_openapi::api::core::v1::{ConfigMap, Service, ServiceAccount};
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use serde_yaml_ng::Value;
 use umstore_e2e::skip::{skip_or_fail, Component};
 use umstore_operator::builders::owned_kinds;
 use umstore_operator::builders::patroni::pod_rules;
-
-const NO_HELM: &str =
-    "no helm binary ($HELM or PATH); scripts/install-deps.sh --test builds one with Go";
-
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-fn chart() -> PathBuf {
-    repo().join("charts/umstore-operator")
-}
 
 #[test]
 fn chart_crd_is_the_generated_crd() {
@@ -45,44 +37,6 @@ fn chart_crd_is_the_generated_crd() {
     );
 }
 
-fn helm() -> Option<PathBuf> {
-    if let Some(h) = std::env::var_os("HELM") {
-        return Some(PathBuf::from(h));
-    }
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
-        .map(|d| d.join("helm"))
-        .find(|p| p.is_file())
-}
-
-/// `helm template` of the chart with `values` (None: defaults), as parsed documents.
-fn render(helm: &Path, values: Option<&Path>) -> Vec<Value> {
-    let mut cmd = Command::new(helm);
-    cmd.args([
-        "template",
-        "umstore",
-        "--namespace",
-        "umstore-system",
-        "--include-crds",
-    ])
-    .args(["--kube-version", "1.33.0"])
-    .arg(chart());
-    if let Some(v) = values {
-        cmd.arg("--values").arg(v);
-    }
-    let out = cmd.output().expect("run helm");
-    assert!(
-        out.status.success(),
-        "helm template failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let text = String::from_utf8(out.stdout).expect("utf-8");
-    text.split("\n---")
-        .map(|doc| serde_yaml_ng::from_str::<Value>(doc).expect("valid YAML"))
-        .filter(|v| !v.is_null())
-        .collect()
-}
-
 /// The ClusterRole the operator's ClusterRoleBinding grants (not the users' roles).
 fn operator_cluster_role(docs: &[Value]) -> &Value {
     let binding: ClusterRoleBinding = typed(
@@ -95,10 +49,6 @@ fn operator_cluster_role(docs: &[Value]) -> &Value {
             d["kind"] == "ClusterRole" && d["metadata"]["name"] == binding.role_ref.name.as_str()
         })
         .expect("the ClusterRole of the operator's binding")
-}
-
-fn typed<T: serde::de::DeserializeOwned>(doc: &Value) -> T {
-    serde_yaml_ng::from_value(doc.clone()).unwrap_or_else(|e| panic!("{doc:?} does not parse: {e}"))
 }
 
 fn value_files() -> Vec<Option<PathBuf>> {
@@ -138,6 +88,11 @@ fn chart_renders_to_valid_hardened_manifests() {
                 "Role" => drop(typed::<Role>(doc)),
                 "RoleBinding" => drop(typed::<RoleBinding>(doc)),
                 "Service" => drop(typed::<Service>(doc)),
+                // The monitoring objects (ci/monitoring-values.yaml): tests/monitoring.rs.
+                "ConfigMap" => drop(typed::<ConfigMap>(doc)),
+                "ServiceMonitor" | "PodMonitor" | "PrometheusRule" => {
+                    assert_eq!(doc["apiVersion"], "monitoring.coreos.com/v1", "{label}");
+                }
                 "Deployment" => {
                     let d: Deployment = typed(doc);
                     let pod = d.spec.template.spec.expect("pod spec");

@@ -26,3 +26,28 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- required "serviceAccount.name is required when serviceAccount.create is false" .Values.serviceAccount.name -}}
 {{- end -}}
 {{- end -}}
+
+{{- /* Labels of a monitoring object: the chart's and monitoring.labels. */ -}}
+{{- define "umstore-operator.monitoringLabels" -}}
+{{ include "umstore-operator.labels" . }}
+{{- with .Values.monitoring.labels }}
+{{ toYaml . }}
+{{- end }}
+{{- end -}}
+
+{{- /* The namespaces stores live in: watchNamespace, else any. */ -}}
+{{- define "umstore-operator.storeNamespaces" -}}
+{{- if .Values.watchNamespace -}}
+matchNames:
+  - {{ .Values.watchNamespace }}
+{{- else -}}
+any: true
+{{- end -}}
+{{- end -}}
+
+{{- /* Relabelings giving every sample of a store's pods its `store` label. */ -}}
+{{- define "umstore-operator.storeRelabelings" -}}
+- sourceLabels: [__meta_kubernetes_pod_label_app_kubernetes_io_instance]
+  targetLabel: store
+  action: replace
+{{- end -}}
