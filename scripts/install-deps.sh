@@ -44,6 +44,7 @@ if [[ $go_builds != only ]]; then
     have_pg || apt_pkgs+=(postgresql-15 postgresql-contrib-15)
     if [[ $want_test -eq 1 ]]; then
         [[ -x /usr/sbin/pgbouncer ]] || command -v pgbouncer >/dev/null || apt_pkgs+=(pgbouncer)
+        command -v pgbackrest >/dev/null || apt_pkgs+=(pgbackrest)
         command -v nats-server >/dev/null || [[ -x /usr/sbin/nats-server ]] || apt_pkgs+=(nats-server)
     fi
     if [[ $want_bench -eq 1 ]]; then

@@ -7,15 +7,18 @@
 //! ([`rules`]); the operator re-checks what CEL cannot express.
 
 pub mod annotations;
+mod backup;
 pub mod refusals;
 pub mod rules;
 mod spec;
 mod status;
 
+pub use backup::*;
 pub use spec::*;
 pub use status::{
-    condition, ComponentStatus, Endpoints, GroupStatus, KeysStatus, MemberStatus, MigrationsStatus,
-    Phase, PromotionStatus, ReplicaLag, RotationStatus, UserMetadataStoreStatus,
+    condition, BackupRecord, BackupStatus, ComponentStatus, Endpoints, GroupStatus, KeysStatus,
+    MemberStatus, MigrationsStatus, Phase, PromotionStatus, ReplicaLag, RotationStatus,
+    UserMetadataStoreStatus,
 };
 
 use kube::CustomResourceExt;

@@ -235,3 +235,59 @@ pub fn retention_duration() -> Rule {
         "must be a positive duration in days, hours, minutes or seconds such as 7d, 72h or 1d12h",
     )
 }
+
+/// On `backup.repository`: exactly one of `s3` and `volume`.
+pub fn one_repository() -> Rule {
+    Rule::new("has(self.s3) != has(self.volume)").message(
+        "backup.repository needs exactly one of s3 (an S3-compatible bucket) and volume \
+         (a ReadWriteMany PersistentVolumeClaim the operator creates)",
+    )
+}
+
+/// On a backup schedule: a five-field cron expression (`0 1 * * 0`), what a CronJob
+/// takes.
+pub fn cron_schedule() -> Rule {
+    Rule::new("self.matches('^\\\\s*[^\\\\s]+(\\\\s+[^\\\\s]+){4}\\\\s*$')").message(
+        "must be a cron schedule of five fields: minute hour day-of-month month day-of-week \
+         (`0 1 * * 0` is Sundays at 01:00)",
+    )
+}
+
+/// On `bootstrap.recovery.targetTime`: an RFC 3339 time with a zone (`2026-12-01T10:00:00Z`).
+pub fn rfc3339_time() -> Rule {
+    Rule::new("self.matches('^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(\\\\.[0-9]+)?(Z|[+-][0-9]{2}:[0-9]{2})$') && timestamp(self) > timestamp('1970-01-01T00:00:00Z')")
+        .message("targetTime must be an RFC 3339 time with a zone, such as 2026-12-01T10:00:00Z")
+}
+
+/// On `spec` (a transition rule): `bootstrap`, how the databases were created cannot change afterwards.
+pub fn bootstrap_immutable() -> Rule {
+    Rule::new(
+        "has(self.bootstrap) == has(oldSelf.bootstrap) && \
+         (!has(self.bootstrap) || self.bootstrap == oldSelf.bootstrap)",
+    )
+    .message(
+        "spec.bootstrap cannot change once the store exists: it says how the databases were \
+         created; create a new store to restore again",
+    )
+}
+
+/// On `spec`: a store restored from a backup starts below tier 3 (Citus restores
+/// are not supported yet).
+pub fn recovery_below_tier_3() -> Rule {
+    Rule::new("!has(self.bootstrap) || !has(self.bootstrap.recovery) || self.tier <= 2").message(
+        "spec.bootstrap.recovery restores a tier 1 or 2 store; restore with tier 1 or 2 and \
+         promote afterwards",
+    )
+}
+
+/// On a name that becomes a Secret's or a store's name: `what` says which field.
+pub fn object_name(what: &str) -> Rule {
+    Rule::new(format!("self.matches('{SECRET_NAME_PATTERN}')")).message(Message::Message(format!(
+        "{what} must be an object name: lowercase letters, digits, '-' and '.'"
+    )))
+}
+
+/// On a backup retention count: 1 to 100.
+pub fn backups_kept() -> Rule {
+    Rule::new("self >= 1 && self <= 100").message("must keep between 1 and 100 backups")
+}

@@ -9,6 +9,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use umstore_migrations::regions::REGIONS;
 
+use crate::backup::{BackupSpec, BootstrapSpec};
 use crate::rules;
 use crate::status::UserMetadataStoreStatus;
 
@@ -56,7 +57,9 @@ use crate::status::UserMetadataStoreStatus;
     validation = rules::worker_groups_from_tier_3(),
     validation = rules::region_in_one_worker_group(),
     validation = rules::worker_regions_served(),
-    validation = rules::every_region_placed()
+    validation = rules::every_region_placed(),
+    validation = rules::bootstrap_immutable(),
+    validation = rules::recovery_below_tier_3()
 )]
 #[serde(rename_all = "camelCase")]
 pub struct UserMetadataStoreSpec {
@@ -129,6 +132,15 @@ pub struct UserMetadataStoreSpec {
     /// deleted: `Retain` (default) keeps them, `Delete` removes them.
     #[serde(default)]
     pub reclaim_policy: ReclaimPolicy,
+
+    /// Encrypted pgBackRest backups and WAL archiving (docs/backup.md). None when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backup: Option<BackupSpec>,
+
+    /// How the databases are created: empty (default) or restored from a store's
+    /// backups (`recovery`). Cannot change after creation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bootstrap: Option<BootstrapSpec>,
 }
 
 fn default_tier() -> i32 {

@@ -24,6 +24,8 @@ pub mod condition {
     pub const KEYS_READY: &str = "KeysReady";
     /// A tier promotion is under way.
     pub const PROMOTING: &str = "Promoting";
+    /// WAL is archived and a backup has completed (only with `spec.backup`).
+    pub const BACKUP_READY: &str = "BackupReady";
     /// Something needs attention; the message says what.
     pub const DEGRADED: &str = "Degraded";
 }
@@ -104,6 +106,53 @@ pub struct UserMetadataStoreStatus {
     /// Schema migrations: what is pending and what was approved (`Manual` policy).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub migrations: Option<MigrationsStatus>,
+    /// Backups and WAL archiving (with `spec.backup`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backup: Option<BackupStatus>,
+}
+
+/// Backups and WAL archiving as the operator last saw them: the backup Jobs'
+/// reports and the primary's `pg_stat_archiver`.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct BackupStatus {
+    /// The newest backup that completed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_backup: Option<BackupRecord>,
+    /// Backups in the repository (after retention).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backups: Option<i32>,
+    /// The earliest time the store can be restored to: the end of the oldest backup kept.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub earliest_recoverable_time: Option<String>,
+    /// The latest time the store can be restored to: when the primary last archived
+    /// a WAL segment (`pg_stat_archiver.last_archived_time`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub latest_recoverable_time: Option<String>,
+    /// The last WAL segment archiving failed for, while archiving fails.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub archive_failing: Option<String>,
+}
+
+/// One completed backup, as pgBackRest reported it.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct BackupRecord {
+    /// pgBackRest's label (`20261201-010000F`).
+    pub label: String,
+    /// `full`, `diff` or `incr`.
+    #[serde(rename = "type")]
+    pub type_: String,
+    /// When it started (RFC 3339).
+    pub started_at: String,
+    /// When it completed (RFC 3339).
+    pub completed_at: String,
+    /// The database size it covers, bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size_bytes: Option<i64>,
+    /// What it takes in the repository (compressed, encrypted), bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub repository_size_bytes: Option<i64>,
 }
 
 /// The transit key that wraps the data keys, as the keys step last saw it.

@@ -35,6 +35,8 @@ pub enum Component {
     Postgres,
     /// `pgbouncer`.
     PgBouncer,
+    /// `pgbackrest`.
+    PgBackRest,
     /// The `openssl` CLI (test certificates and keys).
     OpenSsl,
     /// OpenBao's `bao` binary.
@@ -60,6 +62,7 @@ impl Component {
         match self {
             Self::Postgres => "postgresql",
             Self::PgBouncer => "pgbouncer",
+            Self::PgBackRest => "pgbackrest",
             Self::OpenSsl => "openssl",
             Self::OpenBao => "openbao",
             Self::KubeApiServer => "kube-apiserver",

@@ -54,6 +54,9 @@ pub struct ClusterOptions {
     pub death_signal: Option<libc::c_int>,
     /// Spawns the server process; `Command::spawn` when `None`.
     pub spawner: Option<Spawner>,
+    /// Environment variables the server (and so its `archive_command` and
+    /// `restore_command`) gets besides ours.
+    pub env: Vec<(String, String)>,
 }
 
 impl Default for ClusterOptions {
@@ -73,6 +76,7 @@ impl Default for ClusterOptions {
             stop_timeout: Duration::from_secs(30),
             death_signal: None,
             spawner: None,
+            env: Vec::new(),
         }
     }
 }

@@ -77,7 +77,8 @@ impl LocalCluster {
             .arg(&self.data_dir)
             .stdin(Stdio::null())
             .stdout(log)
-            .stderr(log_err);
+            .stderr(log_err)
+            .envs(self.opts.env.iter().map(|(k, v)| (k, v)));
         let mut setup = ChildSetup::postgres();
         if let Some(signal) = self.opts.death_signal {
             setup = setup.death_signal(signal);

@@ -45,7 +45,16 @@ impl Observed {
 }
 
 /// Lists every owned kind in `namespace` with the store's label selector.
-pub async fn observe(client: &Client, namespace: &str, selector: &str) -> Result<Observed, Error> {
+///
+/// CronJobs (the backup schedules) are listed only for a store that has or had
+/// backups (`backups`): the other stores own none, and at fleet scale every LIST
+/// of a reconcile counts.
+pub async fn observe(
+    client: &Client,
+    namespace: &str,
+    selector: &str,
+    backups: bool,
+) -> Result<Observed, Error> {
     let mut observed = Observed::default();
     // Served from the API server's watch cache (resourceVersion 0) rather than a
     // consistent read: a LIST a moment behind is safe here (an absent object is
@@ -54,6 +63,9 @@ pub async fn observe(client: &Client, namespace: &str, selector: &str) -> Result
     // apply), and a consistent read is what makes LISTs expensive at fleet scale.
     let params = ListParams::default().labels(selector).match_any();
     for ar in owned_kinds() {
+        if !backups && ar.kind == "CronJob" {
+            continue;
+        }
         let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), namespace, &ar);
         let list = api
             .list(&params)

@@ -6,7 +6,7 @@
 //! - `Delete`: nothing is orphaned; garbage collection removes every owned object
 //!   and the StatefulSets' `whenDeleted: Delete` removes the PVCs.
 
-use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Secret};
 use kube::api::{Api, ListParams, Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType};
@@ -65,6 +65,43 @@ pub async fn run(ctx: &Context, store: &UserMetadataStore) -> Result<Action, Err
                     secret.name_any()
                 )))?;
                 kept.push(secret.name_any());
+            }
+            // The backup repository volume, when there is one: the backups outlive
+            // the store (it is created without an owner under Retain; one made
+            // while the policy was Delete has one to remove).
+            let claims: Api<PersistentVolumeClaim> =
+                Api::namespaced(ctx.client.clone(), &namespace);
+            let claim = crate::builders::backup::repo_claim_name(&name);
+            let volume_repo = store
+                .spec
+                .backup
+                .as_ref()
+                .is_some_and(|b| b.repository.volume.is_some());
+            let pvc = if volume_repo {
+                claims.get_opt(&claim).await.map_err(Error::kube(format!(
+                    "reading PersistentVolumeClaim/{claim}"
+                )))?
+            } else {
+                None
+            };
+            if let Some(pvc) = pvc {
+                if pvc.owner_references().iter().any(|r| r.uid == uid) {
+                    let patch = serde_json::json!({"metadata": {"ownerReferences": null}});
+                    claims
+                        .patch(
+                            &claim,
+                            &PatchParams {
+                                field_manager: Some(MANAGER.into()),
+                                ..PatchParams::default()
+                            },
+                            &Patch::Merge(&patch),
+                        )
+                        .await
+                        .map_err(Error::kube(format!(
+                            "orphaning PersistentVolumeClaim/{claim}"
+                        )))?;
+                }
+                kept.push(format!("PersistentVolumeClaim/{claim}"));
             }
             format!(
                 "reclaimPolicy Retain: PersistentVolumeClaims and Secrets {} are kept",

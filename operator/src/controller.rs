@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
+use k8s_openapi::api::batch::v1::CronJob;
 use k8s_openapi::api::core::v1::{
     ConfigMap, ObjectReference, Pod, Secret, Service, ServiceAccount,
 };
@@ -268,6 +269,7 @@ pub async fn run_with(
         .owns_stream(owned_stream::<NetworkPolicy>(&client, ns))
         .owns_stream(owned_stream::<Role>(&client, ns))
         .owns_stream(owned_stream::<RoleBinding>(&client, ns))
+        .owns_stream(owned_stream::<CronJob>(&client, ns))
         // The pods (owned by the StatefulSets and ReplicaSets, not the store): a
         // pod that becomes ready, or starts failing, is looked at at once, so the
         // status names the cause without waiting for a recheck.

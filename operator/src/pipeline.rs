@@ -23,8 +23,8 @@ use crate::context::Context;
 use crate::error::Error;
 use crate::meta::PG_PORT;
 use crate::steps::{
-    bootstrap, credentials, distribute, keys, lag, migrate, promote, rollout, status, switchover,
-    topology, validate, Journal, Outcome, Progress, Reached, Reason, Step,
+    backup, bootstrap, credentials, distribute, keys, lag, migrate, promote, rollout, status,
+    switchover, topology, validate, Journal, Outcome, Progress, Reached, Reason, Step,
 };
 use crate::validated::Validated;
 
@@ -95,7 +95,15 @@ async fn steps(
         Outcome::Waiting(w) => return Ok(Progress::Invalid(w)),
     };
     let owner = valid.owner.clone();
-    let observed = apply::observe(&ctx.client, &owner.namespace, &owner.selector_string()).await?;
+    let backups =
+        valid.spec.backup.is_some() || store.status.as_ref().is_some_and(|s| s.backup.is_some());
+    let observed = apply::observe(
+        &ctx.client,
+        &owner.namespace,
+        &owner.selector_string(),
+        backups,
+    )
+    .await?;
     let all_pods = apply::observe_pods(&ctx.client, &owner.namespace, &owner.name).await?;
     let pods = apply::database_pods(&all_pods);
     valid.endpoint_tier = endpoint_tier(store, &valid, &observed);
@@ -103,6 +111,17 @@ async fn steps(
     let credentials = credentials::run(ctx, &valid, &observed, journal).await?;
     let t = m.step_finished("credentials", t);
     let desired = builders::topology(&valid, &credentials, &ctx.env);
+    let backup_jobs: Vec<_> = all_pods
+        .iter()
+        .filter(|p| {
+            p.metadata
+                .labels
+                .as_ref()
+                .and_then(|l| l.get(crate::meta::COMPONENT_LABEL))
+                .is_some_and(|c| c == builders::backup::COMPONENT)
+        })
+        .cloned()
+        .collect();
     let mut reached = Reached {
         tier: valid.tier,
         demotion_refused: valid.demotion_refused.clone(),
@@ -130,6 +149,7 @@ async fn steps(
         keys: None,
         requeue: None,
         degraded: Vec::new(),
+        backup: None,
     };
     // What each worker group still holds, as the last distribute step saw it: a
     // removed group's pods stay until it holds nothing.
@@ -322,6 +342,32 @@ async fn steps(
         reached.requeue_within(after);
     }
     reached.keys = Some(report);
+    let t = std::time::Instant::now();
+    let old_backup = store.status.as_ref().and_then(|s| s.backup.as_ref());
+    if let Some(report) = backup::run(
+        ctx,
+        &valid,
+        &backup_jobs,
+        &schema.admin,
+        old_backup,
+        journal,
+    )
+    .await?
+    {
+        reached.noted(
+            Step::Backup,
+            report.ready,
+            report.reason,
+            report.message.clone(),
+        );
+        if report.degraded {
+            reached
+                .degraded
+                .push((report.reason, report.message.clone()));
+        }
+        reached.backup = Some(report.status);
+    }
+    m.step_finished("backup", t);
     // The connection is not kept between reconciles.
     drop(schema);
     Ok(Progress::Reached(Box::new(reached)))

@@ -328,8 +328,84 @@ fn cases() -> Vec<Case> {
             field: "spec.events.maxAge",
             message: "must be a positive duration in days, hours, minutes or seconds",
         },
+        // Backups and restores.
+        Case {
+            what: "a backup repository that is both a bucket and a volume",
+            base: 1,
+            edit: |s| {
+                s["backup"] = json!({"repository": {"volume": {}, "s3": {
+                    "bucket": "b", "endpoint": "s3.example.com", "credentialsSecret": "s3"}}})
+            },
+            field: "spec.backup.repository",
+            message: REPOSITORY,
+        },
+        Case {
+            what: "a backup repository that is neither",
+            base: 1,
+            edit: |s| s["backup"] = json!({"repository": {}}),
+            field: "spec.backup.repository",
+            message: REPOSITORY,
+        },
+        Case {
+            what: "a backup schedule that is not cron",
+            base: 1,
+            edit: |s| {
+                s["backup"] = json!({"repository": {"volume": {}}, "schedule": {"full": "daily"}})
+            },
+            field: "spec.backup.schedule.full",
+            message: "must be a cron schedule of five fields",
+        },
+        Case {
+            what: "no full backup kept",
+            base: 1,
+            edit: |s| s["backup"] = json!({"repository": {"volume": {}}, "retention": {"full": 0}}),
+            field: "spec.backup.retention.full",
+            message: "must keep between 1 and 100 backups",
+        },
+        Case {
+            what: "S3 credentials that are not a Secret name",
+            base: 1,
+            edit: |s| {
+                s["backup"] = json!({"repository": {"s3": {
+                    "bucket": "b", "endpoint": "s3.example.com", "credentialsSecret": "S3_Keys"}}})
+            },
+            field: "spec.backup.repository.s3.credentialsSecret",
+            message: "s3.credentialsSecret must be an object name",
+        },
+        Case {
+            what: "a restore asked for after creation",
+            base: 1,
+            edit: |s| s["bootstrap"] = json!({"recovery": {"source": "old-store"}}),
+            field: "spec",
+            message: "spec.bootstrap cannot change once the store exists",
+        },
+        Case {
+            what: "a restore into tier 3",
+            base: 3,
+            edit: |s| s["bootstrap"] = json!({"recovery": {"source": "old-store"}}),
+            field: "spec",
+            message: "spec.bootstrap.recovery restores a tier 1 or 2 store",
+        },
+        Case {
+            what: "a restore target that is not a time",
+            base: 1,
+            edit: |s| {
+                s["bootstrap"] = json!({"recovery": {"source": "old", "targetTime": "yesterday"}})
+            },
+            field: "spec.bootstrap.recovery.targetTime",
+            message: "targetTime must be an RFC 3339 time",
+        },
+        Case {
+            what: "a restore source that is not a name",
+            base: 1,
+            edit: |s| s["bootstrap"] = json!({"recovery": {"source": "Old Store"}}),
+            field: "spec.bootstrap.recovery.source",
+            message: "recovery.source must be an object name",
+        },
     ]
 }
+
+const REPOSITORY: &str = "backup.repository needs exactly one of s3";
 
 /// The rule a transition (update) breaks, checked apart from the table.
 const TIER_DECREASE: &str = "tier cannot be decreased";

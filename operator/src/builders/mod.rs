@@ -2,6 +2,7 @@
 //! its tier. Nothing here talks to the API server; the golden-file tests cover it.
 
 pub mod api_tokens;
+pub mod backup;
 pub mod credentials;
 pub mod data_plane;
 pub mod patroni;
@@ -12,7 +13,10 @@ pub mod postgres;
 pub mod services;
 
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
-use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service, ServiceAccount};
+use k8s_openapi::api::batch::v1::{CronJob, Job};
+use k8s_openapi::api::core::v1::{
+    ConfigMap, PersistentVolumeClaim, Secret, Service, ServiceAccount,
+};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::api::rbac::v1::{Role as RbacRole, RoleBinding};
@@ -55,11 +59,18 @@ pub enum Object {
     Role(RbacRole),
     /// A RoleBinding.
     RoleBinding(RoleBinding),
+    /// A CronJob (scheduled backups).
+    CronJob(CronJob),
+    /// A Job (the first backup; created once, not in the topology).
+    Job(Job),
+    /// A PersistentVolumeClaim (a backup repository; created once, not in the
+    /// topology).
+    PersistentVolumeClaim(PersistentVolumeClaim),
 }
 
 /// The kinds the operator creates, in apply order; observed and garbage-collected
 /// by the topology step.
-pub fn owned_kinds() -> [ApiResource; 10] {
+pub fn owned_kinds() -> [ApiResource; 11] {
     [
         ApiResource::erase::<ServiceAccount>(&()),
         ApiResource::erase::<RbacRole>(&()),
@@ -71,6 +82,7 @@ pub fn owned_kinds() -> [ApiResource; 10] {
         ApiResource::erase::<Deployment>(&()),
         ApiResource::erase::<PodDisruptionBudget>(&()),
         ApiResource::erase::<NetworkPolicy>(&()),
+        ApiResource::erase::<CronJob>(&()),
     ]
 }
 
@@ -87,6 +99,9 @@ macro_rules! each_object {
             Object::NetworkPolicy($o) => $e,
             Object::Role($o) => $e,
             Object::RoleBinding($o) => $e,
+            Object::CronJob($o) => $e,
+            Object::Job($o) => $e,
+            Object::PersistentVolumeClaim($o) => $e,
         }
     };
 }
@@ -136,6 +151,8 @@ pub fn topology(v: &Validated, creds: &Credentials, env: &Env) -> Vec<Object> {
         events: _,                // v.events (checked): data_plane env
         eligibility_cache_ttl: _, // data_plane env
         reclaim_policy: _,        // postgres PVC retention, finalizer
+        backup: _,                // backup: ConfigMap, CronJobs, pod sidecar; backup step
+        bootstrap: _,             // patroni bootstrap method, backup::restore_conf
     } = &v.spec;
 
     let mut pg_roles = vec![PgRole::Coordinator];
@@ -158,6 +175,7 @@ pub fn topology(v: &Validated, creds: &Credentials, env: &Env) -> Vec<Object> {
         Object::ConfigMap(pgconfig::config_map(v)),
         Object::ConfigMap(patroni::config_map(v, &pg_roles)),
     ];
+    objects.extend(backup::config_map(v).map(Object::ConfigMap));
     if v.pooled() {
         objects.push(Object::ConfigMap(pgbouncer::config_map(v)));
         objects.push(Object::Secret(pgbouncer::auth_secret(v, creds)));
@@ -216,6 +234,7 @@ pub fn topology(v: &Validated, creds: &Credentials, env: &Env) -> Vec<Object> {
             o.component_labels("data-plane"),
         )));
     }
+    objects.extend(backup::cron_jobs(v).into_iter().map(Object::CronJob));
     objects.push(Object::NetworkPolicy(policy::postgres_network_policy(
         v,
         &env.operator_namespace,

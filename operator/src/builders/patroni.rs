@@ -205,6 +205,20 @@ pub fn config(v: &Validated, role: &PgRole<'_>) -> Value {
     if let Some(group) = citus_group(v, role) {
         config["citus"] = json!({"group": group, "database": DATABASE});
     }
+    if super::backup::recovery_repository(v).is_some() {
+        // The first member restores the source's backup instead of running initdb
+        // (builders/backup.rs, restore.sh); the others clone from it as usual.
+        config["bootstrap"]["method"] = json!("pgbackrest");
+        config["bootstrap"]["pgbackrest"] = json!({
+            "command": format!(
+                "/bin/sh {}/{}",
+                super::backup::CONFIG_DIR,
+                super::backup::RESTORE_SCRIPT
+            ),
+            "no_params": true,
+            "keep_existing_recovery_conf": true,
+        });
+    }
     config
 }
 

@@ -54,6 +54,17 @@ pub fn postgresql_conf(v: &Validated) -> String {
         ]
         .map(String::from),
     );
+    if v.spec.backup.is_some() {
+        // Every WAL segment into the backup repository (builders/backup.rs); a
+        // segment at least every minute, so the latest recoverable time stays
+        // within a minute of now on a quiet store.
+        lines.push("archive_mode = on".into());
+        lines.push(format!(
+            "archive_command = '{}'",
+            super::backup::ARCHIVE_COMMAND.replace('\'', "''")
+        ));
+        lines.push("archive_timeout = 60".into());
+    }
     if v.spec.postgres.tls.is_some() {
         lines.push("ssl = on".into());
         lines.push(format!("ssl_cert_file = '{TLS_DIR}/tls.crt'"));

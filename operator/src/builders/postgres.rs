@@ -20,6 +20,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use umstore_crds::{InstanceSpec, ReclaimPolicy, ReplicaPurpose, StorageSpec};
 
+use super::backup;
 use super::credentials::Role;
 use super::patroni;
 use super::pgconfig::{self, CONFIG_DIR, TLS_DIR};
@@ -242,15 +243,19 @@ pub fn statefulset(v: &Validated, role: &PgRole<'_>) -> StatefulSet {
         ),
         secret_env("PATRONI_REWIND_PASSWORD", admin_secret.clone(), "password"),
     ];
+    let mut env_vars = env_vars;
+    env_vars.extend(backup::postgres_env(v, role));
     let mut mounts = vec![
         mount("data", "/var/lib/postgresql/data"),
         mount("config", CONFIG_DIR),
         mount("patroni", patroni::PATRONI_DIR),
     ];
+    mounts.extend(backup::postgres_mounts(v));
     let mut volumes = vec![
         config_volume("config", owner.child("postgres"), None),
         config_volume("patroni", owner.child("patroni"), None),
     ];
+    volumes.extend(backup::pod_volumes(v));
     if let Some(tls) = &v.spec.postgres.tls {
         mounts.push(mount("tls", TLS_DIR));
         volumes.push(Volume {
@@ -386,7 +391,11 @@ pub fn statefulset(v: &Validated, role: &PgRole<'_>) -> StatefulSet {
                     annotations: Some(BTreeMap::from([
                         (
                             CONFIG_HASH.to_string(),
-                            hash_of(&(pgconfig::config_hash(v), patroni::config_hash(v, role))),
+                            hash_of(&(
+                                pgconfig::config_hash(v),
+                                patroni::config_hash(v, role),
+                                backup::config_hash(v),
+                            )),
                         ),
                         ("prometheus.io/scrape".to_string(), "true".to_string()),
                         ("prometheus.io/port".to_string(), EXPORTER_PORT.to_string()),
@@ -404,7 +413,14 @@ pub fn statefulset(v: &Validated, role: &PgRole<'_>) -> StatefulSet {
                     }),
                     termination_grace_period_seconds: Some(60),
                     service_account_name: Some(patroni::service_account_name(v)),
-                    containers: vec![postgres, exporter],
+                    containers: [
+                        Some(postgres),
+                        Some(exporter),
+                        backup::server_container(v, role),
+                    ]
+                    .into_iter()
+                    .flatten()
+                    .collect(),
                     volumes: Some(volumes),
                     ..PodSpec::default()
                 }),

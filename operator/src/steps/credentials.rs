@@ -9,6 +9,7 @@ use kube::runtime::events::EventType;
 use super::{Journal, Reason};
 use crate::apply::{self, Observed};
 use crate::builders::api_tokens::{tokens_secret, tokens_secret_name, ApiTokens};
+use crate::builders::backup;
 use crate::builders::credentials::{generate_password, role_secret, Credentials, Role};
 use crate::builders::Object;
 use crate::context::Context;
@@ -120,6 +121,63 @@ pub async fn run(
     .await?;
     credentials.api_tokens = tokens;
     let tokens_created = new.then_some(name);
+    if v.spec.backup.is_some() {
+        // The backup repository's passphrase (never regenerated: the backups made
+        // under it need it) and the backup TLS material.
+        let name = backup::passphrase_secret_name(owner);
+        let (_, new) = read_or_create(
+            ctx,
+            v,
+            observed,
+            &name,
+            |name, secret| {
+                secret
+                    .data
+                    .as_ref()
+                    .and_then(|d| d.get(backup::PASSPHRASE_KEY))
+                    .filter(|b| !b.0.is_empty())
+                    // Only whether it is there: the operator never needs it.
+                    .map(|_| None)
+                    .ok_or_else(|| Error::CorruptSecret {
+                        name: name.to_string(),
+                    })
+            },
+            || {
+                generate_password()
+                    .map(Some)
+                    .map_err(|e| Error::Entropy(e.to_string()))
+            },
+            |passphrase: &Option<String>| {
+                backup::passphrase_secret(owner, passphrase.as_deref().unwrap_or_default())
+            },
+        )
+        .await?;
+        if new {
+            created.push(name);
+        }
+        let name = backup::tls_secret_name(owner);
+        let (_, new) = read_or_create(
+            ctx,
+            v,
+            observed,
+            &name,
+            |name, secret| {
+                let data = secret.data.clone().unwrap_or_default();
+                backup::BackupTls::from_data(&data).map_err(|_| Error::CorruptSecret {
+                    name: name.to_string(),
+                })
+            },
+            || {
+                backup::generate_tls(&owner.namespace)
+                    .map_err(|e| Error::Entropy(format!("backup TLS material: {e}")))
+            },
+            |tls| backup::tls_secret(owner, tls),
+        )
+        .await?;
+        if new {
+            created.push(name);
+        }
+    }
 
     if !created.is_empty() || tokens_created.is_some() {
         let mut parts = Vec::new();

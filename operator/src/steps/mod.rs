@@ -16,6 +16,7 @@
 //! [`Outcome::Waiting`] with a [`Reason`]; the pipeline stops there. What a step
 //! did (objects applied, Events to publish) goes to the reconcile's [`Journal`].
 
+pub mod backup;
 pub mod bootstrap;
 pub mod credentials;
 pub mod distribute;
@@ -50,6 +51,8 @@ pub enum Step {
     Distribute,
     /// keys: `KeysReady`.
     Keys,
+    /// backup (with `spec.backup`): `BackupReady`.
+    Backup,
 }
 
 impl Step {
@@ -61,6 +64,7 @@ impl Step {
             Step::Migrate => umstore_crds::condition::SCHEMA_READY,
             Step::Distribute => umstore_crds::condition::DISTRIBUTED,
             Step::Keys => umstore_crds::condition::KEYS_READY,
+            Step::Backup => umstore_crds::condition::BACKUP_READY,
         }
     }
 }
@@ -187,6 +191,14 @@ reasons! {
     ProbeFailing,
     /// A container cannot be created or started, or exited (status, Warning Event).
     ContainerFailing,
+    /// No backup has completed yet; the first is running (backup).
+    BackupPending,
+    /// A backup completed and WAL is archived (backup).
+    BackupCompleted,
+    /// The newest backup Job failed (backup).
+    BackupFailed,
+    /// WAL archiving into the backup repository fails (backup).
+    ArchiveFailing,
 }
 
 impl fmt::Display for Reason {
@@ -297,6 +309,8 @@ pub struct Reached {
     pub requeue: Option<Duration>,
     /// What later steps found that makes the store `Degraded` without stopping it.
     pub degraded: Vec<(Reason, String)>,
+    /// Backups and WAL archiving, when the backup step ran.
+    pub backup: Option<umstore_crds::BackupStatus>,
 }
 
 impl Reached {

@@ -321,6 +321,7 @@ pub fn compute(
             .and_then(|k| k.last_rotation.clone())
             .or_else(|| old.last_key_rotation.clone()),
         promotion: r.promotion.clone().or_else(|| old.promotion.clone()),
+        backup: r.backup.clone().or_else(|| old.backup.clone()),
         migrations: match &r.migrations {
             Some(m) => m.clone().map(|mut m| {
                 // An approval keeps the generation it was first acted on at.
