@@ -1138,3 +1138,189 @@ async fn a_new_template_replaces_replicas_then_switches_over_then_replaces_the_o
         "rolled out"
     );
 }
+
+/// A backup Job's pod that ended with `exit_code` and `message` at `finished`.
+fn backup_pod(name: &str, store: &str, exit_code: i32, finished: &str, message: &str) -> Value {
+    json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": name, "namespace": NS, "labels": {
+            "app.kubernetes.io/name": "umstore",
+            "app.kubernetes.io/instance": store,
+            "app.kubernetes.io/component": "backup",
+        }},
+        "spec": {"containers": [{"name": "backup", "image": "x"}]},
+        "status": {
+            "phase": if exit_code == 0 { "Succeeded" } else { "Failed" },
+            "containerStatuses": [{
+                "name": "backup", "image": "x", "imageID": "", "ready": false,
+                "restartCount": 0,
+                "state": {"terminated": {
+                    "exitCode": exit_code, "finishedAt": finished, "message": message,
+                }},
+            }],
+        },
+    })
+}
+
+#[tokio::test]
+async fn a_store_with_backups_gets_its_secrets_schedules_first_backup_and_status() {
+    let mut store = example(1);
+    store["spec"]["backup"] = json!({
+        "repository": {"volume": {"size": "20Gi", "storageClassName": "nfs"}},
+        "retention": {"full": 3},
+        "schedule": {"full": "30 2 * * 0", "differential": "30 2 * * 1-6", "timeZone": "Asia/Kolkata"},
+    });
+    let (api, ctx, name) = seeded(store).await;
+    steady(&api, &ctx, &name).await;
+
+    // The passphrase, generated once, immutable; the TLS material.
+    let secret = api
+        .get(&paths::secrets(NS), &format!("{name}-backup-encryption"))
+        .expect("the passphrase Secret");
+    assert_eq!(secret["immutable"], true);
+    assert_eq!(decoded(&secret)["passphrase"].len(), 64);
+    let tls = decoded(
+        &api.get(&paths::secrets(NS), &format!("{name}-backup-tls"))
+            .expect("the backup TLS Secret"),
+    );
+    for key in ["ca.crt", "tls.crt", "tls.key", "client.crt", "client.key"] {
+        assert!(tls[key].starts_with("-----BEGIN"), "{key}");
+    }
+    // The pods' and the Jobs' pgBackRest configuration.
+    let conf = api
+        .get(&paths::configmaps(NS), &format!("{name}-pgbackrest"))
+        .expect("the pgBackRest ConfigMap");
+    let server = conf["data"]["pgbackrest.conf"]
+        .as_str()
+        .expect("server conf");
+    assert!(server.contains("repo1-type=posix"), "{server}");
+    assert!(server.contains("repo1-cipher-type=aes-256-cbc"), "{server}");
+    assert!(
+        server.contains("tls-server-auth=umstore-backup=*"),
+        "{server}"
+    );
+    assert!(
+        !server.contains("cipher-pass"),
+        "no secret in the ConfigMap"
+    );
+    let job = conf["data"]["job.conf"].as_str().expect("job conf");
+    assert!(
+        job.contains(&format!("pg1-host={name}-coordinator.{NS}.svc")),
+        "{job}"
+    );
+    assert!(job.contains("repo1-retention-full=3"), "{job}");
+    let postgres_conf = api
+        .get(&paths::configmaps(NS), &format!("{name}-postgres"))
+        .expect("postgres ConfigMap");
+    assert!(postgres_conf["data"]["postgresql.conf"]
+        .as_str()
+        .is_some_and(|c| c.contains("archive_mode = on")));
+    // The coordinator runs the pgBackRest server beside PostgreSQL, which archives
+    // with the stanza and passphrase in its environment.
+    let sts = api
+        .get(&paths::statefulsets(NS), &format!("{name}-coordinator"))
+        .expect("coordinator");
+    let containers = sts["spec"]["template"]["spec"]["containers"]
+        .as_array()
+        .expect("containers");
+    assert!(containers.iter().any(|c| c["name"] == "pgbackrest"));
+    let env = containers[0]["env"].as_array().expect("env");
+    assert!(env
+        .iter()
+        .any(|e| e["name"] == "PGBACKREST_STANZA" && e["value"] == "coordinator"));
+    assert!(env
+        .iter()
+        .any(|e| e["name"] == "PGBACKREST_REPO1_CIPHER_PASS"
+            && e["valueFrom"]["secretKeyRef"]["name"] == format!("{name}-backup-encryption")));
+    // The schedules.
+    let cron = |kind: &str| {
+        api.get(
+            &format!("/apis/batch/v1/namespaces/{NS}/cronjobs"),
+            &format!("{name}-backup-{kind}"),
+        )
+        .unwrap_or_else(|| panic!("the {kind} CronJob"))
+    };
+    assert_eq!(cron("full")["spec"]["schedule"], "30 2 * * 0");
+    assert_eq!(cron("full")["spec"]["timeZone"], "Asia/Kolkata");
+    assert_eq!(cron("full")["spec"]["concurrencyPolicy"], "Forbid");
+    assert_eq!(cron("diff")["spec"]["schedule"], "30 2 * * 1-6");
+    // The repository volume, shared (ReadWriteMany) and kept with the store's
+    // default reclaimPolicy Retain (no owner).
+    let claim = api
+        .get(
+            &format!("/api/v1/namespaces/{NS}/persistentvolumeclaims"),
+            &format!("{name}-backup-repo"),
+        )
+        .expect("the repository claim");
+    assert_eq!(claim["spec"]["accessModes"], json!(["ReadWriteMany"]));
+    assert_eq!(claim["spec"]["storageClassName"], "nfs");
+    assert!(claim["metadata"]["ownerReferences"].is_null(), "{claim:#}");
+    // The first full backup runs at once; until it ends, BackupReady says so.
+    assert!(api
+        .get(
+            &format!("/apis/batch/v1/namespaces/{NS}/jobs"),
+            &format!("{name}-backup-first")
+        )
+        .is_some());
+    let status = status_of(&api, &name);
+    assert_eq!(condition(&status, "BackupReady")["status"], "False");
+    assert_eq!(condition(&status, "BackupReady")["reason"], "BackupPending");
+
+    // The Job's pod reports the backup: BackupReady, status.backup.
+    api.insert(
+        &paths::pods(NS),
+        backup_pod(
+            "first-1",
+            &name,
+            0,
+            "2026-12-01T01:02:00Z",
+            r#"{"backups": 1, "oldestStop": 1796086920, "last": {"label": "20261201-010000F",
+               "type": "full", "start": 1796086800, "stop": 1796086920, "size": 52428800,
+               "repoSize": 4194304}}"#,
+        ),
+    );
+    reconcile(stored(&api, &name), ctx.clone())
+        .await
+        .expect("reconcile");
+    let status = status_of(&api, &name);
+    assert_eq!(
+        condition(&status, "BackupReady")["status"],
+        "True",
+        "{status:#}"
+    );
+    assert_eq!(status["backup"]["lastBackup"]["label"], "20261201-010000F");
+    assert_eq!(
+        status["backup"]["lastBackup"]["completedAt"],
+        "2026-12-01T01:02:00Z"
+    );
+    assert_eq!(status["backup"]["lastBackup"]["sizeBytes"], 52_428_800);
+    assert_eq!(
+        status["backup"]["earliestRecoverableTime"],
+        "2026-12-01T01:02:00Z"
+    );
+    assert_eq!(condition(&status, "Degraded")["status"], "False");
+
+    // A later backup fails: not ready, Degraded, the last good backup still shown.
+    api.insert(
+        &paths::pods(NS),
+        backup_pod(
+            "full-2",
+            &name,
+            56,
+            "2026-12-08T02:31:00Z",
+            "ERROR: [056]: unable to find primary cluster - cannot proceed",
+        ),
+    );
+    reconcile(stored(&api, &name), ctx.clone())
+        .await
+        .expect("reconcile");
+    let status = status_of(&api, &name);
+    let ready = condition(&status, "BackupReady");
+    assert_eq!(ready["status"], "False");
+    assert_eq!(ready["reason"], "BackupFailed");
+    assert!(ready["message"]
+        .as_str()
+        .is_some_and(|m| m.contains("unable to find primary cluster")));
+    assert_eq!(condition(&status, "Degraded")["status"], "True");
+    assert_eq!(status["backup"]["lastBackup"]["label"], "20261201-010000F");
+}

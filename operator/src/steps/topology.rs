@@ -80,6 +80,16 @@ pub async fn run(
             .map(|role| ("Secret".to_string(), role.secret_name(&v.owner))),
     );
     wanted.insert(("Secret".to_string(), tokens_secret_name(&v.owner)));
+    // Nor the backup passphrase and TLS material, even once spec.backup is gone:
+    // the backups already made can only be read with that passphrase.
+    wanted.insert((
+        "Secret".to_string(),
+        crate::builders::backup::passphrase_secret_name(&v.owner),
+    ));
+    wanted.insert((
+        "Secret".to_string(),
+        crate::builders::backup::tls_secret_name(&v.owner),
+    ));
 
     let mut draining: BTreeMap<&str, &[String]> = BTreeMap::new();
     let mut deleted = Vec::new();
