@@ -182,7 +182,8 @@ impl PatroniCluster {
             .env_remove("KUBERNETES_SERVICE_PORT")
             .env("PATRONI_SUPERUSER_PASSWORD", &self.passwords.superuser)
             .env("PATRONI_REWIND_PASSWORD", &self.passwords.superuser)
-            .env("PATRONI_REPLICATION_PASSWORD", &self.passwords.replication);
+            .env("PATRONI_REPLICATION_PASSWORD", &self.passwords.replication)
+            .envs(member.env.iter().map(|(k, v)| (k, v)));
         let process =
             ServerProcess::spawn("Patroni", cmd, ChildSetup::postgres(), member.log.clone())?;
         self.members[index].process = Some(process);

@@ -16,6 +16,9 @@ pub struct MemberSpec {
     pub name: String,
     /// The configuration before the harness fills in the per-member fields.
     pub config: Value,
+    /// Environment variables Patroni (and so PostgreSQL and its commands) gets,
+    /// as a pod's container would.
+    pub env: Vec<(String, String)>,
 }
 
 impl MemberSpec {
@@ -24,7 +27,14 @@ impl MemberSpec {
         Self {
             name: name.into(),
             config,
+            env: Vec::new(),
         }
+    }
+
+    /// The member with `name=value` in its environment too.
+    pub fn with_env(mut self, name: &str, value: &str) -> Self {
+        self.env.push((name.to_string(), value.to_string()));
+        self
     }
 }
 
@@ -38,6 +48,7 @@ pub(super) struct Member {
     pub(super) config: PathBuf,
     pub(super) log: PathBuf,
     pub(super) process: Option<ServerProcess>,
+    pub(super) env: Vec<(String, String)>,
 }
 
 impl Member {
@@ -50,7 +61,11 @@ impl Member {
         bindir: &Path,
         admin: &Admin,
     ) -> Result<Self, HarnessError> {
-        let MemberSpec { name, mut config } = spec;
+        let MemberSpec {
+            name,
+            mut config,
+            env,
+        } = spec;
         let dir = parent.join(&name);
         std::fs::create_dir(&dir)
             .map_err(|e| HarnessError::io(format!("could not create {}", dir.display()), e))?;
@@ -92,6 +107,7 @@ impl Member {
             dir,
             config: config_path,
             process: None,
+            env,
         })
     }
 

@@ -332,11 +332,16 @@ pub fn restore_script(l: &Layout, target: Option<&str>) -> String {
 # Rendered by umstore-operator: restores the source store's backup (Patroni's
 # bootstrap method), then PostgreSQL replays its WAL through {ARCHIVE_GET_SCRIPT}.
 set -eu
-mkdir -p {pgdata}
-chmod 0700 {pgdata}
+# Patroni passes --scope=... and --datadir=...; the data directory is restored there.
+datadir={pgdata}
+for arg in \"$@\"; do
+  case \"$arg\" in --datadir=*) datadir=\"${{arg#--datadir=}}\" ;; esac
+done
+mkdir -p \"$datadir\"
+chmod 0700 \"$datadir\"
 export {pass}=\"${restore_pass}\"
 exec pgbackrest --config={dir}/{RESTORE_CONF} --stanza=coordinator --log-level-console=info \\
-  {target} \\
+  --pg1-path=\"$datadir\" {target} \\
   --recovery-option=restore_command='/bin/sh {dir}/{ARCHIVE_GET_SCRIPT} %f \"%p\"' restore
 ",
         pgdata = l.pgdata,

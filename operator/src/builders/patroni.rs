@@ -215,7 +215,7 @@ pub fn config(v: &Validated, role: &PgRole<'_>) -> Value {
                 super::backup::CONFIG_DIR,
                 super::backup::RESTORE_SCRIPT
             ),
-            "no_params": true,
+            // Patroni appends --scope and --datadir, which restore.sh reads.
             "keep_existing_recovery_conf": true,
         });
     }
