@@ -206,6 +206,17 @@ fn patroni_probe(path: &str, period: i32, failures: i32) -> Probe {
     }
 }
 
+/// What the pods of `role` read at start, hashed: a change rolls them. The
+/// pgBackRest files count only for a store that has them, so stores without
+/// backups keep the hash (and their pods) across operator upgrades.
+fn pod_config_hash(v: &Validated, role: &PgRole<'_>) -> String {
+    let (pg, patroni) = (pgconfig::config_hash(v), patroni::config_hash(v, role));
+    match backup::config_map(v) {
+        Some(_) => hash_of(&(pg, patroni, backup::config_hash(v))),
+        None => hash_of(&(pg, patroni)),
+    }
+}
+
 /// The StatefulSet of one PostgreSQL workload: Patroni as the container's process,
 /// managing PostgreSQL in the same container.
 pub fn statefulset(v: &Validated, role: &PgRole<'_>) -> StatefulSet {
@@ -391,11 +402,7 @@ pub fn statefulset(v: &Validated, role: &PgRole<'_>) -> StatefulSet {
                     annotations: Some(BTreeMap::from([
                         (
                             CONFIG_HASH.to_string(),
-                            hash_of(&(
-                                pgconfig::config_hash(v),
-                                patroni::config_hash(v, role),
-                                backup::config_hash(v),
-                            )),
+                            pod_config_hash(v, role),
                         ),
                         ("prometheus.io/scrape".to_string(), "true".to_string()),
                         ("prometheus.io/port".to_string(), EXPORTER_PORT.to_string()),
