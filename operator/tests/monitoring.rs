@@ -89,6 +89,8 @@ fn sample_status() -> umstore_crds::UserMetadataStoreStatus {
             "startedAt": "2026-03-01T00:00:00Z", "attempts": 1}},
         "replicaLag": [{"pool": "ai", "pod": "pilot-replica-ai-0", "lagBytes": 16384,
                         "lagSeconds": 0.012}],
+        "backup": {"lastBackup": {"label": "20260301-010000F", "type": "full",
+            "startedAt": "2026-03-01T01:00:00Z", "completedAt": "2026-03-01T01:02:03Z"}},
     }))
     .expect("status")
 }
@@ -502,6 +504,7 @@ fn alerts_say_what_to_look_at_and_take_their_thresholds_from_values() {
             "UmstoreReplicaLagHigh",
             "UmstoreKeyRewrapStalled",
             "UmstoreDeadLettersGrowing",
+            "UmstoreBackupTooOld",
             "UmstoreReconcileErrors",
         ])
     );
@@ -535,6 +538,7 @@ fn alerts_say_what_to_look_at_and_take_their_thresholds_from_values() {
             &monitoring_values().display().to_string(),
             "--set",
             "monitoring.prometheusRule.replicaLag.seconds=3,\
+             monitoring.prometheusRule.backupAge.maxHours=2,\
              monitoring.prometheusRule.storeNotReady.for=7m,\
              monitoring.prometheusRule.deadLetters.window=1h,\
              monitoring.prometheusRule.reconcileErrors.severity=critical,\
@@ -550,6 +554,7 @@ fn alerts_say_what_to_look_at_and_take_their_thresholds_from_values() {
             .unwrap_or_else(|| panic!("{name}"))
     };
     assert!(str_of(&rule("UmstoreReplicaLagHigh")["expr"]).ends_with("> 3"));
+    assert!(str_of(&rule("UmstoreBackupTooOld")["expr"]).ends_with("> 7200"));
     assert_eq!(rule("UmstoreStoreNotReady")["for"], "7m");
     assert!(str_of(&rule("UmstoreDeadLettersGrowing")["expr"]).contains("[1h]"));
     assert_eq!(
@@ -580,6 +585,7 @@ fn the_dashboard_has_a_panel_for_each_store_fact() {
         "replica lag",
         "cache hit rate",
         "key version",
+        "backup age",
     ] {
         assert!(
             titles.iter().any(|t| t.contains(wanted)),

@@ -1,5 +1,6 @@
 //! Per-store gauges, `umstore_operator_store_*{namespace, store}`: what each store's
-//! status says (tier, readiness, key version and rotation, replica lag), set every
+//! status says (tier, readiness, key version and rotation, replica lag, the last
+//! backup), set every
 //! time the status step computes it, so alerts and dashboards read the operator's
 //! view of every store from one target. A deleted store's series are removed, and
 //! a replica that loses the leader Lease drops them all (the new leader sets them).
@@ -8,6 +9,7 @@ use std::collections::HashMap;
 use std::sync::atomic::AtomicU64;
 use std::sync::{Mutex, PoisonError};
 
+use k8s_openapi::jiff::Timestamp;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -48,6 +50,7 @@ pub(super) struct StoreGauges {
     rotation_rewrapped: Family<StoreLabels, Gauge>,
     lag_seconds: Family<ReplicaLabels, FloatGauge>,
     lag_bytes: Family<ReplicaLabels, Gauge>,
+    last_backup: Family<StoreLabels, FloatGauge>,
     /// The replica series set for each store, to remove those of members that left.
     members: Mutex<HashMap<StoreLabels, Vec<ReplicaLabels>>>,
 }
@@ -64,6 +67,7 @@ impl StoreGauges {
             rotation_rewrapped: Family::default(),
             lag_seconds: Family::default(),
             lag_bytes: Family::default(),
+            last_backup: Family::default(),
             members: Mutex::new(HashMap::new()),
         };
         registry.register(
@@ -107,6 +111,12 @@ impl StoreGauges {
             "WAL bytes a replica pool member has not replayed (status.replicaLag)",
             gauges.lag_bytes.clone(),
         );
+        registry.register(
+            "store_last_backup_timestamp_seconds",
+            "When the store's last backup completed, Unix seconds \
+             (status.backup.lastBackup.completedAt)",
+            gauges.last_backup.clone(),
+        );
         gauges
     }
 
@@ -139,6 +149,13 @@ impl StoreGauges {
             &labels,
             rotation.map(|r| r.rewrapped),
         );
+        let completed = status
+            .backup
+            .as_ref()
+            .and_then(|b| b.last_backup.as_ref())
+            .and_then(|r| r.completed_at.parse::<Timestamp>().ok())
+            .map(|t| t.as_millisecond() as f64 / 1000.0);
+        set_or_remove(&self.last_backup, &labels, completed);
 
         let mut now = Vec::with_capacity(status.replica_lag.len());
         for lag in &status.replica_lag {
@@ -185,6 +202,7 @@ impl StoreGauges {
         ] {
             family.remove(&labels);
         }
+        self.last_backup.remove(&labels);
         let mut members = self.members.lock().unwrap_or_else(PoisonError::into_inner);
         for member in members.remove(&labels).into_iter().flatten() {
             self.lag_bytes.remove(&member);
@@ -204,6 +222,7 @@ impl StoreGauges {
         ] {
             family.clear();
         }
+        self.last_backup.clear();
         self.lag_bytes.clear();
         self.lag_seconds.clear();
         self.members
@@ -264,6 +283,8 @@ mod tests {
                 "state": "Running", "trigger": "Schedule", "rewrapped": 42,
                 "startedAt": "2026-03-01T00:00:00Z", "attempts": 1}},
             "replicaLag": lag,
+            "backup": {"lastBackup": {"label": "20260301-010000F", "type": "full",
+                "startedAt": "2026-03-01T01:00:00Z", "completedAt": "2026-03-01T01:02:03.5Z"}},
         }))
     }
 
@@ -294,6 +315,8 @@ mod tests {
             "umstore_operator_store_key_rotation_rewrapped{namespace=\"umstore\",store=\"pilot\"} 42",
             "umstore_operator_store_replica_lag_seconds{namespace=\"umstore\",store=\"pilot\",pool=\"ai\",pod=\"pilot-replica-ai-0\"} 0.25",
             "umstore_operator_store_replica_lag_bytes{namespace=\"umstore\",store=\"pilot\",pool=\"ai\",pod=\"pilot-replica-ai-0\"} 4096",
+            // 2026-03-01T01:02:03.5Z
+            "umstore_operator_store_last_backup_timestamp_seconds{namespace=\"umstore\",store=\"pilot\"} 1772326923.5",
         ] {
             assert!(body.contains(line), "missing `{line}` in {body}");
         }
@@ -324,11 +347,11 @@ mod tests {
         let members = [("a-replica-ai-0", 1), ("a-replica-ai-1", 2)];
         metrics.observe_store(&store("ns1", "a"), &rotating(&members));
         metrics.observe_store(&store("ns2", "b"), &rotating(&[("b-replica-ai-0", 3)]));
-        assert_eq!(lines(&metrics, "a").len(), 10, "{}", metrics.encode());
+        assert_eq!(lines(&metrics, "a").len(), 11, "{}", metrics.encode());
 
         metrics.forget_store("ns1", "a");
         assert_eq!(lines(&metrics, "a"), Vec::<String>::new());
-        assert_eq!(lines(&metrics, "b").len(), 8, "{}", metrics.encode());
+        assert_eq!(lines(&metrics, "b").len(), 9, "{}", metrics.encode());
     }
 
     #[test]
