@@ -366,7 +366,9 @@ pub fn archive_get_script(l: &Layout) -> String {
         "#!/bin/sh
 set -eu
 export {pass}=\"${restore_pass}\"
-exec pgbackrest --config={dir}/{RESTORE_CONF} --stanza=coordinator archive-get \"$1\" \"$2\"
+# PostgreSQL runs restore_command in its data directory, wherever that is.
+exec pgbackrest --config={dir}/{RESTORE_CONF} --stanza=coordinator --pg1-path=\"$PWD\" \\
+  archive-get \"$1\" \"$2\"
 ",
         dir = l.config_dir,
         pass = env::CIPHER_PASS,
