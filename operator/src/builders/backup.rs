@@ -178,7 +178,16 @@ pub fn repo_options(
         Some(s3) => {
             lines.push("repo1-type=s3".to_string());
             lines.push(format!("repo1-s3-bucket={}", s3.bucket));
-            lines.push(format!("repo1-s3-endpoint={}", s3.endpoint));
+            // pgBackRest takes the port apart (`repo1-storage-port`).
+            match s3.endpoint.rsplit_once(':') {
+                Some((host, port))
+                    if !port.is_empty() && port.bytes().all(|b| b.is_ascii_digit()) =>
+                {
+                    lines.push(format!("repo1-s3-endpoint={host}"));
+                    lines.push(format!("repo1-storage-port={port}"));
+                }
+                _ => lines.push(format!("repo1-s3-endpoint={}", s3.endpoint)),
+            }
             lines.push(format!("repo1-s3-region={}", s3.region));
             lines.push(format!(
                 "repo1-s3-uri-style={}",
@@ -1014,5 +1023,56 @@ pub fn tls_secret(owner: &Owner, tls: &BackupTls) -> Secret {
                 .collect(),
         ),
         ..Secret::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use umstore_crds::S3Repository;
+
+    fn s3(endpoint: &str) -> BackupRepository {
+        BackupRepository {
+            s3: Some(S3Repository {
+                bucket: "backups".into(),
+                endpoint: endpoint.into(),
+                region: "ap-south-1".into(),
+                path: None,
+                uri_style: UriStyle::Path,
+                credentials_secret: "s3".into(),
+                verify_tls: false,
+            }),
+            volume: None,
+        }
+    }
+
+    #[test]
+    fn an_s3_endpoint_with_a_port_is_taken_apart_for_pgbackrest() {
+        let lines = repo_options(&s3("minio.backup.svc:9000"), "/umstore/ns/s", None);
+        assert!(
+            lines.contains(&"repo1-s3-endpoint=minio.backup.svc".to_string()),
+            "{lines:?}"
+        );
+        assert!(
+            lines.contains(&"repo1-storage-port=9000".to_string()),
+            "{lines:?}"
+        );
+        assert!(lines.contains(&"repo1-s3-uri-style=path".to_string()));
+        assert!(lines.contains(&"repo1-storage-verify-tls=n".to_string()));
+        let lines = repo_options(&s3("s3.ap-south-1.amazonaws.com"), "/p", None);
+        assert!(lines.contains(&"repo1-s3-endpoint=s3.ap-south-1.amazonaws.com".to_string()));
+        assert!(!lines.iter().any(|l| l.starts_with("repo1-storage-port")));
+    }
+
+    #[test]
+    fn a_target_time_is_written_the_way_pgbackrest_reads_it() {
+        assert_eq!(
+            pgbackrest_time("2026-12-01T15:00:00.123456+05:30"),
+            "2026-12-01 09:30:00.123+00"
+        );
+        assert_eq!(
+            pgbackrest_time("2026-12-01T09:30:00Z"),
+            "2026-12-01 09:30:00.000+00"
+        );
     }
 }
