@@ -129,6 +129,11 @@ pub struct BackupStatus {
     /// a WAL segment (`pg_stat_archiver.last_archived_time`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub latest_recoverable_time: Option<String>,
+    /// The Citus restore point (tier 3 and up) the newest backup ended with: restore
+    /// the coordinator and every worker group to it (`--type=name`) for a cluster
+    /// consistent across nodes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restore_point: Option<String>,
     /// The last WAL segment archiving failed for, while archiving fails.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub archive_failing: Option<String>,

@@ -714,11 +714,24 @@ pub fn repo_claim(v: &Validated) -> Option<PersistentVolumeClaim> {
 /// JSON line in the termination message the operator reads
 /// ([`crate::steps::backup`]).
 pub fn job_script(kind: &str, stanzas: &[String], report: &str) -> String {
+    script(kind, stanzas, report, false)
+}
+
+/// [`job_script`] from tier 3: the backups, then a Citus restore point
+/// ([`RESTORE_POINT_SCRIPT`]) named in the report.
+pub fn citus_job_script(kind: &str, stanzas: &[String], report: &str) -> String {
+    script(kind, stanzas, report, true)
+}
+
+fn script(kind: &str, stanzas: &[String], report: &str, restore_point: bool) -> String {
     let mut script = String::from("set -eu\n");
     for s in stanzas {
         script.push_str(&format!(
             "pgbackrest --stanza={s} stanza-create\npgbackrest --stanza={s} --type={kind} backup\n"
         ));
+    }
+    if restore_point {
+        script.push_str(RESTORE_POINT_SCRIPT);
     }
     script.push_str(&format!(
         "pgbackrest --stanza=coordinator --output=json info | {SUMMARY} > {report}\n"
@@ -726,14 +739,28 @@ pub fn job_script(kind: &str, stanzas: &[String], report: &str) -> String {
     script
 }
 
+/// From tier 3, after every group's backup: one Citus restore point across the
+/// coordinator and the workers (`citus_create_restore_point`, which blocks
+/// distributed commits for its instant), so each group can be restored to the same
+/// consistent point. Only where the extension is installed; the name is made
+/// here, never taken from input. `PG*` variables (the coordinator's read-write
+/// Service, the superuser) say where.
+pub const RESTORE_POINT_SCRIPT: &str = "\
+if [ \"$(psql -qAtX -c \"SELECT count(*) FROM pg_extension WHERE extname = 'citus'\")\" = 1 ]; then
+  UMSTORE_RESTORE_POINT=\"umstore-$(date -u +%Y%m%dT%H%M%SZ)\"
+  psql -qAtX -v ON_ERROR_STOP=1 -c \"SELECT citus_create_restore_point('$UMSTORE_RESTORE_POINT')\" >/dev/null
+  export UMSTORE_RESTORE_POINT
+fi
+";
+
 /// Reduces `pgbackrest info --output=json` to what status shows (kept under the
 /// 4 KiB a termination message holds): the newest backup, the oldest backup's end,
 /// and the count. Python is in the image (Patroni runs on it).
-const SUMMARY: &str = "python3 -c 'import json,sys\n\
+const SUMMARY: &str = "python3 -c 'import json,os,sys\n\
 i=json.load(sys.stdin)[0]\n\
 b=i.get(\"backup\") or []\n\
 n=b[-1] if b else None\n\
-print(json.dumps({\"backups\":len(b),\"oldestStop\":b[0][\"timestamp\"][\"stop\"] if b else None,\
+print(json.dumps({\"backups\":len(b),\"restorePoint\":os.environ.get(\"UMSTORE_RESTORE_POINT\"),\"oldestStop\":b[0][\"timestamp\"][\"stop\"] if b else None,\
 \"last\":None if n is None else {\"label\":n[\"label\"],\"type\":n[\"type\"],\"start\":n[\"timestamp\"][\"start\"],\
 \"stop\":n[\"timestamp\"][\"stop\"],\"size\":n[\"info\"][\"size\"],\"repoSize\":n[\"info\"][\"repository\"][\"delta\"]}}))'";
 
@@ -766,6 +793,26 @@ fn job_pod(v: &Validated, kind: &str) -> PodTemplateSpec {
             PASSPHRASE_KEY,
         ),
     ];
+    if v.citus() {
+        // The restore point is made on the coordinator's primary, as the superuser.
+        let sslmode = if v.spec.postgres.tls.is_some() {
+            "require"
+        } else {
+            "prefer"
+        };
+        vars.extend([
+            plain("PGHOST", owner.service_host(&PgRole::Coordinator.name(v))),
+            plain("PGPORT", PG_PORT.to_string()),
+            plain("PGUSER", SUPERUSER),
+            plain("PGDATABASE", umstore_migrations::roles::DATABASE),
+            plain("PGSSLMODE", sslmode),
+            secret(
+                "PGPASSWORD",
+                super::credentials::Role::Admin.secret_name(owner),
+                "password",
+            ),
+        ]);
+    }
     if let Some(b) = &v.spec.backup {
         vars.extend(s3_env(&b.repository));
         if b.repository.volume.is_some() {
@@ -806,7 +853,11 @@ fn job_pod(v: &Validated, kind: &str) -> PodTemplateSpec {
                 command: Some(vec![
                     "/bin/sh".into(),
                     "-c".into(),
-                    job_script(kind, &stanzas, "/dev/termination-log"),
+                    if v.citus() {
+                        citus_job_script(kind, &stanzas, "/dev/termination-log")
+                    } else {
+                        job_script(kind, &stanzas, "/dev/termination-log")
+                    },
                 ]),
                 env: Some(vars),
                 volume_mounts: Some(mounts),

@@ -51,6 +51,9 @@ pub struct JobSummary {
     pub oldest_stop: Option<i64>,
     /// The newest backup.
     pub last: Option<JobBackup>,
+    /// The Citus restore point the Job made after its backups (tier 3 and up).
+    #[serde(default)]
+    pub restore_point: Option<String>,
 }
 
 /// The newest backup in a [`JobSummary`].
@@ -147,6 +150,9 @@ pub fn assess(
     if let Some(summary) = newest_success {
         status.backups = Some(summary.backups);
         status.earliest_recoverable_time = summary.oldest_stop.map(rfc3339);
+        if summary.restore_point.is_some() {
+            status.restore_point = summary.restore_point;
+        }
         if let Some(b) = summary.last {
             status.last_backup = Some(BackupRecord {
                 label: b.label,
