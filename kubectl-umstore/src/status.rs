@@ -146,9 +146,37 @@ fn summary(
     if let Some(s) = &status.switchover {
         lines.push(("Switchover", format!("to {s} (last acted on)")));
     }
-    // No backup settings or status exist yet.
-    lines.push(("Backup", "not configured".to_string()));
+    lines.push(("Backup", backup(store, status, now)));
     lines
+}
+
+/// The last backup, what can be restored, and what is wrong with backups.
+fn backup(store: &UserMetadataStore, status: &UserMetadataStoreStatus, now: Timestamp) -> String {
+    if store.spec.backup.is_none() {
+        return "not configured (spec.backup)".to_string();
+    }
+    let Some(b) = &status.backup else {
+        return "configured; nothing reported yet".to_string();
+    };
+    let mut line = match &b.last_backup {
+        Some(last) => format!(
+            "last {} {} completed {}",
+            last.type_,
+            last.label,
+            time_and_age(&last.completed_at, now)
+        ),
+        None => "no backup completed yet".to_string(),
+    };
+    if let (Some(from), Some(to)) = (&b.earliest_recoverable_time, &b.latest_recoverable_time) {
+        line.push_str(&format!("; recoverable {from} to {to}"));
+    }
+    if let Some(point) = &b.restore_point {
+        line.push_str(&format!("; restore point {point}"));
+    }
+    if let Some(wal) = &b.archive_failing {
+        line.push_str(&format!("; WAL ARCHIVING FAILS at {wal}"));
+    }
+    line
 }
 
 fn schema(store: &UserMetadataStore, status: &UserMetadataStoreStatus, name: &str) -> String {
@@ -371,6 +399,30 @@ mod tests {
         .expect("a store")
     }
 
+    #[test]
+    fn the_backup_line_shows_the_last_backup_the_window_and_a_failing_archive() {
+        let mut s = store(json!({
+            "backup": {
+                "lastBackup": {"label": "20260310-010000F", "type": "full",
+                               "startedAt": "2026-03-10T01:00:00Z", "completedAt": "2026-03-10T01:04:00Z"},
+                "earliestRecoverableTime": "2026-03-03T01:04:00Z",
+                "latestRecoverableTime": "2026-03-10T11:59:00Z",
+                "archiveFailing": "00000001000000000000002A",
+            },
+        }));
+        s.spec.backup = Some(
+            serde_json::from_value(json!({"repository": {"volume": {}}})).expect("backup spec"),
+        );
+        let page = render(&s, now());
+        let line = field(
+            "Backup",
+            "last full 20260310-010000F completed 2026-03-10T01:04:00Z (10h ago); recoverable \
+             2026-03-03T01:04:00Z to 2026-03-10T11:59:00Z; WAL ARCHIVING FAILS at \
+             00000001000000000000002A",
+        );
+        assert!(page.contains(&line), "{page}");
+    }
+
     fn field(label: &str, value: &str) -> String {
         format!("{:<LABEL_WIDTH$}  {value}", format!("{label}:"))
     }
@@ -417,7 +469,7 @@ mod tests {
                 "transit/umstore-pii version 3 (oldest usable 2); last rotation \
                  2026-03-05T12:00:00Z (5d ago)",
             ),
-            field("Backup", "not configured"),
+            field("Backup", "not configured (spec.backup)"),
             "  Ready       False    ComponentsNotReady   5m    waiting for pilot-worker-south\n"
                 .into(),
             "  pilot-worker-south   StatefulSet   0/2     PersistentVolumeClaim \

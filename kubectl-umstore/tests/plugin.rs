@@ -376,7 +376,7 @@ async fn status_shows_conditions_components_keys_migrations_and_more() {
             "transit/umstore-pii version 2 (oldest usable 2); last rotation 2026-03-01T10:00:00Z (",
         ),
         field("Key rotation", "Succeeded (Annotation), 300 data keys rewrapped"),
-        field("Backup", "not configured"),
+        field("Backup", "not configured (spec.backup)"),
         "  TYPE          STATUS   REASON              AGE   MESSAGE".to_string(),
         "  Ready         False    MigrationsPending   20m   migrations 10, 11 are pending".to_string(),
         "  Provisioned   True     Applied             20m   every object applied".to_string(),
