@@ -21,8 +21,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
+use k8s_openapi::api::batch::v1::{CronJob, Job};
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Secret};
 use k8s_openapi::api::events::v1::Event;
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use kube::api::{Api, DeleteParams, Patch, PatchParams};
@@ -217,6 +218,11 @@ async fn the_operator_with_the_charts_rbac_reconciles_every_example_tier() {
         .map(|tier| {
             let mut store = example(tier, &ns);
             store["spec"]["encryption"]["vaultAddress"] = json!(bao.address());
+            if tier == 1 {
+                // Backups: the operator's Secrets, CronJobs, repository claim and
+                // first backup Job, with the chart's RBAC.
+                store["spec"]["backup"] = json!({"repository": {"volume": {"size": "5Gi"}}});
+            }
             store
         })
         .collect();
@@ -388,6 +394,34 @@ async fn the_operator_with_the_charts_rbac_reconciles_every_example_tier() {
     assert_eq!(keys.key, "transit/umstore-pii");
     assert_eq!(keys.version, Some(1));
     assert!(keys.next_rotation.is_some(), "{keys:?}");
+    // Backups: the schedules, the shared repository claim, the first backup under
+    // way (no pod runs it here), and the condition saying so.
+    let cronjobs: Api<CronJob> = Api::namespaced(admin.clone(), &ns);
+    for kind in ["full", "diff"] {
+        cronjobs
+            .get(&format!("pilot-backup-{kind}"))
+            .await
+            .unwrap_or_else(|e| panic!("the {kind} backup CronJob: {e}"));
+    }
+    let claims: Api<PersistentVolumeClaim> = Api::namespaced(admin.clone(), &ns);
+    let claim = claims
+        .get("pilot-backup-repo")
+        .await
+        .expect("the repository claim");
+    assert_eq!(
+        claim.spec.and_then(|s| s.access_modes),
+        Some(vec!["ReadWriteMany".to_string()])
+    );
+    let jobs: Api<Job> = Api::namespaced(admin.clone(), &ns);
+    jobs.get("pilot-backup-first")
+        .await
+        .expect("the first backup Job");
+    assert_eq!(condition(&status, "BackupReady"), Some("False"));
+    let passphrase = secrets
+        .get("pilot-backup-encryption")
+        .await
+        .expect("the passphrase Secret");
+    assert_eq!(passphrase.immutable, Some(true));
 
     // Deletion runs the finalizer; Retain keeps the credential Secrets.
     stores
@@ -410,5 +444,23 @@ async fn the_operator_with_the_charts_rbac_reconciles_every_example_tier() {
         .get("pilot-api-tokens")
         .await
         .expect("reclaimPolicy Retain keeps the API tokens");
+    let kept = secrets
+        .get("pilot-backup-encryption")
+        .await
+        .expect("reclaimPolicy Retain keeps the backup passphrase");
+    assert!(kept
+        .metadata
+        .owner_references
+        .unwrap_or_default()
+        .is_empty());
+    let claim = claims
+        .get("pilot-backup-repo")
+        .await
+        .expect("reclaimPolicy Retain keeps the backup repository");
+    assert!(claim
+        .metadata
+        .owner_references
+        .unwrap_or_default()
+        .is_empty());
     operator.abort();
 }
