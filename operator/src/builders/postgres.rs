@@ -400,10 +400,7 @@ pub fn statefulset(v: &Validated, role: &PgRole<'_>) -> StatefulSet {
                 metadata: Some(ObjectMeta {
                     labels: Some(pod_labels),
                     annotations: Some(BTreeMap::from([
-                        (
-                            CONFIG_HASH.to_string(),
-                            pod_config_hash(v, role),
-                        ),
+                        (CONFIG_HASH.to_string(), pod_config_hash(v, role)),
                         ("prometheus.io/scrape".to_string(), "true".to_string()),
                         ("prometheus.io/port".to_string(), EXPORTER_PORT.to_string()),
                     ])),
