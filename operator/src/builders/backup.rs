@@ -25,10 +25,10 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::batch::v1::{CronJob, CronJobSpec, Job, JobSpec, JobTemplateSpec};
 use k8s_openapi::api::core::v1::{
-    ConfigMap, Container, EmptyDirVolumeSource, EnvVar, EnvVarSource, KeyToPath,
-    PersistentVolumeClaim, PersistentVolumeClaimSpec, PersistentVolumeClaimVolumeSource,
-    PodSecurityContext, PodSpec, PodTemplateSpec, ResourceRequirements, Secret, SecretKeySelector,
-    SecretVolumeSource, Volume, VolumeMount, VolumeResourceRequirements,
+    ConfigMap, Container, EmptyDirVolumeSource, EnvVar, KeyToPath, PersistentVolumeClaim,
+    PersistentVolumeClaimSpec, PersistentVolumeClaimVolumeSource, PodSecurityContext, PodSpec,
+    PodTemplateSpec, ResourceRequirements, Secret, SecretVolumeSource, Volume, VolumeMount,
+    VolumeResourceRequirements,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
@@ -37,7 +37,7 @@ use umstore_crds::{BackupRepository, BackupRetention, BackupSpec, UriStyle};
 use umstore_migrations::roles::SUPERUSER;
 
 use super::patroni::PGDATA;
-use super::postgres::PgRole;
+use super::postgres::{env as pg_env, secret_env, PgRole};
 use crate::meta::{hash_of, Owner, CONFIG_HASH, INSTANCE_LABEL, PG_PORT};
 use crate::validated::Validated;
 
@@ -390,17 +390,24 @@ pub fn postgres_env(v: &Validated, role: &PgRole<'_>) -> Vec<EnvVar> {
     let Some(backup) = &v.spec.backup else {
         return restore_env(v);
     };
+    let mut vars = server_env(v, backup, role);
+    vars.extend(restore_env(v));
+    vars
+}
+
+/// What pgBackRest reads from the environment in a database pod: its
+/// configuration, the pod's stanza, the passphrase and the S3 keys.
+fn server_env(v: &Validated, backup: &BackupSpec, role: &PgRole<'_>) -> Vec<EnvVar> {
     let mut vars = vec![
-        plain(env::CONFIG, format!("{CONFIG_DIR}/{SERVER_CONF}")),
-        plain(env::STANZA, stanza(role)),
-        secret(
+        pg_env(env::CONFIG, format!("{CONFIG_DIR}/{SERVER_CONF}")),
+        pg_env(env::STANZA, stanza(role)),
+        secret_env(
             env::CIPHER_PASS,
             passphrase_secret_name(&v.owner),
             PASSPHRASE_KEY,
         ),
     ];
     vars.extend(s3_env(&backup.repository));
-    vars.extend(restore_env(v));
     vars
 }
 
@@ -408,7 +415,7 @@ fn restore_env(v: &Validated) -> Vec<EnvVar> {
     let Some(r) = v.spec.bootstrap.as_ref().and_then(|b| b.recovery.as_ref()) else {
         return Vec::new();
     };
-    vec![secret(
+    vec![secret_env(
         env::RESTORE_CIPHER_PASS,
         format!("{}-backup-encryption", r.source),
         PASSPHRASE_KEY,
@@ -418,37 +425,14 @@ fn restore_env(v: &Validated) -> Vec<EnvVar> {
 fn s3_env(repo: &BackupRepository) -> Vec<EnvVar> {
     match &repo.s3 {
         Some(s3) => vec![
-            secret(env::S3_KEY, s3.credentials_secret.clone(), "accessKeyId"),
-            secret(
+            secret_env(env::S3_KEY, s3.credentials_secret.clone(), "accessKeyId"),
+            secret_env(
                 env::S3_KEY_SECRET,
                 s3.credentials_secret.clone(),
                 "secretAccessKey",
             ),
         ],
         None => Vec::new(),
-    }
-}
-
-fn plain(name: &str, value: impl Into<String>) -> EnvVar {
-    EnvVar {
-        name: name.into(),
-        value: Some(value.into()),
-        ..EnvVar::default()
-    }
-}
-
-fn secret(name: &str, secret: String, key: &str) -> EnvVar {
-    EnvVar {
-        name: name.into(),
-        value_from: Some(EnvVarSource {
-            secret_key_ref: Some(SecretKeySelector {
-                name: secret,
-                key: key.into(),
-                optional: Some(false),
-            }),
-            ..EnvVarSource::default()
-        }),
-        ..EnvVar::default()
     }
 }
 
@@ -586,16 +570,7 @@ pub fn server_container(v: &Validated, role: &PgRole<'_>) -> Option<Container> {
         mount("pgbackrest-run", SOCKET_DIR, false),
     ];
     mounts.extend(repo_mounts(v));
-    let mut vars = vec![
-        plain(env::CONFIG, format!("{CONFIG_DIR}/{SERVER_CONF}")),
-        plain(env::STANZA, stanza(role)),
-        secret(
-            env::CIPHER_PASS,
-            passphrase_secret_name(&v.owner),
-            PASSPHRASE_KEY,
-        ),
-    ];
-    vars.extend(s3_env(&backup.repository));
+    let vars = server_env(v, backup, role);
     Some(Container {
         name: "pgbackrest".into(),
         image: Some(v.spec.postgres.image.clone()),
@@ -786,8 +761,8 @@ fn job_pod(v: &Validated, kind: &str) -> PodTemplateSpec {
         mount("pgbackrest-tls", TLS_DIR, true),
     ];
     let mut vars = vec![
-        plain(env::CONFIG, format!("{CONFIG_DIR}/{JOB_CONF}")),
-        secret(
+        pg_env(env::CONFIG, format!("{CONFIG_DIR}/{JOB_CONF}")),
+        secret_env(
             env::CIPHER_PASS,
             passphrase_secret_name(owner),
             PASSPHRASE_KEY,
@@ -801,12 +776,12 @@ fn job_pod(v: &Validated, kind: &str) -> PodTemplateSpec {
             "prefer"
         };
         vars.extend([
-            plain("PGHOST", owner.service_host(&PgRole::Coordinator.name(v))),
-            plain("PGPORT", PG_PORT.to_string()),
-            plain("PGUSER", SUPERUSER),
-            plain("PGDATABASE", umstore_migrations::roles::DATABASE),
-            plain("PGSSLMODE", sslmode),
-            secret(
+            pg_env("PGHOST", owner.service_host(&PgRole::Coordinator.name(v))),
+            pg_env("PGPORT", PG_PORT.to_string()),
+            pg_env("PGUSER", SUPERUSER),
+            pg_env("PGDATABASE", umstore_migrations::roles::DATABASE),
+            pg_env("PGSSLMODE", sslmode),
+            secret_env(
                 "PGPASSWORD",
                 super::credentials::Role::Admin.secret_name(owner),
                 "password",

@@ -108,7 +108,8 @@ impl PgRole<'_> {
     }
 }
 
-fn secret_env(name: &str, secret: String, key: &str) -> EnvVar {
+/// `name` from `key` of Secret `secret` (which must exist).
+pub(super) fn secret_env(name: &str, secret: String, key: &str) -> EnvVar {
     EnvVar {
         name: name.into(),
         value_from: Some(EnvVarSource {
@@ -123,7 +124,8 @@ fn secret_env(name: &str, secret: String, key: &str) -> EnvVar {
     }
 }
 
-fn env(name: &str, value: impl Into<String>) -> EnvVar {
+/// `name` set to `value`.
+pub(super) fn env(name: &str, value: impl Into<String>) -> EnvVar {
     EnvVar {
         name: name.into(),
         value: Some(value.into()),
