@@ -19,6 +19,26 @@ use crate::error::Error;
 use crate::meta::{Owner, MANAGER};
 use crate::steps::Reason;
 
+/// Removes `kind/name`'s owner references, so garbage collection keeps it, under
+/// the operator's field manager like every other write.
+async fn orphan<K>(api: &Api<K>, kind: &str, name: &str) -> Result<(), Error>
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    let patch = serde_json::json!({"metadata": {"ownerReferences": null}});
+    api.patch(
+        name,
+        &PatchParams {
+            field_manager: Some(MANAGER.into()),
+            ..PatchParams::default()
+        },
+        &Patch::Merge(&patch),
+    )
+    .await
+    .map_err(Error::kube(format!("orphaning {kind}/{name}")))?;
+    Ok(())
+}
+
 /// Runs the cleanup of `store`.
 pub async fn run(ctx: &Context, store: &UserMetadataStore) -> Result<Action, Error> {
     let name = store.metadata.name.clone().ok_or(Error::MissingMetadata)?;
@@ -49,21 +69,7 @@ pub async fn run(ctx: &Context, store: &UserMetadataStore) -> Result<Action, Err
                 if !secret.owner_references().iter().any(|r| r.uid == uid) {
                     continue;
                 }
-                let patch = serde_json::json!({"metadata": {"ownerReferences": null}});
-                // Under the operator's field manager, like every other write.
-                api.patch(
-                    &secret.name_any(),
-                    &PatchParams {
-                        field_manager: Some(MANAGER.into()),
-                        ..PatchParams::default()
-                    },
-                    &Patch::Merge(&patch),
-                )
-                .await
-                .map_err(Error::kube(format!(
-                    "orphaning Secret/{}",
-                    secret.name_any()
-                )))?;
+                orphan(&api, "Secret", &secret.name_any()).await?;
                 kept.push(secret.name_any());
             }
             // The backup repository volume, when there is one: the backups outlive
@@ -86,20 +92,7 @@ pub async fn run(ctx: &Context, store: &UserMetadataStore) -> Result<Action, Err
             };
             if let Some(pvc) = pvc {
                 if pvc.owner_references().iter().any(|r| r.uid == uid) {
-                    let patch = serde_json::json!({"metadata": {"ownerReferences": null}});
-                    claims
-                        .patch(
-                            &claim,
-                            &PatchParams {
-                                field_manager: Some(MANAGER.into()),
-                                ..PatchParams::default()
-                            },
-                            &Patch::Merge(&patch),
-                        )
-                        .await
-                        .map_err(Error::kube(format!(
-                            "orphaning PersistentVolumeClaim/{claim}"
-                        )))?;
+                    orphan(&claims, "PersistentVolumeClaim", &claim).await?;
                 }
                 kept.push(format!("PersistentVolumeClaim/{claim}"));
             }

@@ -111,17 +111,8 @@ async fn steps(
     let credentials = credentials::run(ctx, &valid, &observed, journal).await?;
     let t = m.step_finished("credentials", t);
     let desired = builders::topology(&valid, &credentials, &ctx.env);
-    let backup_jobs: Vec<_> = all_pods
-        .iter()
-        .filter(|p| {
-            p.metadata
-                .labels
-                .as_ref()
-                .and_then(|l| l.get(crate::meta::COMPONENT_LABEL))
-                .is_some_and(|c| c == builders::backup::COMPONENT)
-        })
-        .cloned()
-        .collect();
+    // How the backup Jobs' pods ended, before the pods go to the diagnosis.
+    let backup_jobs = backup::ended_jobs(&all_pods);
     let mut reached = Reached {
         tier: valid.tier,
         demotion_refused: valid.demotion_refused.clone(),

@@ -265,7 +265,7 @@ pub async fn archiver(admin: &tokio_postgres::Client) -> Result<Archiver, Error>
 pub async fn run(
     ctx: &Context,
     v: &Validated,
-    pods: &[Pod],
+    jobs: &[(String, JobEnd)],
     admin: &tokio_postgres::Client,
     old: Option<&BackupStatus>,
     journal: &mut Journal,
@@ -286,8 +286,7 @@ pub async fn run(
             ));
         }
     }
-    let jobs = ended_jobs(pods);
-    let report = assess(&jobs, &archiver(admin).await?, old);
+    let report = assess(jobs, &archiver(admin).await?, old);
     if report.status.last_backup.is_none() && jobs.is_empty() {
         let job = build::first_backup_job(v);
         let name = job.name_any();
