@@ -2,7 +2,8 @@
 //! serves it. Modules are split by what they do: [`crypto`] (key providers,
 //! envelope, blind index), [`seed`] (synthetic users), [`embedded`] (the
 //! embedded PostgreSQL of local runs, on `umstore-localpg`), [`api`] (HTTP:
-//! health, readiness, metrics), [`db`] (connections).
+//! health, readiness, metrics, the read API), [`read_cache`] (the read API's
+//! cache and its invalidation by the outbound events), [`db`] (connections).
 
 pub mod api;
 pub mod backoff;
@@ -13,5 +14,6 @@ pub mod embedded;
 pub mod ingest;
 pub mod metrics;
 pub mod model;
+pub mod read_cache;
 pub mod seed;
 pub mod store;

@@ -24,11 +24,19 @@ pub struct IngestLabels {
     pub outcome: &'static str,
 }
 
-/// An eligibility cache lookup's result.
+/// A cache lookup's result (the eligibility cache's and the read cache's).
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct CacheLabels {
-    /// `hit` (an unexpired entry answered) or `miss`.
+    /// `hit` (an unexpired entry answered) or `miss`; the read cache also
+    /// `bypass` (a request it may not answer).
     pub result: &'static str,
+}
+
+/// Why the read cache dropped entries.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    /// `metadata_stored`, `user_erased`, `verify` or `resubscribe`.
+    pub reason: &'static str,
 }
 
 /// A read purpose (its replica's gauges).
@@ -50,6 +58,11 @@ fn read_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.000_1, 2.0, 16))
 }
 
+fn read_histogram_wide() -> Histogram {
+    // 1 ms to about 2.3 hours (an entry lives at most its TTL).
+    Histogram::new(exponential_buckets(0.001, 2.0, 24))
+}
+
 /// Every metric the data plane exports.
 #[derive(Debug)]
 pub struct Metrics {
@@ -69,6 +82,22 @@ pub struct Metrics {
     pub ingest_apply_seconds: Histogram,
     /// Events published to the dead-letter subject.
     pub ingest_dead_letters: Counter,
+    /// Read cache lookups of `GET /api/v1/user-metadata/{user_id}`, by result
+    /// (`hit`, `miss`, `bypass`).
+    pub read_cache_lookups: Family<CacheLabels, Counter>,
+    /// Read cache hits over hits and misses since start.
+    pub read_cache_hit_ratio: Gauge<f64, AtomicU64>,
+    /// Read cache invalidations, by reason.
+    pub read_cache_invalidations: Family<ReasonLabels, Counter>,
+    /// Entries the read cache holds (refreshed at scrape).
+    pub read_cache_entries: Gauge,
+    /// 1 while the read cache may serve hits (its event subscription is up,
+    /// or every hit is verified).
+    pub read_cache_live: Gauge,
+    /// Age of each entry a hit served: how stale a hit can be.
+    pub read_cache_hit_age_seconds: Histogram,
+    /// From an event's arrival in the outbound stream to its invalidation here.
+    pub read_cache_invalidation_lag_seconds: Histogram,
     /// Seconds to answer a read API request, by route.
     pub read_duration_seconds: Family<RouteLabels, Histogram, fn() -> Histogram>,
     registry: Registry,
@@ -180,6 +209,48 @@ impl Metrics {
             "Eligibility cache hits over lookups since the process started",
             eligibility_cache_hit_ratio.clone(),
         );
+        let read_cache_lookups = Family::<CacheLabels, Counter>::default();
+        registry.register(
+            "read_cache_lookups",
+            "Read cache lookups of one user's metadata, by result (hit, miss, bypass)",
+            read_cache_lookups.clone(),
+        );
+        let read_cache_hit_ratio = Gauge::<f64, AtomicU64>::default();
+        registry.register(
+            "read_cache_hit_ratio",
+            "Read cache hits over hits and misses since the process started",
+            read_cache_hit_ratio.clone(),
+        );
+        let read_cache_invalidations = Family::<ReasonLabels, Counter>::default();
+        registry.register(
+            "read_cache_invalidations",
+            "Read cache invalidations, by reason (metadata_stored, user_erased, verify, resubscribe)",
+            read_cache_invalidations.clone(),
+        );
+        let read_cache_entries = Gauge::default();
+        registry.register(
+            "read_cache_entries",
+            "Entries the read cache holds",
+            read_cache_entries.clone(),
+        );
+        let read_cache_live = Gauge::default();
+        registry.register(
+            "read_cache_live",
+            "1 while the read cache may serve hits (its event subscription is up, or hits are verified)",
+            read_cache_live.clone(),
+        );
+        let read_cache_hit_age_seconds = read_histogram_wide();
+        registry.register(
+            "read_cache_hit_age_seconds",
+            "Age of the entry each read cache hit served",
+            read_cache_hit_age_seconds.clone(),
+        );
+        let read_cache_invalidation_lag_seconds = read_histogram();
+        registry.register(
+            "read_cache_invalidation_lag_seconds",
+            "From an event's arrival in the outbound stream to the read cache's invalidation",
+            read_cache_invalidation_lag_seconds.clone(),
+        );
         let replica_up = Family::<PurposeLabels, Gauge>::default();
         registry.register(
             "replica_up",
@@ -207,6 +278,13 @@ impl Metrics {
             ingest_events,
             ingest_apply_seconds,
             ingest_dead_letters,
+            read_cache_lookups,
+            read_cache_hit_ratio,
+            read_cache_invalidations,
+            read_cache_entries,
+            read_cache_live,
+            read_cache_hit_age_seconds,
+            read_cache_invalidation_lag_seconds,
             read_duration_seconds,
             registry,
             db_connected,
@@ -258,6 +336,31 @@ impl Metrics {
             .get();
         self.eligibility_cache_hit_ratio
             .set(hits as f64 / (hits + misses).max(1) as f64);
+    }
+
+    /// Counts one read cache lookup (`hit`, `miss` or `bypass`) and updates
+    /// the hit ratio.
+    pub fn read_cache_lookup(&self, result: &'static str) {
+        self.read_cache_lookups
+            .get_or_create(&CacheLabels { result })
+            .inc();
+        let hits = self
+            .read_cache_lookups
+            .get_or_create(&CacheLabels { result: "hit" })
+            .get();
+        let misses = self
+            .read_cache_lookups
+            .get_or_create(&CacheLabels { result: "miss" })
+            .get();
+        self.read_cache_hit_ratio
+            .set(hits as f64 / (hits + misses).max(1) as f64);
+    }
+
+    /// Counts one read cache invalidation.
+    pub fn read_cache_invalidated(&self, reason: &'static str) {
+        self.read_cache_invalidations
+            .get_or_create(&ReasonLabels { reason })
+            .inc();
     }
 
     /// Records how long a read API request on `route` took.

@@ -766,6 +766,7 @@ async fn forget_user_makes_their_pii_and_history_unreadable_and_is_audited() {
             profile.user_id,
             "dpo@example.org",
             Some("erasure request 42"),
+            "umstore.events",
         )
         .await
         .expect("forget");
@@ -803,12 +804,41 @@ async fn forget_user_makes_their_pii_and_history_unreadable_and_is_audited() {
     assert_eq!(row.get::<_, &str>(1), "dpo@example.org");
     assert_eq!(row.get::<_, &str>(2), "erasure request 42");
     let again = keyring
-        .forget_user(&mut client, profile.user_id, "dpo@example.org", None)
+        .forget_user(
+            &mut client,
+            profile.user_id,
+            "dpo@example.org",
+            None,
+            "umstore.events",
+        )
         .await
         .expect("again");
     assert!(!again.destroyed_now, "a second erasure changes nothing");
+    // The erasure queued one USER_ERASED (every process's read cache drops
+    // the user); the second, which changed nothing, queued none.
+    let queued = client
+        .query(
+            "SELECT subject, msg_id, payload FROM umstore.outbox WHERE user_id = $1",
+            &[&profile.user_id],
+        )
+        .await
+        .expect("outbox");
+    assert_eq!(queued.len(), 1, "one USER_ERASED");
+    assert_eq!(
+        queued[0].get::<_, &str>(0),
+        "umstore.events.out.USER_ERASED"
+    );
+    assert_eq!(
+        queued[0].get::<_, String>(1),
+        format!("{}:USER_ERASED", profile.user_id)
+    );
+    let payload: serde_json::Value = queued[0].get(2);
+    assert_eq!(payload["event_type"], "USER_ERASED");
+    assert_eq!(payload["user_id"], profile.user_id.to_string());
+    assert_eq!(payload["region"], profile.region);
+    assert!(payload["version"].as_i64().is_some(), "{payload}");
     let err = keyring
-        .forget_user(&mut client, Uuid::new_v4(), "x", None)
+        .forget_user(&mut client, Uuid::new_v4(), "x", None, "umstore.events")
         .await
         .expect_err("unknown user");
     assert!(matches!(err, KeyringError::UnknownUser(_)), "{err}");
@@ -922,7 +952,7 @@ fn no_key_material_or_plaintext_pii_reaches_the_logs() {
             .await
             .expect("rotate");
             keyring
-                .forget_user(&mut client, profile.user_id, "test", None)
+                .forget_user(&mut client, profile.user_id, "test", None, "umstore.events")
                 .await
                 .expect("forget");
             tracing::debug!(?keyring, "keyring");

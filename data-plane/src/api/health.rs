@@ -168,6 +168,9 @@ async fn refresh_rotation_gauges(state: &AppState) {
 pub async fn metrics(State(state): State<AppState>) -> Response {
     count(&state.metrics, "/metrics", StatusCode::OK);
     refresh_rotation_gauges(&state).await;
+    if let Some(cache) = &state.read_cache {
+        cache.export_size();
+    }
     (
         [(
             header::CONTENT_TYPE,

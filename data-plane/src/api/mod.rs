@@ -53,6 +53,8 @@ pub struct AppState {
     /// The event bus when one is configured: connected and its streams in place,
     /// or why not. `None`: no bus (HTTP ingest only).
     pub bus: Option<Slot<String>>,
+    /// The cache of one-user answers (`--read-cache-entries` above 0).
+    pub read_cache: Option<crate::read_cache::ReadCache>,
 }
 
 /// Every API answer names the schema version it was read with.

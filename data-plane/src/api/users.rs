@@ -12,6 +12,7 @@ use chrono::{DateTime, Utc};
 use serde_json::{json, Map, Value};
 use umstore_migrations::roles::Purpose;
 use uuid::Uuid;
+use zeroize::Zeroizing;
 
 use super::auth::Caller;
 use super::bodies::{
@@ -21,6 +22,7 @@ use super::error::{schema_version, ApiError};
 use super::pools::{Lsn, Served, MIN_LSN_HEADER, SERVED_BY_HEADER};
 use super::AppState;
 use crate::crypto::{FieldAad, Keyring, UserKey};
+use crate::read_cache::{Entry, Verify};
 use crate::store::reader::ReadTx;
 use crate::store::reads::{self, Cursor, Found};
 use crate::store::users::{self, AsOf, ReadError, UserRecord};
@@ -215,7 +217,8 @@ fn record_body(
     ),
     responses(
         (status = 200, description = "The user now, or as of a time", body = UserMetadata,
-         headers(("X-Served-By" = String, description = "primary or replica"),
+         headers(("X-Served-By" = String, description = "primary, replica, or cache (the process's read cache)"),
+                 ("X-Read-Cache" = String, description = "With the read cache on: hit, miss or bypass"),
                  ("X-Schema-Version" = u32, description = "The schema version"))),
         UserReadErrors,
     )
@@ -246,8 +249,53 @@ pub async fn metadata(
                 })
         })
         .transpose()?;
+    // The cache answers "now" only, and never a read-your-writes request: its
+    // entry may predate the caller's write (docs/api.md, "Read cache").
+    let cache = match &state.read_cache {
+        Some(cache) if as_of.is_none() && !headers.contains_key(MIN_LSN_HEADER) => {
+            if cache.is_live() {
+                Some(cache)
+            } else {
+                cache.count_bypass();
+                None
+            }
+        }
+        Some(cache) => {
+            cache.count_bypass();
+            None
+        }
+        None => None,
+    };
+    let mut held = None;
+    let mut ticket = None;
+    if let Some(cache) = cache {
+        if let Some(entry) = cache.lookup(purpose, user_id).await {
+            match cache.config().verify {
+                Verify::None => {
+                    cache.count_hit(&entry);
+                    return Ok(cached(&entry));
+                }
+                Verify::Version => {
+                    let (client, served) = connection(&state, purpose, &headers).await?;
+                    let current = current_version(&client, served, user_id, &entry.region).await?;
+                    if current == Some(entry.version) {
+                        cache.count_hit(&entry);
+                        return Ok(cached(&entry));
+                    }
+                    // Changed or erased since: read it as a miss would.
+                    cache.invalidate_one(purpose, user_id).await;
+                    held = Some((client, served));
+                }
+            }
+        }
+        cache.count_miss();
+        ticket = Some(cache.ticket());
+    }
     let keyring = keyring(&state).await?;
-    let (mut client, served) = connection(&state, purpose, &headers).await?;
+    let (mut client, served) = match held {
+        Some(held) => held,
+        None => connection(&state, purpose, &headers).await?,
+    };
     let tx = read_only(&mut client).await?;
     let reader = ReadTx::new(&tx, served.keeps_sessions());
     let decrypt = sees_pii(purpose);
@@ -273,9 +321,105 @@ pub async fn metadata(
     if let Some(erased_at) = record.erased_at.clone() {
         return Err(ApiError::Gone { user_id, erased_at });
     }
+    let (region, version) = (record.region.clone(), record.version);
     let body = record_body(record, decrypt, as_of)?;
     finish(tx).await?;
-    Ok(respond(served, body))
+    let (Some(cache), Some(ticket)) = (cache, ticket) else {
+        let mut response = respond(served, body);
+        if state.read_cache.is_some() {
+            response
+                .headers_mut()
+                .insert(READ_CACHE_HEADER, HeaderValue::from_static("bypass"));
+        }
+        return Ok(response);
+    };
+    let json = serde_json::to_vec(&body)
+        .map_err(|e| ApiError::internal("rendering an answer failed", &e))?;
+    drop(body);
+    let response = json_response(
+        bytes::Bytes::copy_from_slice(&json),
+        served.as_str(),
+        Some("miss"),
+    );
+    let entry = Entry {
+        region,
+        version,
+        pii_included: decrypt,
+        body: Zeroizing::new(json),
+        filled_at: std::time::Instant::now(),
+    };
+    cache.fill(ticket, purpose, user_id, entry).await;
+    Ok(response)
+}
+
+/// The `X-Read-Cache` response header: `hit`, `miss` or `bypass` (sent only
+/// when the cache is on).
+pub const READ_CACHE_HEADER: &str = "x-read-cache";
+
+/// The user's row version, unless they were erased (or are unknown): one
+/// indexed single-row read, what a cache hit is checked against.
+const CURRENT_VERSION: &str = "SELECT version FROM umstore.user_metadata
+     WHERE region = $1 AND user_id = $2 AND erased_at IS NULL";
+
+async fn current_version(
+    client: &deadpool_postgres::Object,
+    served: Served,
+    user_id: Uuid,
+    region: &str,
+) -> Result<Option<i64>, ApiError> {
+    let failed = |e: tokio_postgres::Error| ApiError::internal("checking a cached answer", &e);
+    let rows = if served.keeps_sessions() {
+        let statement = client
+            .prepare_cached(CURRENT_VERSION)
+            .await
+            .map_err(failed)?;
+        client
+            .query(&statement, &[&region, &user_id])
+            .await
+            .map_err(failed)?
+    } else {
+        // One round trip, no named statement: fine through PgBouncer too.
+        use tokio_postgres::types::Type;
+        client
+            .query_typed(
+                CURRENT_VERSION,
+                &[(&region, Type::BPCHAR), (&user_id, Type::UUID)],
+            )
+            .await
+            .map_err(failed)?
+    };
+    Ok(rows.first().map(|r| r.get(0)))
+}
+
+/// A 200 answer from bytes already rendered.
+fn json_response(
+    body: bytes::Bytes,
+    served_by: &'static str,
+    cache: Option<&'static str>,
+) -> Response {
+    let mut response = (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        )],
+        body,
+    )
+        .into_response();
+    let headers = response.headers_mut();
+    headers.insert(SERVED_BY_HEADER, HeaderValue::from_static(served_by));
+    if let Some(cache) = cache {
+        headers.insert(READ_CACHE_HEADER, HeaderValue::from_static(cache));
+    }
+    response
+}
+
+/// A hit: the cached body as the miss that filled it answered.
+fn cached(entry: &Entry) -> Response {
+    json_response(
+        bytes::Bytes::copy_from_slice(&entry.body),
+        "cache",
+        Some("hit"),
+    )
 }
 
 /// `GET /api/v1/user-metadata/{user_id}/derived`.

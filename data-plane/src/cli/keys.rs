@@ -33,6 +33,14 @@ pub enum KeysAction {
         /// Why (recorded in the audit row; no PII).
         #[arg(long)]
         reason: Option<String>,
+        /// Subject prefix of the `USER_ERASED` event queued with the erasure
+        /// (`<prefix>.out.USER_ERASED`): the one `serve` publishes under.
+        #[arg(
+            long,
+            env = "UMSTORE_EVENTS_SUBJECT_PREFIX",
+            default_value = "umstore.events"
+        )]
+        events_subject_prefix: String,
     },
     /// The key's versions and how many data keys each wraps.
     Status,
@@ -57,9 +65,16 @@ pub async fn run(
             user_id,
             actor,
             reason,
+            events_subject_prefix,
         } => {
             let report = keyring
-                .forget_user(&mut client, user_id, &actor, reason.as_deref())
+                .forget_user(
+                    &mut client,
+                    user_id,
+                    &actor,
+                    reason.as_deref(),
+                    &events_subject_prefix,
+                )
                 .await?;
             if report.destroyed_now {
                 println!(

@@ -17,6 +17,7 @@ use umstore_data_plane::db::Database;
 use umstore_data_plane::ingest::bus::{self, BusConfig};
 use umstore_data_plane::ingest::{outbox, parse_duration, ApplyConfig, Ingest};
 use umstore_data_plane::metrics::Metrics;
+use umstore_data_plane::read_cache::{self, ReadCache, ReadCacheConfig, Verify};
 use umstore_data_plane::seed;
 use umstore_migrations::roles::Purpose;
 use umstore_migrations::Runner;
@@ -102,6 +103,45 @@ pub struct ReadArgs {
     #[arg(long, env = "UMSTORE_STATS_MIN_GROUP", default_value_t = 10,
           value_parser = clap::value_parser!(u32).range(2..))]
     stats_min_group: u32,
+    /// Cache this many answers of `GET /api/v1/user-metadata/{id}` (one per
+    /// purpose and user) in this process; 0: no cache.
+    #[arg(long, env = "UMSTORE_READ_CACHE_ENTRIES", default_value_t = 0)]
+    read_cache_entries: u64,
+    /// A cached answer is dropped this long after it was read (`30s`, `5m`).
+    #[arg(long, env = "UMSTORE_READ_CACHE_TTL", default_value = "30s")]
+    read_cache_ttl: String,
+    /// What a cache hit is checked against: `version` (one single-row read:
+    /// unchanged and not erased) or `none` (memory only, kept fresh by the
+    /// outbound events; needs --nats-url).
+    #[arg(
+        long,
+        env = "UMSTORE_READ_CACHE_VERIFY",
+        value_enum,
+        default_value = "version"
+    )]
+    read_cache_verify: Verify,
+}
+
+impl ReadArgs {
+    /// The read cache's settings, or `None` when it is off.
+    fn read_cache(&self, bus: Option<&BusConfig>) -> Result<Option<ReadCacheConfig>> {
+        if self.read_cache_entries == 0 {
+            return Ok(None);
+        }
+        let ttl = parse_duration(&self.read_cache_ttl)
+            .map_err(|e| anyhow::anyhow!("--read-cache-ttl: {e}"))?;
+        if self.read_cache_verify == Verify::None && bus.is_none() {
+            bail!(
+                "--read-cache-verify none needs --nats-url: without the outbound events \
+                 nothing would drop a changed or erased user from the cache"
+            );
+        }
+        Ok(Some(ReadCacheConfig {
+            entries: self.read_cache_entries,
+            ttl,
+            verify: self.read_cache_verify,
+        }))
+    }
 }
 
 impl ReadArgs {
@@ -323,6 +363,32 @@ pub async fn run(
     }
     let metrics = Arc::new(Metrics::new());
     let probes = read_pools.spawn_probes(metrics.clone());
+    let read_cache = reads
+        .read_cache(bus_config.as_ref())?
+        .map(|config| ReadCache::new(config, metrics.clone()));
+    let follower = match (&read_cache, &bus_config) {
+        (Some(cache), Some(bus)) => {
+            let config = cache.config();
+            info!(
+                entries = config.entries,
+                ttl_ms = config.ttl.as_millis() as u64,
+                verify = config.verify.as_str(),
+                "read cache on"
+            );
+            Some(tokio::spawn(read_cache::events::follow(
+                bus.clone(),
+                cache.clone(),
+            )))
+        }
+        (Some(_), None) => {
+            warn!(
+                "read cache on without --nats-url: every hit is checked against the \
+                 user's row, and nothing drops changed users early"
+            );
+            None
+        }
+        (None, _) => None,
+    };
     let slot = DbSlot::empty("connecting to the database");
     let keys = KeysSlot::empty("opening the key provider");
     let listener = tokio::net::TcpListener::bind(listen)
@@ -388,12 +454,16 @@ pub async fn run(
         reads: read_pools,
         stats_min_group: i64::from(reads.stats_min_group),
         bus: bus_slot,
+        read_cache,
     };
     let served = axum::serve(listener, api::router(state))
         .with_graceful_shutdown(shutdown_signal())
         .await;
     supervisor.abort();
     prepare.abort();
+    if let Some(follower) = follower {
+        follower.abort();
+    }
     for probe in probes {
         probe.abort();
     }

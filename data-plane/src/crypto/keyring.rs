@@ -16,7 +16,8 @@ use super::{
     WrappedKey,
 };
 use crate::store::erasure::{
-    INSERT_ERASED_HISTORY, INSERT_ERASURE_AUDIT, MARK_USER_ERASED, SELECT_USER_REGION,
+    INSERT_ERASED_HISTORY, INSERT_ERASURE_AUDIT, MARK_USER_ERASED, QUEUE_USER_ERASED,
+    SELECT_USER_REGION,
 };
 use crate::store::keys::{
     DESTROY_USER_KEY, INSERT_BLIND_INDEX, INSERT_USER_KEY, SELECT_BLIND_INDEX, SELECT_USER_KEY,
@@ -222,15 +223,18 @@ impl Keyring {
 
     /// Crypto-shredding: destroys the user's data key, marks the user erased,
     /// appends an `erased` history row and an audit row (who, when, why; no
-    /// PII), in one transaction, and drops the key from the cache. Afterwards
-    /// the user's PII, history included, cannot be decrypted. Repeating it
-    /// changes nothing.
+    /// PII) and queues `USER_ERASED` on `<subject_prefix>.out.USER_ERASED` in
+    /// the outbox (every data-plane process drops the user from its read
+    /// cache), in one transaction, and drops the key from the cache.
+    /// Afterwards the user's PII, history included, cannot be decrypted.
+    /// Repeating it changes nothing.
     pub async fn forget_user(
         &self,
         client: &mut Client,
         user_id: Uuid,
         actor: &str,
         reason: Option<&str>,
+        subject_prefix: &str,
     ) -> Result<ForgetReport, KeyringError> {
         let tx = client
             .transaction()
@@ -247,9 +251,29 @@ impl Keyring {
             .await
             .map_err(db("destroying the data key"))?;
         if destroyed > 0 {
-            tx.execute(MARK_USER_ERASED, &[&region, &user_id])
+            let marked = tx
+                .query_opt(MARK_USER_ERASED, &[&region, &user_id])
                 .await
                 .map_err(db("marking the user erased"))?;
+            if let Some(marked) = marked {
+                let version: i64 = marked.get(0);
+                let erased_at: chrono::DateTime<chrono::Utc> = marked.get(1);
+                let payload = serde_json::json!({
+                    "event_type": "USER_ERASED",
+                    "user_id": user_id,
+                    "region": region,
+                    "version": version,
+                    "erased_at": erased_at,
+                });
+                let subject = format!("{subject_prefix}.out.USER_ERASED");
+                let msg_id = format!("{user_id}:USER_ERASED");
+                tx.execute(
+                    QUEUE_USER_ERASED,
+                    &[&region, &user_id, &subject, &msg_id, &payload],
+                )
+                .await
+                .map_err(db("queueing USER_ERASED"))?;
+            }
             tx.execute(INSERT_ERASED_HISTORY, &[&region, &user_id, &actor])
                 .await
                 .map_err(db("recording the erasure in history"))?;

@@ -89,6 +89,10 @@ impl BusConfig {
     pub fn dead_letter_subject(&self) -> String {
         format!("{}.dlq", self.subject_prefix)
     }
+    /// Where the outbox relay publishes `event_type`: `<S>.out.<EVENT_TYPE>`.
+    pub fn outbound_subject(&self, event_type: &str) -> String {
+        format!("{}.out.{event_type}", self.subject_prefix)
+    }
 }
 
 /// The bus could not be reached or set up.
@@ -101,7 +105,8 @@ pub struct BusError {
 }
 
 impl BusError {
-    fn new(config: &BusConfig, what: &'static str, e: impl std::fmt::Display) -> Self {
+    /// `what` failed talking to the bus `config` names, and why.
+    pub fn new(config: &BusConfig, what: &'static str, e: impl std::fmt::Display) -> Self {
         Self {
             url: config.url.clone(),
             what,
