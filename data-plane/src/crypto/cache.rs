@@ -96,7 +96,9 @@ mod tests {
 
     #[test]
     fn forgets_on_request() {
-        let cache = DataKeyCache::new(10, Duration::from_secs(60));
+        // Room for both in any shard: with 10 keys (one per shard) two users
+        // in one shard (1 in 16) evicted each other and failed the test.
+        let cache = DataKeyCache::new(10 * SHARDS as u64, Duration::from_secs(60));
         let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
         cache.insert(a, Arc::new(DataKey::generate()));
         cache.insert(b, Arc::new(DataKey::generate()));
