@@ -60,6 +60,7 @@ pub fn embedded() -> Vec<Migration> {
         migration!(8, "0008", "key_management"),
         migration!(9, "0009", "schema_version_reads"),
         migration!(10, "0010", "ingest"),
+        migration!(11, "0011", "stats_views"),
     ]
 }
 

@@ -234,7 +234,7 @@ async fn every_key_of_a_per_user_table_includes_region() {
                           WHERE attrelid = conrelid AND attnum = ANY (conkey))
              FROM pg_constraint c JOIN pg_class t ON t.oid = c.conrelid
              WHERE connamespace = 'umstore'::regnamespace AND contype IN ('p', 'u', 'f')
-               AND t.relname NOT IN ('regions', 'user_directory', 'schema_migrations', 'key_material', 'key_rotations')
+               AND t.relname NOT IN ('regions', 'user_directory', 'schema_migrations', 'key_material', 'key_rotations', 'stats_refreshes')
                AND conparentid = 0",
             &[],
         )
