@@ -3,7 +3,8 @@
 //! envelope, blind index), [`seed`] (synthetic users), [`embedded`] (the
 //! embedded PostgreSQL of local runs, on `umstore-localpg`), [`api`] (HTTP:
 //! health, readiness, metrics, the read API), [`read_cache`] (the read API's
-//! cache and its invalidation by the outbound events), [`db`] (connections).
+//! cache and its invalidation by the outbound events), [`stats`] (the
+//! materialized stats views: partials, merge, refresh), [`db`] (connections).
 
 pub mod api;
 pub mod backoff;
@@ -16,4 +17,5 @@ pub mod metrics;
 pub mod model;
 pub mod read_cache;
 pub mod seed;
+pub mod stats;
 pub mod store;

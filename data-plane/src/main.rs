@@ -1,4 +1,4 @@
-//! `umstore-data-plane`: migrate, seed, keys and serve. This file parses the
+//! `umstore-data-plane`: migrate, seed, keys, stats and serve. This file parses the
 //! command line, opens the database (the embedded PostgreSQL when no
 //! `--database-url` is given) and hands over to the command's module in [`cli`].
 
@@ -12,7 +12,10 @@ use tracing::info;
 use umstore_data_plane::db::Database;
 use umstore_data_plane::embedded::{default_data_dir, Embedded};
 
-use cli::{keys::KeysAction, migrate::MigrateAction, seed::SeedArgs, serve::ServeArgs, KeyArgs};
+use cli::{
+    keys::KeysAction, migrate::MigrateAction, seed::SeedArgs, serve::ServeArgs, stats::StatsAction,
+    KeyArgs,
+};
 
 /// umstore data plane: the encrypted, region-sharded user-metadata store.
 #[derive(Debug, Parser)]
@@ -54,6 +57,11 @@ enum Command {
         #[command(subcommand)]
         action: KeysAction,
     },
+    /// The materialized stats views.
+    Stats {
+        #[command(subcommand)]
+        action: StatsAction,
+    },
     /// Serve /healthz, /readyz and /metrics.
     Serve(Box<ServeArgs>),
 }
@@ -91,6 +99,7 @@ async fn main() -> Result<()> {
         Command::Migrate { action } => cli::migrate::run(action, &database).await,
         Command::Seed(args) => cli::seed::run(args, &database, &data_dir, keys).await,
         Command::Keys { action } => cli::keys::run(action, &database, &data_dir, keys).await,
+        Command::Stats { action } => cli::stats::run(action, &database).await,
         Command::Serve(args) => {
             cli::serve::run(*args, &database, &data_dir, keys, embedded.is_some()).await
         }

@@ -53,6 +53,29 @@ pub struct RouteLabels {
     pub route: String,
 }
 
+/// Where a stats answer came from.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StatsSourceLabels {
+    /// `view` (the materialized views) or `live` (the tables).
+    pub source: &'static str,
+}
+
+/// A stats view.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ViewLabels {
+    /// The view's name in the refresh log (`stats_groups`).
+    pub view: String,
+}
+
+/// A stats view refresh's result.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RefreshLabels {
+    /// The view.
+    pub view: String,
+    /// `refreshed`, `skipped` (another pod held the lock) or `failed`.
+    pub result: &'static str,
+}
+
 fn read_histogram() -> Histogram {
     // 0.1 ms to about 3 s.
     Histogram::new(exponential_buckets(0.000_1, 2.0, 16))
@@ -100,6 +123,15 @@ pub struct Metrics {
     pub read_cache_invalidation_lag_seconds: Histogram,
     /// Seconds to answer a read API request, by route.
     pub read_duration_seconds: Family<RouteLabels, Histogram, fn() -> Histogram>,
+    /// Stats answers by source (`view` or `live`).
+    pub stats_requests: Family<StatsSourceLabels, Counter>,
+    /// Seconds since each stats view was last refreshed (from the refresh
+    /// log at scrape; absent until its first refresh).
+    pub stats_view_age_seconds: Family<ViewLabels, Gauge<f64, AtomicU64>>,
+    /// Seconds each scheduled refresh took (this process's refreshes).
+    pub stats_refresh_duration_seconds: Family<ViewLabels, Histogram, fn() -> Histogram>,
+    /// Scheduled refreshes by view and result.
+    pub stats_refreshes: Family<RefreshLabels, Counter>,
     registry: Registry,
     /// 1 while a database connection is up.
     pub db_connected: Gauge,
@@ -269,7 +301,38 @@ impl Metrics {
             "WAL bytes the purpose's read replica has not replayed yet",
             replica_lag_bytes.clone(),
         );
+        let stats_requests = Family::<StatsSourceLabels, Counter>::default();
+        registry.register(
+            "stats_requests",
+            "Stats answers by source (view: the materialized views; live: the tables)",
+            stats_requests.clone(),
+        );
+        let stats_view_age_seconds = Family::<ViewLabels, Gauge<f64, AtomicU64>>::default();
+        registry.register(
+            "stats_view_age_seconds",
+            "Seconds since the stats view was last refreshed (read from umstore.stats_refreshes)",
+            stats_view_age_seconds.clone(),
+        );
+        let stats_refresh_duration_seconds =
+            Family::<ViewLabels, Histogram, fn() -> Histogram>::new_with_constructor(
+                read_histogram_wide,
+            );
+        registry.register(
+            "stats_refresh_duration_seconds",
+            "Time one scheduled refresh of the stats views took in this process",
+            stats_refresh_duration_seconds.clone(),
+        );
+        let stats_refreshes = Family::<RefreshLabels, Counter>::default();
+        registry.register(
+            "stats_refreshes",
+            "Scheduled refreshes of the stats views, by result (refreshed, skipped, failed)",
+            stats_refreshes.clone(),
+        );
         Self {
+            stats_requests,
+            stats_view_age_seconds,
+            stats_refresh_duration_seconds,
+            stats_refreshes,
             replica_up,
             replica_lag_seconds,
             replica_lag_bytes,
@@ -370,6 +433,44 @@ impl Metrics {
                 route: route.to_owned(),
             })
             .observe(took.as_secs_f64());
+    }
+
+    /// Counts one stats answer from `source` (`view` or `live`).
+    pub fn stats_answered(&self, source: &'static str) {
+        self.stats_requests
+            .get_or_create(&StatsSourceLabels { source })
+            .inc();
+    }
+
+    /// Sets a stats view's age.
+    pub fn stats_view_age(&self, view: &str, seconds: f64) {
+        self.stats_view_age_seconds
+            .get_or_create(&ViewLabels {
+                view: view.to_owned(),
+            })
+            .set(seconds);
+    }
+
+    /// Counts one scheduled refresh of `view` and, when it ran, its duration.
+    pub fn stats_refreshed(
+        &self,
+        view: &str,
+        result: &'static str,
+        took: Option<std::time::Duration>,
+    ) {
+        self.stats_refreshes
+            .get_or_create(&RefreshLabels {
+                view: view.to_owned(),
+                result,
+            })
+            .inc();
+        if let Some(took) = took {
+            self.stats_refresh_duration_seconds
+                .get_or_create(&ViewLabels {
+                    view: view.to_owned(),
+                })
+                .observe(took.as_secs_f64());
+        }
     }
 
     /// The Prometheus text exposition of every metric.

@@ -164,10 +164,26 @@ async fn refresh_rotation_gauges(state: &AppState) {
     }
 }
 
+/// Each stats view's age from `umstore.stats_refreshes` (a few rows), so a
+/// refresh by any process or CronJob shows on every data plane's /metrics.
+async fn refresh_stats_view_gauges(state: &AppState) {
+    let Ok(client) = state.db.get().await else {
+        return;
+    };
+    let query = client.query(crate::stats::views::SELECT_AGES, &[]);
+    if let Ok(Ok(rows)) = tokio::time::timeout(Duration::from_secs(1), query).await {
+        for row in rows {
+            let view: String = row.get(0);
+            state.metrics.stats_view_age(&view, row.get::<_, f64>(1));
+        }
+    }
+}
+
 /// `GET /metrics`: Prometheus text format.
 pub async fn metrics(State(state): State<AppState>) -> Response {
     count(&state.metrics, "/metrics", StatusCode::OK);
     refresh_rotation_gauges(&state).await;
+    refresh_stats_view_gauges(&state).await;
     if let Some(cache) = &state.read_cache {
         cache.export_size();
     }

@@ -50,6 +50,9 @@ pub struct AppState {
     pub reads: ReadPools,
     /// Stats leave out groups with fewer users than this (k-anonymity).
     pub stats_min_group: i64,
+    /// Stats are read from the materialized views while they are at most
+    /// this old; zero: always from the tables.
+    pub stats_max_age: std::time::Duration,
     /// The event bus when one is configured: connected and its streams in place,
     /// or why not. `None`: no bus (HTTP ingest only).
     pub bus: Option<Slot<String>>,

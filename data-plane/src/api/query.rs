@@ -4,8 +4,12 @@
 
 use std::collections::HashMap;
 
+use std::time::Duration;
+
 use axum::extract::{Query, State};
+use axum::http::{HeaderMap, HeaderValue};
 use axum::response::Response;
+use tokio_postgres::GenericClient;
 use umstore_migrations::roles::Purpose;
 use uuid::Uuid;
 
@@ -14,7 +18,8 @@ use super::bodies::{ErrorBody, QueryBody, StatsBody};
 use super::error::{schema_version, ApiError};
 use super::users::{connection, finish, only, read_only, respond};
 use super::AppState;
-use crate::store::query::{self, Filter, DIMENSIONS};
+use crate::stats::{self, views};
+use crate::store::query::{self, Filter, Group, DIMENSIONS};
 
 /// The filters query and stats share, as the OpenAPI document lists them
 /// (parsed and validated by [`Filter::parse`]).
@@ -217,8 +222,12 @@ pub async fn find(
         ("X-Min-Lsn" = Option<String>, Header, description = "Read at least this WAL position"),
     ),
     responses(
-        (status = 200, description = "Counts and averages; groups under the threshold left out", body = StatsBody,
-         headers(("X-Served-By" = String, description = "primary or replica"))),
+        (status = 200, description = "Counts and averages; groups under the threshold (by their totals) left out", body = StatsBody,
+         headers(
+             ("X-Served-By" = String, description = "primary or replica"),
+             ("X-Stats-Source" = String, description = "view (the materialized views) or live (the tables)"),
+             ("X-Stats-Age" = String, description = "With view: seconds since the views were refreshed"),
+         )),
         QueryErrors,
     )
 )]
@@ -259,9 +268,7 @@ pub async fn stats(
     }
     let (mut client, served) = connection(&state, purpose, &headers).await?;
     let tx = read_only(&mut client).await?;
-    let groups = query::stats(&*tx, &parsed, &dimensions, state.stats_min_group)
-        .await
-        .map_err(|e| ApiError::internal("stats failed", &e))?;
+    let (groups, source) = read_stats(&state, &*tx, &parsed, &dimensions).await?;
     let body = StatsBody {
         schema_version: schema_version(),
         group_by: dimensions,
@@ -269,5 +276,70 @@ pub async fn stats(
         groups,
     };
     finish(tx).await?;
-    Ok(respond(served, body))
+    state.metrics.stats_answered(source.label());
+    let mut response = respond(served, body);
+    source.describe(response.headers_mut());
+    Ok(response)
+}
+
+/// Where a stats answer came from.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Source {
+    /// The materialized views, refreshed this long ago.
+    View(Duration),
+    /// The tables.
+    Live,
+}
+
+impl Source {
+    fn label(self) -> &'static str {
+        match self {
+            Source::View(_) => "view",
+            Source::Live => "live",
+        }
+    }
+
+    /// `X-Stats-Source`, and for a view's answer `X-Stats-Age` (seconds).
+    fn describe(self, headers: &mut HeaderMap) {
+        headers.insert(STATS_SOURCE_HEADER, HeaderValue::from_static(self.label()));
+        if let Source::View(age) = self {
+            if let Ok(v) = HeaderValue::from_str(&format!("{:.3}", age.as_secs_f64())) {
+                headers.insert(STATS_AGE_HEADER, v);
+            }
+        }
+    }
+}
+
+/// Says where a stats answer came from: `view` or `live`.
+pub const STATS_SOURCE_HEADER: &str = "x-stats-source";
+/// Seconds since the views a stats answer came from were refreshed.
+pub const STATS_AGE_HEADER: &str = "x-stats-age";
+
+/// The stats from the views when they answer the request and are at most
+/// `--stats-max-age` old, else from the tables (as before the views).
+async fn read_stats(
+    state: &AppState,
+    client: &impl GenericClient,
+    filters: &[Filter],
+    dimensions: &[String],
+) -> Result<(Vec<Group>, Source), ApiError> {
+    if !state.stats_max_age.is_zero() && views::answers(filters, dimensions) {
+        let age = views::age(client)
+            .await
+            .map_err(|e| ApiError::internal("reading the stats views' age", &e))?;
+        if let Some(age) = age.filter(|a| *a <= state.stats_max_age) {
+            let partials = views::partials(client, filters, dimensions)
+                .await
+                .map_err(|e| ApiError::internal("reading the stats views", &e))?;
+            // One cluster per store today: a tier-4 store routed across its
+            // clusters passes one list of partials per cluster, and the merge
+            // suppresses small groups by their totals.
+            let groups = stats::merge(&[partials], dimensions, state.stats_min_group);
+            return Ok((groups, Source::View(age)));
+        }
+    }
+    let groups = query::stats(client, filters, dimensions, state.stats_min_group)
+        .await
+        .map_err(|e| ApiError::internal("stats failed", &e))?;
+    Ok((groups, Source::Live))
 }

@@ -7,6 +7,7 @@ pub mod keys;
 pub mod migrate;
 pub mod seed;
 pub mod serve;
+pub mod stats;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;

@@ -56,5 +56,12 @@ pub async fn run(
         report.elapsed.as_secs_f64(),
         report.users_per_second()
     );
+    // A bulk import: the stats views should show it (docs/api.md, "Stats").
+    for line in super::stats::refresh(&client, true)
+        .await
+        .context("the users are loaded, but refreshing the stats views failed")?
+    {
+        println!("{line}");
+    }
     Ok(())
 }

@@ -19,6 +19,7 @@ use umstore_data_plane::ingest::{outbox, parse_duration, ApplyConfig, Ingest};
 use umstore_data_plane::metrics::Metrics;
 use umstore_data_plane::read_cache::{self, ReadCache, ReadCacheConfig, Verify};
 use umstore_data_plane::seed;
+use umstore_data_plane::stats;
 use umstore_migrations::roles::Purpose;
 use umstore_migrations::Runner;
 
@@ -103,6 +104,17 @@ pub struct ReadArgs {
     #[arg(long, env = "UMSTORE_STATS_MIN_GROUP", default_value_t = 10,
           value_parser = clap::value_parser!(u32).range(2..))]
     stats_min_group: u32,
+    /// Stats are read from the materialized views while they were refreshed at
+    /// most this long ago (`15m`, `1h`), else from the tables; `0`: always from
+    /// the tables.
+    #[arg(long, env = "UMSTORE_STATS_MAX_AGE", default_value = "15m")]
+    stats_max_age: String,
+    /// Refresh the stats views this often from this process (`10m`); `0`: not
+    /// here (a CronJob runs `stats refresh`). One process refreshes at a time;
+    /// the others skip their turn. Needs a login that may refresh them (the
+    /// writer's `--database-url`).
+    #[arg(long, env = "UMSTORE_STATS_REFRESH_INTERVAL", default_value = "0")]
+    stats_refresh_interval: String,
     /// Cache this many answers of `GET /api/v1/user-metadata/{id}` (one per
     /// purpose and user) in this process; 0: no cache.
     #[arg(long, env = "UMSTORE_READ_CACHE_ENTRIES", default_value_t = 0)]
@@ -120,6 +132,14 @@ pub struct ReadArgs {
         default_value = "version"
     )]
     read_cache_verify: Verify,
+}
+
+/// A duration flag where `0` means off.
+fn duration_or_off(flag: &str, text: &str) -> Result<Duration> {
+    if text.trim() == "0" {
+        return Ok(Duration::ZERO);
+    }
+    parse_duration(text).map_err(|e| anyhow::anyhow!("--{flag}: {e} (or 0: off)"))
 }
 
 impl ReadArgs {
@@ -350,6 +370,8 @@ pub async fn run(
         purposes = ?read_pools.purposes().iter().map(|p| p.slug()).collect::<Vec<_>>(),
         "read API logins"
     );
+    let stats_max_age = duration_or_off("stats-max-age", &reads.stats_max_age)?;
+    let stats_refresh = duration_or_off("stats-refresh-interval", &reads.stats_refresh_interval)?;
     let workers = usize::from(events.ingest_workers);
     let runner = Runner::default();
     // Refuse a forbidden local provider before anything starts.
@@ -389,6 +411,17 @@ pub async fn run(
         }
         (None, _) => None,
     };
+    let refresher = (!stats_refresh.is_zero()).then(|| {
+        info!(
+            interval_ms = stats_refresh.as_millis() as u64,
+            "refreshing the stats views on a schedule"
+        );
+        tokio::spawn(stats::refresher::run(
+            database.clone(),
+            stats_refresh,
+            metrics.clone(),
+        ))
+    });
     let slot = DbSlot::empty("connecting to the database");
     let keys = KeysSlot::empty("opening the key provider");
     let listener = tokio::net::TcpListener::bind(listen)
@@ -453,6 +486,7 @@ pub async fn run(
         tokens,
         reads: read_pools,
         stats_min_group: i64::from(reads.stats_min_group),
+        stats_max_age,
         bus: bus_slot,
         read_cache,
     };
@@ -463,6 +497,9 @@ pub async fn run(
     prepare.abort();
     if let Some(follower) = follower {
         follower.abort();
+    }
+    if let Some(refresher) = refresher {
+        refresher.abort();
     }
     for probe in probes {
         probe.abort();

@@ -390,7 +390,8 @@ pub async fn stats(
         .collect())
 }
 
-fn json_text(v: Option<String>) -> Value {
+/// A group value as JSON: `true`/`false` for `bpl_status`, else the text.
+pub(crate) fn json_text(v: Option<String>) -> Value {
     match v.as_deref() {
         None => Value::Null,
         Some("true") => Value::Bool(true),
