@@ -97,7 +97,7 @@ if [[ $want_test -eq 1 ]]; then
         # helm, for the chart-rendering tests: built from its Go module when Go is
         # here (without Go the tests say why they skip).
         if [[ ! -x .bin/helm ]] && ! command -v helm >/dev/null && command -v go >/dev/null; then
-            echo "building helm from its Go module (go install)" >&2
+            echo "[${SECONDS}s] building helm from its Go module (go install)" >&2
             GOBIN="$PWD/.bin" GOFLAGS=-mod=mod timeout 600 go install helm.sh/helm/v3/cmd/helm@v3.17.3 \
                 || die "could not build helm from its Go module (see the go output above)"
         fi
@@ -126,14 +126,14 @@ if [[ $want_test -eq 1 ]]; then
         }
         k8s=v1.37.2 etcd=v3.7.3 kwok=v0.8.0
         if [[ ! -x .bin/etcd ]] && command -v go >/dev/null; then
-            echo "building etcd $etcd from its Go module (go build)" >&2
+            echo "[${SECONDS}s] building etcd $etcd from its Go module (go build)" >&2
             go_build etcd go.etcd.io/etcd/server/v3 "require go.etcd.io/etcd/server/v3 $etcd" \
                 || die "could not build etcd $etcd from its Go module (see the go output above)"
         fi
         k8s_pins=
         k8s_build() { # COMMAND: k8s.io/kubernetes/cmd/COMMAND at $k8s into .bin/COMMAND
             [[ ! -x .bin/$1 ]] && command -v go >/dev/null || return 0
-            echo "building $1 $k8s from its Go module (go build, minutes)" >&2
+            echo "[${SECONDS}s] building $1 $k8s from its Go module (go build, minutes)" >&2
             if [[ -z $k8s_pins ]]; then
                 local k8s_mod
                 k8s_mod=$(cd /tmp && GOFLAGS= timeout 300 go mod download -json "k8s.io/kubernetes@$k8s" \
@@ -159,7 +159,7 @@ if [[ $want_test -eq 1 ]]; then
             volume/fast/pvc-provision.yaml volume/fast/pv-bind.yaml volume/fast/pvc-delete.yaml
             volume/fast/pv-delete.yaml)
         if [[ ! -x .bin/kwok ]] && command -v go >/dev/null; then
-            echo "building kwok $kwok from its Go module (go build)" >&2
+            echo "[${SECONDS}s] building kwok $kwok from its Go module (go build)" >&2
             go_build kwok sigs.k8s.io/kwok/cmd/kwok "require sigs.k8s.io/kwok $kwok" \
                 || die "could not build kwok $kwok from its Go module (see the go output above)"
         fi
@@ -167,6 +167,7 @@ if [[ $want_test -eq 1 ]]; then
         for stage in "${kwok_stages[@]}"; do
             [[ -f .bin/kwok-stages/${stage##*/} ]] || stages_missing=1
         done
+        echo "[${SECONDS}s] the Go-built test tools are in place" >&2
         if [[ $stages_missing -eq 1 ]] && command -v go >/dev/null; then
             kwok_dir=$(go_mod_dir sigs.k8s.io/kwok "$kwok")
             [[ -n $kwok_dir && -d $kwok_dir/kustomize/stage ]] \
