@@ -93,6 +93,27 @@ pub fn duration_well_formed() -> Rule {
         .message("must be a positive duration such as 24h, 90m or 1h30m")
 }
 
+/// On `dataPlane.readCache.entries`: 0 (off) to ten million.
+pub fn read_cache_entries() -> Rule {
+    Rule::new("self >= 0 && self <= 10000000")
+        .message("readCache.entries must be between 0 (no cache) and 10000000")
+}
+
+/// On the spec: a read cache whose hits are not checked is kept fresh by the
+/// outbound events alone, so it needs the event bus.
+pub fn memory_only_cache_needs_events() -> Rule {
+    Rule::new(
+        "!has(self.dataPlane) || !has(self.dataPlane.readCache) || \
+         !has(self.dataPlane.readCache.verify) || self.dataPlane.readCache.verify != 'None' || \
+         has(self.events)",
+    )
+    .message(
+        "dataPlane.readCache.verify None keeps the cache fresh by the outbound events only: \
+         set spec.events (NATS), or use verify Version",
+    )
+    .field_path(".dataPlane.readCache.verify")
+}
+
 /// On a GPU count: zero or more.
 pub fn non_negative() -> Rule {
     Rule::new("self >= 0").message("must be zero or more")

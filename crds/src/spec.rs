@@ -59,7 +59,8 @@ use crate::status::UserMetadataStoreStatus;
     validation = rules::worker_regions_served(),
     validation = rules::every_region_placed(),
     validation = rules::bootstrap_immutable(),
-    validation = rules::recovery_below_tier_3()
+    validation = rules::recovery_below_tier_3(),
+    validation = rules::memory_only_cache_needs_events()
 )]
 #[serde(rename_all = "camelCase")]
 pub struct UserMetadataStoreSpec {
@@ -539,6 +540,73 @@ pub struct DataPlaneSpec {
     /// GPU scheduling for the bulk path; none when unset.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gpu: Option<GpuSpec>,
+    /// The cache of `GET /api/v1/user-metadata/{id}` answers in every data-plane pod
+    /// (docs/api.md). Unset: on from tier 4 with the defaults below, off below tier 4.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub read_cache: Option<ReadCacheSpec>,
+}
+
+/// The data plane's read cache: answers kept per purpose and user, dropped when the
+/// outbound events say the user changed or was erased, and after `ttl` at the latest.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ReadCacheSpec {
+    /// Answers kept per pod (one per purpose and user; a few KiB each); 0 turns the
+    /// cache off.
+    #[serde(default = "default_read_cache_entries")]
+    #[x_kube(validation = rules::read_cache_entries())]
+    pub entries: i64,
+    /// How long an answer may be served after it was read, the bound on staleness if
+    /// an invalidation is lost (`30s`, `5m`).
+    #[serde(default = "default_read_cache_ttl")]
+    #[x_kube(validation = rules::duration_well_formed())]
+    pub ttl: String,
+    /// What a hit is checked against: `Version` (one single-row read: the user is
+    /// unchanged and not erased; an erased user is never served) or `None` (memory
+    /// only, kept fresh by the outbound events; needs `spec.events`).
+    #[serde(default)]
+    pub verify: ReadCacheVerify,
+}
+
+/// Entries of the read cache when the spec sets none (tier 4).
+pub const DEFAULT_READ_CACHE_ENTRIES: i64 = 20_000;
+
+fn default_read_cache_entries() -> i64 {
+    DEFAULT_READ_CACHE_ENTRIES
+}
+
+fn default_read_cache_ttl() -> String {
+    "30s".into()
+}
+
+impl Default for ReadCacheSpec {
+    fn default() -> Self {
+        Self {
+            entries: default_read_cache_entries(),
+            ttl: default_read_cache_ttl(),
+            verify: ReadCacheVerify::default(),
+        }
+    }
+}
+
+/// How a read-cache hit is checked.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum ReadCacheVerify {
+    /// Against the user's version, one single-row read per hit.
+    #[default]
+    Version,
+    /// Not at all: the outbound events keep the cache fresh.
+    None,
+}
+
+impl ReadCacheVerify {
+    /// The data plane's `--read-cache-verify` value.
+    pub fn as_arg(self) -> &'static str {
+        match self {
+            Self::Version => "version",
+            Self::None => "none",
+        }
+    }
 }
 
 fn default_data_plane_image() -> String {
@@ -552,6 +620,7 @@ impl Default for DataPlaneSpec {
             replicas: default_two(),
             resources: None,
             gpu: None,
+            read_cache: None,
         }
     }
 }

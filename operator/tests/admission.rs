@@ -133,6 +133,28 @@ fn cases() -> Vec<Case> {
             field: "spec.dataPlane.gpu.resourceName",
             message: GPU_NAME,
         },
+        // The read cache.
+        Case {
+            what: "a negative read-cache size",
+            base: 1,
+            edit: |s| s["dataPlane"]["readCache"] = json!({"entries": -1}),
+            field: "spec.dataPlane.readCache.entries",
+            message: "readCache.entries must be between 0 (no cache) and 10000000",
+        },
+        Case {
+            what: "a memory-only read cache without the event bus",
+            base: 1,
+            edit: |s| s["dataPlane"]["readCache"] = json!({"verify": "None"}),
+            field: "spec.dataPlane.readCache.verify",
+            message: "dataPlane.readCache.verify None keeps the cache fresh by the outbound events only",
+        },
+        Case {
+            what: "a read-cache TTL that is not a duration",
+            base: 1,
+            edit: |s| s["dataPlane"]["readCache"] = json!({"ttl": "soon"}),
+            field: "spec.dataPlane.readCache.ttl",
+            message: DURATION,
+        },
         Case {
             what: "a negative GPU count",
             base: 1,

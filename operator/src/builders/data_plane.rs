@@ -14,7 +14,9 @@ use k8s_openapi::api::core::v1::{
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
-use umstore_crds::{DataPlaneSpec, EncryptionSpec, EventsSpec, GpuSpec, TlsSpec, VaultAuthSpec};
+use umstore_crds::{
+    DataPlaneSpec, EncryptionSpec, EventsSpec, GpuSpec, ReadCacheSpec, TlsSpec, VaultAuthSpec,
+};
 
 use super::api_tokens::{digests_hash, digests_secret_name, ApiTokens};
 use super::credentials::{pool_of, Role, CLIENT_CA_DIR, PRIMARY_URI_KEY, URI_KEY};
@@ -104,6 +106,7 @@ fn environment(v: &Validated) -> Vec<EnvVar> {
             v.spec.eligibility_cache_ttl.clone(),
         ),
     ]);
+    vars.extend(read_cache_environment(v));
     if let Some(addr) = vault_address {
         vars.push(env("UMSTORE_VAULT_ADDR", addr.clone()));
     }
@@ -111,6 +114,25 @@ fn environment(v: &Validated) -> Vec<EnvVar> {
         vars.extend(events_environment(events));
     }
     vars
+}
+
+/// The read cache's settings: `spec.dataPlane.readCache`, else on from tier 4 with
+/// its defaults. Nothing when the cache is off, so the pods of a store without one
+/// keep the environment they had.
+fn read_cache_environment(v: &Validated) -> Vec<EnvVar> {
+    let cache = match &v.spec.data_plane.read_cache {
+        Some(cache) => cache.clone(),
+        None if v.tier >= 4 => ReadCacheSpec::default(),
+        None => return Vec::new(),
+    };
+    if cache.entries <= 0 {
+        return Vec::new();
+    }
+    vec![
+        env("UMSTORE_READ_CACHE_ENTRIES", cache.entries.to_string()),
+        env("UMSTORE_READ_CACHE_TTL", cache.ttl),
+        env("UMSTORE_READ_CACHE_VERIFY", cache.verify.as_arg()),
+    ]
 }
 
 /// The roles the read API reads as, one per reading purpose (SPEC §7).
@@ -221,6 +243,7 @@ pub fn deployment(v: &Validated, tokens: &ApiTokens) -> Deployment {
         replicas,
         resources,
         gpu,
+        read_cache: _, // environment
     } = &v.spec.data_plane;
     let mut resources = resources.clone().unwrap_or_else(|| ResourceRequirements {
         requests: Some(BTreeMap::from([
@@ -441,6 +464,45 @@ mod tests {
         ("ANALYTICS", "analytics"),
         ("ADMIN", "admin"),
     ];
+
+    /// A tier-4 spec (one worker group holding every region).
+    fn tier4(data_plane: Value) -> Value {
+        json!({
+            "tier": 4,
+            "regions": ["KA", "TN"],
+            "workerGroups": [{"name": "south", "regions": ["KA", "TN"]}],
+            "dataPlane": data_plane,
+        })
+    }
+
+    #[test]
+    fn the_read_cache_is_on_from_tier_4_unless_the_spec_turns_it_off() {
+        let cache = |spec: Value| {
+            let vars = container_env(&validated(spec));
+            ["ENTRIES", "TTL", "VERIFY"].map(|k| {
+                value(&vars, &format!("UMSTORE_READ_CACHE_{k}")).map(str::to_owned)
+            })
+        };
+        let on = |entries: &str, ttl: &str, verify: &str| {
+            [entries, ttl, verify].map(|v| Some(v.to_owned()))
+        };
+        assert_eq!(cache(tier4(json!({}))), on("20000", "30s", "version"));
+        assert_eq!(cache(json!({})), [None, None, None], "off below tier 4");
+        assert_eq!(
+            cache(json!({"dataPlane": {"readCache": {"entries": 500}}})),
+            on("500", "30s", "version"),
+            "asked for below tier 4"
+        );
+        assert_eq!(
+            cache(tier4(json!({"readCache": {"entries": 0}}))),
+            [None, None, None],
+            "turned off at tier 4"
+        );
+        assert_eq!(
+            cache(tier4(json!({"readCache": {"ttl": "5m", "verify": "None"}}))),
+            on("20000", "5m", "none")
+        );
+    }
 
     #[test]
     fn each_reading_purpose_reads_as_its_own_login_on_the_primary() {
