@@ -20,7 +20,7 @@ use umstore_migrations::roles::Purpose;
 use uuid::Uuid;
 
 /// The refresh function's advisory lock key ('umstats').
-const REFRESH_LOCK: i64 = 0x756d_7374_6174_73;
+const REFRESH_LOCK: i64 = 0x0075_6d73_7461_7473;
 
 /// Adds `n` users of `region` in `bracket` with income `income_lakh` each
 /// and, when given, an overall risk: fixtures written as the superuser, as

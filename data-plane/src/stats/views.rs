@@ -231,7 +231,7 @@ mod tests {
             Filter::EligibleFor("pm-kisan".into()),
             Filter::RiskAbove(0.5),
         ] {
-            assert!(!answers(&[f.clone()], &dims), "{f:?}");
+            assert!(!answers(std::slice::from_ref(&f), &dims), "{f:?}");
         }
         assert!(!answers(&[], &["full_name".to_owned()]));
     }
