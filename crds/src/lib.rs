@@ -18,7 +18,7 @@ pub use spec::*;
 pub use status::{
     condition, BackupRecord, BackupStatus, ComponentStatus, Endpoints, GroupStatus, KeysStatus,
     MemberStatus, MigrationsStatus, Phase, PromotionStatus, ReplicaLag, RotationStatus,
-    UserMetadataStoreStatus,
+    StatsViewStatus, UserMetadataStoreStatus,
 };
 
 use kube::CustomResourceExt;

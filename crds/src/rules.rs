@@ -114,6 +114,22 @@ pub fn memory_only_cache_needs_events() -> Rule {
     .field_path(".dataPlane.readCache.verify")
 }
 
+/// On `spec.statsViews`: a view must outlive its refresh interval, or it would be
+/// too old to read before it is refreshed again.
+pub fn stats_views_max_age_above_interval() -> Rule {
+    Rule::new(
+        "!has(self.maxAge) || !has(self.refreshInterval) || \
+         !self.maxAge.matches('^([0-9]+(h|m|s|ms))+$') || \
+         !self.refreshInterval.matches('^([0-9]+(h|m|s|ms))+$') || \
+         duration(self.maxAge) > duration(self.refreshInterval)",
+    )
+    .message(
+        "statsViews.maxAge must be longer than statsViews.refreshInterval, or every view \
+         would be too old to read before its next refresh",
+    )
+    .field_path(".maxAge")
+}
+
 /// On a GPU count: zero or more.
 pub fn non_negative() -> Rule {
     Rule::new("self >= 0").message("must be zero or more")

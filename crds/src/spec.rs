@@ -134,6 +134,14 @@ pub struct UserMetadataStoreSpec {
     #[serde(default)]
     pub reclaim_policy: ReclaimPolicy,
 
+    /// The materialized stats views the stats endpoint reads (docs/api.md, "Stats"):
+    /// how often the data plane refreshes them and how old they may be when read.
+    /// Unset: on from tier 4 with the defaults below; below tier 4 nothing refreshes
+    /// them and stats are computed from the tables.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = rules::stats_views_max_age_above_interval())]
+    pub stats_views: Option<StatsViewsSpec>,
+
     /// Encrypted pgBackRest backups and WAL archiving (docs/backup.md). None when unset.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub backup: Option<BackupSpec>,
@@ -566,6 +574,39 @@ pub struct ReadCacheSpec {
     /// only, kept fresh by the outbound events; needs `spec.events`).
     #[serde(default)]
     pub verify: ReadCacheVerify,
+}
+
+/// The refresh schedule of the materialized stats views.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct StatsViewsSpec {
+    /// How often the views are refreshed (concurrently, by one data-plane pod at a
+    /// time), e.g. `10m`.
+    #[serde(default = "default_stats_refresh_interval")]
+    #[x_kube(validation = rules::duration_well_formed())]
+    pub refresh_interval: String,
+    /// The oldest a view may be to answer the stats endpoint; an older one is
+    /// bypassed (stats computed from the tables) and alerted on.
+    #[serde(default = "default_stats_max_age")]
+    #[x_kube(validation = rules::duration_well_formed())]
+    pub max_age: String,
+}
+
+fn default_stats_refresh_interval() -> String {
+    "10m".into()
+}
+
+fn default_stats_max_age() -> String {
+    "30m".into()
+}
+
+impl Default for StatsViewsSpec {
+    fn default() -> Self {
+        Self {
+            refresh_interval: default_stats_refresh_interval(),
+            max_age: default_stats_max_age(),
+        }
+    }
 }
 
 /// Entries of the read cache when the spec sets none (tier 4).

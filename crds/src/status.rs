@@ -109,6 +109,10 @@ pub struct UserMetadataStoreStatus {
     /// Backups and WAL archiving (with `spec.backup`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub backup: Option<BackupStatus>,
+    /// The stats views (tier 4, or with `spec.statsViews`): when each was last
+    /// refreshed, from the store's refresh log. Absent while no refresh is scheduled.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub stats_views: Vec<StatsViewStatus>,
 }
 
 /// Backups and WAL archiving as the operator last saw them: the backup Jobs'
@@ -294,6 +298,21 @@ pub struct MemberStatus {
     pub lag_bytes: Option<i64>,
     /// Whether the pod is Ready.
     pub ready: bool,
+}
+
+/// One materialized stats view of the store (docs/api.md, "Stats").
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct StatsViewStatus {
+    /// The view (`stats_groups`).
+    pub name: String,
+    /// When its last refresh began to read the tables (RFC 3339): its data is at
+    /// least this fresh.
+    pub refreshed_at: String,
+    /// How long that refresh took, in milliseconds.
+    pub duration_ms: i64,
+    /// Groups (rows) it holds.
+    pub groups: i64,
 }
 
 /// Replication lag of one replica pool member.

@@ -147,6 +147,22 @@ fn summary(
         lines.push(("Switchover", format!("to {s} (last acted on)")));
     }
     lines.push(("Backup", backup(store, status, now)));
+    if !status.stats_views.is_empty() {
+        let views: Vec<String> = status
+            .stats_views
+            .iter()
+            .map(|v| {
+                format!(
+                    "{} refreshed {} in {} ms, {} groups",
+                    v.name,
+                    time_and_age(&v.refreshed_at, now),
+                    v.duration_ms,
+                    v.groups
+                )
+            })
+            .collect();
+        lines.push(("Stats views", views.join("; ")));
+    }
     lines
 }
 
@@ -421,6 +437,24 @@ mod tests {
              00000001000000000000002A",
         );
         assert!(page.contains(&line), "{page}");
+    }
+
+    #[test]
+    fn the_stats_views_line_shows_each_views_last_refresh() {
+        let s = store(json!({
+            "statsViews": [{"name": "stats_groups", "refreshedAt": "2026-03-10T11:50:00.000Z",
+                            "durationMs": 840, "groups": 1234}],
+        }));
+        let page = render(&s, now());
+        let line = field(
+            "Stats views",
+            "stats_groups refreshed 2026-03-10T11:50:00.000Z (10m ago) in 840 ms, 1234 groups",
+        );
+        assert!(page.contains(&line), "{page}");
+        assert!(
+            !render(&store(json!({})), now()).contains("Stats views"),
+            "no line where no refresh is scheduled"
+        );
     }
 
     fn field(label: &str, value: &str) -> String {

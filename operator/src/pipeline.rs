@@ -24,7 +24,7 @@ use crate::error::Error;
 use crate::meta::PG_PORT;
 use crate::steps::{
     backup, bootstrap, credentials, distribute, keys, lag, migrate, promote, rollout, status,
-    switchover, topology, validate, Journal, Outcome, Progress, Reached, Reason, Step,
+    switchover, topology, validate, views, Journal, Outcome, Progress, Reached, Reason, Step,
 };
 use crate::validated::Validated;
 
@@ -132,6 +132,7 @@ async fn steps(
         waiting: None,
         schema_version: None,
         replica_lag: None,
+        stats_views: None,
         worker_group_ids: valid.citus_groups.clone(),
         placement: None,
         converting: false,
@@ -279,6 +280,7 @@ async fn steps(
     } else {
         t
     };
+    reached.stats_views = views::measure(&valid, &schema.admin).await;
     if valid.spec.auto_promotion.enabled && valid.tier < 4 {
         match promote::measure(&schema.admin).await {
             Ok(users) => {

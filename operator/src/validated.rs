@@ -9,7 +9,8 @@ use std::time::Duration;
 use umstore_crds::refusals;
 use umstore_crds::rules::MAX_INGEST_WORKERS;
 use umstore_crds::{
-    EventsSpec, ReplicaPurpose, UserMetadataStore, UserMetadataStoreSpec, WorkerGroupSpec,
+    EventsSpec, ReadCacheVerify, ReplicaPurpose, UserMetadataStore, UserMetadataStoreSpec,
+    WorkerGroupSpec,
 };
 use umstore_migrations::regions;
 
@@ -431,6 +432,53 @@ fn check_spec(spec: &UserMetadataStoreSpec, store_name: &str, problems: &mut Vec
             ));
         }
     }
+    check_data_plane_caches(spec, problems);
+}
+
+/// The read cache and the stats views, which the data plane would refuse at start.
+fn check_data_plane_caches(spec: &UserMetadataStoreSpec, problems: &mut Vec<String>) {
+    let duration = |field: &str, value: &str, problems: &mut Vec<String>| {
+        let secs = parse_duration_secs(value).filter(|s| *s > 0);
+        if secs.is_none() {
+            problems.push(format!(
+                "{field}: '{value}' is not a positive duration; use e.g. 30s or 10m"
+            ));
+        }
+        secs
+    };
+    if let Some(cache) = &spec.data_plane.read_cache {
+        if !(0..=10_000_000).contains(&cache.entries) {
+            problems.push(format!(
+                "spec.dataPlane.readCache.entries: {} is outside 0 (no cache) to 10000000",
+                cache.entries
+            ));
+        }
+        duration("spec.dataPlane.readCache.ttl", &cache.ttl, problems);
+        if cache.verify == ReadCacheVerify::None && spec.events.is_none() {
+            problems.push(
+                "spec.dataPlane.readCache.verify: None keeps the cache fresh by the outbound \
+                 events only; set spec.events (NATS) or use verify Version"
+                    .into(),
+            );
+        }
+    }
+    if let Some(views) = &spec.stats_views {
+        let interval = duration(
+            "spec.statsViews.refreshInterval",
+            &views.refresh_interval,
+            problems,
+        );
+        let max_age = duration("spec.statsViews.maxAge", &views.max_age, problems);
+        if let (Some(interval), Some(max_age)) = (interval, max_age) {
+            if max_age <= interval {
+                problems.push(format!(
+                    "spec.statsViews.maxAge: {} is not longer than refreshInterval {}; every \
+                     view would be too old to read before its next refresh",
+                    views.max_age, views.refresh_interval
+                ));
+            }
+        }
+    }
 }
 
 fn positive(field: &str, value: i32, problems: &mut Vec<String>) {
@@ -705,6 +753,31 @@ mod tests {
         ] {
             assert!(text.contains(needle), "missing `{needle}` in {text}");
         }
+    }
+
+    #[test]
+    fn read_cache_and_stats_views_settings_are_checked() {
+        let err = validate(&store(
+            json!({"dataPlane": {"readCache": {"entries": -5, "ttl": "soon", "verify": "None"}},
+                   "statsViews": {"refreshInterval": "30m", "maxAge": "10m"}}),
+            None,
+        ))
+        .expect_err("invalid");
+        let text = err.to_string();
+        for needle in [
+            "spec.dataPlane.readCache.entries: -5 is outside 0 (no cache) to 10000000",
+            "spec.dataPlane.readCache.ttl: 'soon' is not a positive duration",
+            "spec.dataPlane.readCache.verify: None keeps the cache fresh by the outbound events only",
+            "spec.statsViews.maxAge: 10m is not longer than refreshInterval 30m",
+        ] {
+            assert!(text.contains(needle), "missing `{needle}` in {text}");
+        }
+        validate(&store(
+            json!({"dataPlane": {"readCache": {"entries": 0}},
+                   "statsViews": {"refreshInterval": "5m", "maxAge": "1h"}}),
+            None,
+        ))
+        .expect("valid");
     }
 
     #[test]

@@ -133,6 +133,21 @@ fn cases() -> Vec<Case> {
             field: "spec.dataPlane.gpu.resourceName",
             message: GPU_NAME,
         },
+        // The stats views.
+        Case {
+            what: "stats views that may be read only younger than they are refreshed",
+            base: 1,
+            edit: |s| s["statsViews"] = json!({"refreshInterval": "30m", "maxAge": "10m"}),
+            field: "spec.statsViews.maxAge",
+            message: "statsViews.maxAge must be longer than statsViews.refreshInterval",
+        },
+        Case {
+            what: "a stats refresh interval that is not a duration",
+            base: 1,
+            edit: |s| s["statsViews"] = json!({"refreshInterval": "hourly"}),
+            field: "spec.statsViews.refreshInterval",
+            message: DURATION,
+        },
         // The read cache.
         Case {
             what: "a negative read-cache size",
@@ -146,7 +161,8 @@ fn cases() -> Vec<Case> {
             base: 1,
             edit: |s| s["dataPlane"]["readCache"] = json!({"verify": "None"}),
             field: "spec.dataPlane.readCache.verify",
-            message: "dataPlane.readCache.verify None keeps the cache fresh by the outbound events only",
+            message:
+                "dataPlane.readCache.verify None keeps the cache fresh by the outbound events only",
         },
         Case {
             what: "a read-cache TTL that is not a duration",

@@ -18,8 +18,8 @@ use umstore_operator::builders::credentials::{generate_password, Credentials, Ro
 use umstore_operator::db::Connector;
 use umstore_operator::meta::REPLICA_POOL_LABEL;
 use umstore_operator::steps::bootstrap::{bootstrap, ensure_database, scram_verifier};
-use umstore_operator::steps::lag;
 use umstore_operator::steps::migrate::{migrate, Approval, Migrated};
+use umstore_operator::steps::{lag, views};
 
 const HOST: &str = "pilot-coordinator.umstore.svc";
 
@@ -188,6 +188,42 @@ async fn bootstrap_and_migrate_give_each_client_a_working_login_and_rerun_as_no_
         .create_user_key(&writer, user, "KA")
         .await
         .expect("the writer may store a wrapped data key");
+
+    // The stats views: none refreshed yet; the writer (the data plane's refresher)
+    // refreshes them; the operator's connection reads when, for status.statsViews.
+    let unrefreshed = views::refreshes(&client, views::TIMEOUT)
+        .await
+        .expect("the operator reads the refresh log");
+    assert!(unrefreshed.is_empty(), "{unrefreshed:?}");
+    let refreshed: bool = writer
+        .query_one(
+            "SELECT refreshed FROM umstore.refresh_stats_views(true)",
+            &[],
+        )
+        .await
+        .expect("the writer may refresh the stats views")
+        .get(0);
+    assert!(refreshed);
+    let refreshes = views::refreshes(&client, views::TIMEOUT)
+        .await
+        .expect("the operator reads the refresh log");
+    assert_eq!(
+        refreshes
+            .iter()
+            .map(|v| v.name.as_str())
+            .collect::<Vec<_>>(),
+        ["stats_groups"]
+    );
+    assert_eq!(refreshes[0].groups, 0, "no user has metadata yet");
+    let at: k8s_openapi::jiff::Timestamp = refreshes[0]
+        .refreshed_at
+        .parse()
+        .expect("refreshedAt is RFC 3339");
+    let age = k8s_openapi::jiff::Timestamp::now().duration_since(at);
+    assert!(
+        age.as_secs() < 60 && age.as_secs() >= 0,
+        "refreshed just now, not {age:?} ago"
+    );
 
     let Err(refused) = login(&pg, Role::Writer, "wrong").await else {
         panic!("a wrong password must be refused");

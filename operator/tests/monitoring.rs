@@ -91,6 +91,8 @@ fn sample_status() -> umstore_crds::UserMetadataStoreStatus {
                         "lagSeconds": 0.012}],
         "backup": {"lastBackup": {"label": "20260301-010000F", "type": "full",
             "startedAt": "2026-03-01T01:00:00Z", "completedAt": "2026-03-01T01:02:03Z"}},
+        "statsViews": [{"name": "stats_groups", "refreshedAt": "2026-03-01T01:50:00.000Z",
+                        "durationMs": 840, "groups": 1234}],
     }))
     .expect("status")
 }
@@ -505,6 +507,7 @@ fn alerts_say_what_to_look_at_and_take_their_thresholds_from_values() {
             "UmstoreKeyRewrapStalled",
             "UmstoreDeadLettersGrowing",
             "UmstoreBackupTooOld",
+            "UmstoreStatsViewsStale",
             "UmstoreReconcileErrors",
         ])
     );
@@ -539,6 +542,7 @@ fn alerts_say_what_to_look_at_and_take_their_thresholds_from_values() {
             "--set",
             "monitoring.prometheusRule.replicaLag.seconds=3,\
              monitoring.prometheusRule.backupAge.maxHours=2,\
+             monitoring.prometheusRule.statsViewsAge.maxMinutes=45,\
              monitoring.prometheusRule.storeNotReady.for=7m,\
              monitoring.prometheusRule.deadLetters.window=1h,\
              monitoring.prometheusRule.reconcileErrors.severity=critical,\
@@ -555,6 +559,7 @@ fn alerts_say_what_to_look_at_and_take_their_thresholds_from_values() {
     };
     assert!(str_of(&rule("UmstoreReplicaLagHigh")["expr"]).ends_with("> 3"));
     assert!(str_of(&rule("UmstoreBackupTooOld")["expr"]).ends_with("> 7200"));
+    assert!(str_of(&rule("UmstoreStatsViewsStale")["expr"]).ends_with("> 2700"));
     assert_eq!(rule("UmstoreStoreNotReady")["for"], "7m");
     assert!(str_of(&rule("UmstoreDeadLettersGrowing")["expr"]).contains("[1h]"));
     assert_eq!(

@@ -107,6 +107,12 @@ fn environment(v: &Validated) -> Vec<EnvVar> {
         ),
     ]);
     vars.extend(read_cache_environment(v));
+    if let Some(views) = crate::steps::views::schedule(v) {
+        vars.extend([
+            env("UMSTORE_STATS_REFRESH_INTERVAL", views.refresh_interval),
+            env("UMSTORE_STATS_MAX_AGE", views.max_age),
+        ]);
+    }
     if let Some(addr) = vault_address {
         vars.push(env("UMSTORE_VAULT_ADDR", addr.clone()));
     }
@@ -479,9 +485,8 @@ mod tests {
     fn the_read_cache_is_on_from_tier_4_unless_the_spec_turns_it_off() {
         let cache = |spec: Value| {
             let vars = container_env(&validated(spec));
-            ["ENTRIES", "TTL", "VERIFY"].map(|k| {
-                value(&vars, &format!("UMSTORE_READ_CACHE_{k}")).map(str::to_owned)
-            })
+            ["ENTRIES", "TTL", "VERIFY"]
+                .map(|k| value(&vars, &format!("UMSTORE_READ_CACHE_{k}")).map(str::to_owned))
         };
         let on = |entries: &str, ttl: &str, verify: &str| {
             [entries, ttl, verify].map(|v| Some(v.to_owned()))
@@ -498,9 +503,25 @@ mod tests {
             [None, None, None],
             "turned off at tier 4"
         );
+        let mut memory_only = tier4(json!({"readCache": {"ttl": "5m", "verify": "None"}}));
+        memory_only["events"] = json!({"natsUrl": "nats://nats.messaging.svc:4222"});
+        assert_eq!(cache(memory_only), on("20000", "5m", "none"));
+    }
+
+    #[test]
+    fn the_stats_views_are_refreshed_from_tier_4_or_when_the_spec_asks() {
+        let views = |spec: Value| {
+            let vars = container_env(&validated(spec));
+            ["REFRESH_INTERVAL", "MAX_AGE"]
+                .map(|k| value(&vars, &format!("UMSTORE_STATS_{k}")).map(str::to_owned))
+        };
+        let on = |interval: &str, max_age: &str| [interval, max_age].map(|v| Some(v.to_owned()));
+        assert_eq!(views(tier4(json!({}))), on("10m", "30m"));
+        assert_eq!(views(json!({})), [None, None], "not below tier 4");
         assert_eq!(
-            cache(tier4(json!({"readCache": {"ttl": "5m", "verify": "None"}}))),
-            on("20000", "5m", "none")
+            views(json!({"statsViews": {"refreshInterval": "2m", "maxAge": "5m"}})),
+            on("2m", "5m"),
+            "asked for below tier 4"
         );
     }
 

@@ -153,6 +153,7 @@ pub fn topology(v: &Validated, creds: &Credentials, env: &Env) -> Vec<Object> {
         reclaim_policy: _,        // postgres PVC retention, finalizer
         backup: _,                // backup: ConfigMap, CronJobs, pod sidecar; backup step
         bootstrap: _,             // patroni bootstrap method, backup::restore_conf
+        stats_views: _,           // data_plane env; views probe
     } = &v.spec;
 
     let mut pg_roles = vec![PgRole::Coordinator];

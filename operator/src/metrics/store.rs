@@ -51,6 +51,7 @@ pub(super) struct StoreGauges {
     lag_seconds: Family<ReplicaLabels, FloatGauge>,
     lag_bytes: Family<ReplicaLabels, Gauge>,
     last_backup: Family<StoreLabels, FloatGauge>,
+    stats_views_refreshed: Family<StoreLabels, FloatGauge>,
     /// The replica series set for each store, to remove those of members that left.
     members: Mutex<HashMap<StoreLabels, Vec<ReplicaLabels>>>,
 }
@@ -68,6 +69,7 @@ impl StoreGauges {
             lag_seconds: Family::default(),
             lag_bytes: Family::default(),
             last_backup: Family::default(),
+            stats_views_refreshed: Family::default(),
             members: Mutex::new(HashMap::new()),
         };
         registry.register(
@@ -117,6 +119,12 @@ impl StoreGauges {
              (status.backup.lastBackup.completedAt)",
             gauges.last_backup.clone(),
         );
+        registry.register(
+            "store_stats_views_refreshed_timestamp_seconds",
+            "When the store's least recently refreshed stats view was last refreshed, \
+             Unix seconds (status.statsViews; only where refreshes are scheduled)",
+            gauges.stats_views_refreshed.clone(),
+        );
         gauges
     }
 
@@ -156,6 +164,13 @@ impl StoreGauges {
             .and_then(|r| r.completed_at.parse::<Timestamp>().ok())
             .map(|t| t.as_millisecond() as f64 / 1000.0);
         set_or_remove(&self.last_backup, &labels, completed);
+        let oldest_view = status
+            .stats_views
+            .iter()
+            .filter_map(|v| v.refreshed_at.parse::<Timestamp>().ok())
+            .min()
+            .map(|t| t.as_millisecond() as f64 / 1000.0);
+        set_or_remove(&self.stats_views_refreshed, &labels, oldest_view);
 
         let mut now = Vec::with_capacity(status.replica_lag.len());
         for lag in &status.replica_lag {
@@ -203,6 +218,7 @@ impl StoreGauges {
             family.remove(&labels);
         }
         self.last_backup.remove(&labels);
+        self.stats_views_refreshed.remove(&labels);
         let mut members = self.members.lock().unwrap_or_else(PoisonError::into_inner);
         for member in members.remove(&labels).into_iter().flatten() {
             self.lag_bytes.remove(&member);

@@ -30,6 +30,7 @@ pub mod switchover;
 pub mod tls;
 pub mod topology;
 pub mod validate;
+pub mod views;
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -311,6 +312,9 @@ pub struct Reached {
     pub degraded: Vec<(Reason, String)>,
     /// Backups and WAL archiving, when the backup step ran.
     pub backup: Option<umstore_crds::BackupStatus>,
+    /// The stats views' refreshes, when the probe after migrate read them (empty
+    /// when no refresh is scheduled); `None` keeps the last ones.
+    pub stats_views: Option<Vec<umstore_crds::StatsViewStatus>>,
 }
 
 impl Reached {

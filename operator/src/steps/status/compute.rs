@@ -286,6 +286,10 @@ pub fn compute(
             .replica_lag
             .clone()
             .unwrap_or_else(|| old.replica_lag.clone()),
+        stats_views: r
+            .stats_views
+            .clone()
+            .unwrap_or_else(|| old.stats_views.clone()),
         placement: r
             .placement
             .as_ref()

@@ -1,0 +1,89 @@
+//! The stats views' refreshes for the status: when each materialized stats view
+//! was last refreshed, read from the store's refresh log (`umstore.stats_refreshes`,
+//! migration 0011) on the connection migrate used. The data plane refreshes the
+//! views (`serve --stats-refresh-interval`, one pod at a time); the operator only
+//! reports them, and only for a store whose spec schedules refreshes.
+//!
+//! A probe like the replica lag: no condition, never stops the pipeline, bounded by
+//! [`TIMEOUT`]; a failed probe leaves the last reading in the status.
+
+use std::time::Duration;
+
+use tokio_postgres::Client;
+use tracing::warn;
+use umstore_crds::{StatsViewStatus, StatsViewsSpec};
+
+use crate::error::Error;
+use crate::validated::Validated;
+
+/// How long the probe may take.
+pub const TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Each view's last refresh, oldest first (RFC 3339 in UTC, millisecond precision).
+const REFRESHES: &str = "\
+    SELECT view_name, \
+           to_char(refreshed_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"'), \
+           duration_ms, groups \
+      FROM umstore.stats_refreshes \
+     ORDER BY refreshed_at, view_name";
+
+/// Why the probe gave nothing.
+#[derive(Debug, thiserror::Error)]
+pub enum ViewsError {
+    /// The coordinator did not answer in time.
+    #[error("reading umstore.stats_refreshes took longer than {0:?}; the coordinator is slow or overloaded")]
+    Timeout(Duration),
+    /// The query failed.
+    #[error(transparent)]
+    Database(#[from] Error),
+}
+
+/// The refresh schedule the data plane runs for this store: `spec.statsViews`, else
+/// the defaults from tier 4; none below tier 4 unless the spec asks.
+pub fn schedule(v: &Validated) -> Option<StatsViewsSpec> {
+    match &v.spec.stats_views {
+        Some(views) => Some(views.clone()),
+        None if v.tier >= 4 => Some(StatsViewsSpec::default()),
+        None => None,
+    }
+}
+
+/// Reads every view's last refresh within `timeout`.
+pub async fn refreshes(
+    client: &Client,
+    timeout: Duration,
+) -> Result<Vec<StatsViewStatus>, ViewsError> {
+    let query = async {
+        client
+            .query(REFRESHES, &[])
+            .await
+            .map_err(Error::db("reading umstore.stats_refreshes".to_string()))
+    };
+    let rows = tokio::time::timeout(timeout, query)
+        .await
+        .map_err(|_| ViewsError::Timeout(timeout))??;
+    Ok(rows
+        .iter()
+        .map(|row| StatsViewStatus {
+            name: row.get(0),
+            refreshed_at: row.get(1),
+            duration_ms: row.get(2),
+            groups: row.get(3),
+        })
+        .collect())
+}
+
+/// The status's `statsViews`: empty when no refresh is scheduled, the refresh log
+/// when one is, `None` (keep the last reading) when it could not be read (logged).
+pub async fn measure(v: &Validated, client: &Client) -> Option<Vec<StatsViewStatus>> {
+    if schedule(v).is_none() {
+        return Some(Vec::new());
+    }
+    match refreshes(client, TIMEOUT).await {
+        Ok(views) => Some(views),
+        Err(error) => {
+            warn!(%error, "stats views not read; the status keeps the last reading");
+            None
+        }
+    }
+}
