@@ -106,6 +106,34 @@ async fn seed_writes_and_one_user_reads_work_on_a_distributed_store_one_shard_ea
         .get(0);
     assert_eq!(seeded, 600);
 
+    // The stats views over the distributed tables (a local materialized view on
+    // the coordinator): the writer refreshes them, twice (the second concurrently),
+    // and they count every seeded user. A refresh reads every shard, so this
+    // connection is the writer's without the single-shard guard.
+    let writer = connect(&format!(
+        "{} user={}",
+        citus.conninfo("postgres"),
+        Purpose::Writer.login().expect("the writer has a login")
+    ))
+    .await;
+    for _ in 0..2 {
+        let refreshed: bool = writer
+            .query_one(
+                "SELECT refreshed FROM umstore.refresh_stats_views(true)",
+                &[],
+            )
+            .await
+            .expect("the writer refreshes the stats views on Citus")
+            .get(0);
+        assert!(refreshed);
+    }
+    let in_views: i64 = admin
+        .query_one("SELECT sum(users)::int8 FROM umstore.stats_groups_mv", &[])
+        .await
+        .expect("read the view")
+        .get(0);
+    assert_eq!(in_views, 600, "the views count every seeded user");
+
     // Events applied as the writer login, each a single-shard transaction.
     let writer_keys = Arc::new(
         Keyring::open(
