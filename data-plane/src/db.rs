@@ -121,6 +121,54 @@ impl Database {
         }
     }
 
+    /// The same login (user, password, TLS settings, options) on another
+    /// server: `host` and `port`, and `dbname` when given (else this one's).
+    /// What a store with several clusters does with each per-purpose URL.
+    pub fn at(&self, host: &str, port: u16, dbname: Option<&str>) -> Self {
+        let old = &self.config;
+        let mut config = Config::new();
+        if let Some(user) = old.get_user() {
+            config.user(user);
+        }
+        if let Some(password) = old.get_password() {
+            config.password(password);
+        }
+        if let Some(db) = dbname.or(old.get_dbname()) {
+            config.dbname(db);
+        }
+        if let Some(options) = old.get_options() {
+            config.options(options);
+        }
+        if let Some(name) = old.get_application_name() {
+            config.application_name(name);
+        }
+        if let Some(timeout) = old.get_connect_timeout() {
+            config.connect_timeout(*timeout);
+        }
+        if let Some(timeout) = old.get_tcp_user_timeout() {
+            config.tcp_user_timeout(*timeout);
+        }
+        config
+            .ssl_mode(old.get_ssl_mode())
+            .ssl_negotiation(old.get_ssl_negotiation())
+            .keepalives(old.get_keepalives())
+            .keepalives_idle(old.get_keepalives_idle())
+            .target_session_attrs(old.get_target_session_attrs())
+            .channel_binding(old.get_channel_binding())
+            .host(host)
+            .port(port);
+        if let Some(interval) = old.get_keepalives_interval() {
+            config.keepalives_interval(interval);
+        }
+        if let Some(retries) = old.get_keepalives_retries() {
+            config.keepalives_retries(retries);
+        }
+        Self {
+            config,
+            tls: self.tls.clone(),
+        }
+    }
+
     /// Connects once; the connection runs on a spawned task.
     pub async fn connect(&self) -> Result<Client, DbError> {
         let connected = match &self.tls {
@@ -215,6 +263,25 @@ mod tests {
             .map(|e| e.to_string())
             .unwrap_or_default();
         assert!(err.contains("sslmode=verify-ca needs sslrootcert"), "{err}");
+    }
+
+    #[test]
+    fn another_server_keeps_the_login_and_its_tls() {
+        let db = Database::parse(
+            "postgres://ai:s3cret@users-pgbouncer:6432/umstore?sslmode=require&application_name=x",
+        )
+        .expect("parses");
+        let south = db.at("users-south-coordinator", 5432, None);
+        let c = south.pg_config();
+        assert_eq!(south.describe(), "ai@users-south-coordinator:5432/umstore");
+        assert_eq!(c.get_hosts().len(), 1);
+        assert_eq!(c.get_ports(), &[5432]);
+        assert_eq!(c.get_password(), Some(&b"s3cret"[..]));
+        assert_eq!(c.get_application_name(), Some("x"));
+        assert_eq!(c.get_ssl_mode(), db.pg_config().get_ssl_mode());
+        assert!(south.tls().is_some());
+        let other = db.at("h", 1, Some("other"));
+        assert_eq!(other.describe(), "ai@h:1/other");
     }
 
     #[test]

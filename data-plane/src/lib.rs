@@ -4,10 +4,12 @@
 //! embedded PostgreSQL of local runs, on `umstore-localpg`), [`api`] (HTTP:
 //! health, readiness, metrics, the read API), [`read_cache`] (the read API's
 //! cache and its invalidation by the outbound events), [`stats`] (the
-//! materialized stats views: partials, merge, refresh), [`db`] (connections).
+//! materialized stats views: partials, merge, refresh), [`db`] (connections),
+//! [`clusters`] (the layout of a store with several clusters).
 
 pub mod api;
 pub mod backoff;
+pub mod clusters;
 pub mod crypto;
 pub mod db;
 pub mod derive;

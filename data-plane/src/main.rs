@@ -5,10 +5,12 @@
 mod cli;
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use tracing::info;
+use umstore_data_plane::clusters::Layout;
 use umstore_data_plane::db::Database;
 use umstore_data_plane::embedded::{default_data_dir, Embedded};
 
@@ -30,6 +32,15 @@ struct Cli {
         hide_env_values = true
     )]
     database_url: Option<String>,
+
+    /// A store of several clusters (tier 4): a JSON array of
+    /// {"name", "regions", "primary": {"host", "port", "dbname"?},
+    /// "replicas": {"<purpose>": {"host", "port", "dbname"?}}}, the home cluster
+    /// first (docs/api.md, "Several clusters"). Every database URL is moved onto
+    /// each cluster's servers (same login, password and TLS). Unset or one
+    /// cluster: the URLs as given.
+    #[arg(long, env = "UMSTORE_CLUSTERS", global = true)]
+    clusters: Option<String>,
 
     /// Directory for the embedded PostgreSQL cluster and the local key file
     /// [default: /var/lib/umstore as root, else ~/.local/share/umstore].
@@ -83,6 +94,27 @@ async fn main() -> Result<()> {
     init_tracing();
     let cli = Cli::parse();
     let data_dir = cli.data_dir.clone().unwrap_or_else(default_data_dir);
+    // Checked before anything connects: a bad layout is a startup error.
+    let layout = cli
+        .clusters
+        .as_deref()
+        .map(Layout::parse)
+        .transpose()?
+        .filter(Layout::is_multi)
+        .map(Arc::new);
+    if let Some(layout) = &layout {
+        if cli.database_url.is_none() {
+            anyhow::bail!(
+                "--clusters (UMSTORE_CLUSTERS) names several clusters: give --database-url \
+                 (UMSTORE_DATABASE_URL) too; the embedded PostgreSQL is one cluster"
+            );
+        }
+        info!(
+            clusters = ?layout.clusters().iter().map(|c| c.name.as_str()).collect::<Vec<_>>(),
+            home = %layout.clusters()[0].name,
+            "a store of several clusters"
+        );
+    }
 
     let (database, embedded) = match &cli.database_url {
         Some(url) => (Database::parse(url)?, None),
@@ -98,10 +130,20 @@ async fn main() -> Result<()> {
     let result = match cli.command {
         Command::Migrate { action } => cli::migrate::run(action, &database).await,
         Command::Seed(args) => cli::seed::run(args, &database, &data_dir, keys).await,
-        Command::Keys { action } => cli::keys::run(action, &database, &data_dir, keys).await,
-        Command::Stats { action } => cli::stats::run(action, &database).await,
+        Command::Keys { action } => {
+            cli::keys::run(action, &database, layout.as_deref(), &data_dir, keys).await
+        }
+        Command::Stats { action } => cli::stats::run(action, &database, layout.as_deref()).await,
         Command::Serve(args) => {
-            cli::serve::run(*args, &database, &data_dir, keys, embedded.is_some()).await
+            cli::serve::run(
+                *args,
+                &database,
+                layout,
+                &data_dir,
+                keys,
+                embedded.is_some(),
+            )
+            .await
         }
     };
     if let Some(embedded) = embedded {

@@ -76,6 +76,13 @@ pub struct RefreshLabels {
     pub result: &'static str,
 }
 
+/// A cluster of a store with several (its name in the layout).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ClusterLabels {
+    /// The cluster's name.
+    pub cluster: String,
+}
+
 fn read_histogram() -> Histogram {
     // 0.1 ms to about 3 s.
     Histogram::new(exponential_buckets(0.000_1, 2.0, 16))
@@ -132,6 +139,15 @@ pub struct Metrics {
     pub stats_refresh_duration_seconds: Family<ViewLabels, Histogram, fn() -> Histogram>,
     /// Scheduled refreshes by view and result.
     pub stats_refreshes: Family<RefreshLabels, Counter>,
+    /// Route lookups (user id to region) of a store with several clusters,
+    /// by result: `hit` (this process's cache), `miss` (read from the home
+    /// cluster's `user_routes`, or not there).
+    pub route_cache_lookups: Family<CacheLabels, Counter>,
+    /// Users looked for in every cluster's directory (no route), by result
+    /// (`hit`: found and the route written back, `miss`: no such user).
+    pub route_fallbacks: Family<CacheLabels, Counter>,
+    /// Queries sent to each cluster by reads and writes.
+    pub cluster_queries: Family<ClusterLabels, Counter>,
     registry: Registry,
     /// 1 while a database connection is up.
     pub db_connected: Gauge,
@@ -328,7 +344,28 @@ impl Metrics {
             "Scheduled refreshes of the stats views, by result (refreshed, skipped, failed)",
             stats_refreshes.clone(),
         );
+        let route_cache_lookups = Family::<CacheLabels, Counter>::default();
+        registry.register(
+            "route_cache_lookups",
+            "Route lookups of a store with several clusters, by result (hit: this process's cache)",
+            route_cache_lookups.clone(),
+        );
+        let route_fallbacks = Family::<CacheLabels, Counter>::default();
+        registry.register(
+            "route_fallbacks",
+            "Users without a route looked for in every cluster's directory, by result",
+            route_fallbacks.clone(),
+        );
+        let cluster_queries = Family::<ClusterLabels, Counter>::default();
+        registry.register(
+            "cluster_queries",
+            "Requests sent to each cluster of a store with several clusters",
+            cluster_queries.clone(),
+        );
         Self {
+            route_cache_lookups,
+            route_fallbacks,
+            cluster_queries,
             stats_requests,
             stats_view_age_seconds,
             stats_refresh_duration_seconds,
@@ -358,6 +395,15 @@ impl Metrics {
             key_rotation_rewrapped,
             key_rotation_target_version,
         }
+    }
+
+    /// Counts a request sent to `cluster`.
+    pub fn cluster_query(&self, cluster: &str) {
+        self.cluster_queries
+            .get_or_create(&ClusterLabels {
+                cluster: cluster.to_owned(),
+            })
+            .inc();
     }
 
     /// Records a probe of `purpose`'s replica.

@@ -17,7 +17,7 @@
 //! * `regions`, `key_material`, `key_rotations` become reference tables (a copy on
 //!   every node);
 //! * `user_directory` is distributed by `user_id` (one-user lookups by id go to one
-//!   shard);
+//!   shard), and `user_routes` (migration 0012) by `user_id` colocated with it;
 //! * every other table of the `umstore` schema with a `region` column is distributed
 //!   by `region`, colocated with `user_metadata`, so one user's rows of every table
 //!   are on one node and a one-user transaction is a single-shard transaction;
@@ -53,6 +53,9 @@ pub const REFERENCE_TABLES: [&str; 3] = ["regions", "key_material", "key_rotatio
 pub const ANCHOR_TABLE: &str = "user_metadata";
 /// The table distributed by `user_id`.
 pub const DIRECTORY_TABLE: &str = "user_directory";
+/// The routing index of a store with several clusters (migration 0012):
+/// distributed by `user_id` too, colocated with [`DIRECTORY_TABLE`].
+pub const ROUTES_TABLE: &str = "user_routes";
 /// Tables that stay on the coordinator only.
 pub const LOCAL_TABLES: [&str; 1] = ["schema_migrations"];
 
@@ -281,7 +284,7 @@ pub async fn pending(client: &Client) -> Result<Vec<Pending>, CitusError> {
         let has_region: bool = row.get(1);
         let layout = if REFERENCE_TABLES.contains(&table.as_str()) {
             Layout::Reference
-        } else if table == DIRECTORY_TABLE {
+        } else if table == DIRECTORY_TABLE || table == ROUTES_TABLE {
             Layout::ByUser
         } else if has_region && !LOCAL_TABLES.contains(&table.as_str()) {
             Layout::ByRegion
@@ -294,7 +297,8 @@ pub async fn pending(client: &Client) -> Result<Vec<Pending>, CitusError> {
         Layout::Reference => 0,
         Layout::ByRegion if p.table == ANCHOR_TABLE => 1,
         Layout::ByRegion => 2,
-        Layout::ByUser => 3,
+        Layout::ByUser if p.table == DIRECTORY_TABLE => 3,
+        Layout::ByUser => 4,
     };
     out.sort_by_key(|p| (rank(p), p.table.clone()));
     Ok(out)
@@ -409,6 +413,9 @@ async fn distribute_one(client: &Client, p: &Pending) -> Result<bool, CitusError
     let (column, colocate, shards): (&str, String, Option<i32>) = match p.layout {
         Layout::ByRegion if p.table == ANCHOR_TABLE => ("region", "none".into(), Some(1)),
         Layout::ByRegion => ("region", format!("umstore.{ANCHOR_TABLE}"), None),
+        Layout::ByUser if p.table == ROUTES_TABLE => {
+            ("user_id", format!("umstore.{DIRECTORY_TABLE}"), None)
+        }
         _ => ("user_id", "none".into(), None),
     };
     let function = if populated {

@@ -61,6 +61,7 @@ pub fn embedded() -> Vec<Migration> {
         migration!(9, "0009", "schema_version_reads"),
         migration!(10, "0010", "ingest"),
         migration!(11, "0011", "stats_views"),
+        migration!(12, "0012", "user_routes"),
     ]
 }
 

@@ -105,6 +105,8 @@ pub async fn post_events(
     }
     let now = Utc::now();
     let mut results = Vec::with_capacity(items.len());
+    // The clusters an applied event was written to (read-your-writes).
+    let mut touched = std::collections::BTreeSet::new();
     for item in items {
         let id = item
             .get("event_id")
@@ -121,15 +123,20 @@ pub async fn post_events(
                 }
             }
             Ok(ev) => match ingest.apply(&ev).await {
-                Ok(outcome) => Settled {
-                    event_id: Some(ev.event_id),
-                    status: outcome.as_str(),
-                    version: match outcome {
-                        Outcome::Applied { version } => version,
-                        _ => None,
-                    },
-                    reason: None,
-                },
+                Ok(outcome) => {
+                    if matches!(outcome, Outcome::Applied { .. }) {
+                        touched.extend(ingest.cluster_of(ev.region));
+                    }
+                    Settled {
+                        event_id: Some(ev.event_id),
+                        status: outcome.as_str(),
+                        version: match outcome {
+                            Outcome::Applied { version } => version,
+                            _ => None,
+                        },
+                        reason: None,
+                    }
+                }
                 Err(ApplyError::Rejected(r)) => Settled {
                     event_id: Some(ev.event_id),
                     status: "rejected",
@@ -160,10 +167,10 @@ pub async fn post_events(
         StatusCode::OK
     };
     // Where a read must be to see these writes (read-your-writes, X-Min-Lsn).
-    let lsn = if results.iter().any(|r| r.status == "applied") {
-        ingest.wal_position().await
-    } else {
+    let lsn = if touched.is_empty() {
         None
+    } else {
+        ingest.wal_token(&touched).await
     };
     let header = lsn
         .as_deref()

@@ -9,6 +9,7 @@ mod health;
 pub mod openapi;
 pub mod pools;
 pub mod query;
+pub mod routing;
 pub mod users;
 
 use std::sync::Arc;
@@ -58,6 +59,10 @@ pub struct AppState {
     pub bus: Option<Slot<String>>,
     /// The cache of one-user answers (`--read-cache-entries` above 0).
     pub read_cache: Option<crate::read_cache::ReadCache>,
+    /// A store with several clusters (`--clusters` with two or more): each
+    /// cluster's read pools and the route lookups. `None`: one cluster, read
+    /// through [`Self::reads`].
+    pub routing: Option<routing::Routing>,
 }
 
 /// Every API answer names the schema version it was read with.

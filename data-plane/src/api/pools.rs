@@ -78,6 +78,50 @@ impl std::fmt::Display for Lsn {
     }
 }
 
+/// A read-your-writes position (`X-Min-Lsn`): one WAL position, as a store of
+/// one cluster gives it out (`0/16B3740`), or one per cluster that a write
+/// touched, as a store of several gives it out
+/// (`home:0/16B3740,south:0/3000060`): WAL positions of different clusters
+/// do not compare, so each is honoured only against the cluster that issued
+/// it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum MinLsn {
+    /// One position, for whichever cluster answers (a token without cluster
+    /// names: the conservative reading in a store of several).
+    Any(Lsn),
+    /// A position per cluster name.
+    PerCluster(Vec<(String, Lsn)>),
+}
+
+impl std::str::FromStr for MinLsn {
+    type Err = ();
+
+    fn from_str(s: &str) -> Result<Self, ()> {
+        if !s.contains(':') {
+            return s.parse().map(MinLsn::Any);
+        }
+        let mut out = Vec::new();
+        for part in s.split(',') {
+            let (cluster, lsn) = part.trim().split_once(':').ok_or(())?;
+            if cluster.is_empty() {
+                return Err(());
+            }
+            out.push((cluster.to_owned(), lsn.parse()?));
+        }
+        Ok(MinLsn::PerCluster(out))
+    }
+}
+
+impl MinLsn {
+    /// The position a read on `cluster` must have replayed (`None`: any).
+    pub fn for_cluster(&self, cluster: &str) -> Option<Lsn> {
+        match self {
+            MinLsn::Any(lsn) => Some(*lsn),
+            MinLsn::PerCluster(all) => all.iter().find(|(c, _)| c == cluster).map(|(_, l)| *l),
+        }
+    }
+}
+
 /// What the last probe of a replica found.
 #[derive(Clone, Copy, Debug)]
 pub struct ReplicaState {
@@ -275,6 +319,30 @@ impl ReadPools {
             .collect()
     }
 
+    /// A connection as `purpose`'s login on the primary, whatever the replica's
+    /// state (route lookups: a route written a moment ago must be found).
+    pub async fn get_primary(&self, purpose: Purpose) -> Result<Object, ApiError> {
+        let pools = self.pools_of(purpose)?;
+        pools.primary.get().await.map_err(|e| {
+            tracing::warn!(purpose = purpose.slug(), error = %e, "no primary connection");
+            ApiError::Unavailable(format!(
+                "the database does not answer for the purpose {}; retry shortly",
+                purpose.slug()
+            ))
+        })
+    }
+
+    fn pools_of(&self, purpose: Purpose) -> Result<&Pools, ApiError> {
+        self.purposes.get(&purpose).ok_or_else(|| {
+            ApiError::Unavailable(format!(
+                "no database login is configured for the purpose {0}: give serve \
+                 --{0}-database-url (or UMSTORE_{1}_DATABASE_URL)",
+                purpose.slug(),
+                purpose.slug().replace('-', "_").to_uppercase()
+            ))
+        })
+    }
+
     /// A connection as `purpose`'s login: on its replica when the replica is
     /// up, within the lag bound and has replayed `min_lsn`; else on the primary.
     pub async fn get(
@@ -282,14 +350,7 @@ impl ReadPools {
         purpose: Purpose,
         min_lsn: Option<Lsn>,
     ) -> Result<(Object, Served), ApiError> {
-        let pools = self.purposes.get(&purpose).ok_or_else(|| {
-            ApiError::Unavailable(format!(
-                "no database login is configured for the purpose {0}: give serve \
-                 --{0}-database-url (or UMSTORE_{1}_DATABASE_URL)",
-                purpose.slug(),
-                purpose.slug().replace('-', "_").to_uppercase()
-            ))
-        })?;
+        let pools = self.pools_of(purpose)?;
         if let Some(replica) = &pools.replica {
             let s = *replica.state.lock().unwrap_or_else(|e| e.into_inner());
             let usable = s.up
@@ -403,5 +464,18 @@ mod tests {
         assert_eq!(b.0, 1 << 32);
         assert!("16B3740".parse::<Lsn>().is_err());
         assert!("0/xyz".parse::<Lsn>().is_err());
+    }
+
+    #[test]
+    fn a_per_cluster_position_is_honoured_only_by_its_cluster() {
+        let plain: MinLsn = "0/10".parse().expect("plain");
+        assert_eq!(plain.for_cluster("south"), Some(Lsn(0x10)));
+        let token: MinLsn = "home:0/20,south:1/0".parse().expect("token");
+        assert_eq!(token.for_cluster("home"), Some(Lsn(0x20)));
+        assert_eq!(token.for_cluster("south"), Some(Lsn(1 << 32)));
+        assert_eq!(token.for_cluster("north"), None);
+        for bad in ["home:", ":0/1", "home:0/1,", "home0/1,x"] {
+            assert!(bad.parse::<MinLsn>().is_err(), "{bad}");
+        }
     }
 }

@@ -16,7 +16,8 @@ use uuid::Uuid;
 use super::auth::Caller;
 use super::bodies::{ErrorBody, QueryBody, StatsBody};
 use super::error::{schema_version, ApiError};
-use super::users::{connection, finish, only, read_only, respond};
+use super::pools::Served;
+use super::users::{cluster_connection, connection, finish, only, read_only, respond};
 use super::AppState;
 use crate::stats::{self, views};
 use crate::store::query::{self, Filter, Group, DIMENSIONS};
@@ -193,11 +194,17 @@ pub async fn find(
             })
         })
         .transpose()?;
-    let (mut client, served) = connection(&state, purpose, &headers).await?;
-    let tx = read_only(&mut client).await?;
-    let (users, more) = query::find(&*tx, &parsed, after, limit)
-        .await
-        .map_err(|e| ApiError::internal("a query failed", &e))?;
+    let (users, more, served) = if state.routing.is_some() {
+        find_in_clusters(&state, purpose, &headers, &parsed, after, limit).await?
+    } else {
+        let (mut client, served) = connection(&state, purpose, &headers).await?;
+        let tx = read_only(&mut client).await?;
+        let (users, more) = query::find(&*tx, &parsed, after, limit)
+            .await
+            .map_err(|e| ApiError::internal("a query failed", &e))?;
+        finish(tx).await?;
+        (users, more, served)
+    };
     let next = more
         .then(|| users.last().map(|u| format!("{}.{}", u.region, u.user_id)))
         .flatten();
@@ -206,8 +213,55 @@ pub async fn find(
         users,
         next_cursor: next,
     };
-    finish(tx).await?;
     Ok(respond(served, body))
+}
+
+/// The clusters a request with `filters` reads: the region's alone when one is
+/// named, else every cluster (a store with several clusters).
+fn clusters_for(state: &AppState, filters: &[Filter]) -> Result<Vec<usize>, ApiError> {
+    let Some(routing) = &state.routing else {
+        return Ok(vec![0]);
+    };
+    for f in filters {
+        if let Filter::Region(region) = f {
+            return Ok(vec![routing.cluster_of(region)?]);
+        }
+    }
+    Ok((0..routing.layout().clusters().len()).collect())
+}
+
+/// A page of [`query::find`] over several clusters: each cluster's first
+/// `limit` + 1 after the cursor, merged in (region, user id) order.
+async fn find_in_clusters(
+    state: &AppState,
+    purpose: Purpose,
+    headers: &HeaderMap,
+    filters: &[Filter],
+    after: Option<(String, Uuid)>,
+    limit: u32,
+) -> Result<(Vec<query::Match>, bool, Served), ApiError> {
+    let mut all = Vec::new();
+    let mut more = false;
+    let mut served = Served::Replica;
+    for index in clusters_for(state, filters)? {
+        let (mut client, answered) = cluster_connection(state, purpose, headers, index).await?;
+        if answered == Served::Primary {
+            served = Served::Primary;
+        }
+        let tx = read_only(&mut client).await?;
+        let (users, cluster_more) = query::find(&*tx, filters, after.clone(), limit)
+            .await
+            .map_err(|e| ApiError::internal("a query failed", &e))?;
+        finish(tx).await?;
+        more |= cluster_more;
+        all.extend(users);
+    }
+    all.sort_by(|a, b| (&a.region, a.user_id).cmp(&(&b.region, b.user_id)));
+    if all.len() > limit as usize {
+        more = true;
+        all.truncate(limit as usize);
+    }
+    Ok((all, more, served))
 }
 
 /// `GET /api/v1/user-metadata/stats?group_by=<d1,d2>&<filters>`.
@@ -266,16 +320,21 @@ pub async fn stats(
             format!("group_by takes up to {MAX_DIMENSIONS} different dimensions"),
         ));
     }
-    let (mut client, served) = connection(&state, purpose, &headers).await?;
-    let tx = read_only(&mut client).await?;
-    let (groups, source) = read_stats(&state, &*tx, &parsed, &dimensions).await?;
+    let (groups, source, served) = if state.routing.is_some() {
+        stats_in_clusters(&state, purpose, &headers, &parsed, &dimensions).await?
+    } else {
+        let (mut client, served) = connection(&state, purpose, &headers).await?;
+        let tx = read_only(&mut client).await?;
+        let (groups, source) = read_stats(&state, &*tx, &parsed, &dimensions).await?;
+        finish(tx).await?;
+        (groups, source, served)
+    };
     let body = StatsBody {
         schema_version: schema_version(),
         group_by: dimensions,
         min_group_size: state.stats_min_group,
         groups,
     };
-    finish(tx).await?;
     state.metrics.stats_answered(source.label());
     let mut response = respond(served, body);
     source.describe(response.headers_mut());
@@ -331,9 +390,8 @@ async fn read_stats(
             let partials = views::partials(client, filters, dimensions)
                 .await
                 .map_err(|e| ApiError::internal("reading the stats views", &e))?;
-            // One cluster per store today: a tier-4 store routed across its
-            // clusters passes one list of partials per cluster, and the merge
-            // suppresses small groups by their totals.
+            // One cluster: a store with several merges one list per
+            // cluster (stats_in_clusters), suppressing by the totals.
             let groups = stats::merge(&[partials], dimensions, state.stats_min_group);
             return Ok((groups, Source::View(age)));
         }
@@ -342,4 +400,63 @@ async fn read_stats(
         .await
         .map_err(|e| ApiError::internal("stats failed", &e))?;
     Ok((groups, Source::Live))
+}
+
+/// The stats of a store with several clusters: each cluster's partials,
+/// from its views when every cluster's views are fresh enough, else from
+/// every cluster's tables, merged with small groups suppressed by their
+/// totals across clusters. The age reported is the oldest cluster's.
+async fn stats_in_clusters(
+    state: &AppState,
+    purpose: Purpose,
+    headers: &HeaderMap,
+    filters: &[Filter],
+    dimensions: &[String],
+) -> Result<(Vec<Group>, Source, Served), ApiError> {
+    let mut served = Served::Replica;
+    let mut reads = Vec::new();
+    for index in clusters_for(state, filters)? {
+        let (client, answered) = cluster_connection(state, purpose, headers, index).await?;
+        if answered == Served::Primary {
+            served = Served::Primary;
+        }
+        reads.push(client);
+    }
+    let mut oldest: Option<Duration> = None;
+    let mut use_views = !state.stats_max_age.is_zero() && views::answers(filters, dimensions);
+    if use_views {
+        for client in &reads {
+            let age = views::age(&***client)
+                .await
+                .map_err(|e| ApiError::internal("reading the stats views' age", &e))?;
+            match age.filter(|a| *a <= state.stats_max_age) {
+                Some(age) => oldest = Some(oldest.map_or(age, |o| o.max(age))),
+                None => {
+                    use_views = false;
+                    break;
+                }
+            }
+        }
+    }
+    let mut partials = Vec::with_capacity(reads.len());
+    for mut client in reads {
+        let tx = read_only(&mut client).await?;
+        let part = if use_views {
+            views::partials(&*tx, filters, dimensions)
+                .await
+                .map_err(|e| ApiError::internal("reading the stats views", &e))?
+        } else {
+            query::stats_partials(&*tx, filters, dimensions)
+                .await
+                .map_err(|e| ApiError::internal("stats failed", &e))?
+        };
+        finish(tx).await?;
+        partials.push(part);
+    }
+    let groups = stats::merge(&partials, dimensions, state.stats_min_group);
+    let source = match (use_views, oldest) {
+        (true, Some(age)) => Source::View(age),
+        _ => Source::Live,
+    };
+    Ok((groups, source, served))
 }

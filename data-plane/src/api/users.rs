@@ -19,11 +19,11 @@ use super::bodies::{
     Attributes, DerivedBody, EligibilityBody, ErrorBody, HistoryBody, RiskScoresBody, UserMetadata,
 };
 use super::error::{schema_version, ApiError};
-use super::pools::{Lsn, Served, MIN_LSN_HEADER, SERVED_BY_HEADER};
+use super::pools::{Lsn, MinLsn, Served, MIN_LSN_HEADER, SERVED_BY_HEADER};
 use super::AppState;
 use crate::crypto::{FieldAad, Keyring, UserKey};
 use crate::read_cache::{Entry, Verify};
-use crate::store::reader::ReadTx;
+use crate::store::reader::{Hinted, ReadTx};
 use crate::store::reads::{self, Cursor, Found};
 use crate::store::users::{self, AsOf, ReadError, UserRecord};
 
@@ -136,28 +136,127 @@ fn gone_or<T>(user_id: Uuid, found: Option<Found<T>>) -> Result<Found<T>, ApiErr
     }
 }
 
-/// A connection for `purpose`, honouring the caller's read-your-writes position.
+/// The caller's read-your-writes position (`X-Min-Lsn`), if sent: one WAL
+/// position, or (a store with several clusters) one per cluster.
+fn min_lsn(state: &AppState, headers: &HeaderMap) -> Result<Option<MinLsn>, ApiError> {
+    let Some(v) = headers.get(MIN_LSN_HEADER) else {
+        return Ok(None);
+    };
+    let text = v.to_str().ok();
+    let parsed = match &state.routing {
+        // One cluster: exactly one position, as always.
+        None => text.and_then(|v| v.parse::<Lsn>().ok()).map(MinLsn::Any),
+        Some(_) => text.and_then(|v| v.parse::<MinLsn>().ok()),
+    };
+    parsed.map(Some).ok_or_else(|| {
+        ApiError::bad(
+            "invalid_header",
+            "X-Min-Lsn is a WAL position such as 0/16B3740 (with several clusters, \
+             cluster:position pairs such as home:0/16B3740,south:0/3000060): send the `lsn` \
+             a write returned",
+        )
+    })
+}
+
+/// A connection for `purpose`, honouring the caller's read-your-writes
+/// position; with several clusters, on the home cluster.
 pub async fn connection(
     state: &AppState,
     purpose: Purpose,
     headers: &HeaderMap,
 ) -> Result<(deadpool_postgres::Object, Served), ApiError> {
-    let min_lsn = match headers.get(MIN_LSN_HEADER) {
-        None => None,
-        Some(v) => Some(
-            v.to_str()
-                .ok()
-                .and_then(|v| v.parse::<Lsn>().ok())
-                .ok_or_else(|| {
-                    ApiError::bad(
-                        "invalid_header",
-                        "X-Min-Lsn is a WAL position such as 0/16B3740: send the `lsn` a \
-                         write returned",
-                    )
-                })?,
-        ),
+    cluster_connection(state, purpose, headers, 0).await
+}
+
+/// [`connection`] on cluster `index` of a store with several clusters (the
+/// only one otherwise).
+pub async fn cluster_connection(
+    state: &AppState,
+    purpose: Purpose,
+    headers: &HeaderMap,
+    index: usize,
+) -> Result<(deadpool_postgres::Object, Served), ApiError> {
+    let min = min_lsn(state, headers)?;
+    match &state.routing {
+        None => {
+            let lsn = match min {
+                Some(MinLsn::Any(lsn)) => Some(lsn),
+                _ => None,
+            };
+            state.reads.get(purpose, lsn).await
+        }
+        Some(routing) => {
+            routing.count(index);
+            let lsn = min.and_then(|m| m.for_cluster(routing.name(index)));
+            routing.pools(index).get(purpose, lsn).await
+        }
+    }
+}
+
+/// A connection for reading one user: with several clusters, on the user's
+/// cluster, found through the routing index.
+pub struct UserConnection {
+    /// The connection.
+    pub client: deadpool_postgres::Object,
+    /// Which server it reaches.
+    pub served: Served,
+    /// With several clusters: the cluster's name and the user's region.
+    pub routed: Option<(String, String)>,
+}
+
+impl UserConnection {
+    /// The user's region when the routing index gave it.
+    pub fn region(&self) -> Option<String> {
+        self.routed.as_ref().map(|(_, r)| r.clone())
+    }
+
+    /// Adds `X-Cluster` (several clusters only).
+    pub fn tag(&self, response: &mut Response) {
+        if let Some((cluster, _)) = &self.routed {
+            tag_cluster(response, cluster);
+        }
+    }
+}
+
+/// The response header naming the cluster that answered a one-user read
+/// (a store with several clusters only).
+pub const CLUSTER_HEADER: &str = "x-cluster";
+
+fn tag_cluster(response: &mut Response, cluster: &str) {
+    if let Ok(v) = HeaderValue::from_str(cluster) {
+        response.headers_mut().insert(CLUSTER_HEADER, v);
+    }
+}
+
+/// The connection for a read of `user_id`; a 404 when no cluster holds them.
+pub async fn user_connection(
+    state: &AppState,
+    purpose: Purpose,
+    headers: &HeaderMap,
+    user_id: Uuid,
+) -> Result<UserConnection, ApiError> {
+    let Some(routing) = &state.routing else {
+        let (client, served) = connection(state, purpose, headers).await?;
+        return Ok(UserConnection {
+            client,
+            served,
+            routed: None,
+        });
     };
-    state.reads.get(purpose, min_lsn).await
+    let min = min_lsn(state, headers)?;
+    let found = routing
+        .locate(purpose, user_id)
+        .await?
+        .ok_or_else(|| unknown(user_id))?;
+    let name = routing.name(found.cluster).to_owned();
+    routing.count(found.cluster);
+    let lsn = min.and_then(|m| m.for_cluster(&name));
+    let (client, served) = routing.pools(found.cluster).get(purpose, lsn).await?;
+    Ok(UserConnection {
+        client,
+        served,
+        routed: Some((name, found.region)),
+    })
 }
 
 /// Every read runs in a read-only transaction: one server connection for all
@@ -273,18 +372,31 @@ pub async fn metadata(
             match cache.config().verify {
                 Verify::None => {
                     cache.count_hit(&entry);
-                    return Ok(cached(&entry));
+                    return cached_tagged(&state, &entry);
                 }
                 Verify::Version => {
-                    let (client, served) = connection(&state, purpose, &headers).await?;
+                    // The entry names the region: its cluster needs no route lookup.
+                    let index = match &state.routing {
+                        Some(routing) => routing.cluster_of(&entry.region)?,
+                        None => 0,
+                    };
+                    let (client, served) =
+                        cluster_connection(&state, purpose, &headers, index).await?;
                     let current = current_version(&client, served, user_id, &entry.region).await?;
                     if current == Some(entry.version) {
                         cache.count_hit(&entry);
-                        return Ok(cached(&entry));
+                        return cached_tagged(&state, &entry);
                     }
                     // Changed or erased since: read it as a miss would.
                     cache.invalidate_one(purpose, user_id).await;
-                    held = Some((client, served));
+                    held = Some(UserConnection {
+                        client,
+                        served,
+                        routed: state
+                            .routing
+                            .as_ref()
+                            .map(|r| (r.name(index).to_owned(), entry.region.clone())),
+                    });
                 }
             }
         }
@@ -292,12 +404,14 @@ pub async fn metadata(
         ticket = Some(cache.ticket());
     }
     let keyring = keyring(&state).await?;
-    let (mut client, served) = match held {
+    let mut conn = match held {
         Some(held) => held,
-        None => connection(&state, purpose, &headers).await?,
+        None => user_connection(&state, purpose, &headers, user_id).await?,
     };
-    let tx = read_only(&mut client).await?;
-    let reader = ReadTx::new(&tx, served.keeps_sessions());
+    let served = conn.served;
+    let region = conn.region();
+    let tx = read_only(&mut conn.client).await?;
+    let reader = Hinted::new(ReadTx::new(&tx, served.keeps_sessions()), user_id, region);
     let decrypt = sees_pii(purpose);
     let record = match as_of {
         None => users::read_user(&reader, &keyring, user_id, decrypt)
@@ -331,16 +445,18 @@ pub async fn metadata(
                 .headers_mut()
                 .insert(READ_CACHE_HEADER, HeaderValue::from_static("bypass"));
         }
+        conn.tag(&mut response);
         return Ok(response);
     };
     let json = serde_json::to_vec(&body)
         .map_err(|e| ApiError::internal("rendering an answer failed", &e))?;
     drop(body);
-    let response = json_response(
+    let mut response = json_response(
         bytes::Bytes::copy_from_slice(&json),
         served.as_str(),
         Some("miss"),
     );
+    conn.tag(&mut response);
     let entry = Entry {
         region,
         version,
@@ -422,6 +538,16 @@ fn cached(entry: &Entry) -> Response {
     )
 }
 
+/// A hit, with `X-Cluster` where there are several clusters.
+fn cached_tagged(state: &AppState, entry: &Entry) -> Result<Response, ApiError> {
+    let mut response = cached(entry);
+    if let Some(routing) = &state.routing {
+        let index = routing.cluster_of(&entry.region)?;
+        tag_cluster(&mut response, routing.name(index));
+    }
+    Ok(response)
+}
+
 /// `GET /api/v1/user-metadata/{user_id}/derived`.
 #[utoipa::path(
     get,
@@ -449,9 +575,11 @@ pub async fn derived(
     let purpose = caller.require(USER_READERS)?;
     let user_id = user_id(&raw)?;
     only(&params, &[])?;
-    let (mut client, served) = connection(&state, purpose, &headers).await?;
-    let tx = read_only(&mut client).await?;
-    let reader = ReadTx::new(&tx, served.keeps_sessions());
+    let mut conn = user_connection(&state, purpose, &headers, user_id).await?;
+    let served = conn.served;
+    let region = conn.region();
+    let tx = read_only(&mut conn.client).await?;
+    let reader = Hinted::new(ReadTx::new(&tx, served.keeps_sessions()), user_id, region);
     let found = gone_or(
         user_id,
         reads::derived(&reader, user_id)
@@ -465,7 +593,9 @@ pub async fn derived(
         derived: found.value,
     };
     finish(tx).await?;
-    Ok(respond(served, body))
+    let mut response = respond(served, body);
+    conn.tag(&mut response);
+    Ok(response)
 }
 
 /// `GET /api/v1/user-metadata/{user_id}/risk-scores`.
@@ -495,9 +625,11 @@ pub async fn risk_scores(
     let purpose = caller.require(USER_READERS)?;
     let user_id = user_id(&raw)?;
     only(&params, &[])?;
-    let (mut client, served) = connection(&state, purpose, &headers).await?;
-    let tx = read_only(&mut client).await?;
-    let reader = ReadTx::new(&tx, served.keeps_sessions());
+    let mut conn = user_connection(&state, purpose, &headers, user_id).await?;
+    let served = conn.served;
+    let region = conn.region();
+    let tx = read_only(&mut conn.client).await?;
+    let reader = Hinted::new(ReadTx::new(&tx, served.keeps_sessions()), user_id, region);
     let found = gone_or(
         user_id,
         reads::risk_scores(&reader, user_id)
@@ -511,7 +643,9 @@ pub async fn risk_scores(
         risk_scores: found.value,
     };
     finish(tx).await?;
-    Ok(respond(served, body))
+    let mut response = respond(served, body);
+    conn.tag(&mut response);
+    Ok(response)
 }
 
 /// `GET /api/v1/user-metadata/{user_id}/eligibility[?scheme_id=]`: unexpired
@@ -557,9 +691,11 @@ pub async fn eligibility(
             ));
         }
     }
-    let (mut client, served) = connection(&state, purpose, &headers).await?;
-    let tx = read_only(&mut client).await?;
-    let reader = ReadTx::new(&tx, served.keeps_sessions());
+    let mut conn = user_connection(&state, purpose, &headers, user_id).await?;
+    let served = conn.served;
+    let region = conn.region();
+    let tx = read_only(&mut conn.client).await?;
+    let reader = Hinted::new(ReadTx::new(&tx, served.keeps_sessions()), user_id, region);
     let found = gone_or(
         user_id,
         reads::eligibility(&reader, user_id, scheme)
@@ -574,7 +710,9 @@ pub async fn eligibility(
         eligibility: found.value,
     };
     finish(tx).await?;
-    Ok(respond(served, body))
+    let mut response = respond(served, body);
+    conn.tag(&mut response);
+    Ok(response)
 }
 
 /// `GET /api/v1/user-metadata/{user_id}/history[?limit=&cursor=]`: newest
@@ -631,9 +769,11 @@ pub async fn history(
         })
         .transpose()?;
     let keyring = keyring(&state).await?;
-    let (mut client, served) = connection(&state, purpose, &headers).await?;
-    let tx = read_only(&mut client).await?;
-    let reader = ReadTx::new(&tx, served.keeps_sessions());
+    let mut conn = user_connection(&state, purpose, &headers, user_id).await?;
+    let served = conn.served;
+    let region = conn.region();
+    let tx = read_only(&mut conn.client).await?;
+    let reader = Hinted::new(ReadTx::new(&tx, served.keeps_sessions()), user_id, region);
     let found = gone_or(
         user_id,
         reads::history(&reader, user_id, cursor, limit)
@@ -669,7 +809,9 @@ pub async fn history(
         next_cursor: next.flatten(),
     };
     finish(tx).await?;
-    Ok(respond(served, body))
+    let mut response = respond(served, body);
+    conn.tag(&mut response);
+    Ok(response)
 }
 
 /// Replaces each sealed PII value in a history map by its plaintext (with a

@@ -2,9 +2,10 @@
 
 use std::path::Path;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use clap::Subcommand;
 use tokio_postgres::Client;
+use umstore_data_plane::clusters::Layout;
 use umstore_data_plane::crypto::rotation::{rotate_and_rewrap, RotationOptions};
 use umstore_data_plane::crypto::Keyring;
 use umstore_data_plane::db::Database;
@@ -47,12 +48,24 @@ pub enum KeysAction {
 }
 
 /// Runs `keys <action>` once the schema is current and the keyring is open.
+///
+/// With several clusters the keyring opens on the home cluster (the operator
+/// keeps `key_material` and `key_rotations` identical in every cluster), and
+/// `forget-user` erases the user in the cluster whose directory lists them.
 pub async fn run(
     action: KeysAction,
     database: &Database,
+    layout: Option<&Layout>,
     data_dir: &Path,
     key_args: &KeyArgs,
 ) -> Result<()> {
+    if let (Some(_), KeysAction::Rotate { .. }) = (layout, &action) {
+        bail!(
+            "keys rotate does not yet rewrap the data keys of every cluster of a store with \
+             several (--clusters): rotating from one cluster would retire key versions the \
+             others still use. Run it without --clusters only on a store of one cluster"
+        );
+    }
     let mut client = database.connect().await?;
     Runner::default()
         .verify(&client)
@@ -67,6 +80,9 @@ pub async fn run(
             reason,
             events_subject_prefix,
         } => {
+            if let Some(layout) = layout {
+                client = user_cluster(database, layout, user_id).await?;
+            }
             let report = keyring
                 .forget_user(
                     &mut client,
@@ -91,6 +107,31 @@ pub async fn run(
         }
         KeysAction::Status => status(&client, &keyring).await,
     }
+}
+
+/// A writer connection to the cluster whose directory lists `user_id` (the
+/// home cluster when none does: erasing an unknown user then says so).
+async fn user_cluster(database: &Database, layout: &Layout, user_id: uuid::Uuid) -> Result<Client> {
+    let writers = layout.writers(database);
+    for (cluster, writer) in layout.clusters().iter().zip(&writers) {
+        let client = writer
+            .connect()
+            .await
+            .with_context(|| format!("cluster {}", cluster.name))?;
+        let listed = client
+            .query_opt(
+                "SELECT 1 FROM umstore.user_directory WHERE user_id = $1",
+                &[&user_id],
+            )
+            .await
+            .with_context(|| format!("looking user {user_id} up in cluster {}", cluster.name))?
+            .is_some();
+        if listed {
+            eprintln!("user {user_id} is in cluster {}", cluster.name);
+            return Ok(client);
+        }
+    }
+    Ok(writers[0].connect().await?)
 }
 
 async fn rotate(client: &mut Client, keyring: &Keyring, batch_size: usize) -> Result<()> {

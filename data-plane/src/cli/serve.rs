@@ -10,8 +10,10 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use tracing::{debug, error, info, warn};
 use umstore_data_plane::api::pools::Logins;
+use umstore_data_plane::api::routing::Routing;
 use umstore_data_plane::api::{self, ApiTokens, AppState, DbSlot, KeysSlot, ReadPools, Slot};
 use umstore_data_plane::backoff::Backoff;
+use umstore_data_plane::clusters::Layout;
 use umstore_data_plane::crypto::KeyProviderConfig;
 use umstore_data_plane::db::Database;
 use umstore_data_plane::ingest::bus::{self, BusConfig};
@@ -132,6 +134,10 @@ pub struct ReadArgs {
         default_value = "version"
     )]
     read_cache_verify: Verify,
+    /// With several clusters (--clusters): cache this many routes (user id →
+    /// region) in this process; 0: read every route from the home cluster.
+    #[arg(long, env = "UMSTORE_ROUTE_CACHE_ENTRIES", default_value_t = 1_000_000)]
+    route_cache_entries: u64,
 }
 
 /// A duration flag where `0` means off.
@@ -345,6 +351,7 @@ impl EventArgs {
 pub async fn run(
     args: ServeArgs,
     database: &Database,
+    layout: Option<Arc<Layout>>,
     data_dir: &Path,
     key_args: &KeyArgs,
     embedded: bool,
@@ -361,11 +368,27 @@ pub async fn run(
     let tokens = Arc::new(reads.tokens(data_dir)?);
     let max_lag = parse_duration(&reads.max_replica_lag)
         .map_err(|e| anyhow::anyhow!("--max-replica-lag: {e}"))?;
-    let read_pools = ReadPools::new(
-        &reads.logins(database, embedded)?,
-        usize::from(reads.read_pool_size),
-        max_lag,
-    )?;
+    let logins = reads.logins(database, embedded)?;
+    let pool_size = usize::from(reads.read_pool_size);
+    // Several clusters: every login moved onto each cluster, home first.
+    let cluster_pools = match &layout {
+        None => None,
+        Some(layout) => Some(
+            layout
+                .logins(&logins)
+                .iter()
+                .zip(layout.clusters())
+                .map(|(l, c)| {
+                    ReadPools::new(l, pool_size, max_lag)
+                        .with_context(|| format!("cluster {}", c.name))
+                })
+                .collect::<Result<Vec<_>>>()?,
+        ),
+    };
+    let read_pools = match &cluster_pools {
+        Some(pools) => pools[0].clone(),
+        None => ReadPools::new(&logins, pool_size, max_lag)?,
+    };
     info!(
         purposes = ?read_pools.purposes().iter().map(|p| p.slug()).collect::<Vec<_>>(),
         "read API logins"
@@ -384,7 +407,27 @@ pub async fn run(
         bail!("--require-vault is set but no --vault-addr was given");
     }
     let metrics = Arc::new(Metrics::new());
-    let probes = read_pools.spawn_probes(metrics.clone());
+    let (probes, routing) = match (&layout, cluster_pools) {
+        (Some(layout), Some(pools)) => {
+            let probes = pools
+                .iter()
+                .flat_map(|p| p.spawn_probes(metrics.clone()))
+                .collect();
+            let routing = Routing::new(
+                layout.clone(),
+                pools,
+                reads.route_cache_entries,
+                metrics.clone(),
+            );
+            (probes, Some(routing))
+        }
+        _ => (read_pools.spawn_probes(metrics.clone()), None),
+    };
+    // The writer's login on each cluster (one: the URL as given).
+    let writers: Vec<Database> = match &layout {
+        Some(layout) => layout.writers(database),
+        None => vec![database.clone()],
+    };
     let read_cache = reads
         .read_cache(bus_config.as_ref())?
         .map(|config| ReadCache::new(config, metrics.clone()));
@@ -416,11 +459,17 @@ pub async fn run(
             interval_ms = stats_refresh.as_millis() as u64,
             "refreshing the stats views on a schedule"
         );
-        tokio::spawn(stats::refresher::run(
-            database.clone(),
-            stats_refresh,
-            metrics.clone(),
-        ))
+        // Every cluster refreshes its own views.
+        writers
+            .iter()
+            .map(|writer| {
+                tokio::spawn(stats::refresher::run(
+                    writer.clone(),
+                    stats_refresh,
+                    metrics.clone(),
+                ))
+            })
+            .collect::<Vec<_>>()
     });
     let slot = DbSlot::empty("connecting to the database");
     let keys = KeysSlot::empty("opening the key provider");
@@ -439,11 +488,13 @@ pub async fn run(
         .map(|b| Slot::empty(&format!("connecting to NATS at {}", b.url)));
     let prepare = {
         let (database, runner, keys) = (database.clone(), runner.clone(), keys.clone());
+        let (writers, layout) = (writers.clone(), layout.clone());
         let (ingest_slot, bus_slot) = (ingest_slot.clone(), bus_slot.clone());
         let metrics = metrics.clone();
         tokio::spawn(async move {
             if let Err(e) = prepare(
                 &database,
+                &writers[1..],
                 &runner,
                 provider_config,
                 &keys,
@@ -463,7 +514,14 @@ pub async fn run(
             };
             // The pool serves the HTTP endpoint and the bus workers (each worker
             // holds one connection while it applies).
-            let ingest = match Ingest::new(&database, workers + 4, keyring, apply_config) {
+            let ingest =
+                Ingest::new(&database, workers + 4, keyring, apply_config).and_then(
+                    |i| match layout {
+                        Some(layout) => i.with_clusters(layout, &writers, workers + 4),
+                        None => Ok(i),
+                    },
+                );
+            let ingest = match ingest {
                 Ok(i) => Arc::new(i.with_metrics(metrics.clone())),
                 Err(e) => {
                     ingest_slot.set(Err(e.to_string())).await;
@@ -472,7 +530,7 @@ pub async fn run(
             };
             ingest_slot.set(Ok(ingest.clone())).await;
             if let (Some(config), Some(slot)) = (bus_config, bus_slot) {
-                run_bus(&database, &config, &ingest, &slot).await;
+                run_bus(&writers, &config, &ingest, &slot).await;
             }
         })
     };
@@ -489,6 +547,7 @@ pub async fn run(
         stats_max_age,
         bus: bus_slot,
         read_cache,
+        routing,
     };
     let served = axum::serve(listener, api::router(state))
         .with_graceful_shutdown(shutdown_signal())
@@ -498,7 +557,7 @@ pub async fn run(
     if let Some(follower) = follower {
         follower.abort();
     }
-    if let Some(refresher) = refresher {
+    for refresher in refresher.into_iter().flatten() {
         refresher.abort();
     }
     for probe in probes {
@@ -510,8 +569,10 @@ pub async fn run(
 }
 
 /// Connects to the bus, creates the streams, and runs the consumer and the outbox
-/// relay, starting over (with backoff) whenever the consumer stops. Never returns.
-async fn run_bus(database: &Database, config: &BusConfig, ingest: &Ingest, slot: &Slot<String>) {
+/// relay of each cluster (`writers`: the writer's login on each; every cluster
+/// has its own outbox), starting over (with backoff) whenever the consumer
+/// stops. Never returns.
+async fn run_bus(writers: &[Database], config: &BusConfig, ingest: &Ingest, slot: &Slot<String>) {
     let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
     loop {
         let js = match bus::connect(config).await {
@@ -527,9 +588,14 @@ async fn run_bus(database: &Database, config: &BusConfig, ingest: &Ingest, slot:
         }
         slot.set(Ok(Arc::new(config.url.clone()))).await;
         backoff.reset();
-        let relay = tokio::spawn(outbox::relay(database.clone(), js.clone()));
+        let relays: Vec<_> = writers
+            .iter()
+            .map(|writer| tokio::spawn(outbox::relay(writer.clone(), js.clone())))
+            .collect();
         let stopped = bus::consume(&js, config, ingest).await;
-        relay.abort();
+        for relay in relays {
+            relay.abort();
+        }
         if let Err(e) = stopped {
             retry(slot, &mut backoff, e.to_string()).await;
         }
@@ -570,8 +636,10 @@ async fn warn_unless_commits_are_durable(client: &tokio_postgres::Client) {
 
 /// Applies migrations (unless told not to) and seeds demo data, retrying
 /// until the database is reachable; /readyz reports progress meanwhile.
+#[allow(clippy::too_many_arguments)]
 async fn prepare(
     database: &Database,
+    others: &[Database],
     runner: &Runner,
     provider_config: KeyProviderConfig,
     keys: &KeysSlot,
@@ -595,6 +663,23 @@ async fn prepare(
             version = runner.latest_version(),
             "schema migrated"
         );
+    }
+    // The other clusters of a store with several: the same schema in each.
+    for other in others {
+        let mut other_client = loop {
+            match other.connect_with_retry(Duration::from_secs(3600)).await {
+                Ok(c) => break c,
+                Err(e) => warn!(error = %e, "still waiting for a cluster's database"),
+            }
+        };
+        if no_migrate {
+            wait_for_schema(&other_client, runner, keys).await;
+        } else {
+            runner
+                .up(&mut other_client)
+                .await
+                .with_context(|| format!("migrating {}", other.describe()))?;
+        }
     }
     if embedded {
         ensure_embedded_logins(&client).await?;

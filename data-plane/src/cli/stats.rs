@@ -2,6 +2,7 @@
 //! command, and the step after a bulk import).
 
 use anyhow::{Context, Result};
+use umstore_data_plane::clusters::Layout;
 use umstore_data_plane::db::Database;
 use umstore_data_plane::stats::views;
 use umstore_migrations::Runner;
@@ -20,16 +21,34 @@ pub enum StatsAction {
     },
 }
 
-/// Runs a `stats` command.
-pub async fn run(action: StatsAction, database: &Database) -> Result<()> {
+/// Runs a `stats` command: on every cluster of a store with several, each
+/// line prefixed with the cluster's name.
+pub async fn run(action: StatsAction, database: &Database, layout: Option<&Layout>) -> Result<()> {
     let StatsAction::Refresh { no_wait } = action;
-    let client = database.connect().await?;
-    Runner::default()
-        .verify(&client)
-        .await
-        .context("the schema must be current to refresh the stats views: run `migrate up`")?;
-    for line in refresh(&client, !no_wait).await? {
-        println!("{line}");
+    let targets: Vec<(Option<String>, Database)> = match layout {
+        None => vec![(None, database.clone())],
+        Some(layout) => layout
+            .clusters()
+            .iter()
+            .zip(layout.writers(database))
+            .map(|(c, db)| (Some(c.name.clone()), db))
+            .collect(),
+    };
+    for (name, database) in targets {
+        let client = database
+            .connect()
+            .await
+            .with_context(|| format!("cluster {}", name.as_deref().unwrap_or("-")))?;
+        Runner::default()
+            .verify(&client)
+            .await
+            .context("the schema must be current to refresh the stats views: run `migrate up`")?;
+        for line in refresh(&client, !no_wait).await? {
+            match &name {
+                Some(name) => println!("{name}: {line}"),
+                None => println!("{line}"),
+            }
+        }
     }
     Ok(())
 }

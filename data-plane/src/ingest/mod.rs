@@ -5,14 +5,17 @@ pub mod apply;
 pub mod bus;
 pub mod event;
 pub mod outbox;
+pub mod routes;
 
 pub use apply::{apply, ApplyConfig, ApplyError, Outcome};
 pub use event::{parse, Event, EventType, Rejection};
 
+use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use chrono::Utc;
 
+use crate::clusters::Layout;
 use crate::crypto::Keyring;
 use crate::db::Database;
 use crate::metrics::{IngestLabels, Metrics};
@@ -21,7 +24,10 @@ use crate::metrics::{IngestLabels, Metrics};
 /// JetStream workers and the HTTP endpoint.
 #[derive(Clone)]
 pub struct Ingest {
+    /// The only cluster's writer pool, or the home cluster's.
     pool: deadpool_postgres::Pool,
+    /// A store with several clusters: each cluster's writer pool.
+    clusters: Option<Arc<routes::WriteClusters>>,
     keyring: Arc<Keyring>,
     config: ApplyConfig,
     metrics: Option<Arc<Metrics>>,
@@ -50,20 +56,42 @@ impl Ingest {
         keyring: Arc<Keyring>,
         config: ApplyConfig,
     ) -> Result<Self, PoolError> {
-        let manager = database.pool_manager(deadpool_postgres::ManagerConfig {
-            recycling_method: deadpool_postgres::RecyclingMethod::Fast,
-        });
-        let pool = deadpool_postgres::Pool::builder(manager)
-            .max_size(connections.max(1))
-            .runtime(deadpool_postgres::Runtime::Tokio1)
-            .build()
-            .map_err(|e| PoolError(e.to_string()))?;
         Ok(Self {
-            pool,
+            pool: writer_pool(database, connections)?,
+            clusters: None,
             keyring,
             config,
             metrics: None,
         })
+    }
+
+    /// Writes each event on the cluster holding its region (`layout` with
+    /// two or more clusters; `writers`: the writer's login on each, in the
+    /// layout's order), `connections` per cluster.
+    pub fn with_clusters(
+        mut self,
+        layout: Arc<Layout>,
+        writers: &[Database],
+        connections: usize,
+    ) -> Result<Self, PoolError> {
+        let pools = writers
+            .iter()
+            .map(|w| writer_pool(w, connections))
+            .collect::<Result<Vec<_>, _>>()?;
+        if let Some(home) = pools.first() {
+            self.pool = home.clone();
+        }
+        self.clusters = Some(Arc::new(routes::WriteClusters::new(layout, pools)));
+        Ok(self)
+    }
+
+    /// The index of the cluster an event for `region` is written to (0 with
+    /// one cluster); `None`: no cluster holds the region.
+    pub fn cluster_of(&self, region: &str) -> Option<usize> {
+        match &self.clusters {
+            None => Some(0),
+            Some(c) => c.layout().cluster_of(region),
+        }
     }
 
     /// Counts every settled event and times every apply in `metrics`.
@@ -105,14 +133,22 @@ impl Ingest {
         Ok((event, outcome))
     }
 
-    /// Applies a parsed event on a pooled connection.
+    /// Applies a parsed event on a pooled connection (of its region's
+    /// cluster, where there are several, after its route is in place).
     pub async fn apply(&self, event: &Event) -> Result<Outcome, ApplyError> {
         let started = std::time::Instant::now();
-        let result = match self.pool.get().await {
-            Ok(mut client) => apply(&mut client, &self.keyring, &self.config, event).await,
-            Err(e) => Err(ApplyError::Transient(format!(
-                "no database connection: {e}"
-            ))),
+        let pool = match &self.clusters {
+            None => Ok(&self.pool),
+            Some(clusters) => clusters.prepare(event, self.metrics.as_deref()).await,
+        };
+        let result = match pool {
+            Err(e) => Err(e),
+            Ok(pool) => match pool.get().await {
+                Ok(mut client) => apply(&mut client, &self.keyring, &self.config, event).await,
+                Err(e) => Err(ApplyError::Transient(format!(
+                    "no database connection: {e}"
+                ))),
+            },
         };
         self.count(match &result {
             Ok(outcome) => outcome.as_str(),
@@ -131,7 +167,50 @@ impl Ingest {
     /// `synchronous_commit = off`, where the write position may still be
     /// behind it). A replica that replayed it sees those commits.
     pub async fn wal_position(&self) -> Option<String> {
-        let client = self.pool.get().await.ok()?;
+        wal_position(&self.pool).await
+    }
+
+    /// Where a read must be to see writes on the clusters `touched` (by
+    /// [`Self::cluster_of`]): with one cluster its WAL position
+    /// ([`Self::wal_position`]), with several `name:position` per cluster,
+    /// comma-separated (positions of different clusters do not compare).
+    pub async fn wal_token(&self, touched: &BTreeSet<usize>) -> Option<String> {
+        let Some(clusters) = &self.clusters else {
+            return self.wal_position().await;
+        };
+        let mut parts = Vec::new();
+        for &index in touched {
+            let (name, pool) = clusters.cluster(index)?;
+            parts.push(format!("{name}:{}", wal_position(pool).await?));
+        }
+        (!parts.is_empty()).then(|| parts.join(","))
+    }
+
+    /// Records a rejection found before [`Self::apply`] (an HTTP batch item
+    /// that did not parse).
+    pub fn count_rejected(&self) {
+        self.count("rejected");
+    }
+}
+
+fn writer_pool(
+    database: &Database,
+    connections: usize,
+) -> Result<deadpool_postgres::Pool, PoolError> {
+    let manager = database.pool_manager(deadpool_postgres::ManagerConfig {
+        recycling_method: deadpool_postgres::RecyclingMethod::Fast,
+    });
+    deadpool_postgres::Pool::builder(manager)
+        .max_size(connections.max(1))
+        .runtime(deadpool_postgres::Runtime::Tokio1)
+        .build()
+        .map_err(|e| PoolError(e.to_string()))
+}
+
+/// The primary's current WAL insert position, on a connection of `pool`.
+async fn wal_position(pool: &deadpool_postgres::Pool) -> Option<String> {
+    {
+        let client = pool.get().await.ok()?;
         // The simple protocol: safe through PgBouncer in transaction mode.
         let messages = client
             .simple_query("SELECT pg_current_wal_insert_lsn()::text")
@@ -141,12 +220,6 @@ impl Ingest {
             tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_owned),
             _ => None,
         })
-    }
-
-    /// Records a rejection found before [`Self::apply`] (an HTTP batch item
-    /// that did not parse).
-    pub fn count_rejected(&self) {
-        self.count("rejected");
     }
 }
 

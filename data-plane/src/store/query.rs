@@ -390,6 +390,62 @@ pub async fn stats(
         .collect())
 }
 
+/// This cluster's partials of the users matching `filters`, grouped by
+/// `dimensions`, read from the tables, every group however small: what a store
+/// with several clusters merges ([`crate::stats::merge`]) so that small groups
+/// are suppressed by their totals across clusters. Same sums as the stats
+/// views, so both paths merge alike.
+pub async fn stats_partials(
+    client: &impl GenericClient,
+    filters: &[Filter],
+    dimensions: &[String],
+) -> Result<Vec<crate::stats::Partial>, tokio_postgres::Error> {
+    let w = Where::new(filters);
+    let exprs: Vec<&'static str> = dimensions.iter().filter_map(|d| dimension_sql(d)).collect();
+    let select_dims: String = exprs
+        .iter()
+        .enumerate()
+        .map(|(i, e)| format!("{e} AS g{i}, "))
+        .collect();
+    let group_by = if exprs.is_empty() {
+        String::new()
+    } else {
+        let names: Vec<String> = (0..exprs.len()).map(|i| format!("g{i}")).collect();
+        format!("GROUP BY {}", names.join(", "))
+    };
+    let sql = format!(
+        "SELECT {select_dims} count(*)::int8,
+                count(m.income_lakh)::int8, coalesce(sum(m.income_lakh), 0)::int8,
+                count(m.household_size)::int8, coalesce(sum(m.household_size), 0)::int8,
+                count(r.overall_risk)::int8, coalesce(sum(r.overall_risk * 100), 0)::int8
+         FROM umstore.user_metadata m
+         LEFT JOIN umstore.user_derived_attributes d
+           ON d.region = m.region AND d.user_id = m.user_id
+         LEFT JOIN umstore.user_risk_scores r
+           ON r.region = m.region AND r.user_id = m.user_id
+         WHERE {}
+         {group_by}",
+        w.clause()
+    );
+    let rows = client.query(&sql, &w.refs()).await?;
+    let k = exprs.len();
+    let sum = |r: &tokio_postgres::Row, i: usize| crate::stats::Sum {
+        n: r.get(i),
+        total: r.get(i + 1),
+    };
+    Ok(rows
+        .iter()
+        .filter(|r| r.get::<_, i64>(k) > 0)
+        .map(|r| crate::stats::Partial {
+            key: (0..k).map(|i| r.get::<_, Option<String>>(i)).collect(),
+            users: r.get(k),
+            income_lakh: sum(r, k + 1),
+            household_size: sum(r, k + 3),
+            overall_risk_centi: sum(r, k + 5),
+        })
+        .collect())
+}
+
 /// A group value as JSON: `true`/`false` for `bpl_status`, else the text.
 pub(crate) fn json_text(v: Option<String>) -> Value {
     match v.as_deref() {

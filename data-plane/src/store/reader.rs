@@ -8,6 +8,7 @@ use std::future::Future;
 
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{Error, GenericClient, Row};
+use uuid::Uuid;
 
 /// Runs the read queries; [`Reader::client`] is what the keyring reads keys on.
 pub trait Reader: Sync {
@@ -30,6 +31,60 @@ pub trait Reader: Sync {
         sql: &'static str,
         params: &[&(dyn ToSql + Sync)],
     ) -> impl Future<Output = Result<Option<Row>, Error>> + Send;
+
+    /// `user_id`'s region when the caller already knows it (a store with
+    /// several clusters found it in its routing index): the directory is then
+    /// not read again. `None`: read the directory.
+    fn region_hint(&self, _user_id: Uuid) -> Option<String> {
+        None
+    }
+}
+
+/// A reader that knows one user's region ([`Reader::region_hint`]).
+pub struct Hinted<R> {
+    inner: R,
+    hint: Option<(Uuid, String)>,
+}
+
+impl<R> Hinted<R> {
+    /// `inner`, told that `user_id` lives in `region` (when given).
+    pub fn new(inner: R, user_id: Uuid, region: Option<String>) -> Self {
+        Self {
+            inner,
+            hint: region.map(|r| (user_id, r)),
+        }
+    }
+}
+
+impl<R: Reader> Reader for Hinted<R> {
+    type Client = R::Client;
+
+    fn client(&self) -> &Self::Client {
+        self.inner.client()
+    }
+
+    fn query(
+        &self,
+        sql: &'static str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> impl Future<Output = Result<Vec<Row>, Error>> + Send {
+        self.inner.query(sql, params)
+    }
+
+    fn query_opt(
+        &self,
+        sql: &'static str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> impl Future<Output = Result<Option<Row>, Error>> + Send {
+        self.inner.query_opt(sql, params)
+    }
+
+    fn region_hint(&self, user_id: Uuid) -> Option<String> {
+        match &self.hint {
+            Some((user, region)) if *user == user_id => Some(region.clone()),
+            _ => self.inner.region_hint(user_id),
+        }
+    }
 }
 
 impl<C: GenericClient + Sync> Reader for C {

@@ -48,6 +48,9 @@ const REGION: &str = "SELECT region::text FROM umstore.user_directory WHERE user
 
 /// The region holding `user_id`, or `None` for an unknown user.
 pub async fn region_of(client: &impl Reader, user_id: Uuid) -> Result<Option<String>, ReadError> {
+    if let Some(region) = client.region_hint(user_id) {
+        return Ok(Some(region));
+    }
     Ok(client
         .query_opt(REGION, &[&user_id])
         .await
