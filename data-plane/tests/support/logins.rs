@@ -96,6 +96,11 @@ impl Store {
         )
     }
 
+    /// The port of the server the store's database is on (127.0.0.1).
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
     /// Connects as `purpose`'s login user.
     pub async fn connect(&self, purpose: Purpose) -> Client {
         connect(&self.url(purpose)).await
