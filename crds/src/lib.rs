@@ -16,8 +16,8 @@ mod status;
 pub use backup::*;
 pub use spec::*;
 pub use status::{
-    condition, BackupRecord, BackupStatus, ComponentStatus, Endpoints, GroupStatus, KeysStatus,
-    MemberStatus, MigrationsStatus, Phase, PromotionStatus, ReplicaLag, RotationStatus,
+    condition, BackupRecord, BackupStatus, ClusterStatus, ComponentStatus, Endpoints, GroupStatus,
+    KeysStatus, MemberStatus, MigrationsStatus, Phase, PromotionStatus, ReplicaLag, RotationStatus,
     StatsViewStatus, UserMetadataStoreStatus,
 };
 

@@ -47,13 +47,105 @@ pub fn thresholds_increase() -> Rule {
         .message("autoPromotion.thresholds must increase: tier2Users < tier3Users < tier4Users")
 }
 
-/// On the spec: from tier 3 the regions live on Citus worker groups.
+/// On the spec: from tier 3 the regions live on Citus worker groups (from tier 4,
+/// those of `spec.clusters` when it is set).
 pub fn worker_groups_from_tier_3() -> Rule {
-    Rule::new("self.tier < 3 || (has(self.workerGroups) && size(self.workerGroups) > 0)")
-        .message(
-            "tier 3 and 4 need spec.workerGroups: at least one group with the regions it holds",
-        )
-        .field_path(".workerGroups")
+    Rule::new(
+        "self.tier < 3 || (has(self.workerGroups) && size(self.workerGroups) > 0) || \
+         (self.tier >= 4 && has(self.clusters) && size(self.clusters) > 0)",
+    )
+    .message(
+        "tier 3 and 4 need spec.workerGroups (or, at tier 4, spec.clusters): at least one \
+         group with the regions it holds",
+    )
+    .field_path(".workerGroups")
+}
+
+/// CEL: the regions of cluster `c` (its worker groups' regions) contain `r`.
+fn in_cluster(c: &str, r: &str) -> String {
+    format!("{c}.workerGroups.exists(g, {r} in g.regions)")
+}
+
+/// On the spec: several clusters are the tier-4 topology.
+pub fn clusters_from_tier_4() -> Rule {
+    Rule::new("!has(self.clusters) || size(self.clusters) == 0 || self.tier >= 4")
+        .message("spec.clusters needs tier 4; set spec.tier: 4 or remove spec.clusters")
+        .field_path(".clusters")
+}
+
+/// On the spec: with clusters, every worker group is listed under its cluster.
+pub fn clusters_hold_the_worker_groups() -> Rule {
+    Rule::new(
+        "!has(self.clusters) || size(self.clusters) == 0 || !has(self.workerGroups) || \
+         size(self.workerGroups) == 0",
+    )
+    .message(
+        "with spec.clusters, list each worker group under its cluster \
+         (spec.clusters[].workerGroups; the first cluster's are the groups spec.workerGroups \
+         held) and leave spec.workerGroups empty",
+    )
+    .field_path(".workerGroups")
+}
+
+/// On the spec: no region is held by two clusters.
+pub fn region_in_one_cluster() -> Rule {
+    Rule::new(format!(
+        "!has(self.clusters) || self.clusters.all(c, self.clusters.all(d, c.name == d.name || \
+         !c.workerGroups.exists(g, g.regions.exists(r, {}))))",
+        in_cluster("d", "r")
+    ))
+    .message(
+        "a region is listed in two clusters; each region must belong to exactly one cluster \
+         (data residency: its rows live in one place)",
+    )
+    .field_path(".clusters")
+}
+
+/// On the spec: every region the store serves is held by a cluster.
+pub fn every_region_in_a_cluster() -> Rule {
+    Rule::new(format!(
+        "!has(self.clusters) || size(self.clusters) == 0 || self.regions.all(r, \
+         self.clusters.exists(c, {}))",
+        in_cluster("c", "r")
+    ))
+    .message("every region in spec.regions must be held by a worker group of one of spec.clusters")
+    .field_path(".clusters")
+}
+
+/// On the spec: clusters hold only regions the store serves.
+pub fn cluster_regions_served() -> Rule {
+    Rule::new(
+        "!has(self.clusters) || self.clusters.all(c, c.workerGroups.all(g, \
+         g.regions.all(r, r in self.regions)))",
+    )
+    .message("a cluster's worker group lists a region that is not in spec.regions")
+    .field_path(".clusters")
+}
+
+/// On the spec: worker-group names are unique across clusters (they name the
+/// groups' Citus ids, placement and status).
+pub fn group_names_unique_across_clusters() -> Rule {
+    Rule::new(
+        "!has(self.clusters) || self.clusters.all(c, self.clusters.all(d, c.name == d.name || \
+         !c.workerGroups.exists(g, d.workerGroups.exists(h, g.name == h.name))))",
+    )
+    .message("a worker group name is used in two clusters; name each group once in the store")
+    .field_path(".clusters")
+}
+
+/// On the spec: a transition rule, the home cluster (the first) keeps its name: it
+/// holds the objects of the tier-3 store and the global user routes.
+pub fn home_cluster_stays() -> Rule {
+    Rule::new(
+        "!has(oldSelf.clusters) || size(oldSelf.clusters) == 0 || \
+         (has(self.clusters) && size(self.clusters) > 0 && \
+         self.clusters[0].name == oldSelf.clusters[0].name)",
+    )
+    .message(
+        "the first cluster of spec.clusters is the home cluster and cannot be renamed, \
+         reordered or removed; add and remove the other clusters after it",
+    )
+    .field_path(".clusters")
 }
 
 /// On the spec: no region is held by two worker groups.
@@ -71,7 +163,8 @@ pub fn region_in_one_worker_group() -> Rule {
 /// On the spec: from tier 3, every region of `spec.regions` is held by a worker group.
 pub fn every_region_placed() -> Rule {
     Rule::new(
-        "self.tier < 3 || !has(self.workerGroups) || self.regions.all(r, \
+        "self.tier < 3 || !has(self.workerGroups) || \
+         (has(self.clusters) && size(self.clusters) > 0) || self.regions.all(r, \
          self.workerGroups.exists(g, r in g.regions))",
     )
     .message("from tier 3 every region in spec.regions must be assigned to a worker group")

@@ -60,7 +60,14 @@ use crate::status::UserMetadataStoreStatus;
     validation = rules::every_region_placed(),
     validation = rules::bootstrap_immutable(),
     validation = rules::recovery_below_tier_3(),
-    validation = rules::memory_only_cache_needs_events()
+    validation = rules::memory_only_cache_needs_events(),
+    validation = rules::clusters_from_tier_4(),
+    validation = rules::clusters_hold_the_worker_groups(),
+    validation = rules::region_in_one_cluster(),
+    validation = rules::every_region_in_a_cluster(),
+    validation = rules::cluster_regions_served(),
+    validation = rules::group_names_unique_across_clusters(),
+    validation = rules::home_cluster_stays()
 )]
 #[serde(rename_all = "camelCase")]
 pub struct UserMetadataStoreSpec {
@@ -95,6 +102,18 @@ pub struct UserMetadataStoreSpec {
     #[schemars(length(max = 12))]
     #[x_kube(merge_strategy = ListMerge::Map(vec!["name".into()]))]
     pub worker_groups: Vec<WorkerGroupSpec>,
+
+    /// Several Citus clusters (tier 4): each its own coordinator, worker groups,
+    /// replica pools and placement, together holding every region of `spec.regions`
+    /// exactly once (data residency: a cluster's pods land only where its placement
+    /// allows). The first cluster is the home cluster: it keeps the objects a
+    /// tier-3 store runs (`<store>-coordinator`, `<store>-worker-<group>`) and the
+    /// global user routes; the others are named `<store>-<cluster>-...`. With
+    /// clusters, `spec.workerGroups` stays empty. Empty: one cluster, as at tier 3.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 6))]
+    #[x_kube(merge_strategy = ListMerge::Map(vec!["name".into()]))]
+    pub clusters: Vec<ClusterSpec>,
 
     /// Read-replica pools (tier 2 and up), one per purpose, streaming from the primary.
     /// Defaults to an `ai` pool and an `analytics` pool with one replica each.
@@ -448,6 +467,43 @@ pub struct WorkerGroupSpec {
     #[serde(default = "default_one")]
     #[x_kube(validation = rules::at_least_one())]
     pub replicas: i32,
+}
+
+/// One Citus cluster of a tier-4 store.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ClusterSpec {
+    /// Name of the cluster, a DNS label of at most 12 characters; part of its
+    /// objects' names (except the home cluster's) and of the `umstore.io/cluster`
+    /// label on its pods.
+    #[schemars(length(min = 1, max = 12))]
+    #[x_kube(validation = rules::dns_label())]
+    pub name: String,
+    /// The cluster's Citus worker groups; the cluster holds the regions they list.
+    /// Group names are unique across the store.
+    #[schemars(length(min = 1, max = 12))]
+    #[x_kube(merge_strategy = ListMerge::Map(vec!["name".into()]))]
+    pub worker_groups: Vec<WorkerGroupSpec>,
+    /// Where the cluster's database pods may run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub placement: Option<PlacementSpec>,
+}
+
+/// Where a cluster's database pods may run (its coordinator, workers and replicas).
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct PlacementSpec {
+    /// Node labels the pods must match.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub node_selector: BTreeMap<String, String>,
+    /// Topology zones (`topology.kubernetes.io/zone`) the pods must run in: a
+    /// required node affinity. Empty: any zone.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16))]
+    pub zones: Vec<String>,
+    /// Tolerations for the nodes set aside for the cluster.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tolerations: Vec<Toleration>,
 }
 
 /// One read-replica pool.

@@ -113,6 +113,41 @@ pub struct UserMetadataStoreStatus {
     /// refreshed, from the store's refresh log. Absent while no refresh is scheduled.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub stats_views: Vec<StatsViewStatus>,
+    /// The Citus clusters of a tier-4 store with `spec.clusters`, home first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub clusters: Vec<ClusterStatus>,
+}
+
+/// One Citus cluster of a tier-4 store, as the operator last saw it.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ClusterStatus {
+    /// The cluster (`spec.clusters[].name`).
+    pub name: String,
+    /// Whether this is the home cluster (the first; it holds the global user routes).
+    #[serde(default)]
+    pub home: bool,
+    /// Whether every database workload of the cluster is ready.
+    pub ready: bool,
+    /// Why it is not ready (the first workload that is not, with its cause).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    /// The regions whose rows the cluster holds: recorded once the cluster's
+    /// databases serve them (a region is in exactly one cluster's list).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub regions: Vec<String>,
+    /// The cluster's read-write endpoint (its coordinator, or the pooler's
+    /// database for it) as `host:port/dbname`.
+    pub read_write: String,
+    /// Its replica pools' endpoints, by purpose.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub replica_pools: BTreeMap<String, String>,
+    /// The schema version applied on the cluster's coordinator.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schema_version: Option<i32>,
+    /// The largest replay lag of its replica pool members, in bytes, when measured.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_lag_bytes: Option<i64>,
 }
 
 /// Backups and WAL archiving as the operator last saw them: the backup Jobs'

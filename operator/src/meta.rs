@@ -19,6 +19,9 @@ pub const CONFIG_HASH: &str = "umstore.io/config-hash";
 pub const CREDENTIAL_LABEL: &str = "umstore.io/credential";
 /// Label naming the worker group an object belongs to.
 pub const WORKER_GROUP_LABEL: &str = "umstore.io/worker-group";
+/// Label on the database pods of a tier-4 cluster other than the home cluster:
+/// the cluster's name.
+pub const CLUSTER_LABEL: &str = "umstore.io/cluster";
 /// Label naming the replica pool (its purpose) a replica pod belongs to.
 pub const REPLICA_POOL_LABEL: &str = "umstore.io/replica-pool";
 /// Label naming the component (coordinator, worker, replica, pgbouncer, data-plane).

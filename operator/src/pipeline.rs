@@ -23,8 +23,9 @@ use crate::context::Context;
 use crate::error::Error;
 use crate::meta::PG_PORT;
 use crate::steps::{
-    backup, bootstrap, credentials, distribute, keys, lag, migrate, promote, rollout, status,
-    switchover, topology, validate, views, Journal, Outcome, Progress, Reached, Reason, Step,
+    backup, bootstrap, clusters, credentials, distribute, keys, lag, migrate, promote, rollout,
+    status, switchover, topology, validate, views, Journal, Outcome, Progress, Reached, Reason,
+    Step,
 };
 use crate::validated::Validated;
 
@@ -133,6 +134,7 @@ async fn steps(
         schema_version: None,
         replica_lag: None,
         stats_views: None,
+        clusters: Vec::new(),
         worker_group_ids: valid.citus_groups.clone(),
         placement: None,
         converting: false,
@@ -143,6 +145,7 @@ async fn steps(
         degraded: Vec::new(),
         backup: None,
     };
+    reached.clusters = status::clusters(&valid, &reached.components);
     // What each worker group still holds, as the last distribute step saw it: a
     // removed group's pods stay until it holds nothing.
     let placement = store
@@ -280,6 +283,33 @@ async fn steps(
     } else {
         t
     };
+    // The other clusters of a tier-4 store: the same steps on each.
+    if let Some(home) = reached.clusters.first_mut() {
+        home.schema_version = Some(schema.version);
+    }
+    clusters::run(
+        ctx,
+        &valid,
+        &credentials,
+        &observed,
+        approval,
+        &mut reached.clusters,
+        journal,
+    )
+    .await?;
+    if let Some(waiting) = reached.clusters.iter().find(|c| !c.ready) {
+        reached.degraded.push((
+            Reason::ClusterNotReady,
+            format!(
+                "cluster {} is not ready: {}",
+                waiting.name,
+                waiting
+                    .message
+                    .as_deref()
+                    .unwrap_or("its workloads are not ready")
+            ),
+        ));
+    }
     reached.stats_views = views::measure(&valid, &schema.admin).await;
     if valid.spec.auto_promotion.enabled && valid.tier < 4 {
         match promote::measure(&schema.admin).await {

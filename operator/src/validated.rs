@@ -9,8 +9,8 @@ use std::time::Duration;
 use umstore_crds::refusals;
 use umstore_crds::rules::MAX_INGEST_WORKERS;
 use umstore_crds::{
-    EventsSpec, ReadCacheVerify, ReplicaPurpose, UserMetadataStore, UserMetadataStoreSpec,
-    WorkerGroupSpec,
+    EventsSpec, PlacementSpec, ReadCacheVerify, ReplicaPurpose, UserMetadataStore,
+    UserMetadataStoreSpec, WorkerGroupSpec,
 };
 use umstore_migrations::regions;
 
@@ -65,11 +65,42 @@ pub struct Validated {
     pub spec: UserMetadataStoreSpec,
     /// `spec.events`, checked and parsed; `None`: the data plane ingests over HTTP only.
     pub events: Option<Events>,
+    /// The Citus clusters (tier 4 with `spec.clusters`), home first; empty otherwise
+    /// (one cluster, the store's own objects). With clusters, `spec.worker_groups`
+    /// holds the home cluster's groups: every step that predates clusters runs on
+    /// the home cluster as it ran on the tier-3 store.
+    pub clusters: Vec<Cluster>,
+    /// The cluster the builders build for: `None` for a store without clusters;
+    /// with clusters, the home cluster in the store's own [`Validated`] and each
+    /// other cluster in the one [`Validated::for_cluster`] gives.
+    pub cluster: Option<Cluster>,
     /// The Citus group id of each worker group (tier 3 and up): the ids recorded in
     /// `status.workerGroupIds` (also of groups that left the spec and are still being
     /// drained), and for a new group its position in the spec counted from 1 when
     /// that is free, else one past the highest id.
     pub citus_groups: BTreeMap<String, i32>,
+}
+
+/// One Citus cluster of a tier-4 store, checked.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Cluster {
+    /// `spec.clusters[].name`.
+    pub name: String,
+    /// The first cluster: its objects keep the tier-3 names.
+    pub home: bool,
+    /// Its worker groups.
+    pub worker_groups: Vec<WorkerGroupSpec>,
+    /// The regions it holds (its groups' regions), sorted.
+    pub regions: Vec<String>,
+    /// Where its database pods may run.
+    pub placement: PlacementSpec,
+}
+
+impl Cluster {
+    /// The infix of its objects' names: none for the home cluster, `<name>` else.
+    pub fn infix(&self) -> Option<&str> {
+        (!self.home).then_some(self.name.as_str())
+    }
 }
 
 /// `spec.events`, checked: how the data plane reaches the NATS JetStream bus.
@@ -93,6 +124,25 @@ impl Validated {
             .postgres
             .instances
             .unwrap_or(if self.tier >= 2 { 2 } else { 1 })
+    }
+
+    /// The store as the builders see one of its clusters: that cluster's worker
+    /// groups, its name in the objects' names and labels.
+    pub fn for_cluster(&self, cluster: &Cluster) -> Validated {
+        let mut v = self.clone();
+        v.spec.worker_groups = cluster.worker_groups.clone();
+        v.cluster = Some(cluster.clone());
+        v
+    }
+
+    /// `<cluster>-` for a cluster other than the home cluster, empty otherwise: the
+    /// prefix of its objects' names after the store's.
+    pub fn cluster_prefix(&self) -> String {
+        self.cluster
+            .as_ref()
+            .and_then(Cluster::infix)
+            .map(|c| format!("{c}-"))
+            .unwrap_or_default()
     }
 
     /// Citus is in use (tier 3 and up).
@@ -174,6 +224,11 @@ pub fn validate(store: &UserMetadataStore) -> Result<Validated, Invalid> {
         spec.tier = tier;
     }
     check_spec(&spec, &name, &mut problems);
+    let clusters = if spec.clusters.is_empty() {
+        Vec::new()
+    } else {
+        check_clusters(&spec, &name, store.status.as_ref(), &mut problems)
+    };
 
     if !problems.is_empty() {
         return Err(Invalid { problems });
@@ -184,9 +239,21 @@ pub fn validate(store: &UserMetadataStore) -> Result<Validated, Invalid> {
     if tier < 2 {
         spec.replica_pools.clear();
     }
+    // Every cluster's groups get ids (home's first, as they had at tier 3).
+    let all_groups: Vec<WorkerGroupSpec> = if clusters.is_empty() {
+        spec.worker_groups.clone()
+    } else {
+        clusters
+            .iter()
+            .flat_map(|c| c.worker_groups.iter().cloned())
+            .collect()
+    };
+    if let Some(home) = clusters.first() {
+        spec.worker_groups = home.worker_groups.clone();
+    }
     let citus_groups = if tier >= 3 {
         citus_group_ids(
-            &spec.worker_groups,
+            &all_groups,
             store
                 .status
                 .as_ref()
@@ -209,6 +276,8 @@ pub fn validate(store: &UserMetadataStore) -> Result<Validated, Invalid> {
         demotion_refused,
         spec,
         events,
+        cluster: clusters.first().cloned(),
+        clusters,
     })
 }
 
@@ -343,7 +412,7 @@ fn check_spec(spec: &UserMetadataStoreSpec, store_name: &str, problems: &mut Vec
         ));
     }
     check_regions("spec.regions", &spec.regions, problems);
-    if spec.tier >= 3 {
+    if spec.tier >= 3 && spec.clusters.is_empty() {
         check_worker_groups(spec, store_name, problems);
     }
     let mut purposes = BTreeSet::new();
@@ -501,6 +570,129 @@ fn check_regions(field: &str, codes: &[String], problems: &mut Vec<String>) {
     }
 }
 
+/// Longest cluster name (it is part of the names of the cluster's objects).
+pub const MAX_CLUSTER_NAME: usize = 12;
+
+/// Checks `spec.clusters` (the CRD's rules again, and what CEL cannot see: name
+/// lengths with the store's name, and regions that would change cluster) into
+/// [`Cluster`]s.
+fn check_clusters(
+    spec: &UserMetadataStoreSpec,
+    store_name: &str,
+    status: Option<&umstore_crds::UserMetadataStoreStatus>,
+    problems: &mut Vec<String>,
+) -> Vec<Cluster> {
+    if spec.tier < 4 {
+        problems
+            .push("spec.clusters needs tier 4; set spec.tier: 4 or remove spec.clusters".into());
+    }
+    if !spec.worker_groups.is_empty() {
+        problems.push(
+            "spec.workerGroups: with spec.clusters, list each worker group under its cluster \
+             (spec.clusters[].workerGroups) and leave spec.workerGroups empty"
+                .into(),
+        );
+    }
+    if spec.backup.is_some() {
+        problems.push(
+            "spec.backup: backups of a store with several clusters are not supported yet (each \
+             cluster would need its own stanza); remove spec.backup or spec.clusters"
+                .into(),
+        );
+    }
+    let mut names = BTreeSet::new();
+    let mut clusters = Vec::new();
+    for (i, c) in spec.clusters.iter().enumerate() {
+        let name = c.name.as_str();
+        if !is_dns_label(name) || name.len() > MAX_CLUSTER_NAME {
+            problems.push(format!(
+                "spec.clusters: name '{name}' must be a lowercase DNS label of at most \
+                 {MAX_CLUSTER_NAME} characters"
+            ));
+        }
+        if !names.insert(name) {
+            problems.push(format!("spec.clusters: name '{name}' appears twice"));
+        }
+        if c.worker_groups.is_empty() {
+            problems.push(format!(
+                "spec.clusters[{name}].workerGroups: a cluster needs at least one worker group \
+                 listing the regions it holds"
+            ));
+        }
+        let home = i == 0;
+        for g in &c.worker_groups {
+            let extra = if home { 0 } else { name.len() + 1 };
+            if store_name.len() + extra + g.name.len() > MAX_STORE_AND_GROUP_NAME {
+                problems.push(format!(
+                    "spec.clusters[{name}].workerGroups: '{store_name}' plus cluster '{name}' and \
+                     group '{}' is longer than {MAX_STORE_AND_GROUP_NAME} characters; shorten \
+                     the cluster or group name",
+                    g.name
+                ));
+            }
+        }
+        let mut regions: Vec<String> = c
+            .worker_groups
+            .iter()
+            .flat_map(|g| g.regions.iter().cloned())
+            .collect();
+        regions.sort();
+        regions.dedup();
+        clusters.push(Cluster {
+            name: c.name.clone(),
+            home,
+            worker_groups: c.worker_groups.clone(),
+            regions,
+            placement: c.placement.clone().unwrap_or_default(),
+        });
+    }
+    // The groups of all clusters together: the tier-3 rules (each region in one
+    // group, served, every region placed, names unique) say the rest.
+    let mut flat = spec.clone();
+    flat.worker_groups = clusters
+        .iter()
+        .flat_map(|c| c.worker_groups.iter().cloned())
+        .collect();
+    let before = problems.len();
+    check_worker_groups(&flat, store_name, problems);
+    for p in &mut problems[before..] {
+        *p = p.replacen("spec.workerGroups", "spec.clusters[].workerGroups", 1);
+    }
+    // Where each region's rows are now: recorded in status, or all in the home
+    // cluster for a store that ran before it had clusters.
+    let recorded: BTreeMap<String, String> = match status {
+        Some(s) if !s.clusters.is_empty() => s
+            .clusters
+            .iter()
+            .flat_map(|c| c.regions.iter().map(move |r| (r.clone(), c.name.clone())))
+            .collect(),
+        Some(s) if s.schema_version.is_some() => {
+            let home = spec
+                .clusters
+                .first()
+                .map(|c| c.name.clone())
+                .unwrap_or_default();
+            spec.regions
+                .iter()
+                .map(|r| (r.clone(), home.clone()))
+                .collect()
+        }
+        _ => BTreeMap::new(),
+    };
+    for c in &clusters {
+        for r in &c.regions {
+            if let Some(from) = recorded.get(r).filter(|from| **from != c.name) {
+                problems.push(format!(
+                    "spec.clusters: region {r} holds rows in cluster '{from}'; moving a region \
+                     to another cluster ('{}') is not supported yet: keep {r} in '{from}'",
+                    c.name
+                ));
+            }
+        }
+    }
+    clusters
+}
+
 fn check_worker_groups(spec: &UserMetadataStoreSpec, store_name: &str, problems: &mut Vec<String>) {
     if spec.worker_groups.is_empty() {
         problems.push(
@@ -652,6 +844,83 @@ mod tests {
             value["status"] = json!({"tier": t});
         }
         serde_json::from_value(value).expect("store")
+    }
+
+    fn two_clusters() -> serde_json::Value {
+        json!({"tier": 4, "regions": ["KA", "TN", "DL"], "clusters": [
+            {"name": "north", "workerGroups": [{"name": "n1", "regions": ["DL"]}]},
+            {"name": "south", "workerGroups": [
+                {"name": "s1", "regions": ["KA"]}, {"name": "s2", "regions": ["TN"]}]},
+        ]})
+    }
+
+    #[test]
+    fn clusters_give_home_its_groups_and_every_group_an_id() {
+        let v = validate(&store(two_clusters(), None)).expect("valid");
+        assert_eq!(v.clusters.len(), 2);
+        assert!(v.clusters[0].home && !v.clusters[1].home);
+        assert_eq!(v.clusters[1].regions, ["KA", "TN"]);
+        let home: Vec<&str> = v
+            .spec
+            .worker_groups
+            .iter()
+            .map(|g| g.name.as_str())
+            .collect();
+        assert_eq!(home, ["n1"], "the store's own groups are home's");
+        assert_eq!(
+            v.citus_groups,
+            BTreeMap::from([("n1".into(), 1), ("s1".into(), 2), ("s2".into(), 3)])
+        );
+        assert_eq!(v.for_cluster(&v.clusters[1]).cluster_prefix(), "south-");
+        assert_eq!(v.cluster_prefix(), "");
+    }
+
+    #[test]
+    fn clusters_refuse_what_admission_would_and_a_region_changing_cluster() {
+        let mut spec = two_clusters();
+        spec["clusters"][1]["workerGroups"][0]["regions"] = json!(["KA", "DL"]);
+        spec["backup"] = json!({"repository": {"volume": {"size": "10Gi"}}});
+        let problems = validate(&store(spec, None)).expect_err("invalid").problems;
+        assert!(
+            problems
+                .iter()
+                .any(|p| p.contains("region DL is in groups 'n1' and 's1'")),
+            "{problems:?}"
+        );
+        assert!(
+            problems
+                .iter()
+                .any(|p| p.starts_with("spec.backup: backups of a store with several clusters")),
+            "{problems:?}"
+        );
+        // A store that ran with every region at home: DL may stay, KA may not leave.
+        let mut running = store(two_clusters(), Some(3));
+        running.status.as_mut().expect("status").schema_version = Some(11);
+        let problems = validate(&running).expect_err("a move").problems;
+        assert!(
+            problems.iter().any(|p| p.contains(
+                "region KA holds rows in cluster 'north'; moving a region to another cluster \
+                 ('south') is not supported yet"
+            )),
+            "{problems:?}"
+        );
+        // Recorded in status as already in south: accepted.
+        let mut placed = store(two_clusters(), Some(4));
+        let status = placed.status.as_mut().expect("status");
+        status.schema_version = Some(11);
+        status.clusters = vec![
+            umstore_crds::ClusterStatus {
+                name: "north".into(),
+                regions: vec!["DL".into()],
+                ..Default::default()
+            },
+            umstore_crds::ClusterStatus {
+                name: "south".into(),
+                regions: vec!["KA".into(), "TN".into()],
+                ..Default::default()
+            },
+        ];
+        assert!(validate(&placed).is_ok());
     }
 
     #[test]

@@ -133,6 +133,56 @@ fn cases() -> Vec<Case> {
             field: "spec.dataPlane.gpu.resourceName",
             message: GPU_NAME,
         },
+        // Several clusters (tier 4).
+        Case {
+            what: "clusters below tier 4",
+            base: 4,
+            edit: |s| s["tier"] = json!(3),
+            field: "spec.clusters",
+            message: "spec.clusters needs tier 4",
+        },
+        Case {
+            what: "worker groups beside clusters",
+            base: 4,
+            edit: |s| s["workerGroups"] = json!([{"name": "extra", "regions": ["KA"]}]),
+            field: "spec.workerGroups",
+            message: "with spec.clusters, list each worker group under its cluster",
+        },
+        Case {
+            what: "a region in two clusters",
+            base: 4,
+            edit: |s| s["clusters"][1]["workerGroups"][0]["regions"] = json!(["TN", "KA"]),
+            field: "spec.clusters",
+            message: "a region is listed in two clusters",
+        },
+        Case {
+            what: "a region in no cluster",
+            base: 4,
+            edit: |s| s["regions"] = json!(["KA", "TN", "DL"]),
+            field: "spec.clusters",
+            message: "every region in spec.regions must be held by a worker group of one of spec.clusters",
+        },
+        Case {
+            what: "a cluster holding a region the store does not serve",
+            base: 4,
+            edit: |s| s["clusters"][1]["workerGroups"][0]["regions"] = json!(["TN", "DL"]),
+            field: "spec.clusters",
+            message: "a cluster's worker group lists a region that is not in spec.regions",
+        },
+        Case {
+            what: "one worker group name in two clusters",
+            base: 4,
+            edit: |s| s["clusters"][1]["workerGroups"][0]["name"] = json!("north-1"),
+            field: "spec.clusters",
+            message: "a worker group name is used in two clusters",
+        },
+        Case {
+            what: "a cluster name that is not a DNS label",
+            base: 4,
+            edit: |s| s["clusters"][1]["name"] = json!("South_1"),
+            field: "spec.clusters[1].name",
+            message: "must be a lowercase DNS label",
+        },
         // The stats views.
         Case {
             what: "stats views that may be read only younger than they are refreshed",
@@ -448,6 +498,23 @@ const REPOSITORY: &str = "backup.repository needs exactly one of s3";
 /// The rule a transition (update) breaks, checked apart from the table.
 const TIER_DECREASE: &str = "tier cannot be decreased";
 
+/// The rule renaming the home cluster breaks, checked apart from the table.
+const HOME_CLUSTER: &str = "the first cluster of spec.clusters is the home cluster";
+
+/// A small valid tier-4 store: KA in cluster `north`, TN in cluster `south`.
+fn tier4(namespace: &str) -> Value {
+    let mut store = example(1, namespace);
+    store["spec"]["tier"] = json!(4);
+    store["spec"]["regions"] = json!(["KA", "TN"]);
+    store["spec"]["clusters"] = json!([
+        {"name": "north", "workerGroups": [{"name": "north-1", "regions": ["KA"]}],
+         "placement": {"zones": ["zone-a"]}},
+        {"name": "south", "workerGroups": [{"name": "south-1", "regions": ["TN"]}],
+         "placement": {"zones": ["zone-b"], "nodeSelector": {"umstore.io/residency": "south"}}},
+    ]);
+    store
+}
+
 /// A small valid tier-3 store: regions KA, TN in two worker groups.
 fn tier3(namespace: &str) -> Value {
     let mut store = example(1, namespace);
@@ -463,6 +530,7 @@ fn tier3(namespace: &str) -> Value {
 fn base(case_base: u8, namespace: &str) -> Value {
     match case_base {
         3 => tier3(namespace),
+        4 => tier4(namespace),
         _ => example(1, namespace),
     }
 }
@@ -507,7 +575,7 @@ fn the_table_has_a_case_for_every_rule_of_the_crd() {
     let covered: Vec<&str> = cases()
         .iter()
         .map(|c| c.message)
-        .chain([TIER_DECREASE])
+        .chain([TIER_DECREASE, HOME_CLUSTER])
         .collect();
     let uncovered: Vec<&String> = messages
         .iter()
@@ -575,4 +643,48 @@ async fn the_api_server_refuses_lowering_the_tier_and_allows_raising_it() {
     apply(&stores, &raised)
         .await
         .expect("raising the tier to 3 with worker groups is allowed");
+}
+
+#[tokio::test]
+async fn the_api_server_keeps_the_home_cluster_first_and_lets_others_come_and_go() {
+    let Some((admin, ns)) = setup().await else {
+        return;
+    };
+    let stores: Api<UserMetadataStore> = Api::namespaced(admin, &ns);
+    let mut store = tier4(&ns);
+    apply(&stores, &store)
+        .await
+        .expect("a tier-4 store with two clusters is created");
+    // Another cluster after home: allowed.
+    store["spec"]["regions"] = json!(["KA", "TN", "DL"]);
+    store["spec"]["clusters"]
+        .as_array_mut()
+        .expect("clusters")
+        .push(json!({"name": "delhi", "workerGroups": [{"name": "dl-1", "regions": ["DL"]}]}));
+    apply(&stores, &store)
+        .await
+        .expect("a third cluster is added");
+    // Home renamed (or another cluster put first): refused.
+    let mut swapped = store.clone();
+    swapped["spec"]["clusters"]
+        .as_array_mut()
+        .expect("clusters")
+        .swap(0, 1);
+    let refused = apply(&stores, &swapped)
+        .await
+        .expect_err("putting another cluster first is refused");
+    assert!(
+        refused.contains("spec.clusters") && refused.contains(HOME_CLUSTER),
+        "{refused}"
+    );
+    let mut gone = store.clone();
+    gone["spec"]
+        .as_object_mut()
+        .expect("spec")
+        .remove("clusters");
+    gone["spec"]["workerGroups"] = json!([{"name": "all", "regions": ["KA", "TN", "DL"]}]);
+    let refused = apply(&stores, &gone)
+        .await
+        .expect_err("dropping the clusters is refused");
+    assert!(refused.contains(HOME_CLUSTER), "{refused}");
 }

@@ -469,3 +469,181 @@ fn tier3_groups_share_one_patroni_scope_and_services_select_their_own_group() {
         );
     }
 }
+
+/// The pod labels of every database StatefulSet, by name.
+fn database_pods(objects: &[Object]) -> Vec<(String, std::collections::BTreeMap<String, String>)> {
+    objects
+        .iter()
+        .filter_map(|o| match o {
+            Object::StatefulSet(s) => Some((
+                s.metadata.name.clone().unwrap_or_default(),
+                s.spec
+                    .template
+                    .metadata
+                    .as_ref()
+                    .and_then(|m| m.labels.clone())
+                    .unwrap_or_default(),
+            )),
+            _ => None,
+        })
+        .collect()
+}
+
+fn selects(
+    selector: &std::collections::BTreeMap<String, String>,
+    labels: &std::collections::BTreeMap<String, String>,
+) -> bool {
+    selector.iter().all(|(k, v)| labels.get(k) == Some(v))
+}
+
+#[test]
+fn tier4_clusters_each_run_their_own_citus_in_their_zones_and_select_only_their_own_pods() {
+    use umstore_operator::builders::patroni::ROLE_LABEL;
+    let tier3 = objects(3);
+    let objects = objects(4);
+    let pods = database_pods(&objects);
+    // Home keeps the tier-3 names; the others are named after their cluster.
+    for name in [
+        "nationwide-coordinator",
+        "nationwide-worker-north-1",
+        "nationwide-worker-central",
+        "nationwide-replica-ai",
+        "nationwide-south-coordinator",
+        "nationwide-south-worker-south",
+        "nationwide-south-replica-ai",
+        "nationwide-east-coordinator",
+        "nationwide-west-replica-analytics",
+    ] {
+        assert!(pods.iter().any(|(n, _)| n == name), "no StatefulSet {name}");
+    }
+    // Each cluster its own Patroni scope (its own Citus), and its zones.
+    let config_map = objects
+        .iter()
+        .find_map(|o| match o {
+            Object::ConfigMap(c) if c.metadata.name.as_deref() == Some("nationwide-patroni") => {
+                Some(c)
+            }
+            _ => None,
+        })
+        .expect("the Patroni ConfigMap");
+    let scope_of = |key: &str| -> String {
+        let text = &config_map.data.as_ref().expect("data")[key];
+        let config: serde_json::Value = serde_yaml_ng::from_str(text).expect("patroni.yml");
+        config["scope"].as_str().expect("scope").to_string()
+    };
+    assert_eq!(scope_of("nationwide-coordinator.yml"), "nationwide-citus");
+    assert_eq!(
+        scope_of("nationwide-worker-central.yml"),
+        "nationwide-citus"
+    );
+    assert_eq!(
+        scope_of("nationwide-south-coordinator.yml"),
+        "nationwide-south-citus"
+    );
+    assert_eq!(
+        scope_of("nationwide-south-worker-south.yml"),
+        "nationwide-south-citus"
+    );
+    for o in &objects {
+        let Object::StatefulSet(s) = o else { continue };
+        let name = s.metadata.name.clone().unwrap_or_default();
+        let spec = s.spec.template.spec.as_ref().expect("pod spec");
+        let zones: Vec<String> = spec
+            .affinity
+            .as_ref()
+            .and_then(|a| a.node_affinity.as_ref())
+            .and_then(|n| {
+                n.required_during_scheduling_ignored_during_execution
+                    .as_ref()
+            })
+            .map(|s| {
+                s.node_selector_terms
+                    .iter()
+                    .flat_map(|t| t.match_expressions.iter().flatten())
+                    .flat_map(|e| e.values.iter().flatten().cloned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        let want: &[&str] = if name.starts_with("nationwide-south-") {
+            &["ap-south-1a", "ap-south-1b"]
+        } else if name.starts_with("nationwide-east-") {
+            &["ap-east-1a"]
+        } else if name.starts_with("nationwide-west-") {
+            &["ap-west-1a", "ap-west-1b"]
+        } else if name.starts_with("nationwide-data-plane") {
+            &[]
+        } else {
+            &["ap-south-2a", "ap-south-2b"]
+        };
+        assert_eq!(zones, want, "{name} runs in its cluster's zones");
+        if name.starts_with("nationwide-south-") {
+            assert_eq!(
+                spec.node_selector
+                    .as_ref()
+                    .and_then(|n| n.get("umstore.io/residency")),
+                Some(&"south".to_string()),
+                "{name}"
+            );
+            assert!(
+                spec.tolerations.is_some(),
+                "{name} tolerates the south nodes"
+            );
+        }
+    }
+    // Home's StatefulSets keep the tier-3 selectors (immutable); no Service or
+    // PodDisruptionBudget of one cluster selects another cluster's pods.
+    let cluster_of = |name: &str| -> &str {
+        ["south", "east", "west"]
+            .into_iter()
+            .find(|c| name.starts_with(&format!("nationwide-{c}-")))
+            .unwrap_or("north")
+    };
+    for o in &objects {
+        let (name, selector) = match o {
+            Object::Service(s) => (
+                s.metadata.name.clone().unwrap_or_default(),
+                s.spec.as_ref().and_then(|s| s.selector.clone()),
+            ),
+            Object::PodDisruptionBudget(p) => (
+                p.metadata.name.clone().unwrap_or_default(),
+                p.spec
+                    .as_ref()
+                    .and_then(|s| s.selector.as_ref())
+                    .and_then(|s| s.match_labels.clone()),
+            ),
+            _ => continue,
+        };
+        let Some(mut selector) = selector else {
+            continue;
+        };
+        selector.remove(ROLE_LABEL);
+        if !(name.contains("coordinator") || name.contains("worker") || name.contains("replica")) {
+            continue;
+        }
+        let selected: Vec<&String> = pods
+            .iter()
+            .filter(|(_, labels)| selects(&selector, labels))
+            .map(|(n, _)| n)
+            .collect();
+        assert!(!selected.is_empty(), "{name} selects no pods");
+        for pod in selected {
+            assert_eq!(
+                cluster_of(pod),
+                cluster_of(&name),
+                "{name} selects {pod}'s pods, of another cluster"
+            );
+        }
+    }
+    let home_selector = |objects: &[Object], name: &str| {
+        objects.iter().find_map(|o| match o {
+            Object::StatefulSet(s) if s.metadata.name.as_deref() == Some(name) => {
+                s.spec.selector.match_labels.clone()
+            }
+            _ => None,
+        })
+    };
+    let mut t3 = home_selector(&tier3, "national-coordinator").expect("tier-3 coordinator");
+    let t4 = home_selector(&objects, "nationwide-coordinator").expect("home coordinator");
+    t3.insert("app.kubernetes.io/instance".into(), "nationwide".into());
+    assert_eq!(t3, t4, "the home coordinator's selector is the tier-3 one");
+}

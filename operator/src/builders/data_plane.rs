@@ -107,6 +107,10 @@ fn environment(v: &Validated) -> Vec<EnvVar> {
         ),
     ]);
     vars.extend(read_cache_environment(v));
+    // Several clusters: where each region's rows are (docs/operator.md).
+    if let Some(layout) = super::clusters::env_value(v) {
+        vars.push(env("UMSTORE_CLUSTERS", layout));
+    }
     if let Some(views) = crate::steps::views::schedule(v) {
         vars.extend([
             env("UMSTORE_STATS_REFRESH_INTERVAL", views.refresh_interval),

@@ -3,6 +3,7 @@
 
 pub mod api_tokens;
 pub mod backup;
+pub mod clusters;
 pub mod credentials;
 pub mod data_plane;
 pub mod patroni;
@@ -142,7 +143,7 @@ pub fn topology(v: &Validated, creds: &Credentials, env: &Env) -> Vec<Object> {
         auto_promotion: _,        // read by the promotion logic (bootstrap issue)
         postgres: _,              // postgres::statefulset, pgconfig
         regions: _,               // data_plane env; distribution (distribute issue)
-        worker_groups,            // below
+        worker_groups: _,         // each cluster view's, below
         replica_pools,            // below
         pgbouncer: _,             // pgbouncer
         data_plane,               // data_plane
@@ -154,19 +155,41 @@ pub fn topology(v: &Validated, creds: &Credentials, env: &Env) -> Vec<Object> {
         backup: _,                // backup: ConfigMap, CronJobs, pod sidecar; backup step
         bootstrap: _,             // patroni bootstrap method, backup::restore_conf
         stats_views: _,           // data_plane env; views probe
+        clusters: _,              // v.clusters (checked): the database workloads per cluster
     } = &v.spec;
 
-    let mut pg_roles = vec![PgRole::Coordinator];
-    pg_roles.extend(worker_groups.iter().map(|g| PgRole::Worker {
-        group: &g.name,
-        replicas: g.replicas,
-    }));
-    let mut pools = replica_pools.clone();
-    pools.sort_by_key(|p| p.purpose);
-    pg_roles.extend(pools.iter().map(|p| PgRole::Replica {
-        purpose: p.purpose,
-        replicas: p.replicas,
-    }));
+    // The database workloads of each cluster, each built with its cluster's view of
+    // the store (`v` itself for the home cluster or a store without clusters).
+    let views: Vec<Validated> = v
+        .clusters
+        .iter()
+        .filter(|c| !c.home)
+        .map(|c| v.for_cluster(c))
+        .collect();
+    let mut workloads: Vec<(&Validated, PgRole<'_>)> = Vec::new();
+    for view in std::iter::once(v).chain(views.iter()) {
+        workloads.push((view, PgRole::Coordinator));
+        workloads.extend(view.spec.worker_groups.iter().map(|g| {
+            (
+                view,
+                PgRole::Worker {
+                    group: &g.name,
+                    replicas: g.replicas,
+                },
+            )
+        }));
+        let mut pools: Vec<_> = replica_pools.iter().collect();
+        pools.sort_by_key(|p| p.purpose);
+        workloads.extend(pools.iter().map(|p| {
+            (
+                view,
+                PgRole::Replica {
+                    purpose: p.purpose,
+                    replicas: p.replicas,
+                },
+            )
+        }));
+    }
 
     let mut objects = vec![
         Object::ServiceAccount(data_plane::service_account(v)),
@@ -174,7 +197,7 @@ pub fn topology(v: &Validated, creds: &Credentials, env: &Env) -> Vec<Object> {
         Object::Role(patroni::role(v)),
         Object::RoleBinding(patroni::role_binding(v)),
         Object::ConfigMap(pgconfig::config_map(v)),
-        Object::ConfigMap(patroni::config_map(v, &pg_roles)),
+        Object::ConfigMap(patroni::config_map(v, &workloads)),
     ];
     objects.extend(backup::config_map(v).map(Object::ConfigMap));
     if v.pooled() {
@@ -190,18 +213,18 @@ pub fn topology(v: &Validated, creds: &Credentials, env: &Env) -> Vec<Object> {
         &v.owner,
         &creds.api_tokens,
     )));
-    for role in &pg_roles {
-        objects.push(Object::Service(services::headless_service(v, role)));
-        objects.push(Object::Service(services::client_service(v, role)));
+    for (view, role) in &workloads {
+        objects.push(Object::Service(services::headless_service(view, role)));
+        objects.push(Object::Service(services::client_service(view, role)));
     }
     if v.pooled() {
         objects.push(Object::Service(pgbouncer::service(v)));
     }
     objects.push(Object::Service(data_plane::service(v)));
     objects.extend(
-        pg_roles
+        workloads
             .iter()
-            .map(|r| Object::StatefulSet(postgres::statefulset(v, r))),
+            .map(|(view, r)| Object::StatefulSet(postgres::statefulset(view, r))),
     );
     if v.pooled() {
         objects.push(Object::Deployment(pgbouncer::deployment(v, creds)));
@@ -210,12 +233,13 @@ pub fn topology(v: &Validated, creds: &Credentials, env: &Env) -> Vec<Object> {
         v,
         &creds.api_tokens,
     )));
-    for role in &pg_roles {
-        if role.replicas(v) > 1 {
+    for (view, role) in &workloads {
+        if role.replicas(view) > 1 {
             objects.push(Object::PodDisruptionBudget(policy::pdb(
-                v,
-                &role.name(v),
-                role.labels(v),
+                view,
+                &role.name(view),
+                role.labels(view),
+                role.selector(view),
             )));
         }
     }
@@ -225,6 +249,7 @@ pub fn topology(v: &Validated, creds: &Credentials, env: &Env) -> Vec<Object> {
             v,
             &o.child("pgbouncer"),
             o.component_labels("pgbouncer"),
+            o.component_labels("pgbouncer"),
         )));
     }
     if data_plane.replicas > 1 {
@@ -232,6 +257,7 @@ pub fn topology(v: &Validated, creds: &Credentials, env: &Env) -> Vec<Object> {
         objects.push(Object::PodDisruptionBudget(policy::pdb(
             v,
             &o.child("data-plane"),
+            o.component_labels("data-plane"),
             o.component_labels("data-plane"),
         )));
     }

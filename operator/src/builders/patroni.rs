@@ -87,7 +87,7 @@ pub fn group(v: &Validated, role: &PgRole<'_>) -> String {
 /// below tier 3, one for the whole store from tier 3 (the Citus groups share it).
 pub fn scope(v: &Validated, role: &PgRole<'_>) -> String {
     if v.citus() {
-        v.owner.child("citus")
+        v.owner.child(&format!("{}citus", v.cluster_prefix()))
     } else {
         group(v, role)
     }
@@ -223,17 +223,17 @@ pub fn config(v: &Validated, role: &PgRole<'_>) -> Value {
 }
 
 /// The ConfigMap `<store>-patroni`: one `patroni.yml` per PostgreSQL workload.
-pub fn config_map(v: &Validated, roles: &[PgRole<'_>]) -> ConfigMap {
+pub fn config_map(v: &Validated, roles: &[(&Validated, PgRole<'_>)]) -> ConfigMap {
     let owner = &v.owner;
     ConfigMap {
         metadata: owner.object_meta(&owner.child("patroni"), owner.component_labels("postgres")),
         data: Some(
             roles
                 .iter()
-                .map(|r| {
+                .map(|(view, r)| {
                     // JSON is YAML: Patroni reads it as its configuration file.
-                    let text = serde_json::to_string_pretty(&config(v, r)).unwrap_or_default();
-                    (config_key(v, r), text)
+                    let text = serde_json::to_string_pretty(&config(view, r)).unwrap_or_default();
+                    (config_key(view, r), text)
                 })
                 .collect(),
         ),

@@ -16,6 +16,7 @@ use umstore_crds::PgBouncerSpec;
 
 use super::credentials::{secret_data, Credentials, Role};
 use super::pgconfig::TLS_DIR;
+use super::postgres::PgRole;
 use crate::meta::{hash_of, CONFIG_HASH, DATABASE, PGBOUNCER_PORT, PG_PORT};
 use crate::validated::Validated;
 
@@ -36,6 +37,18 @@ pub fn pgbouncer_ini(v: &Validated) -> String {
         "; Rendered by umstore-operator; edits are overwritten.".to_string(),
         "[databases]".into(),
         format!("{DATABASE} = host={primary} port={PG_PORT} dbname={DATABASE}"),
+    ];
+    // One database per other cluster of a tier-4 store (docs/operator.md).
+    for c in v.clusters.iter().filter(|c| !c.home) {
+        let view = v.for_cluster(c);
+        let host = v.owner.service_host(&PgRole::Coordinator.name(&view));
+        if let Some(alias) = super::clusters::pooler_database(c) {
+            lines.push(format!(
+                "{alias} = host={host} port={PG_PORT} dbname={DATABASE}"
+            ));
+        }
+    }
+    lines.extend([
         String::new(),
         "[pgbouncer]".into(),
         "listen_addr = 0.0.0.0".into(),
@@ -55,7 +68,7 @@ pub fn pgbouncer_ini(v: &Validated) -> String {
         "stats_users = umstore_dashboard".into(),
         "log_connections = 0".into(),
         "log_disconnections = 0".into(),
-    ];
+    ]);
     if tls {
         // The primary's certificate is checked against the Secret's CA and must
         // name the coordinator's Service (the host above).

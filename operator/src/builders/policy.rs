@@ -17,13 +17,18 @@ use crate::validated::Validated;
 /// A PodDisruptionBudget allowing one pod of the workload down at a time. Only built
 /// for workloads of two or more pods: a budget of zero on a single pod would block
 /// every node drain.
-pub fn pdb(v: &Validated, name: &str, labels: BTreeMap<String, String>) -> PodDisruptionBudget {
+pub fn pdb(
+    v: &Validated,
+    name: &str,
+    labels: BTreeMap<String, String>,
+    selector: BTreeMap<String, String>,
+) -> PodDisruptionBudget {
     PodDisruptionBudget {
-        metadata: v.owner.object_meta(name, labels.clone()),
+        metadata: v.owner.object_meta(name, labels),
         spec: Some(PodDisruptionBudgetSpec {
             max_unavailable: Some(IntOrString::Int(1)),
             selector: Some(LabelSelector {
-                match_labels: Some(labels),
+                match_labels: Some(selector),
                 ..LabelSelector::default()
             }),
             ..PodDisruptionBudgetSpec::default()

@@ -10,10 +10,11 @@ use k8s_openapi::api::apps::v1::{
 };
 use k8s_openapi::api::core::v1::{
     Affinity, ConfigMapVolumeSource, Container, ContainerPort, EnvVar, EnvVarSource, HTTPGetAction,
-    KeyToPath, ObjectFieldSelector, PersistentVolumeClaim, PersistentVolumeClaimSpec,
-    PodAffinityTerm, PodAntiAffinity, PodSecurityContext, PodSpec, PodTemplateSpec, Probe,
-    ResourceRequirements, SecretKeySelector, SecretVolumeSource, Volume, VolumeMount,
-    VolumeResourceRequirements, WeightedPodAffinityTerm,
+    KeyToPath, NodeAffinity, NodeSelector, NodeSelectorRequirement, NodeSelectorTerm,
+    ObjectFieldSelector, PersistentVolumeClaim, PersistentVolumeClaimSpec, PodAffinityTerm,
+    PodAntiAffinity, PodSecurityContext, PodSpec, PodTemplateSpec, Probe, ResourceRequirements,
+    SecretKeySelector, SecretVolumeSource, Volume, VolumeMount, VolumeResourceRequirements,
+    WeightedPodAffinityTerm,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
@@ -25,9 +26,13 @@ use super::credentials::Role;
 use super::patroni;
 use super::pgconfig::{self, CONFIG_DIR, TLS_DIR};
 use crate::meta::{
-    hash_of, CONFIG_HASH, EXPORTER_PORT, PG_PORT, REPLICA_POOL_LABEL, WORKER_GROUP_LABEL,
+    hash_of, CLUSTER_LABEL, CONFIG_HASH, EXPORTER_PORT, PG_PORT, REPLICA_POOL_LABEL,
+    WORKER_GROUP_LABEL,
 };
 use crate::validated::Validated;
+
+/// The node label naming a node's topology zone (`spec.clusters[].placement.zones`).
+pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
 
 /// Which PostgreSQL workload.
 #[derive(Clone, Debug, PartialEq)]
@@ -54,12 +59,13 @@ pub enum PgRole<'a> {
 impl PgRole<'_> {
     /// StatefulSet name (also the client Service name).
     pub fn name(&self, v: &Validated) -> String {
+        let prefix = v.cluster_prefix();
         match self {
-            PgRole::Coordinator => v.owner.child("coordinator"),
-            PgRole::Worker { group, .. } => v.owner.child(&format!("worker-{group}")),
-            PgRole::Replica { purpose, .. } => {
-                v.owner.child(&format!("replica-{}", purpose.as_str()))
-            }
+            PgRole::Coordinator => v.owner.child(&format!("{prefix}coordinator")),
+            PgRole::Worker { group, .. } => v.owner.child(&format!("{prefix}worker-{group}")),
+            PgRole::Replica { purpose, .. } => v
+                .owner
+                .child(&format!("{prefix}replica-{}", purpose.as_str())),
         }
     }
 
@@ -95,6 +101,22 @@ impl PgRole<'_> {
             PgRole::Replica { purpose, .. } => {
                 labels.insert(REPLICA_POOL_LABEL.into(), purpose.as_str().into());
             }
+        }
+        // The home cluster's pods keep the labels they had before the store had
+        // clusters (no restart, and its StatefulSets' selectors cannot change).
+        if let Some(c) = v.cluster.as_ref().and_then(|c| c.infix()) {
+            labels.insert(CLUSTER_LABEL.into(), c.into());
+        }
+        labels
+    }
+
+    /// What the workload's Services and PodDisruptionBudget select: its labels, and
+    /// with clusters also its Patroni group, which sets the home cluster's pods
+    /// apart from the other clusters' (which carry [`CLUSTER_LABEL`]).
+    pub fn selector(&self, v: &Validated) -> BTreeMap<String, String> {
+        let mut labels = self.labels(v);
+        if v.cluster.is_some() {
+            labels.insert(patroni::GROUP_LABEL.into(), patroni::group(v, self));
         }
         labels
     }
@@ -352,7 +374,26 @@ pub fn statefulset(v: &Validated, role: &PgRole<'_>) -> StatefulSet {
         ..Container::default()
     };
 
+    let placement = v
+        .cluster
+        .as_ref()
+        .map(|c| c.placement.clone())
+        .unwrap_or_default();
+    let node_affinity = (!placement.zones.is_empty()).then(|| NodeAffinity {
+        required_during_scheduling_ignored_during_execution: Some(NodeSelector {
+            node_selector_terms: vec![NodeSelectorTerm {
+                match_expressions: Some(vec![NodeSelectorRequirement {
+                    key: ZONE_LABEL.into(),
+                    operator: "In".into(),
+                    values: Some(placement.zones.clone()),
+                }]),
+                ..NodeSelectorTerm::default()
+            }],
+        }),
+        ..NodeAffinity::default()
+    });
     let anti_affinity = Affinity {
+        node_affinity,
         pod_anti_affinity: Some(PodAntiAffinity {
             preferred_during_scheduling_ignored_during_execution: Some(vec![
                 WeightedPodAffinityTerm {
@@ -410,6 +451,10 @@ pub fn statefulset(v: &Validated, role: &PgRole<'_>) -> StatefulSet {
                 }),
                 spec: Some(PodSpec {
                     affinity: Some(anti_affinity),
+                    node_selector: (!placement.node_selector.is_empty())
+                        .then(|| placement.node_selector.clone()),
+                    tolerations: (!placement.tolerations.is_empty())
+                        .then(|| placement.tolerations.clone()),
                     security_context: Some(PodSecurityContext {
                         run_as_user: Some(999),
                         run_as_group: Some(999),

@@ -44,11 +44,11 @@ pub(super) fn component_service(
 pub fn headless_service(v: &Validated, role: &PgRole<'_>) -> Service {
     let labels = role.labels(v);
     Service {
-        metadata: v.owner.object_meta(&role.headless_name(v), labels.clone()),
+        metadata: v.owner.object_meta(&role.headless_name(v), labels),
         spec: Some(ServiceSpec {
             cluster_ip: Some("None".into()),
             publish_not_ready_addresses: Some(true),
-            selector: Some(labels),
+            selector: Some(role.selector(v)),
             ports: Some(vec![port("postgres", PG_PORT)]),
             ..ServiceSpec::default()
         }),
@@ -68,7 +68,7 @@ pub fn client_service(v: &Validated, role: &PgRole<'_>) -> Service {
         // The leader may be a coordinator pod or, after a failover, an `ai` pool
         // member: select the cluster, not the StatefulSet.
         PgRole::Coordinator => patroni::group_labels(v, role),
-        PgRole::Worker { .. } | PgRole::Replica { .. } => labels.clone(),
+        PgRole::Worker { .. } | PgRole::Replica { .. } => role.selector(v),
     };
     let wanted = match role {
         PgRole::Replica { .. } => patroni::REPLICA,

@@ -18,6 +18,7 @@
 
 pub mod backup;
 pub mod bootstrap;
+pub mod clusters;
 pub mod credentials;
 pub mod distribute;
 pub mod keys;
@@ -180,6 +181,9 @@ reasons! {
     KeysCurrent,
     /// The user count calls for a tier the spec cannot run (promotion).
     PromotionBlocked,
+    /// A cluster of a tier-4 store other than home is not ready: its workloads, or
+    /// its bootstrap, migrate or distribute step (clusters).
+    ClusterNotReady,
     /// A workload's volume claim is Pending (status, Warning Event).
     VolumeClaimPending,
     /// A workload's pod cannot be scheduled (status, Warning Event).
@@ -315,6 +319,8 @@ pub struct Reached {
     /// The stats views' refreshes, when the probe after migrate read them (empty
     /// when no refresh is scheduled); `None` keeps the last ones.
     pub stats_views: Option<Vec<umstore_crds::StatsViewStatus>>,
+    /// The clusters of a tier-4 store with `spec.clusters` (empty otherwise).
+    pub clusters: Vec<umstore_crds::ClusterStatus>,
 }
 
 impl Reached {

@@ -4,7 +4,9 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
-use umstore_crds::{condition, ComponentStatus, Endpoints, Phase, UserMetadataStoreStatus};
+use umstore_crds::{
+    condition, ClusterStatus, ComponentStatus, Endpoints, Phase, UserMetadataStoreStatus,
+};
 
 use crate::apply::Observed;
 use crate::builders::credentials::{read_write_endpoint, Role};
@@ -69,6 +71,54 @@ pub fn endpoints(v: &Validated) -> Endpoints {
             })
             .collect(),
     }
+}
+
+/// Each cluster of a store with `spec.clusters`, home first: whether its
+/// database workloads are ready (and why not), the regions it holds and its
+/// endpoints.
+pub fn clusters(v: &Validated, components: &[ComponentStatus]) -> Vec<ClusterStatus> {
+    crate::builders::clusters::layout(v)
+        .into_iter()
+        .zip(&v.clusters)
+        .map(|(layout, cluster)| {
+            let view = v.for_cluster(cluster);
+            let prefix = view.owner.child(&view.cluster_prefix());
+            // The cluster's database workloads: `<store>-<prefix>{coordinator,worker-*,replica-*}`.
+            let ours = |name: &str| {
+                name.strip_prefix(&prefix).is_some_and(|rest| {
+                    rest == "coordinator"
+                        || view
+                            .spec
+                            .worker_groups
+                            .iter()
+                            .any(|g| rest == format!("worker-{}", g.name))
+                        || rest.starts_with("replica-")
+                })
+            };
+            let mine: Vec<&ComponentStatus> = components.iter().filter(|c| ours(&c.name)).collect();
+            let waiting = mine.iter().find(|c| !c.ready);
+            ClusterStatus {
+                name: cluster.name.clone(),
+                home: cluster.home,
+                ready: !mine.is_empty() && waiting.is_none(),
+                message: waiting.map(|c| match &c.message {
+                    Some(cause) => {
+                        format!("{} {}/{} ({cause})", c.name, c.ready_replicas, c.replicas)
+                    }
+                    None => format!("{} {}/{}", c.name, c.ready_replicas, c.replicas),
+                }),
+                regions: layout.regions,
+                read_write: layout.primary.display(),
+                replica_pools: layout
+                    .replicas
+                    .into_iter()
+                    .map(|(purpose, e)| (purpose, e.display()))
+                    .collect(),
+                schema_version: None,
+                max_lag_bytes: None,
+            }
+        })
+        .collect()
 }
 
 /// The workloads not ready yet, as `name ready/desired`.
@@ -281,6 +331,7 @@ pub fn compute(
         groups: r.groups.clone(),
         switchover: r.switchover.clone(),
         endpoints: Some(r.endpoints.clone()),
+        clusters: r.clusters.clone(),
         schema_version: r.schema_version.or(old.schema_version),
         replica_lag: r
             .replica_lag

@@ -11,7 +11,7 @@ pub mod causes;
 mod compute;
 pub mod groups;
 
-pub use compute::{components, compute, endpoints, merge_conditions};
+pub use compute::{clusters, components, compute, endpoints, merge_conditions};
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::api::{Api, ApiResource, DynamicObject, Patch, PatchParams};

@@ -1,0 +1,72 @@
+//! The database steps on the clusters other than home (tier 4 with
+//! `spec.clusters`): bootstrap (roles and database), migrate and distribute, each
+//! as it runs on the home cluster, with the cluster's own coordinator and worker
+//! groups. A cluster that is not there yet does not hold the others back: its
+//! status says where it stopped, and the store is not Ready until every cluster is.
+
+use umstore_crds::ClusterStatus;
+
+use super::{bootstrap, distribute, migrate, topology::Provisioned, Journal, Outcome};
+use crate::apply::Observed;
+use crate::builders::credentials::Credentials;
+use crate::builders::postgres::PgRole;
+use crate::context::Context;
+use crate::error::Error;
+use crate::validated::Validated;
+
+/// Runs the steps on every cluster but home and records in `statuses` (from
+/// [`super::status::clusters`]) each cluster's schema version and, when a step
+/// did not finish, why.
+pub async fn run(
+    ctx: &Context,
+    v: &Validated,
+    credentials: &Credentials,
+    observed: &Observed,
+    approval: Option<&str>,
+    statuses: &mut [ClusterStatus],
+    journal: &mut Journal,
+) -> Result<(), Error> {
+    for cluster in v.clusters.iter().filter(|c| !c.home) {
+        let Some(status) = statuses.iter_mut().find(|s| s.name == cluster.name) else {
+            continue;
+        };
+        let view = v.for_cluster(cluster);
+        let coordinator = PgRole::Coordinator.name(&view);
+        let provisioned = Provisioned {
+            objects: 0,
+            coordinator_ready: status.ready,
+            coordinator,
+        };
+        let not_done = |status: &mut ClusterStatus, step: &str, message: String| {
+            status.ready = false;
+            if status.message.is_none() {
+                status.message = Some(format!("{step}: {message}"));
+            }
+        };
+        let bootstrapped =
+            match bootstrap::run(ctx, &view, credentials, &provisioned, journal).await? {
+                Outcome::Done(b) => b,
+                Outcome::Waiting(w) => {
+                    not_done(status, "bootstrap", w.message);
+                    continue;
+                }
+            };
+        let migrated = migrate::run(&view, bootstrapped, approval, journal).await?;
+        let schema = match migrated.outcome {
+            Ok(current) => current,
+            Err(held) => {
+                status.schema_version = held.applied_version;
+                not_done(status, "migrate", held.waiting.message);
+                continue;
+            }
+        };
+        status.schema_version = Some(schema.version);
+        if view.citus() {
+            let report = distribute::run(&view, &schema.admin, observed, journal).await?;
+            if let Outcome::Waiting(w) = report.outcome {
+                not_done(status, "distribute", w.message);
+            }
+        }
+    }
+    Ok(())
+}
