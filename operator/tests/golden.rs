@@ -647,3 +647,58 @@ fn tier4_clusters_each_run_their_own_citus_in_their_zones_and_select_only_their_
     t3.insert("app.kubernetes.io/instance".into(), "nationwide".into());
     assert_eq!(t3, t4, "the home coordinator's selector is the tier-3 one");
 }
+
+#[test]
+fn tier4_data_plane_gets_a_cluster_layout_it_accepts_with_each_region_in_its_cluster() {
+    let tier4 = objects(4);
+    let deployment = tier4
+        .iter()
+        .find_map(|o| match o {
+            Object::Deployment(d)
+                if d.metadata.name.as_deref() == Some("nationwide-data-plane") =>
+            {
+                Some(d)
+            }
+            _ => None,
+        })
+        .expect("the data plane");
+    let pod = deployment.spec.template.spec.as_ref().expect("pod spec");
+    let value = pod.containers[0]
+        .env
+        .iter()
+        .flatten()
+        .find(|e| e.name == "UMSTORE_CLUSTERS")
+        .and_then(|e| e.value.clone())
+        .expect("UMSTORE_CLUSTERS");
+    // The data plane's own parser: the contract between the two.
+    let layout = umstore_data_plane::clusters::Layout::parse(&value).expect("the layout parses");
+    assert!(layout.is_multi());
+    let names: Vec<&str> = layout.clusters().iter().map(|c| c.name.as_str()).collect();
+    assert_eq!(names, ["north", "west", "south", "east"], "home first");
+    let south = layout.index_of("south").expect("south");
+    assert_eq!(layout.cluster_of("KA"), Some(south));
+    assert_eq!(layout.cluster_of("DL"), Some(0));
+    let c = &layout.clusters()[south];
+    assert_eq!(c.primary.host, "nationwide-pgbouncer.umstore.svc");
+    assert_eq!(c.primary.dbname.as_deref(), Some("umstore_south"));
+    assert!(c
+        .replicas
+        .values()
+        .all(|e| e.host.starts_with("nationwide-south-replica-")));
+    // Every region of the store in exactly one cluster.
+    assert_eq!(
+        layout
+            .clusters()
+            .iter()
+            .map(|c| c.regions.len())
+            .sum::<usize>(),
+        36
+    );
+    // Below tier 4 (and at tier 4 without clusters) nothing is added.
+    for tier in 1..=3 {
+        assert!(
+            !render(&objects(tier)).contains("UMSTORE_CLUSTERS"),
+            "tier {tier}"
+        );
+    }
+}
