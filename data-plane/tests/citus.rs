@@ -65,6 +65,20 @@ async fn seed_writes_and_one_user_reads_work_on_a_distributed_store_one_shard_ea
     citus::distribute(&admin, |_, _, _| {})
         .await
         .expect("distribute");
+    // The routing index of a store with several clusters (migration 0012):
+    // by user id, colocated with the directory.
+    let colocated: bool = admin
+        .query_one(
+            "SELECT r.partmethod = 'h' AND r.colocationid = d.colocationid
+             FROM pg_dist_partition r, pg_dist_partition d
+             WHERE r.logicalrelid = 'umstore.user_routes'::regclass
+               AND d.logicalrelid = 'umstore.user_directory'::regclass",
+            &[],
+        )
+        .await
+        .expect("user_routes distributed")
+        .get(0);
+    assert!(colocated, "user_routes is distributed with user_directory");
     let workers: Vec<i32> = citus::nodes(&admin)
         .await
         .expect("nodes")

@@ -329,6 +329,27 @@ async fn two_clusters_route_every_read_and_write_by_region() {
     assert_eq!(status, 422, "{body}");
     assert!(body.contains("lives in region KA"), "{body}");
     assert_eq!(rows(&home_db, in_south).await[..2], [0, 0]);
+    // A user without a route, in south: created again in home's AP, they are
+    // found in south's directory, routed there, and the event refused.
+    let unrouted = Uuid::new_v4();
+    api.send(json!(created_in(unrouted, "KL", None)));
+    home_db
+        .execute(
+            "DELETE FROM umstore.user_routes WHERE user_id = $1",
+            &[&unrouted],
+        )
+        .await
+        .expect("drop the route");
+    let (status, body) = http_post(
+        api.port,
+        "/api/v1/events",
+        Some(&api.token(Purpose::Writer)),
+        &created_in(unrouted, "TS", None).to_string(),
+    );
+    assert_eq!(status, 422, "{body}");
+    assert!(body.contains("lives in region KL"), "{body}");
+    assert_eq!(rows(&home_db, unrouted).await, [0, 0, 0, 1]);
+    assert_eq!(rows(&south_db, unrouted).await[..2], [1, 1]);
 
     // Stats: 6 urban users in each cluster make a group of 12 (shown with a
     // threshold of 10); 6 rural users in south alone are left out, although
@@ -381,7 +402,7 @@ async fn two_clusters_route_every_read_and_write_by_region() {
         "/api/v1/user-metadata/query?gender=female&limit=500",
     );
     assert_eq!(a.status, 200, "{}", a.body);
-    assert_eq!(a.json()["users"].as_array().map(Vec::len), Some(21));
+    assert_eq!(a.json()["users"].as_array().map(Vec::len), Some(22));
 
     // Erasure reaches the user's cluster.
     let data_dir = api.dir.path().display().to_string();

@@ -311,12 +311,13 @@ fn record_body(
     security(("bearer" = [])),
     params(
         ("user_id" = Uuid, Path, description = "The user's id (a UUID, hyphenated)"),
-        ("X-Min-Lsn" = Option<String>, Header, description = "Read at least this WAL position (the `lsn` a write returned)"),
+        ("X-Min-Lsn" = Option<String>, Header, description = "Read at least this WAL position (the `lsn` a write returned; with several clusters, cluster:position pairs)"),
         ("as_of" = Option<String>, Query, description = "An RFC 3339 time: the user as they were then"),
     ),
     responses(
         (status = 200, description = "The user now, or as of a time", body = UserMetadata,
          headers(("X-Served-By" = String, description = "primary, replica, or cache (the process's read cache)"),
+                 ("X-Cluster" = String, description = "With several clusters: the cluster that holds the user"),
                  ("X-Read-Cache" = String, description = "With the read cache on: hit, miss or bypass"),
                  ("X-Schema-Version" = u32, description = "The schema version"))),
         UserReadErrors,
@@ -556,11 +557,12 @@ fn cached_tagged(state: &AppState, entry: &Entry) -> Result<Response, ApiError> 
     security(("bearer" = [])),
     params(
         ("user_id" = Uuid, Path, description = "The user's id (a UUID, hyphenated)"),
-        ("X-Min-Lsn" = Option<String>, Header, description = "Read at least this WAL position (the `lsn` a write returned)"),
+        ("X-Min-Lsn" = Option<String>, Header, description = "Read at least this WAL position (the `lsn` a write returned; with several clusters, cluster:position pairs)"),
     ),
     responses(
         (status = 200, description = "Derived attributes", body = DerivedBody,
          headers(("X-Served-By" = String, description = "primary or replica"),
+                 ("X-Cluster" = String, description = "With several clusters: the cluster that holds the user"),
                  ("X-Schema-Version" = u32, description = "The schema version"))),
         UserReadErrors,
     )
@@ -606,11 +608,12 @@ pub async fn derived(
     security(("bearer" = [])),
     params(
         ("user_id" = Uuid, Path, description = "The user's id (a UUID, hyphenated)"),
-        ("X-Min-Lsn" = Option<String>, Header, description = "Read at least this WAL position (the `lsn` a write returned)"),
+        ("X-Min-Lsn" = Option<String>, Header, description = "Read at least this WAL position (the `lsn` a write returned; with several clusters, cluster:position pairs)"),
     ),
     responses(
         (status = 200, description = "Risk scores", body = RiskScoresBody,
          headers(("X-Served-By" = String, description = "primary or replica"),
+                 ("X-Cluster" = String, description = "With several clusters: the cluster that holds the user"),
                  ("X-Schema-Version" = u32, description = "The schema version"))),
         UserReadErrors,
     )
@@ -657,12 +660,13 @@ pub async fn risk_scores(
     security(("bearer" = [])),
     params(
         ("user_id" = Uuid, Path, description = "The user's id (a UUID, hyphenated)"),
-        ("X-Min-Lsn" = Option<String>, Header, description = "Read at least this WAL position (the `lsn` a write returned)"),
+        ("X-Min-Lsn" = Option<String>, Header, description = "Read at least this WAL position (the `lsn` a write returned; with several clusters, cluster:position pairs)"),
         ("scheme_id" = Option<String>, Query, description = "Only this scheme"),
     ),
     responses(
         (status = 200, description = "Unexpired eligibility results", body = EligibilityBody,
          headers(("X-Served-By" = String, description = "primary or replica"),
+                 ("X-Cluster" = String, description = "With several clusters: the cluster that holds the user"),
                  ("X-Schema-Version" = u32, description = "The schema version"))),
         UserReadErrors,
     )
@@ -724,13 +728,14 @@ pub async fn eligibility(
     security(("bearer" = [])),
     params(
         ("user_id" = Uuid, Path, description = "The user's id (a UUID, hyphenated)"),
-        ("X-Min-Lsn" = Option<String>, Header, description = "Read at least this WAL position (the `lsn` a write returned)"),
+        ("X-Min-Lsn" = Option<String>, Header, description = "Read at least this WAL position (the `lsn` a write returned; with several clusters, cluster:position pairs)"),
         ("limit" = Option<u32>, Query, description = "Changes per page, 1 to 500 (default 50)"),
         ("cursor" = Option<String>, Query, description = "A previous page's next_cursor"),
     ),
     responses(
         (status = 200, description = "A page of changes, newest first", body = HistoryBody,
          headers(("X-Served-By" = String, description = "primary or replica"),
+                 ("X-Cluster" = String, description = "With several clusters: the cluster that holds the user"),
                  ("X-Schema-Version" = u32, description = "The schema version"))),
         UserReadErrors,
     )

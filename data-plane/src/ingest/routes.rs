@@ -25,9 +25,6 @@ const INSERT_ROUTE: &str = "INSERT INTO umstore.user_routes (user_id, region)
      VALUES ($1, $2::text::bpchar) ON CONFLICT (user_id) DO NOTHING RETURNING region::text";
 /// The route a user has.
 const SELECT_ROUTE: &str = "SELECT region::text FROM umstore.user_routes WHERE user_id = $1";
-/// Puts a route right (the user was found in another cluster's directory).
-const FIX_ROUTE: &str =
-    "UPDATE umstore.user_routes SET region = $2::text::bpchar WHERE user_id = $1";
 /// Whether a cluster's directory lists the user, and in which region.
 const SELECT_DIRECTORY: &str = "SELECT region::text FROM umstore.user_directory WHERE user_id = $1";
 
@@ -87,9 +84,11 @@ impl WriteClusters {
 
     /// Puts `event.user_id → event.region` in home's routes (idempotent). A
     /// user routed to another region is refused as the cluster's directory
-    /// would refuse them. A route just made is checked against the other
-    /// clusters' directories (a user written before the store had clusters
-    /// has no route): a user is never in two clusters' directories.
+    /// would refuse them. A user without a route is first looked for in the
+    /// other clusters' directories (a user written before the store had
+    /// clusters has none): found there, their route is written as it is and
+    /// the event refused, so a user is never in two clusters' directories and
+    /// no route ever names a wrong region.
     async fn route(
         &self,
         event: &Event,
@@ -103,22 +102,17 @@ impl WriteClusters {
         if let Some(m) = metrics {
             m.cluster_query(&self.layout.clusters()[0].name);
         }
-        let inserted = home
-            .query_opt(INSERT_ROUTE, &[&user_id, &region])
+        let routed: Option<String> = home
+            .query_opt(SELECT_ROUTE, &[&user_id])
             .await
-            .map_err(transient("writing the user's route"))?
-            .is_some();
-        if !inserted {
-            let routed: Option<String> = home
-                .query_opt(SELECT_ROUTE, &[&user_id])
-                .await
-                .map_err(transient("reading the user's route"))?
-                .map(|r| r.get(0));
-            return match routed {
-                Some(r) if r != region => Err(lives_elsewhere(user_id, &r, region)),
-                _ => Ok(()),
-            };
+            .map_err(transient("reading the user's route"))?
+            .map(|r| r.get(0));
+        match routed {
+            Some(r) if r == region => return Ok(()),
+            Some(r) => return Err(lives_elsewhere(user_id, &r, region)),
+            None => {}
         }
+        let mut lives = region.to_owned();
         for (other, pool) in self.pools.iter().enumerate() {
             if other == index {
                 continue;
@@ -127,17 +121,36 @@ impl WriteClusters {
                 .get()
                 .await
                 .map_err(|e| ApplyError::Transient(format!("no connection to a cluster: {e}")))?;
+            if let Some(m) = metrics {
+                m.cluster_query(&self.layout.clusters()[other].name);
+            }
             let listed: Option<String> = client
                 .query_opt(SELECT_DIRECTORY, &[&user_id])
                 .await
                 .map_err(transient("looking the user up in another cluster"))?
                 .map(|r| r.get(0));
             if let Some(r) = listed {
-                home.execute(FIX_ROUTE, &[&user_id, &r])
-                    .await
-                    .map_err(transient("putting the user's route right"))?;
-                return Err(lives_elsewhere(user_id, &r, region));
+                lives = r;
+                break;
             }
+        }
+        let inserted: Option<String> = home
+            .query_opt(INSERT_ROUTE, &[&user_id, &lives])
+            .await
+            .map_err(transient("writing the user's route"))?
+            .map(|r| r.get(0));
+        // Written by a concurrent event for the same user: that route counts.
+        let routed = match inserted {
+            Some(r) => r,
+            None => home
+                .query_opt(SELECT_ROUTE, &[&user_id])
+                .await
+                .map_err(transient("reading the user's route"))?
+                .map(|r| r.get(0))
+                .unwrap_or_else(|| lives.clone()),
+        };
+        if routed != region {
+            return Err(lives_elsewhere(user_id, &routed, region));
         }
         Ok(())
     }
