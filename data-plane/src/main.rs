@@ -42,6 +42,17 @@ struct Cli {
     #[arg(long, env = "UMSTORE_CLUSTERS", global = true)]
     clusters: Option<String>,
 
+    /// The regions the store serves, comma-separated (the operator sets
+    /// UMSTORE_REGIONS): with --clusters, every one must be in exactly one
+    /// cluster and no cluster may hold another.
+    #[arg(
+        long = "store-regions",
+        env = "UMSTORE_REGIONS",
+        global = true,
+        value_delimiter = ','
+    )]
+    store_regions: Option<Vec<String>>,
+
     /// Directory for the embedded PostgreSQL cluster and the local key file
     /// [default: /var/lib/umstore as root, else ~/.local/share/umstore].
     #[arg(long, env = "UMSTORE_DATA_DIR", global = true)]
@@ -103,6 +114,14 @@ async fn main() -> Result<()> {
         .filter(Layout::is_multi)
         .map(Arc::new);
     if let Some(layout) = &layout {
+        if let Some(regions) = &cli.store_regions {
+            let regions: Vec<String> = regions
+                .iter()
+                .map(|r| r.trim().to_owned())
+                .filter(|r| !r.is_empty())
+                .collect();
+            layout.require_regions(&regions)?;
+        }
         if cli.database_url.is_none() {
             anyhow::bail!(
                 "--clusters (UMSTORE_CLUSTERS) names several clusters: give --database-url \

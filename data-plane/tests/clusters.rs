@@ -85,8 +85,15 @@ impl Api {
         }
         let clusters = layout(home, south);
         let log = std::fs::File::create(dir.path().join("serve.log")).expect("log");
-        let served =
-            Served::start_logging_env(&args, log, &[("UMSTORE_CLUSTERS", clusters.as_str())]);
+        let served = Served::start_logging_env(
+            &args,
+            log,
+            &[
+                ("UMSTORE_CLUSTERS", clusters.as_str()),
+                // As the operator sets it: every region in exactly one cluster.
+                ("UMSTORE_REGIONS", "AP,TS,KA,KL"),
+            ],
+        );
         let ready = wait_for(port, "/readyz", Duration::from_secs(60), |s, _| s == 200);
         let api = Self {
             served: Some(served),
@@ -482,6 +489,24 @@ fn bad_layouts_stop_the_process_with_what_to_fix() {
         assert!(err.contains("UMSTORE_CLUSTERS"), "{err}");
         assert!(!err.contains("pw-not-shown"));
     }
+    // The store's regions (the operator's UMSTORE_REGIONS) each in a cluster.
+    let out = std::process::Command::new(BIN)
+        .args([
+            "stats",
+            "refresh",
+            "--database-url",
+            "postgres://w@127.0.0.1:1/x",
+        ])
+        .env("UMSTORE_CLUSTERS", two_local())
+        .env("UMSTORE_REGIONS", "AP,KA,DL")
+        .output()
+        .expect("run");
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("the store's region(s) DL are in no cluster"),
+        "{}",
+        stderr(&out)
+    );
     // Several clusters need a database URL to move onto them.
     let out = cli(&["--clusters", &two_local(), "stats", "refresh"]);
     assert!(!out.status.success());

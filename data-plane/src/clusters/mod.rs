@@ -186,6 +186,35 @@ impl Layout {
         })
     }
 
+    /// Checks the layout against the regions the store serves (the
+    /// operator's `UMSTORE_REGIONS`): every region of a cluster is one of
+    /// them, and every one of them is in a cluster.
+    pub fn require_regions(&self, store: &[String]) -> Result<(), LayoutError> {
+        for c in &self.clusters {
+            if let Some(r) = c.regions.iter().find(|r| !store.contains(r)) {
+                return Err(LayoutError(format!(
+                    "region {r} of cluster {:?} is not one of the store's regions ({}): \
+                     remove it from the cluster, or add it to the store's regions",
+                    c.name,
+                    store.join(" ")
+                )));
+            }
+        }
+        let missing: Vec<&str> = store
+            .iter()
+            .filter(|r| !self.by_region.contains_key(*r))
+            .map(String::as_str)
+            .collect();
+        if !missing.is_empty() {
+            return Err(LayoutError(format!(
+                "the store's region(s) {} are in no cluster: every region lives in exactly one \
+                 cluster; add each to the cluster that holds its data",
+                missing.join(" ")
+            )));
+        }
+        Ok(())
+    }
+
     /// Whether the store has more than one cluster (else: today's single
     /// database, the URLs as given).
     pub fn is_multi(&self) -> bool {
@@ -321,6 +350,29 @@ mod tests {
         assert!(e.contains("a-z"), "{e}");
         let e = refused(r#"[{"name":"a","primary":{"host":"h","port":1},"extra":1}]"#);
         assert!(e.contains("unknown field"), "{e}");
+    }
+
+    #[test]
+    fn the_layout_covers_exactly_the_stores_regions() {
+        let layout = Layout::parse(TWO).expect("parses");
+        let store = |r: &[&str]| r.iter().map(|r| (*r).to_owned()).collect::<Vec<_>>();
+        assert_eq!(
+            layout.require_regions(&store(&["AP", "TS", "KA", "KL"])),
+            Ok(())
+        );
+        let e = layout
+            .require_regions(&store(&["AP", "TS", "KA", "KL", "DL", "GA"]))
+            .expect_err("DL and GA in no cluster")
+            .to_string();
+        assert!(e.contains("DL GA are in no cluster"), "{e}");
+        let e = layout
+            .require_regions(&store(&["AP", "TS", "KA"]))
+            .expect_err("KL is not served")
+            .to_string();
+        assert!(
+            e.contains("region KL of cluster \"south\" is not one of the store's regions"),
+            "{e}"
+        );
     }
 
     #[test]
