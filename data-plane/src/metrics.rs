@@ -83,6 +83,15 @@ pub struct ClusterLabels {
     pub cluster: String,
 }
 
+/// A read purpose's replica pool in one cluster of a store with several.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ClusterReplicaLabels {
+    /// The cluster's name.
+    pub cluster: String,
+    /// The purpose's slug.
+    pub purpose: &'static str,
+}
+
 fn read_histogram() -> Histogram {
     // 0.1 ms to about 3 s.
     Histogram::new(exponential_buckets(0.000_1, 2.0, 16))
@@ -91,6 +100,14 @@ fn read_histogram() -> Histogram {
 fn read_histogram_wide() -> Histogram {
     // 1 ms to about 2.3 hours (an entry lives at most its TTL).
     Histogram::new(exponential_buckets(0.001, 2.0, 24))
+}
+
+fn lag_seconds(up: bool, lag: std::time::Duration) -> f64 {
+    if up && lag != std::time::Duration::MAX {
+        lag.as_secs_f64()
+    } else {
+        f64::INFINITY
+    }
 }
 
 /// Every metric the data plane exports.
@@ -148,6 +165,12 @@ pub struct Metrics {
     pub route_fallbacks: Family<CacheLabels, Counter>,
     /// Queries sent to each cluster by reads and writes.
     pub cluster_queries: Family<ClusterLabels, Counter>,
+    /// [`Self::replica_up`] per cluster of a store with several.
+    pub cluster_replica_up: Family<ClusterReplicaLabels, Gauge>,
+    /// [`Self::replica_lag_seconds`] per cluster of a store with several.
+    pub cluster_replica_lag_seconds: Family<ClusterReplicaLabels, Gauge<f64, AtomicU64>>,
+    /// [`Self::replica_lag_bytes`] per cluster of a store with several.
+    pub cluster_replica_lag_bytes: Family<ClusterReplicaLabels, Gauge>,
     registry: Registry,
     /// 1 while a database connection is up.
     pub db_connected: Gauge,
@@ -362,7 +385,29 @@ impl Metrics {
             "Requests sent to each cluster of a store with several clusters",
             cluster_queries.clone(),
         );
+        let cluster_replica_up = Family::<ClusterReplicaLabels, Gauge>::default();
+        registry.register(
+            "cluster_replica_up",
+            "1 while the purpose's read replica in the cluster answers as a standby (several clusters)",
+            cluster_replica_up.clone(),
+        );
+        let cluster_replica_lag_seconds =
+            Family::<ClusterReplicaLabels, Gauge<f64, AtomicU64>>::default();
+        registry.register(
+            "cluster_replica_lag_seconds",
+            "How far the purpose's read replica in the cluster is behind its primary (several clusters)",
+            cluster_replica_lag_seconds.clone(),
+        );
+        let cluster_replica_lag_bytes = Family::<ClusterReplicaLabels, Gauge>::default();
+        registry.register(
+            "cluster_replica_lag_bytes",
+            "WAL bytes the purpose's read replica in the cluster has not replayed (several clusters)",
+            cluster_replica_lag_bytes.clone(),
+        );
         Self {
+            cluster_replica_up,
+            cluster_replica_lag_seconds,
+            cluster_replica_lag_bytes,
             route_cache_lookups,
             route_fallbacks,
             cluster_queries,
@@ -416,14 +461,37 @@ impl Metrics {
     ) {
         let labels = PurposeLabels { purpose };
         self.replica_up.get_or_create(&labels).set(i64::from(up));
-        let seconds = if up && lag != std::time::Duration::MAX {
-            lag.as_secs_f64()
-        } else {
-            f64::INFINITY
-        };
-        self.replica_lag_seconds.get_or_create(&labels).set(seconds);
+        self.replica_lag_seconds
+            .get_or_create(&labels)
+            .set(lag_seconds(up, lag));
         if up {
             self.replica_lag_bytes
+                .get_or_create(&labels)
+                .set(i64::try_from(lag_bytes).unwrap_or(i64::MAX));
+        }
+    }
+
+    /// Records a probe of `purpose`'s replica in `cluster` (several clusters).
+    pub fn cluster_replica(
+        &self,
+        cluster: &str,
+        purpose: &'static str,
+        up: bool,
+        lag: std::time::Duration,
+        lag_bytes: u64,
+    ) {
+        let labels = ClusterReplicaLabels {
+            cluster: cluster.to_owned(),
+            purpose,
+        };
+        self.cluster_replica_up
+            .get_or_create(&labels)
+            .set(i64::from(up));
+        self.cluster_replica_lag_seconds
+            .get_or_create(&labels)
+            .set(lag_seconds(up, lag));
+        if up {
+            self.cluster_replica_lag_bytes
                 .get_or_create(&labels)
                 .set(i64::try_from(lag_bytes).unwrap_or(i64::MAX));
         }

@@ -23,13 +23,14 @@ use tokio_postgres::Client;
 use umstore_migrations::roles::Purpose;
 use uuid::Uuid;
 
-/// The layout: home first.
-fn layout(home: &Store, south: &Store) -> String {
+/// The layout: home first; south's AI core reads its streaming replica.
+fn layout(home: &Store, south: &Store, south_replica: u16) -> String {
     json!([
         {"name": "home", "regions": ["AP", "TS"],
          "primary": {"host": "127.0.0.1", "port": home.port(), "dbname": home.name}},
         {"name": "south", "regions": ["KA", "KL"],
-         "primary": {"host": "127.0.0.1", "port": south.port(), "dbname": south.name}},
+         "primary": {"host": "127.0.0.1", "port": south.port(), "dbname": south.name},
+         "replicas": {"ai": {"host": "127.0.0.1", "port": south_replica, "dbname": south.name}}},
     ])
     .to_string()
 }
@@ -45,7 +46,7 @@ struct Api {
 impl Api {
     /// `serve` over both clusters, given home's URLs only (the layout moves
     /// them onto south).
-    async fn start(home: &Store, south: &Store) -> Self {
+    async fn start(home: &Store, south: &Store, south_replica: u16) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let port = free_port();
         let listen = format!("127.0.0.1:{port}");
@@ -83,7 +84,7 @@ impl Api {
             args.push(flag);
             args.push(url);
         }
-        let clusters = layout(home, south);
+        let clusters = layout(home, south, south_replica);
         let log = std::fs::File::create(dir.path().join("serve.log")).expect("log");
         let served = Served::start_logging_env(
             &args,
@@ -218,9 +219,11 @@ fn metric(body: &str, line_start: &str) -> f64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_clusters_route_every_read_and_write_by_region() {
     let home = Store::migrated().await;
-    let pg = umstore_e2e::Postgres::start().expect("PostgreSQL 15 (a second server)");
+    let pg = umstore_e2e::Postgres::start_with_replicas(1)
+        .expect("PostgreSQL 15 (a second server, with a streaming replica)");
     let south = Store::migrated_on(&pg).await;
-    let mut api = Api::start(&home, &south).await;
+    let replica = pg.replica(0).expect("south's replica").port();
+    let mut api = Api::start(&home, &south, replica).await;
     let home_db = connect(home.superuser()).await;
     let south_db = connect(south.superuser()).await;
 
@@ -260,6 +263,24 @@ async fn two_clusters_route_every_read_and_write_by_region() {
     }
     let a = api.get(Purpose::Ai, &format!("/api/v1/user-metadata/{in_south}"));
     assert_eq!(a.json()["pii"]["district"], "Udupi", "{}", a.body);
+    // South's AI reads go to south's replica once its probe finds it caught
+    // up; home has none, so home's AI reads stay on its primary.
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let a = api.get(Purpose::Ai, &format!("/api/v1/user-metadata/{in_south}"));
+        assert_eq!(a.status, 200, "{}", a.body);
+        if a.header("x-served-by") == Some("replica") {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "south's replica never served\n{}",
+            api.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let a = api.get(Purpose::Ai, &format!("/api/v1/user-metadata/{in_home}"));
+    assert_eq!(a.header("x-served-by"), Some("primary"));
     // Read-your-writes: the write's token is honoured against its cluster.
     let a = get_with(
         api.port,
@@ -325,6 +346,14 @@ async fn two_clusters_route_every_read_and_write_by_region() {
         ) >= 1.0
     );
     assert!(metric(&metrics, "umstore_cluster_queries_total{cluster=\"south\"}") >= 1.0);
+    assert_eq!(
+        metric(
+            &metrics,
+            "umstore_cluster_replica_up{cluster=\"south\",purpose=\"ai\"}"
+        ),
+        1.0,
+        "{metrics}"
+    );
 
     // A user routed to KA cannot be created again in AP (another cluster).
     let (status, body) = http_post(

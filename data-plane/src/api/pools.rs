@@ -287,12 +287,23 @@ impl ReadPools {
 
     /// Starts a probe per replica; they run until the returned handles are aborted.
     pub fn spawn_probes(&self, metrics: Arc<Metrics>) -> Vec<tokio::task::JoinHandle<()>> {
+        self.spawn_probes_in(metrics, None)
+    }
+
+    /// [`Self::spawn_probes`] for the pools of `cluster` (a store with several
+    /// clusters: the gauges are labelled by cluster too).
+    pub fn spawn_probes_in(
+        &self,
+        metrics: Arc<Metrics>,
+        cluster: Option<&str>,
+    ) -> Vec<tokio::task::JoinHandle<()>> {
+        let cluster = cluster.map(str::to_owned);
         self.purposes
             .iter()
             .filter_map(|(purpose, pools)| {
                 let replica = pools.replica.clone()?;
                 let primary = pools.primary.clone();
-                let (purpose, metrics) = (*purpose, metrics.clone());
+                let (purpose, metrics, cluster) = (*purpose, metrics.clone(), cluster.clone());
                 Some(tokio::spawn(async move {
                     let mut tick = tokio::time::interval(PROBE_EVERY);
                     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -300,7 +311,21 @@ impl ReadPools {
                     loop {
                         tick.tick().await;
                         let state = probe(&primary, &replica.pool).await;
-                        metrics.replica(purpose.slug(), state.up, state.lag, state.lag_bytes);
+                        match &cluster {
+                            None => metrics.replica(
+                                purpose.slug(),
+                                state.up,
+                                state.lag,
+                                state.lag_bytes,
+                            ),
+                            Some(c) => metrics.cluster_replica(
+                                c,
+                                purpose.slug(),
+                                state.up,
+                                state.lag,
+                                state.lag_bytes,
+                            ),
+                        }
                         if was_up != Some(state.up) {
                             if state.up {
                                 tracing::info!(purpose = purpose.slug(), "replica serving reads");

@@ -411,7 +411,8 @@ pub async fn run(
         (Some(layout), Some(pools)) => {
             let probes = pools
                 .iter()
-                .flat_map(|p| p.spawn_probes(metrics.clone()))
+                .zip(layout.clusters())
+                .flat_map(|(p, c)| p.spawn_probes_in(metrics.clone(), Some(&c.name)))
                 .collect();
             let routing = Routing::new(
                 layout.clone(),
