@@ -46,7 +46,7 @@ struct Api {
 impl Api {
     /// `serve` over both clusters, given home's URLs only (the layout moves
     /// them onto south).
-    async fn start(home: &Store, south: &Store, south_replica: u16) -> Self {
+    async fn start(home: &Store, south: &Store, south_replica: u16, nats: &str) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let port = free_port();
         let listen = format!("127.0.0.1:{port}");
@@ -79,6 +79,8 @@ impl Api {
             &admin,
             "--stats-min-group",
             "10",
+            "--nats-url",
+            nats,
         ];
         for (flag, url) in &urls {
             args.push(flag);
@@ -223,7 +225,8 @@ async fn two_clusters_route_every_read_and_write_by_region() {
         .expect("PostgreSQL 15 (a second server, with a streaming replica)");
     let south = Store::migrated_on(&pg).await;
     let replica = pg.replica(0).expect("south's replica").port();
-    let mut api = Api::start(&home, &south, replica).await;
+    let nats = umstore_e2e::Nats::start().expect("nats-server (apt-get install nats-server)");
+    let mut api = Api::start(&home, &south, replica, &nats.url()).await;
     let home_db = connect(home.superuser()).await;
     let south_db = connect(south.superuser()).await;
 
@@ -248,6 +251,29 @@ async fn two_clusters_route_every_read_and_write_by_region() {
     assert_eq!(rows(&home_db, in_south).await, [0, 0, 0, 1]);
     assert_eq!(rows(&home_db, in_home).await, [1, 1, 1, 1]);
     assert_eq!(rows(&south_db, in_home).await, [0, 0, 0, 0]);
+    // Each cluster's outbox is relayed to the stream.
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    for (name, db) in [("home", &home_db), ("south", &south_db)] {
+        loop {
+            let waiting: i64 = db
+                .query_one(
+                    "SELECT count(*) FROM umstore.outbox WHERE published_at IS NULL",
+                    &[],
+                )
+                .await
+                .expect("outbox")
+                .get(0);
+            if waiting == 0 {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{name}'s outbox is not relayed ({waiting} waiting)\n{}",
+                api.log()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
 
     // One-user reads: each user from their cluster, which the answer names.
     for (user, cluster, region) in [(in_south, "south", "KA"), (in_home, "home", "AP")] {
