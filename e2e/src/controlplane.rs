@@ -73,6 +73,8 @@ pub struct FakeNode {
     pub gpus: u32,
     /// CPUs, memory (a quantity) and pods it offers.
     capacity: (u32, String, u32),
+    /// Labels beyond the ones every fake node has (a topology zone, say).
+    labels: Vec<(String, String)>,
 }
 
 impl FakeNode {
@@ -82,6 +84,7 @@ impl FakeNode {
             name: name.into(),
             gpus: 0,
             capacity: (32, "256Gi".into(), 110),
+            labels: Vec::new(),
         }
     }
 
@@ -93,12 +96,20 @@ impl FakeNode {
         self
     }
 
+    /// The same node with label `key: value` (`topology.kubernetes.io/zone`, a
+    /// residency label a cluster's placement selects).
+    pub fn with_label(mut self, key: &str, value: &str) -> Self {
+        self.labels.push((key.to_string(), value.to_string()));
+        self
+    }
+
     /// A node with [`GPUS_PER_NODE`] GPUs.
     pub fn gpu(name: impl Into<String>) -> Self {
         Self {
             name: name.into(),
             gpus: GPUS_PER_NODE,
             capacity: (32, "256Gi".into(), 110),
+            labels: Vec::new(),
         }
     }
 
@@ -113,6 +124,9 @@ impl FakeNode {
             "kubernetes.io/os": "linux",
             "kubernetes.io/arch": "amd64",
         });
+        for (key, value) in &self.labels {
+            labels[key] = json!(value);
+        }
         let mut taints = json!([]);
         if self.gpus > 0 {
             resources[GPU_RESOURCE] = json!(self.gpus.to_string());

@@ -163,6 +163,29 @@ fn summary(
             .collect();
         lines.push(("Stats views", views.join("; ")));
     }
+    if !status.clusters.is_empty() {
+        let clusters: Vec<String> = status
+            .clusters
+            .iter()
+            .map(|c| {
+                let mut line = format!(
+                    "{}{} [{}] {}",
+                    c.name,
+                    if c.home { " (home)" } else { "" },
+                    c.regions.join(" "),
+                    if c.ready { "ready" } else { "NOT READY" }
+                );
+                if let Some(v) = c.schema_version {
+                    line.push_str(&format!(", schema {v}"));
+                }
+                if let Some(m) = &c.message {
+                    line.push_str(&format!(": {m}"));
+                }
+                line
+            })
+            .collect();
+        lines.push(("Clusters", clusters.join("; ")));
+    }
     lines
 }
 
@@ -455,6 +478,27 @@ mod tests {
             !render(&store(json!({})), now()).contains("Stats views"),
             "no line where no refresh is scheduled"
         );
+    }
+
+    #[test]
+    fn the_clusters_line_shows_each_cluster_its_regions_and_why_it_is_not_ready() {
+        let s = store(json!({
+            "clusters": [
+                {"name": "north", "home": true, "ready": true, "regions": ["DL", "UP"],
+                 "readWrite": "p:6432/umstore", "schemaVersion": 12},
+                {"name": "south", "ready": false, "regions": ["KA"],
+                 "readWrite": "p:6432/umstore_south",
+                 "message": "national-south-coordinator 0/2 (cannot be scheduled)"},
+            ],
+        }));
+        let page = render(&s, now());
+        let line = field(
+            "Clusters",
+            "north (home) [DL UP] ready, schema 12; south [KA] NOT READY: \
+             national-south-coordinator 0/2 (cannot be scheduled)",
+        );
+        assert!(page.contains(&line), "{page}");
+        assert!(!render(&store(json!({})), now()).contains("Clusters"));
     }
 
     fn field(label: &str, value: &str) -> String {

@@ -535,7 +535,7 @@ async fn promote_raises_the_tier_and_refuses_what_the_operator_or_the_crd_would(
     );
     assert!(
         stderr.contains(
-            "tier 3 and 4 need spec.workerGroups: at least one group with the regions it holds"
+            "tier 3 and 4 need spec.workerGroups (or, at tier 4, spec.clusters): at least one group with the regions it holds"
         ),
         "{stderr}"
     );

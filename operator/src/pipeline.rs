@@ -146,6 +146,12 @@ async fn steps(
         backup: None,
     };
     reached.clusters = status::clusters(&valid, &reached.components);
+    // The other clusters are ready once their own database steps ran too.
+    let workloads_ready: Vec<bool> = reached.clusters.iter().map(|c| c.ready).collect();
+    for c in reached.clusters.iter_mut().filter(|c| !c.home && c.ready) {
+        c.ready = false;
+        c.message = Some(clusters::PENDING.into());
+    }
     // What each worker group still holds, as the last distribute step saw it: a
     // removed group's pods stay until it holds nothing.
     let placement = store
@@ -293,23 +299,11 @@ async fn steps(
         &credentials,
         &observed,
         approval,
+        &workloads_ready,
         &mut reached.clusters,
         journal,
     )
     .await?;
-    if let Some(waiting) = reached.clusters.iter().find(|c| !c.ready) {
-        reached.degraded.push((
-            Reason::ClusterNotReady,
-            format!(
-                "cluster {} is not ready: {}",
-                waiting.name,
-                waiting
-                    .message
-                    .as_deref()
-                    .unwrap_or("its workloads are not ready")
-            ),
-        ));
-    }
     reached.stats_views = views::measure(&valid, &schema.admin).await;
     if valid.spec.auto_promotion.enabled && valid.tier < 4 {
         match promote::measure(&schema.admin).await {

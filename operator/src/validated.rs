@@ -506,14 +506,16 @@ fn check_spec(spec: &UserMetadataStoreSpec, store_name: &str, problems: &mut Vec
 
 /// The read cache and the stats views, which the data plane would refuse at start.
 fn check_data_plane_caches(spec: &UserMetadataStoreSpec, problems: &mut Vec<String>) {
+    // In milliseconds: `500ms` is as good a TTL here as at admission and in the
+    // data plane.
     let duration = |field: &str, value: &str, problems: &mut Vec<String>| {
-        let secs = parse_duration_secs(value).filter(|s| *s > 0);
-        if secs.is_none() {
+        let ms = parse_duration_millis(value).filter(|ms| *ms > 0);
+        if ms.is_none() {
             problems.push(format!(
                 "{field}: '{value}' is not a positive duration; use e.g. 30s or 10m"
             ));
         }
-        secs
+        ms
     };
     if let Some(cache) = &spec.data_plane.read_cache {
         if !(0..=10_000_000).contains(&cache.entries) {
@@ -781,8 +783,18 @@ fn is_quantity(s: &str) -> bool {
         .contains(&suffix)
 }
 
-/// Parses a Go-style duration of `h`, `m`, `s` and `ms` parts (`1h30m`) into whole
-/// seconds (rounded down). `None` when malformed.
+/// Parses a Go-style duration of `h`, `m`, `s` and `ms` parts (`1h30m`, `500ms`)
+/// into milliseconds. `None` when malformed.
+pub fn parse_duration_millis(s: &str) -> Option<u64> {
+    // `ms` before `m`: the first unit that matches is taken.
+    parse_duration_ms(
+        s,
+        &[("ms", 1), ("h", 3_600_000), ("m", 60_000), ("s", 1_000)],
+    )
+}
+
+/// Parses a Go-style duration (`24h`, `90m`, `1h30m`, `500ms`) into whole seconds
+/// (rounded down). `None` when malformed.
 pub fn parse_duration_secs(s: &str) -> Option<u64> {
     // `ms` before `m`: the first unit that matches is taken.
     parse_duration_ms(
@@ -1047,6 +1059,13 @@ mod tests {
             None,
         ))
         .expect("valid");
+        // Sub-second, as admission and the data plane take it.
+        validate(&store(
+            json!({"dataPlane": {"readCache": {"entries": 100, "ttl": "500ms"}},
+                   "statsViews": {"refreshInterval": "1500ms", "maxAge": "2s"}}),
+            None,
+        ))
+        .expect("a 500ms TTL and a 1.5 s interval are valid");
     }
 
     #[test]

@@ -14,27 +14,40 @@ use crate::context::Context;
 use crate::error::Error;
 use crate::validated::Validated;
 
-/// Runs the steps on every cluster but home and records in `statuses` (from
-/// [`super::status::clusters`]) each cluster's schema version and, when a step
-/// did not finish, why.
+/// What a cluster other than home says while its workloads are ready and its
+/// database steps have not run (they run after the home cluster's).
+pub const PENDING: &str =
+    "its workloads are ready; its database steps run once the home cluster's have";
+
+/// Runs the steps on every cluster but home whose workloads are ready
+/// (`workloads_ready`, by position in `statuses`, from
+/// [`super::status::clusters`]) and records in `statuses` each cluster's schema
+/// version, and whether it is ready or where it stopped.
+#[allow(clippy::too_many_arguments)]
 pub async fn run(
     ctx: &Context,
     v: &Validated,
     credentials: &Credentials,
     observed: &Observed,
     approval: Option<&str>,
+    workloads_ready: &[bool],
     statuses: &mut [ClusterStatus],
     journal: &mut Journal,
 ) -> Result<(), Error> {
     for cluster in v.clusters.iter().filter(|c| !c.home) {
-        let Some(status) = statuses.iter_mut().find(|s| s.name == cluster.name) else {
+        let Some(i) = statuses.iter().position(|s| s.name == cluster.name) else {
             continue;
         };
+        if !workloads_ready.get(i).copied().unwrap_or(false) {
+            continue;
+        }
+        let status = &mut statuses[i];
+        status.message = None;
         let view = v.for_cluster(cluster);
         let coordinator = PgRole::Coordinator.name(&view);
         let provisioned = Provisioned {
             objects: 0,
-            coordinator_ready: status.ready,
+            coordinator_ready: true,
             coordinator,
         };
         let not_done = |status: &mut ClusterStatus, step: &str, message: String| {
@@ -65,8 +78,10 @@ pub async fn run(
             let report = distribute::run(&view, &schema.admin, observed, journal).await?;
             if let Outcome::Waiting(w) = report.outcome {
                 not_done(status, "distribute", w.message);
+                continue;
             }
         }
+        status.ready = true;
     }
     Ok(())
 }

@@ -402,6 +402,25 @@ pub async fn run(
         annotation: request.is_some() && request != acted,
         scheduled: next_due.is_some_and(|d| now_secs >= d),
     };
+    // A rotation ends by retiring the old versions (min_decryption_version): with
+    // several clusters it would have to rewrap every cluster's data keys first, which
+    // this version does not do, so it does not start one.
+    if v.clusters.len() > 1 && !due.unfinished && (due.annotation || due.scheduled) {
+        let message = format!(
+            "transit key {key} is due for rotation, but a store with several clusters is not \
+             rotated yet (the rotation would retire versions the other clusters' data keys \
+             still need); the key stays at version {}",
+            versions.latest
+        );
+        return Ok(Report {
+            ready: true,
+            reason: Reason::KeyRotationHeld,
+            message: message.clone(),
+            status: old.clone(),
+            degraded: Some((Reason::KeyRotationHeld, message)),
+            requeue: None,
+        });
+    }
     let (rotation, state, retry_wait, run_request) = start_if_due(rotations, &uid, due, || {
         let (rewrapped, handle) = spawn_rotation(config.clone(), access.batch_size, db);
         Run {

@@ -177,6 +177,8 @@ reasons! {
     RewrappingKeys,
     /// A rotation failed; it is retried with backoff (keys).
     KeyRotationFailed,
+    /// A rotation is due but not started: a store with several clusters (keys).
+    KeyRotationHeld,
     /// The transit key exists and is within its rotation interval (keys).
     KeysCurrent,
     /// The user count calls for a tier the spec cannot run (promotion).

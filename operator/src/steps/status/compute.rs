@@ -289,6 +289,20 @@ pub fn compute(
         ));
     }
     degraded_reasons.extend(r.degraded.iter().cloned());
+    // The home cluster holds the store back through its components and steps;
+    // another cluster that is not ready is named here.
+    for c in r.clusters.iter().filter(|c| !c.home && !c.ready) {
+        degraded_reasons.push((
+            Reason::ClusterNotReady,
+            format!(
+                "cluster {} is not ready: {}",
+                c.name,
+                c.message
+                    .as_deref()
+                    .unwrap_or("its workloads are not ready yet")
+            ),
+        ));
+    }
     if !r.vault_configured {
         degraded_reasons.push((
             Reason::NoVault,
