@@ -124,17 +124,6 @@ pub fn cluster_regions_served() -> Rule {
     .field_path(".clusters")
 }
 
-/// On the spec: worker-group names are unique across clusters (they name the
-/// groups' Citus ids, placement and status).
-pub fn group_names_unique_across_clusters() -> Rule {
-    Rule::new(
-        "!has(self.clusters) || self.clusters.all(c, self.clusters.all(d, c.name == d.name || \
-         !c.workerGroups.exists(g, d.workerGroups.exists(h, g.name == h.name))))",
-    )
-    .message("a worker group name is used in two clusters; name each group once in the store")
-    .field_path(".clusters")
-}
-
 /// On the spec: a transition rule, the home cluster (the first) keeps its name: it
 /// holds the objects of the tier-3 store and the global user routes.
 pub fn home_cluster_stays() -> Rule {

@@ -66,7 +66,6 @@ use crate::status::UserMetadataStoreStatus;
     validation = rules::region_in_one_cluster(),
     validation = rules::every_region_in_a_cluster(),
     validation = rules::cluster_regions_served(),
-    validation = rules::group_names_unique_across_clusters(),
     validation = rules::home_cluster_stays()
 )]
 #[serde(rename_all = "camelCase")]

@@ -905,6 +905,15 @@ mod tests {
                 .any(|p| p.starts_with("spec.backup: backups of a store with several clusters")),
             "{problems:?}"
         );
+        let mut spec = two_clusters();
+        spec["clusters"][1]["workerGroups"][0]["name"] = json!("n1");
+        let problems = validate(&store(spec, None)).expect_err("invalid").problems;
+        assert!(
+            problems
+                .iter()
+                .any(|p| p == "spec.clusters[].workerGroups: name 'n1' appears twice"),
+            "{problems:?}"
+        );
         // A store that ran with every region at home: DL may stay, KA may not leave.
         let mut running = store(two_clusters(), Some(3));
         running.status.as_mut().expect("status").schema_version = Some(11);

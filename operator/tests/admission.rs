@@ -170,13 +170,6 @@ fn cases() -> Vec<Case> {
             message: "a cluster's worker group lists a region that is not in spec.regions",
         },
         Case {
-            what: "one worker group name in two clusters",
-            base: 4,
-            edit: |s| s["clusters"][1]["workerGroups"][0]["name"] = json!("north-1"),
-            field: "spec.clusters",
-            message: "a worker group name is used in two clusters",
-        },
-        Case {
             what: "a cluster name that is not a DNS label",
             base: 4,
             edit: |s| s["clusters"][1]["name"] = json!("South_1"),
