@@ -246,7 +246,17 @@ async fn two_clusters_route_every_read_and_write_by_region() {
         token.starts_with("south:") && !token.contains("home:"),
         "the token names the cluster written to: {token}"
     );
-    api.send(json!(created_in(in_home, "AP", None)));
+    let home_token = api.send(json!(created_in(in_home, "AP", None)))["lsn"]
+        .as_str()
+        .expect("an lsn")
+        .to_owned();
+    assert!(home_token.starts_with("home:"), "{home_token}");
+    // Both writes' positions: south's AI core reads a replica, which must
+    // have replayed the write to serve it (else the primary does).
+    let both = format!("{token},{home_token}");
+    let read = |purpose: Purpose, path: &str| {
+        get_with(api.port, path, &api.token(purpose), &[("X-Min-Lsn", &both)])
+    };
     assert_eq!(rows(&south_db, in_south).await, [1, 1, 1, 0]);
     assert_eq!(rows(&home_db, in_south).await, [0, 0, 0, 1]);
     assert_eq!(rows(&home_db, in_home).await, [1, 1, 1, 1]);
@@ -278,7 +288,7 @@ async fn two_clusters_route_every_read_and_write_by_region() {
     // One-user reads: each user from their cluster, which the answer names.
     for (user, cluster, region) in [(in_south, "south", "KA"), (in_home, "home", "AP")] {
         for suffix in ["", "/derived", "/risk-scores", "/eligibility", "/history"] {
-            let a = api.get(
+            let a = read(
                 Purpose::Ai,
                 &format!("/api/v1/user-metadata/{user}{suffix}"),
             );
@@ -287,13 +297,13 @@ async fn two_clusters_route_every_read_and_write_by_region() {
             assert_eq!(a.json()["region"], region);
         }
     }
-    let a = api.get(Purpose::Ai, &format!("/api/v1/user-metadata/{in_south}"));
+    let a = read(Purpose::Ai, &format!("/api/v1/user-metadata/{in_south}"));
     assert_eq!(a.json()["pii"]["district"], "Udupi", "{}", a.body);
     // South's AI reads go to south's replica once its probe finds it caught
     // up; home has none, so home's AI reads stay on its primary.
     let deadline = std::time::Instant::now() + Duration::from_secs(15);
     loop {
-        let a = api.get(Purpose::Ai, &format!("/api/v1/user-metadata/{in_south}"));
+        let a = read(Purpose::Ai, &format!("/api/v1/user-metadata/{in_south}"));
         assert_eq!(a.status, 200, "{}", a.body);
         if a.header("x-served-by") == Some("replica") {
             break;
@@ -305,7 +315,7 @@ async fn two_clusters_route_every_read_and_write_by_region() {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
-    let a = api.get(Purpose::Ai, &format!("/api/v1/user-metadata/{in_home}"));
+    let a = read(Purpose::Ai, &format!("/api/v1/user-metadata/{in_home}"));
     assert_eq!(a.header("x-served-by"), Some("primary"));
     // Read-your-writes: the write's token is honoured against its cluster.
     let a = get_with(
