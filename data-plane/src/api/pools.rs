@@ -328,10 +328,15 @@ impl ReadPools {
                         }
                         if was_up != Some(state.up) {
                             if state.up {
-                                tracing::info!(purpose = purpose.slug(), "replica serving reads");
+                                tracing::info!(
+                                    purpose = purpose.slug(),
+                                    cluster = cluster.as_deref().unwrap_or(""),
+                                    "replica serving reads"
+                                );
                             } else {
                                 tracing::warn!(
                                     purpose = purpose.slug(),
+                                    cluster = cluster.as_deref().unwrap_or(""),
                                     "replica not answering; reads go to the primary"
                                 );
                             }
