@@ -258,7 +258,7 @@ async fn steps(
     let migrated = migrate::run(&valid, bootstrapped, approval, journal).await?;
     let t = m.step_finished("migrate", t);
     reached.migrations = Some(migrated.migrations);
-    let schema = match migrated.outcome {
+    let mut schema = match migrated.outcome {
         Ok(current) => current,
         Err(held) => {
             reached.schema_version = held.applied_version;
@@ -304,7 +304,7 @@ async fn steps(
         journal,
     )
     .await?;
-    reached.stats_views = views::measure(&valid, &schema.admin).await;
+    reached.stats_views = views::measure(&valid, &mut schema.admin).await;
     if valid.spec.auto_promotion.enabled && valid.tier < 4 {
         match promote::measure(&schema.admin).await {
             Ok(users) => {

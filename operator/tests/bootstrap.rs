@@ -191,7 +191,7 @@ async fn bootstrap_and_migrate_give_each_client_a_working_login_and_rerun_as_no_
 
     // The stats views: none refreshed yet; the writer (the data plane's refresher)
     // refreshes them; the operator's connection reads when, for status.statsViews.
-    let unrefreshed = views::refreshes(&client, views::TIMEOUT)
+    let unrefreshed = views::refreshes(&mut client, views::TIMEOUT)
         .await
         .expect("the operator reads the refresh log");
     assert!(unrefreshed.is_empty(), "{unrefreshed:?}");
@@ -204,7 +204,7 @@ async fn bootstrap_and_migrate_give_each_client_a_working_login_and_rerun_as_no_
         .expect("the writer may refresh the stats views")
         .get(0);
     assert!(refreshed);
-    let refreshes = views::refreshes(&client, views::TIMEOUT)
+    let refreshes = views::refreshes(&mut client, views::TIMEOUT)
         .await
         .expect("the operator reads the refresh log");
     assert_eq!(

@@ -5,7 +5,9 @@
 //! reports them, and only for a store whose spec schedules refreshes.
 //!
 //! A probe like the replica lag: no condition, never stops the pipeline, bounded by
-//! [`TIMEOUT`]; a failed probe leaves the last reading in the status.
+//! [`TIMEOUT`] (on the server by a transaction-local `statement_timeout`, and here
+//! by a timer, so a probe cut short leaves the connection free for the steps
+//! after it); a failed probe leaves the last reading in the status.
 
 use std::time::Duration;
 
@@ -50,14 +52,33 @@ pub fn schedule(v: &Validated) -> Option<StatsViewsSpec> {
 
 /// Reads every view's last refresh within `timeout`.
 pub async fn refreshes(
-    client: &Client,
+    client: &mut Client,
     timeout: Duration,
 ) -> Result<Vec<StatsViewStatus>, ViewsError> {
+    let millis = timeout
+        .as_millis()
+        .clamp(1, u128::from(u32::MAX))
+        .to_string();
     let query = async {
-        client
+        let db = |action: &str| Error::db(action.to_string());
+        let tx = client
+            .transaction()
+            .await
+            .map_err(db("starting the stats views probe"))?;
+        tx.execute(
+            "SELECT set_config('statement_timeout', $1, true)",
+            &[&millis],
+        )
+        .await
+        .map_err(db("bounding the stats views probe"))?;
+        let rows = tx
             .query(REFRESHES, &[])
             .await
-            .map_err(Error::db("reading umstore.stats_refreshes".to_string()))
+            .map_err(db("reading umstore.stats_refreshes"))?;
+        tx.commit()
+            .await
+            .map_err(db("ending the stats views probe"))?;
+        Ok::<_, Error>(rows)
     };
     let rows = tokio::time::timeout(timeout, query)
         .await
@@ -75,7 +96,7 @@ pub async fn refreshes(
 
 /// The status's `statsViews`: empty when no refresh is scheduled, the refresh log
 /// when one is, `None` (keep the last reading) when it could not be read (logged).
-pub async fn measure(v: &Validated, client: &Client) -> Option<Vec<StatsViewStatus>> {
+pub async fn measure(v: &Validated, client: &mut Client) -> Option<Vec<StatsViewStatus>> {
     if schedule(v).is_none() {
         return Some(Vec::new());
     }
