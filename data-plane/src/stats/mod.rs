@@ -121,6 +121,24 @@ fn nulls_last(a: &[Option<String>], b: &[Option<String>]) -> Ordering {
     a.len().cmp(&b.len())
 }
 
+/// The grouping part of a stats query over the trusted SQL expressions `exprs`
+/// (allow-listed dimension columns, never user input): `e0 AS g0, e1 AS g1, `
+/// to put before the aggregates, and `GROUP BY g0, g1` (empty without any).
+pub(crate) fn grouped(exprs: &[&str]) -> (String, String) {
+    let select = exprs
+        .iter()
+        .enumerate()
+        .map(|(i, e)| format!("{e} AS g{i}, "))
+        .collect();
+    let group_by = if exprs.is_empty() {
+        String::new()
+    } else {
+        let names: Vec<String> = (0..exprs.len()).map(|i| format!("g{i}")).collect();
+        format!("GROUP BY {}", names.join(", "))
+    };
+    (select, group_by)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

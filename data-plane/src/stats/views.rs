@@ -117,17 +117,7 @@ pub async fn partials(
         }
     }
     let columns: Vec<&str> = dimensions.iter().filter_map(|d| column(d)).collect();
-    let select: String = columns
-        .iter()
-        .enumerate()
-        .map(|(i, c)| format!("{c} AS g{i}, "))
-        .collect();
-    let group_by = if columns.is_empty() {
-        String::new()
-    } else {
-        let names: Vec<String> = (0..columns.len()).map(|i| format!("g{i}")).collect();
-        format!("GROUP BY {}", names.join(", "))
-    };
+    let (select, group_by) = super::grouped(&columns);
     let sql = format!(
         "SELECT {select}coalesce(sum(users), 0)::int8,
                 coalesce(sum(income_n), 0)::int8, coalesce(sum(income_sum), 0)::int8,

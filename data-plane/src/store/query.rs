@@ -402,17 +402,7 @@ pub async fn stats_partials(
 ) -> Result<Vec<crate::stats::Partial>, tokio_postgres::Error> {
     let w = Where::new(filters);
     let exprs: Vec<&'static str> = dimensions.iter().filter_map(|d| dimension_sql(d)).collect();
-    let select_dims: String = exprs
-        .iter()
-        .enumerate()
-        .map(|(i, e)| format!("{e} AS g{i}, "))
-        .collect();
-    let group_by = if exprs.is_empty() {
-        String::new()
-    } else {
-        let names: Vec<String> = (0..exprs.len()).map(|i| format!("g{i}")).collect();
-        format!("GROUP BY {}", names.join(", "))
-    };
+    let (select_dims, group_by) = crate::stats::grouped(&exprs);
     let sql = format!(
         "SELECT {select_dims} count(*)::int8,
                 count(m.income_lakh)::int8, coalesce(sum(m.income_lakh), 0)::int8,
