@@ -56,8 +56,16 @@ pub const DIRECTORY_TABLE: &str = "user_directory";
 /// The routing index of a store with several clusters (migration 0012):
 /// distributed by `user_id` too, colocated with [`DIRECTORY_TABLE`].
 pub const ROUTES_TABLE: &str = "user_routes";
-/// Tables that stay on the coordinator only.
-pub const LOCAL_TABLES: [&str; 1] = ["schema_migrations"];
+/// Tables that stay on the coordinator only: the migrations' record, and the
+/// region-move tables of migration 0013 (a region's state, the catch-up log,
+/// the placement and the journal), which writes read on the coordinator.
+pub const LOCAL_TABLES: [&str; 5] = [
+    "schema_migrations",
+    "region_state",
+    "region_move_log",
+    "region_placement",
+    "region_moves",
+];
 
 /// How shards are copied when they move or split: logical replication, so writes
 /// continue (every distributed table has a primary key, its replica identity).

@@ -62,6 +62,7 @@ pub fn embedded() -> Vec<Migration> {
         migration!(10, "0010", "ingest"),
         migration!(11, "0011", "stats_views"),
         migration!(12, "0012", "user_routes"),
+        migration!(13, "0013", "region_moves"),
     ]
 }
 
