@@ -15,8 +15,8 @@ use umstore_data_plane::db::Database;
 use umstore_data_plane::embedded::{default_data_dir, Embedded};
 
 use cli::{
-    keys::KeysAction, migrate::MigrateAction, seed::SeedArgs, serve::ServeArgs, stats::StatsAction,
-    KeyArgs,
+    keys::KeysAction, migrate::MigrateAction, regions::RegionsAction, seed::SeedArgs,
+    serve::ServeArgs, stats::StatsAction, KeyArgs,
 };
 
 /// umstore data plane: the encrypted, region-sharded user-metadata store.
@@ -83,6 +83,11 @@ enum Command {
     Stats {
         #[command(subcommand)]
         action: StatsAction,
+    },
+    /// Moving regions between the clusters of a store with several.
+    Regions {
+        #[command(subcommand)]
+        action: RegionsAction,
     },
     /// Serve /healthz, /readyz and /metrics.
     Serve(Box<ServeArgs>),
@@ -153,6 +158,9 @@ async fn main() -> Result<()> {
             cli::keys::run(action, &database, layout.as_deref(), &data_dir, keys).await
         }
         Command::Stats { action } => cli::stats::run(action, &database, layout.as_deref()).await,
+        Command::Regions { action } => {
+            cli::regions::run(action, &database, layout.as_deref()).await
+        }
         Command::Serve(args) => {
             cli::serve::run(
                 *args,

@@ -13,6 +13,7 @@
 
 pub mod citus;
 mod error;
+pub mod moves;
 pub mod regions;
 pub mod roles;
 mod runner;

@@ -5,6 +5,7 @@
 
 pub mod keys;
 pub mod migrate;
+pub mod regions;
 pub mod seed;
 pub mod serve;
 pub mod stats;
