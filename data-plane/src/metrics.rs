@@ -8,6 +8,16 @@ use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 use std::sync::atomic::AtomicU64;
 
+/// Why a region's write check refused a write (a region moving between
+/// clusters).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RefusalLabels {
+    /// `fenced` (the region's write fence is up: retried soon, same cluster)
+    /// or `moved` (the cluster no longer, or not yet, serves the region:
+    /// placement refreshed, retried on the new cluster).
+    pub reason: &'static str,
+}
+
 /// Labels of an HTTP request counter.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct HttpLabels {
@@ -171,6 +181,13 @@ pub struct Metrics {
     pub cluster_replica_lag_seconds: Family<ClusterReplicaLabels, Gauge<f64, AtomicU64>>,
     /// [`Self::replica_lag_bytes`] per cluster of a store with several.
     pub cluster_replica_lag_bytes: Family<ClusterReplicaLabels, Gauge>,
+    /// The highest epoch of the region placement (home's
+    /// `umstore.region_placement`) this process has read; 0 before any
+    /// region was placed there (several clusters).
+    pub region_placement_epoch: Gauge,
+    /// Writes refused by a region's write check (several clusters), by
+    /// reason (`fenced`, `moved`); each is retried.
+    pub region_write_refusals: Family<RefusalLabels, Counter>,
     registry: Registry,
     /// 1 while a database connection is up.
     pub db_connected: Gauge,
@@ -404,7 +421,22 @@ impl Metrics {
             "WAL bytes the purpose's read replica in the cluster has not replayed (several clusters)",
             cluster_replica_lag_bytes.clone(),
         );
+        let region_placement_epoch = Gauge::default();
+        registry.register(
+            "region_placement_epoch",
+            "The highest epoch of the region placement read from the home cluster (several clusters)",
+            region_placement_epoch.clone(),
+        );
+        let region_write_refusals = Family::<RefusalLabels, Counter>::default();
+        registry.register(
+            "region_write_refusals",
+            "Writes refused by a region's write check while it moves between clusters, by reason \
+             (fenced, moved); each is retried",
+            region_write_refusals.clone(),
+        );
         Self {
+            region_placement_epoch,
+            region_write_refusals,
             cluster_replica_up,
             cluster_replica_lag_seconds,
             cluster_replica_lag_bytes,
@@ -440,6 +472,13 @@ impl Metrics {
             key_rotation_rewrapped,
             key_rotation_target_version,
         }
+    }
+
+    /// Counts a write refused by a region's write check (`fenced` or `moved`).
+    pub fn region_write_refused(&self, reason: &'static str) {
+        self.region_write_refusals
+            .get_or_create(&RefusalLabels { reason })
+            .inc();
     }
 
     /// Counts a request sent to `cluster`.

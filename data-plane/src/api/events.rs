@@ -22,6 +22,10 @@ use umstore_migrations::roles::Purpose;
 pub const MAX_BATCH: usize = 500;
 /// The largest body accepted.
 pub const MAX_BODY: usize = 4 * 1024 * 1024;
+/// How long an event whose region is moving between clusters is tried again
+/// before the caller is told to send it later: a move's write fence lasts a
+/// second or two, so the caller sees a slower answer, not a failure.
+const MOVE_PATIENCE: std::time::Duration = std::time::Duration::from_secs(10);
 
 fn problem(status: StatusCode, error: &str, detail: impl Into<String>) -> Response {
     (
@@ -122,7 +126,7 @@ pub async fn post_events(
                     reason: Some(r.to_string()),
                 }
             }
-            Ok(ev) => match ingest.apply(&ev).await {
+            Ok(ev) => match ingest.apply_through_moves(&ev, MOVE_PATIENCE).await {
                 Ok(outcome) => {
                     if matches!(outcome, Outcome::Applied { .. }) {
                         touched.extend(ingest.cluster_of(ev.region));
@@ -143,7 +147,7 @@ pub async fn post_events(
                     version: None,
                     reason: Some(r.to_string()),
                 },
-                Err(ApplyError::Transient(m)) => {
+                Err(ApplyError::Transient(m) | ApplyError::RegionMoving { message: m, .. }) => {
                     tracing::warn!(event_id = %ev.event_id, reason = %m, "event not applied");
                     Settled {
                         event_id: Some(ev.event_id),

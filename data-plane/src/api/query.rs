@@ -217,7 +217,7 @@ pub async fn find(
 }
 
 /// The clusters a request with `filters` reads: the region's alone when one is
-/// named, else every cluster (a store with several clusters).
+/// named, else every cluster that holds a region now (a store with several).
 fn clusters_for(state: &AppState, filters: &[Filter]) -> Result<Vec<usize>, ApiError> {
     let Some(routing) = &state.routing else {
         return Ok(vec![0]);
@@ -227,7 +227,22 @@ fn clusters_for(state: &AppState, filters: &[Filter]) -> Result<Vec<usize>, ApiE
             return Ok(vec![routing.cluster_of(region)?]);
         }
     }
-    Ok((0..routing.layout().clusters().len()).collect())
+    routing.require_placement()?;
+    Ok((0..routing.layout().clusters().len())
+        .filter(|&i| !routing.regions_of(i).is_empty())
+        .collect())
+}
+
+/// `filters` limited to the regions cluster `index` holds now (a store with
+/// several clusters): during a move the region's new cluster holds a copy
+/// before the switch, and the old one keeps it a while after; each region is
+/// read from the cluster the placement gives it, once.
+fn in_cluster(state: &AppState, filters: &[Filter], index: usize) -> Vec<Filter> {
+    let mut filters = filters.to_vec();
+    if let Some(routing) = &state.routing {
+        filters.push(Filter::InRegions(routing.regions_of(index)));
+    }
+    filters
 }
 
 /// A page of [`query::find`] over several clusters: each cluster's first
@@ -249,7 +264,8 @@ async fn find_in_clusters(
             served = Served::Primary;
         }
         let tx = read_only(&mut client).await?;
-        let (users, cluster_more) = query::find(&*tx, filters, after.clone(), limit)
+        let filters = in_cluster(state, filters, index);
+        let (users, cluster_more) = query::find(&*tx, &filters, after.clone(), limit)
             .await
             .map_err(|e| ApiError::internal("a query failed", &e))?;
         finish(tx).await?;
@@ -420,12 +436,12 @@ async fn stats_in_clusters(
         if answered == Served::Primary {
             served = Served::Primary;
         }
-        reads.push(client);
+        reads.push((client, in_cluster(state, filters, index)));
     }
     let mut oldest: Option<Duration> = None;
     let mut use_views = !state.stats_max_age.is_zero() && views::answers(filters, dimensions);
     if use_views {
-        for client in &reads {
+        for (client, _) in &reads {
             let age = views::age(&***client)
                 .await
                 .map_err(|e| ApiError::internal("reading the stats views' age", &e))?;
@@ -439,14 +455,14 @@ async fn stats_in_clusters(
         }
     }
     let mut partials = Vec::with_capacity(reads.len());
-    for mut client in reads {
+    for (mut client, filters) in reads {
         let tx = read_only(&mut client).await?;
         let part = if use_views {
-            views::partials(&*tx, filters, dimensions)
+            views::partials(&*tx, &filters, dimensions)
                 .await
                 .map_err(|e| ApiError::internal("reading the stats views", &e))?
         } else {
-            query::stats_partials(&*tx, filters, dimensions)
+            query::stats_partials(&*tx, &filters, dimensions)
                 .await
                 .map_err(|e| ApiError::internal("stats failed", &e))?
         };

@@ -4,7 +4,8 @@
 //!
 //! A lookup by user id costs, at most: this process's cache (user id →
 //! region), else one single-row read of the home cluster's
-//! `umstore.user_routes`; the region's cluster comes from the layout. A user
+//! `umstore.user_routes`; the region's cluster comes from the placement (the
+//! layout overridden by home's `umstore.region_placement`). A user
 //! without a route (written before the store had clusters) is looked for in
 //! every cluster's `user_directory` at once, and their route written back.
 
@@ -16,6 +17,7 @@ use uuid::Uuid;
 
 use super::error::ApiError;
 use super::pools::ReadPools;
+use crate::clusters::placement::Placement;
 use crate::clusters::Layout;
 use crate::metrics::{CacheLabels, Metrics};
 
@@ -39,7 +41,7 @@ pub struct Located {
 /// The clusters' read pools and the route cache.
 #[derive(Clone)]
 pub struct Routing {
-    layout: Arc<Layout>,
+    placement: Arc<Placement>,
     pools: Vec<ReadPools>,
     cache: moka::future::Cache<Uuid, Arc<str>>,
     metrics: Arc<Metrics>,
@@ -51,7 +53,7 @@ impl std::fmt::Debug for Routing {
             .field(
                 "clusters",
                 &self
-                    .layout
+                    .layout()
                     .clusters()
                     .iter()
                     .map(|c| c.name.as_str())
@@ -63,16 +65,16 @@ impl std::fmt::Debug for Routing {
 }
 
 impl Routing {
-    /// Routing over `pools` (one per cluster of `layout`, in its order), with a
-    /// cache of up to `cache_entries` routes (0: none).
+    /// Routing over `pools` (one per cluster of the placement's layout, in its
+    /// order), with a cache of up to `cache_entries` routes (0: none).
     pub fn new(
-        layout: Arc<Layout>,
+        placement: Arc<Placement>,
         pools: Vec<ReadPools>,
         cache_entries: u64,
         metrics: Arc<Metrics>,
     ) -> Self {
         Self {
-            layout,
+            placement,
             pools,
             cache: moka::future::Cache::new(cache_entries),
             metrics,
@@ -81,7 +83,19 @@ impl Routing {
 
     /// The layout.
     pub fn layout(&self) -> &Layout {
-        &self.layout
+        self.placement.layout()
+    }
+
+    /// Where each region is now.
+    pub fn placement(&self) -> &Placement {
+        &self.placement
+    }
+
+    /// The regions cluster `index` holds now: what its share of a query over
+    /// every cluster is limited to, so that a region being copied into another
+    /// cluster is counted once.
+    pub fn regions_of(&self, index: usize) -> Vec<String> {
+        self.placement.regions_of(index)
     }
 
     /// Cluster `index`'s read pools.
@@ -96,7 +110,7 @@ impl Routing {
 
     /// Cluster `index`'s name.
     pub fn name(&self, index: usize) -> &str {
-        self.layout
+        self.layout()
             .clusters()
             .get(index)
             .map_or("?", |c| c.name.as_str())
@@ -107,9 +121,21 @@ impl Routing {
         self.metrics.cluster_query(self.name(index));
     }
 
-    /// The cluster holding `region`, or a 503 naming the missing region.
+    /// A 503 until the region placement was read from the home cluster.
+    pub fn require_placement(&self) -> Result<(), ApiError> {
+        if self.placement.is_loaded() {
+            return Ok(());
+        }
+        Err(ApiError::Unavailable(
+            "the region placement was not read from the home cluster yet; retry shortly".into(),
+        ))
+    }
+
+    /// The cluster holding `region` now, or a 503 naming the missing region
+    /// (or saying that the placement was not read yet).
     pub fn cluster_of(&self, region: &str) -> Result<usize, ApiError> {
-        self.layout.cluster_of(region).ok_or_else(|| {
+        self.require_placement()?;
+        self.placement.cluster_of(region).ok_or_else(|| {
             ApiError::Unavailable(format!(
                 "region {region} is in no cluster of --clusters (UMSTORE_CLUSTERS): add it to \
                  the cluster that holds its data"
@@ -170,14 +196,14 @@ impl Routing {
             return Ok(None);
         };
         fallbacks("hit");
-        let cluster = self.layout.cluster_of(&region).unwrap_or(holder);
+        let cluster = self.placement.cluster_of(&region).unwrap_or(holder);
         if cluster != holder {
             tracing::warn!(
                 %user_id,
                 region = %region,
                 found_in = self.name(holder),
-                layout_says = self.name(cluster),
-                "a user's directory row is not in the cluster the layout gives their region"
+                placement_says = self.name(cluster),
+                "a user's directory row is not in the cluster the placement gives their region"
             );
         }
         // Self-healing: the next lookup reads the route.

@@ -1,13 +1,18 @@
 //! `keys rotate|forget-user|status`: data-key rotation and crypto-shredding.
 
 use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::Subcommand;
 use tokio_postgres::Client;
+use umstore_data_plane::backoff::Backoff;
+use umstore_data_plane::clusters::fence::RegionCheck;
+use umstore_data_plane::clusters::placement::Placement;
 use umstore_data_plane::clusters::Layout;
 use umstore_data_plane::crypto::rotation::{rotate_and_rewrap, RotationOptions};
-use umstore_data_plane::crypto::Keyring;
+use umstore_data_plane::crypto::{ForgetReport, Keyring, KeyringError};
 use umstore_data_plane::db::Database;
 use umstore_data_plane::store::keys::KEY_VERSION_COUNTS;
 use umstore_migrations::Runner;
@@ -51,7 +56,10 @@ pub enum KeysAction {
 ///
 /// With several clusters the keyring opens on the home cluster (the operator
 /// keeps `key_material` and `key_rotations` identical in every cluster), and
-/// `forget-user` erases the user in the cluster whose directory lists them.
+/// `forget-user` erases the user in the cluster that holds their region now
+/// (the region placement), through the region's write check: while the region
+/// is fenced for a move the erasure waits, and when it finds the region moved
+/// it reads the placement again and erases there.
 pub async fn run(
     action: KeysAction,
     database: &Database,
@@ -80,18 +88,28 @@ pub async fn run(
             reason,
             events_subject_prefix,
         } => {
-            if let Some(layout) = layout {
-                client = user_cluster(database, layout, user_id).await?;
-            }
-            let report = keyring
-                .forget_user(
-                    &mut client,
-                    user_id,
-                    &actor,
-                    reason.as_deref(),
-                    &events_subject_prefix,
-                )
-                .await?;
+            let report = match layout {
+                None => {
+                    keyring
+                        .forget_user(
+                            &mut client,
+                            user_id,
+                            &actor,
+                            reason.as_deref(),
+                            &events_subject_prefix,
+                        )
+                        .await?
+                }
+                Some(layout) => {
+                    let erasure = Erasure {
+                        user_id,
+                        actor: &actor,
+                        reason: reason.as_deref(),
+                        subject_prefix: &events_subject_prefix,
+                    };
+                    forget_in_clusters(database, layout, &keyring, &erasure).await?
+                }
+            };
             if report.destroyed_now {
                 println!(
                     "user {user_id} ({}) erased: data key destroyed, PII unreadable",
@@ -109,29 +127,116 @@ pub async fn run(
     }
 }
 
-/// A writer connection to the cluster whose directory lists `user_id` (the
-/// home cluster when none does: erasing an unknown user then says so).
-async fn user_cluster(database: &Database, layout: &Layout, user_id: uuid::Uuid) -> Result<Client> {
+/// What `forget-user` was asked.
+struct Erasure<'a> {
+    user_id: uuid::Uuid,
+    actor: &'a str,
+    reason: Option<&'a str>,
+    subject_prefix: &'a str,
+}
+
+/// How long `forget-user` waits for a region moving between clusters.
+const MOVE_PATIENCE: Duration = Duration::from_secs(60);
+
+/// Erases the user in the cluster holding their region now, retrying while
+/// the region's write check refuses (its fence is up, or it just moved).
+async fn forget_in_clusters(
+    database: &Database,
+    layout: &Layout,
+    keyring: &Keyring,
+    erasure: &Erasure<'_>,
+) -> Result<ForgetReport> {
+    let user_id = erasure.user_id;
     let writers = layout.writers(database);
-    for (cluster, writer) in layout.clusters().iter().zip(&writers) {
+    let home = writers[0]
+        .connect()
+        .await
+        .with_context(|| format!("home cluster {}", layout.clusters()[0].name))?;
+    let placement = Placement::new(Arc::new(layout.clone()));
+    let region = user_region(layout, &writers, &home, user_id).await?;
+    let deadline = tokio::time::Instant::now() + MOVE_PATIENCE;
+    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(1));
+    loop {
+        placement
+            .load(&home)
+            .await
+            .context("reading the region placement")?;
+        // Unknown user: the home cluster says so.
+        let index = region
+            .as_deref()
+            .and_then(|r| placement.cluster_of(r))
+            .unwrap_or(0);
+        let cluster = &layout.clusters()[index].name;
+        let mut client = writers[index]
+            .connect()
+            .await
+            .with_context(|| format!("cluster {cluster}"))?;
+        eprintln!("user {user_id} is in cluster {cluster}");
+        match keyring
+            .forget_user_checked(
+                &mut client,
+                user_id,
+                erasure.actor,
+                erasure.reason,
+                erasure.subject_prefix,
+                RegionCheck::On,
+            )
+            .await
+        {
+            Err(KeyringError::RegionMoving { refusal, source })
+                if tokio::time::Instant::now() + backoff.peek() < deadline =>
+            {
+                let delay = backoff.next_delay();
+                eprintln!(
+                    "the user's region is moving between clusters ({}: {}); trying again in \
+                     {} ms",
+                    refusal.as_str(),
+                    umstore_data_plane::db::with_causes(&source),
+                    delay.as_millis()
+                );
+                tokio::time::sleep(delay).await;
+            }
+            other => return other.with_context(|| format!("erasing user {user_id} in {cluster}")),
+        }
+    }
+}
+
+/// The user's region: their route in home, else the first cluster directory
+/// that lists them (a user written before the store had clusters); `None`: no
+/// such user.
+async fn user_region(
+    layout: &Layout,
+    writers: &[Database],
+    home: &Client,
+    user_id: uuid::Uuid,
+) -> Result<Option<String>> {
+    let routed = home
+        .query_opt(
+            "SELECT region::text FROM umstore.user_routes WHERE user_id = $1",
+            &[&user_id],
+        )
+        .await
+        .with_context(|| format!("reading user {user_id}'s route in the home cluster"))?;
+    if let Some(row) = routed {
+        return Ok(Some(row.get(0)));
+    }
+    for (cluster, writer) in layout.clusters().iter().zip(writers) {
         let client = writer
             .connect()
             .await
             .with_context(|| format!("cluster {}", cluster.name))?;
         let listed = client
             .query_opt(
-                "SELECT 1 FROM umstore.user_directory WHERE user_id = $1",
+                "SELECT region::text FROM umstore.user_directory WHERE user_id = $1",
                 &[&user_id],
             )
             .await
-            .with_context(|| format!("looking user {user_id} up in cluster {}", cluster.name))?
-            .is_some();
-        if listed {
-            eprintln!("user {user_id} is in cluster {}", cluster.name);
-            return Ok(client);
+            .with_context(|| format!("looking user {user_id} up in cluster {}", cluster.name))?;
+        if let Some(row) = listed {
+            return Ok(Some(row.get(0)));
         }
     }
-    Ok(writers[0].connect().await?)
+    Ok(None)
 }
 
 async fn rotate(client: &mut Client, keyring: &Keyring, batch_size: usize) -> Result<()> {

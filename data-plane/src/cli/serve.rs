@@ -13,6 +13,7 @@ use umstore_data_plane::api::pools::Logins;
 use umstore_data_plane::api::routing::Routing;
 use umstore_data_plane::api::{self, ApiTokens, AppState, DbSlot, KeysSlot, ReadPools, Slot};
 use umstore_data_plane::backoff::Backoff;
+use umstore_data_plane::clusters::placement::Placement;
 use umstore_data_plane::clusters::Layout;
 use umstore_data_plane::crypto::KeyProviderConfig;
 use umstore_data_plane::db::Database;
@@ -138,6 +139,12 @@ pub struct ReadArgs {
     /// region) in this process; 0: read every route from the home cluster.
     #[arg(long, env = "UMSTORE_ROUTE_CACHE_ENTRIES", default_value_t = 1_000_000)]
     route_cache_entries: u64,
+    /// With several clusters (--clusters): read which cluster holds each
+    /// region (the home cluster's `umstore.region_placement`, which overrides
+    /// the layout's regions) this often (`1s`, `500ms`); also at once when a
+    /// write finds its region moved.
+    #[arg(long, env = "UMSTORE_PLACEMENT_REFRESH", default_value = "1s")]
+    placement_refresh: String,
 }
 
 /// A duration flag where `0` means off.
@@ -407,15 +414,30 @@ pub async fn run(
         bail!("--require-vault is set but no --vault-addr was given");
     }
     let metrics = Arc::new(Metrics::new());
-    let (probes, routing) = match (&layout, cluster_pools) {
-        (Some(layout), Some(pools)) => {
+    // Several clusters: where each region is now, read from home through the
+    // writer's login (every purpose may read it too) before events are
+    // consumed or users looked up, then refreshed.
+    let mut placement_task = None;
+    let placement = match &layout {
+        Some(layout) => {
+            let every = parse_duration(&reads.placement_refresh)
+                .map_err(|e| anyhow::anyhow!("--placement-refresh: {e}"))?;
+            let placement = Arc::new(Placement::new(layout.clone()).with_metrics(metrics.clone()));
+            let home = layout.clusters()[0].primary.apply(database);
+            placement_task = Some(tokio::spawn(placement.clone().run(home, every)));
+            Some(placement)
+        }
+        None => None,
+    };
+    let (probes, routing) = match (&layout, cluster_pools, &placement) {
+        (Some(layout), Some(pools), Some(placement)) => {
             let probes = pools
                 .iter()
                 .zip(layout.clusters())
                 .flat_map(|(p, c)| p.spawn_probes_in(metrics.clone(), Some(&c.name)))
                 .collect();
             let routing = Routing::new(
-                layout.clone(),
+                placement.clone(),
                 pools,
                 reads.route_cache_entries,
                 metrics.clone(),
@@ -489,7 +511,7 @@ pub async fn run(
         .map(|b| Slot::empty(&format!("connecting to NATS at {}", b.url)));
     let prepare = {
         let (database, runner, keys) = (database.clone(), runner.clone(), keys.clone());
-        let (writers, layout) = (writers.clone(), layout.clone());
+        let (writers, placement) = (writers.clone(), placement.clone());
         let (ingest_slot, bus_slot) = (ingest_slot.clone(), bus_slot.clone());
         let metrics = metrics.clone();
         tokio::spawn(async move {
@@ -515,13 +537,12 @@ pub async fn run(
             };
             // The pool serves the HTTP endpoint and the bus workers (each worker
             // holds one connection while it applies).
-            let ingest =
-                Ingest::new(&database, workers + 4, keyring, apply_config).and_then(
-                    |i| match layout {
-                        Some(layout) => i.with_clusters(layout, &writers, workers + 4),
-                        None => Ok(i),
-                    },
-                );
+            let ingest = Ingest::new(&database, workers + 4, keyring, apply_config).and_then(|i| {
+                match &placement {
+                    Some(placement) => i.with_clusters(placement.clone(), &writers, workers + 4),
+                    None => Ok(i),
+                }
+            });
             let ingest = match ingest {
                 Ok(i) => Arc::new(i.with_metrics(metrics.clone())),
                 Err(e) => {
@@ -530,6 +551,10 @@ pub async fn run(
                 }
             };
             ingest_slot.set(Ok(ingest.clone())).await;
+            if let Some(placement) = &placement {
+                // No event is consumed before the placement says where it goes.
+                placement.wait_loaded().await;
+            }
             if let (Some(config), Some(slot)) = (bus_config, bus_slot) {
                 run_bus(&writers, &config, &ingest, &slot).await;
             }
@@ -555,6 +580,9 @@ pub async fn run(
         .await;
     supervisor.abort();
     prepare.abort();
+    if let Some(task) = placement_task {
+        task.abort();
+    }
     if let Some(follower) = follower {
         follower.abort();
     }

@@ -18,6 +18,12 @@
 //!
 //! Unset, or a list of one cluster: one cluster, exactly as before (the URLs
 //! are used as given).
+//!
+//! Which cluster holds a region is the layout's answer until the home
+//! cluster's `umstore.region_placement` says otherwise ([`placement`]).
+
+pub mod fence;
+pub mod placement;
 
 use std::collections::BTreeMap;
 

@@ -15,6 +15,7 @@ use super::{
     BlindIndexKey, CryptoError, DataKey, DataKeyCache, FieldAad, KeyProvider, SealedField,
     WrappedKey,
 };
+use crate::clusters::fence::{Refusal, RegionCheck, REGION_WRITE};
 use crate::store::erasure::{
     INSERT_ERASED_HISTORY, INSERT_ERASURE_AUDIT, MARK_USER_ERASED, QUEUE_USER_ERASED,
     SELECT_USER_REGION,
@@ -45,6 +46,17 @@ pub enum KeyringError {
     /// No such user.
     #[error("user {0} is not in the store")]
     UnknownUser(Uuid),
+    /// The region's write check refused the erasure (several clusters): the
+    /// region is fenced for a moment while it moves (retry soon), or this
+    /// cluster does not serve it (read the placement again, erase there).
+    #[error("the user's region is moving between clusters: {source}")]
+    RegionMoving {
+        /// Fenced or moved.
+        refusal: Refusal,
+        /// The database's refusal.
+        #[source]
+        source: tokio_postgres::Error,
+    },
 }
 
 fn db(what: &'static str) -> impl FnOnce(tokio_postgres::Error) -> KeyringError {
@@ -236,6 +248,29 @@ impl Keyring {
         reason: Option<&str>,
         subject_prefix: &str,
     ) -> Result<ForgetReport, KeyringError> {
+        self.forget_user_checked(
+            client,
+            user_id,
+            actor,
+            reason,
+            subject_prefix,
+            RegionCheck::Off,
+        )
+        .await
+    }
+
+    /// [`Self::forget_user`] on a cluster of a store with several
+    /// ([`RegionCheck::On`]): the region's write check runs first, and its
+    /// refusal is [`KeyringError::RegionMoving`].
+    pub async fn forget_user_checked(
+        &self,
+        client: &mut Client,
+        user_id: Uuid,
+        actor: &str,
+        reason: Option<&str>,
+        subject_prefix: &str,
+        check: RegionCheck,
+    ) -> Result<ForgetReport, KeyringError> {
         let tx = client
             .transaction()
             .await
@@ -246,6 +281,17 @@ impl Keyring {
             .map_err(db("finding the user's region"))?
             .ok_or(KeyringError::UnknownUser(user_id))?
             .get(0);
+        if check == RegionCheck::On {
+            tx.execute(REGION_WRITE, &[&region, &user_id])
+                .await
+                .map_err(|source| match Refusal::of(&source) {
+                    Some(refusal) => KeyringError::RegionMoving { refusal, source },
+                    None => KeyringError::Database {
+                        what: "checking the user's region",
+                        source,
+                    },
+                })?;
+        }
         let destroyed = tx
             .execute(DESTROY_USER_KEY, &[&region, &user_id])
             .await

@@ -22,6 +22,7 @@ use super::event::{
     is_transit_ciphertext, Body, Change, Eligibility, Event, MetadataPatch, PiiText, Rejection,
     RiskScores,
 };
+use crate::clusters::fence::{Refusal, RegionCheck, REGION_WRITE};
 use crate::crypto::{DataKey, FieldAad, Keyring, KeyringError, UserKey};
 use crate::derive::{derive_from, Inputs};
 
@@ -60,6 +61,16 @@ pub enum ApplyError {
     /// The database or the key provider failed; the event may apply on a retry.
     #[error("{0}")]
     Transient(String),
+    /// Transient too, and short: the region's write check refused the write
+    /// while the region moves between clusters (several clusters only). The
+    /// event is retried within a second; nothing was written.
+    #[error("{message}")]
+    RegionMoving {
+        /// Fenced (same cluster, soon) or moved (another cluster).
+        refusal: Refusal,
+        /// What the database said.
+        message: String,
+    },
 }
 
 /// What applying needs besides the event.
@@ -204,12 +215,38 @@ const UPSERT_ELIGIBILITY: &str = "INSERT INTO umstore.user_eligibility_cache (us
         expires_at = EXCLUDED.expires_at
      WHERE umstore.user_eligibility_cache.computed_at <= EXCLUDED.computed_at";
 
-/// Applies `event` on `client` (a writer login) in one transaction.
+/// The refusal of the region check as an [`ApplyError`], else as any other
+/// database error.
+fn region_check_error(e: tokio_postgres::Error) -> ApplyError {
+    match Refusal::of(&e) {
+        Some(refusal) => ApplyError::RegionMoving {
+            refusal,
+            message: match refusal {
+                Refusal::Fenced => format!(
+                    "the region is fenced for a moment while it moves between clusters; the \
+                     event is retried shortly ({})",
+                    crate::db::with_causes(&e)
+                ),
+                Refusal::Moved => format!(
+                    "the cluster no longer (or not yet) serves the region; the event is retried \
+                     on the region's cluster ({})",
+                    crate::db::with_causes(&e)
+                ),
+            },
+        },
+        None => db_error("checking the region")(e),
+    }
+}
+
+/// Applies `event` on `client` (a writer login) in one transaction; with
+/// [`RegionCheck::On`] (several clusters) the region's write check runs right
+/// after the user's lock.
 pub async fn apply(
     client: &mut deadpool_postgres::Object,
     keyring: &Keyring,
     config: &ApplyConfig,
     event: &Event,
+    check: RegionCheck,
 ) -> Result<Outcome, ApplyError> {
     let tx = client
         .build_transaction()
@@ -223,6 +260,15 @@ pub async fn apply(
     tx.execute(&lock, &[&user_lock_key(event.user_id)])
         .await
         .map_err(db_error("locking the user"))?;
+    if check == RegionCheck::On {
+        let region_write = tx
+            .prepare_cached(REGION_WRITE)
+            .await
+            .map_err(db_error("preparing"))?;
+        tx.execute(&region_write, &[&event.region, &event.user_id])
+            .await
+            .map_err(region_check_error)?;
+    }
     let record = tx
         .prepare_cached(RECORD_EVENT)
         .await

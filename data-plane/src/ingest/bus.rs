@@ -10,7 +10,8 @@
 //!
 //! Each message is acknowledged only after its transaction committed (a crash
 //! before the ack redelivers it, and the redelivery is a duplicate); a transient
-//! failure is `nak`ed with a growing delay; a message that can never apply is
+//! failure is `nak`ed with a growing delay (an event deferred while its region
+//! moves between clusters with a short one, at most 400 ms); a message that can never apply is
 //! published to the dead-letter subject with its reason and then terminated, so
 //! it is never redelivered. Nothing else stops the consumer.
 
@@ -249,6 +250,21 @@ async fn handle(js: &Context, config: &BusConfig, ingest: &Ingest, message: jets
                 }
             }
         }
+        Err(SubmitError::RegionMoving(reason)) => {
+            // A fence lasts a second or two: retried soon, whatever the
+            // number of deliveries, so it does not become a long backoff.
+            let delivered = message.info().map(|i| i.delivered).unwrap_or(1);
+            let delay = moving_retry_delay(delivered);
+            debug!(
+                %reason,
+                delivered,
+                retry_in_ms = delay.as_millis() as u64,
+                "event deferred while its region moves between clusters"
+            );
+            if let Err(e) = message.ack_with(AckKind::Nak(Some(delay))).await {
+                warn!(error = %e, "nak");
+            }
+        }
         Err(SubmitError::Transient(reason)) => {
             let delivered = message.info().map(|i| i.delivered).unwrap_or(1);
             let delay = retry_delay(delivered);
@@ -270,6 +286,17 @@ fn retry_delay(delivered: i64) -> Duration {
     let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(30));
     let mut delay = backoff.next_delay();
     for _ in 1..delivered.clamp(1, 16) {
+        delay = backoff.next_delay();
+    }
+    delay
+}
+
+/// The delay before redelivering an event deferred by its region's move
+/// (`delivered` deliveries so far): 50 ms doubling to 400 ms, never more.
+fn moving_retry_delay(delivered: i64) -> Duration {
+    let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_millis(400));
+    let mut delay = backoff.next_delay();
+    for _ in 1..delivered.clamp(1, 8) {
         delay = backoff.next_delay();
     }
     delay
@@ -308,4 +335,20 @@ async fn dead_letter(
     .await
     .map_err(|e| BusError::new(config, "dead-lettering", e))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_event_deferred_by_a_move_comes_back_within_half_a_second() {
+        assert_eq!(moving_retry_delay(1), Duration::from_millis(50));
+        assert_eq!(moving_retry_delay(2), Duration::from_millis(100));
+        for delivered in [4, 10, 1000] {
+            assert_eq!(moving_retry_delay(delivered), Duration::from_millis(400));
+        }
+        // Other transient failures back off to 30 s.
+        assert_eq!(retry_delay(100), Duration::from_secs(30));
+    }
 }

@@ -15,7 +15,8 @@ use std::sync::Arc;
 
 use chrono::Utc;
 
-use crate::clusters::Layout;
+use crate::clusters::fence::{Refusal, RegionCheck};
+use crate::clusters::placement::Placement;
 use crate::crypto::Keyring;
 use crate::db::Database;
 use crate::metrics::{IngestLabels, Metrics};
@@ -65,12 +66,13 @@ impl Ingest {
         })
     }
 
-    /// Writes each event on the cluster holding its region (`layout` with
-    /// two or more clusters; `writers`: the writer's login on each, in the
-    /// layout's order), `connections` per cluster.
+    /// Writes each event on the cluster holding its region now (`placement`
+    /// over a layout of two or more clusters; `writers`: the writer's login on
+    /// each, in the layout's order), `connections` per cluster, each write
+    /// checked by the region's write check.
     pub fn with_clusters(
         mut self,
-        layout: Arc<Layout>,
+        placement: Arc<Placement>,
         writers: &[Database],
         connections: usize,
     ) -> Result<Self, PoolError> {
@@ -81,7 +83,7 @@ impl Ingest {
         if let Some(home) = pools.first() {
             self.pool = home.clone();
         }
-        self.clusters = Some(Arc::new(routes::WriteClusters::new(layout, pools)));
+        self.clusters = Some(Arc::new(routes::WriteClusters::new(placement, pools)));
         Ok(self)
     }
 
@@ -90,7 +92,7 @@ impl Ingest {
     pub fn cluster_of(&self, region: &str) -> Option<usize> {
         match &self.clusters {
             None => Some(0),
-            Some(c) => c.layout().cluster_of(region),
+            Some(c) => c.placement().cluster_of(region),
         }
     }
 
@@ -129,6 +131,7 @@ impl Ingest {
         let outcome = self.apply(&event).await.map_err(|e| match e {
             ApplyError::Rejected(r) => SubmitError::Rejected(r),
             ApplyError::Transient(m) => SubmitError::Transient(m),
+            ApplyError::RegionMoving { message, .. } => SubmitError::RegionMoving(message),
         })?;
         Ok((event, outcome))
     }
@@ -137,29 +140,70 @@ impl Ingest {
     /// cluster, where there are several, after its route is in place).
     pub async fn apply(&self, event: &Event) -> Result<Outcome, ApplyError> {
         let started = std::time::Instant::now();
-        let pool = match &self.clusters {
-            None => Ok(&self.pool),
-            Some(clusters) => clusters.prepare(event, self.metrics.as_deref()).await,
+        let (pool, check) = match &self.clusters {
+            None => (Ok(&self.pool), RegionCheck::Off),
+            Some(clusters) => (
+                clusters.prepare(event, self.metrics.as_deref()).await,
+                RegionCheck::On,
+            ),
         };
         let result = match pool {
             Err(e) => Err(e),
             Ok(pool) => match pool.get().await {
-                Ok(mut client) => apply(&mut client, &self.keyring, &self.config, event).await,
+                Ok(mut client) => {
+                    apply(&mut client, &self.keyring, &self.config, event, check).await
+                }
                 Err(e) => Err(ApplyError::Transient(format!(
                     "no database connection: {e}"
                 ))),
             },
         };
+        if let Err(ApplyError::RegionMoving { refusal, .. }) = &result {
+            if let Some(m) = &self.metrics {
+                m.region_write_refused(refusal.as_str());
+            }
+            if let (Refusal::Moved, Some(clusters)) = (refusal, &self.clusters) {
+                // The retry goes to the region's new cluster.
+                clusters.placement().refresh_now();
+            }
+        }
         self.count(match &result {
             Ok(outcome) => outcome.as_str(),
             Err(ApplyError::Rejected(_)) => "rejected",
             Err(ApplyError::Transient(_)) => "failed",
+            Err(ApplyError::RegionMoving { .. }) => "deferred",
         });
         if let (Some(m), Ok(Outcome::Applied { .. })) = (&self.metrics, &result) {
             m.ingest_apply_seconds
                 .observe(started.elapsed().as_secs_f64());
         }
         result
+    }
+
+    /// [`Self::apply`], trying again for up to `patience` while the event's
+    /// region is moving between clusters (its fence is up for a moment, or the
+    /// placement is read again): what an HTTP caller waits for rather than a
+    /// 503. Other errors return at once.
+    pub async fn apply_through_moves(
+        &self,
+        event: &Event,
+        patience: std::time::Duration,
+    ) -> Result<Outcome, ApplyError> {
+        let deadline = tokio::time::Instant::now() + patience;
+        let mut backoff = crate::backoff::Backoff::new(
+            std::time::Duration::from_millis(20),
+            std::time::Duration::from_millis(250),
+        );
+        loop {
+            match self.apply(event).await {
+                Err(ApplyError::RegionMoving { .. })
+                    if tokio::time::Instant::now() + backoff.peek() < deadline =>
+                {
+                    tokio::time::sleep(backoff.next_delay()).await;
+                }
+                other => return other,
+            }
+        }
     }
 
     /// The primary's current WAL insert position (`X/Y`): past the commit
@@ -232,6 +276,10 @@ pub enum SubmitError {
     /// Retry later.
     #[error("{0}")]
     Transient(String),
+    /// Retry within a second: the event's region is moving between clusters
+    /// ([`ApplyError::RegionMoving`]).
+    #[error("{0}")]
+    RegionMoving(String),
 }
 
 /// Parses a duration written as whole numbers with units, largest first: `7d`,

@@ -17,6 +17,7 @@ use uuid::Uuid;
 use super::apply::ApplyError;
 use super::event::{EventType, Rejection};
 use super::Event;
+use crate::clusters::placement::Placement;
 use crate::clusters::Layout;
 use crate::metrics::Metrics;
 
@@ -28,10 +29,10 @@ const SELECT_ROUTE: &str = "SELECT region::text FROM umstore.user_routes WHERE u
 /// Whether a cluster's directory lists the user, and in which region.
 const SELECT_DIRECTORY: &str = "SELECT region::text FROM umstore.user_directory WHERE user_id = $1";
 
-/// Each cluster's writer pool, home first.
+/// Each cluster's writer pool, home first, and where each region is now.
 #[derive(Debug)]
 pub struct WriteClusters {
-    layout: Arc<Layout>,
+    placement: Arc<Placement>,
     pools: Vec<Pool>,
 }
 
@@ -40,19 +41,25 @@ fn transient(what: &str) -> impl Fn(tokio_postgres::Error) -> ApplyError + '_ {
 }
 
 impl WriteClusters {
-    /// `pools`: the writer's pool on each cluster of `layout`, in its order.
-    pub fn new(layout: Arc<Layout>, pools: Vec<Pool>) -> Self {
-        Self { layout, pools }
+    /// `pools`: the writer's pool on each cluster of the placement's layout,
+    /// in its order.
+    pub fn new(placement: Arc<Placement>, pools: Vec<Pool>) -> Self {
+        Self { placement, pools }
     }
 
     /// The layout.
     pub fn layout(&self) -> &Layout {
-        &self.layout
+        self.placement.layout()
+    }
+
+    /// Where each region is now.
+    pub fn placement(&self) -> &Placement {
+        &self.placement
     }
 
     /// Cluster `index`'s name and writer pool.
     pub fn cluster(&self, index: usize) -> Option<(&str, &Pool)> {
-        let name = self.layout.clusters().get(index)?.name.as_str();
+        let name = self.layout().clusters().get(index)?.name.as_str();
         Some((name, self.pools.get(index)?))
     }
 
@@ -63,7 +70,14 @@ impl WriteClusters {
         event: &Event,
         metrics: Option<&Metrics>,
     ) -> Result<&Pool, ApplyError> {
-        let index = self.layout.cluster_of(event.region).ok_or_else(|| {
+        if !self.placement.is_loaded() {
+            return Err(ApplyError::Transient(
+                "the region placement was not read from the home cluster yet; the event is \
+                 retried"
+                    .into(),
+            ));
+        }
+        let index = self.placement.cluster_of(event.region).ok_or_else(|| {
             ApplyError::Transient(format!(
                 "region {} is in no cluster of --clusters (UMSTORE_CLUSTERS): add it to the \
                  cluster that holds its data; the event is retried",
@@ -100,7 +114,7 @@ impl WriteClusters {
             ApplyError::Transient(format!("no connection to the home cluster: {e}"))
         })?;
         if let Some(m) = metrics {
-            m.cluster_query(&self.layout.clusters()[0].name);
+            m.cluster_query(&self.layout().clusters()[0].name);
         }
         let routed: Option<String> = home
             .query_opt(SELECT_ROUTE, &[&user_id])
@@ -122,7 +136,7 @@ impl WriteClusters {
                 .await
                 .map_err(|e| ApplyError::Transient(format!("no connection to a cluster: {e}")))?;
             if let Some(m) = metrics {
-                m.cluster_query(&self.layout.clusters()[other].name);
+                m.cluster_query(&self.layout().clusters()[other].name);
             }
             let listed: Option<String> = client
                 .query_opt(SELECT_DIRECTORY, &[&user_id])

@@ -76,6 +76,10 @@ fn condition(filter: &Filter, n: usize) -> Option<(String, Box<dyn ToSql + Sync 
         Filter::IncomeBracket(b) => (format!("income_bracket = ${n}::text"), Box::new(b.clone())),
         Filter::LifeStage(l) => (format!("life_stage = ${n}::text"), Box::new(l.clone())),
         Filter::BplStatus(b) => (format!("bpl_status = ${n}::bool"), Box::new(*b)),
+        Filter::InRegions(r) => (
+            format!("region = ANY(${n}::text[]::bpchar[])"),
+            Box::new(r.clone()),
+        ),
         Filter::AgeMin(_)
         | Filter::AgeMax(_)
         | Filter::EligibleFor(_)
@@ -212,6 +216,7 @@ mod tests {
                 Filter::IncomeBracket("BPL".into()),
                 Filter::LifeStage("retired".into()),
                 Filter::BplStatus(true),
+                Filter::InRegions(vec!["KA".into(), "KL".into()]),
             ],
             &dims
         ));

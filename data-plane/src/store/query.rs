@@ -49,6 +49,11 @@ pub enum Filter {
     RiskAbove(f64),
     /// The blind index of an identity token (computed by the caller).
     IdentityTokenIndex(Vec<u8>),
+    /// Only these regions: a cluster's share of a query over every cluster
+    /// of a store with several, the regions the placement gives it (a region
+    /// being copied in from another cluster is not counted twice). Never
+    /// parsed from a request.
+    InRegions(Vec<String>),
 }
 
 impl Filter {
@@ -219,6 +224,10 @@ impl Where {
                 Filter::IdentityTokenIndex(i) => (
                     format!("m.identity_token_bidx = ${n}::bytea"),
                     Box::new(i.clone()),
+                ),
+                Filter::InRegions(r) => (
+                    format!("m.region = ANY(${n}::text[]::bpchar[])"),
+                    Box::new(r.clone()),
                 ),
             };
             w.sql.push(clause);
