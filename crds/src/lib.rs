@@ -17,8 +17,8 @@ pub use backup::*;
 pub use spec::*;
 pub use status::{
     condition, BackupRecord, BackupStatus, ClusterStatus, ComponentStatus, Endpoints, GroupStatus,
-    KeysStatus, MemberStatus, MigrationsStatus, Phase, PromotionStatus, ReplicaLag, RotationStatus,
-    StatsViewStatus, UserMetadataStoreStatus,
+    KeysStatus, MemberStatus, MigrationsStatus, Phase, PromotionStatus, RegionMoveStatus,
+    ReplicaLag, RotationStatus, StatsViewStatus, UserMetadataStoreStatus,
 };
 
 use kube::CustomResourceExt;

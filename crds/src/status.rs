@@ -116,6 +116,37 @@ pub struct UserMetadataStoreStatus {
     /// The Citus clusters of a tier-4 store with `spec.clusters`, home first.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub clusters: Vec<ClusterStatus>,
+    /// Regions moved between clusters (tier 4): the move under way, if any,
+    /// then the last ones finished, newest first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub region_moves: Vec<RegionMoveStatus>,
+}
+
+/// One move of a region from one cluster to another, from the home cluster's
+/// journal (`umstore.region_moves`).
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RegionMoveStatus {
+    /// The region.
+    pub region: String,
+    /// The cluster it leaves.
+    pub from: String,
+    /// The cluster it goes to.
+    pub to: String,
+    /// `copying`, `catching_up`, `fenced`, `switched` or `done`.
+    pub phase: String,
+    /// How long the region's writes were held back, in milliseconds (from the
+    /// fence to the switch), once switched.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fence_ms: Option<f64>,
+    /// Rows copied by the snapshot.
+    #[serde(default)]
+    pub rows_copied: i64,
+    /// When it started (RFC 3339).
+    pub started_at: String,
+    /// When it finished, if it did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finished_at: Option<String>,
 }
 
 /// One Citus cluster of a tier-4 store, as the operator last saw it.

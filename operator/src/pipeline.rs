@@ -23,9 +23,9 @@ use crate::context::Context;
 use crate::error::Error;
 use crate::meta::PG_PORT;
 use crate::steps::{
-    backup, bootstrap, clusters, credentials, distribute, keys, lag, migrate, promote, rollout,
-    status, switchover, topology, validate, views, Journal, Outcome, Progress, Reached, Reason,
-    Step,
+    backup, bootstrap, clusters, credentials, distribute, keys, lag, migrate, moves, promote,
+    rollout, status, switchover, topology, validate, views, Journal, Outcome, Progress, Reached,
+    Reason, Step,
 };
 use crate::validated::Validated;
 
@@ -135,6 +135,7 @@ async fn steps(
         replica_lag: None,
         stats_views: None,
         clusters: Vec::new(),
+        region_moves: None,
         worker_group_ids: valid.citus_groups.clone(),
         placement: None,
         converting: false,
@@ -304,6 +305,22 @@ async fn steps(
         journal,
     )
     .await?;
+    // Regions whose cluster the spec changed move there, one per reconcile.
+    let moved = moves::run(
+        &valid,
+        &connector,
+        &credentials,
+        &mut reached.clusters,
+        journal,
+    )
+    .await?;
+    if moved.pending > 0 {
+        reached.requeue_within(Duration::from_secs(2));
+    }
+    if let Some(failed) = moved.failed {
+        reached.degraded.push((Reason::RegionMoveFailed, failed));
+    }
+    reached.region_moves = moved.journal;
     reached.stats_views = views::measure(&valid, &mut schema.admin).await;
     if valid.spec.auto_promotion.enabled && valid.tier < 4 {
         match promote::measure(&schema.admin).await {

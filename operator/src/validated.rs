@@ -90,8 +90,12 @@ pub struct Cluster {
     pub home: bool,
     /// Its worker groups.
     pub worker_groups: Vec<WorkerGroupSpec>,
-    /// The regions it holds (its groups' regions), sorted.
+    /// The regions the spec gives it (its groups' regions), sorted.
     pub regions: Vec<String>,
+    /// The regions it holds now, sorted: `regions`, except a region still
+    /// in the cluster it is being moved from (recorded in status) is there
+    /// until its move switches. What the data plane's layout and status say.
+    pub holds: Vec<String>,
     /// Where its database pods may run.
     pub placement: PlacementSpec,
 }
@@ -644,6 +648,7 @@ fn check_clusters(
             name: c.name.clone(),
             home,
             worker_groups: c.worker_groups.clone(),
+            holds: Vec::new(),
             regions,
             placement: c.placement.clone().unwrap_or_default(),
         });
@@ -681,15 +686,32 @@ fn check_clusters(
         }
         _ => BTreeMap::new(),
     };
-    for c in &clusters {
-        for r in &c.regions {
-            if let Some(from) = recorded.get(r).filter(|from| **from != c.name) {
-                problems.push(format!(
-                    "spec.clusters: region {r} holds rows in cluster '{from}'; moving a region \
-                     to another cluster ('{}') is not supported yet: keep {r} in '{from}'",
-                    c.name
-                ));
-            }
+    // A region whose recorded cluster is another than the spec's moves there
+    // (the moves step); until it has, it is held where it is.
+    let spec_cluster: BTreeMap<String, String> = clusters
+        .iter()
+        .flat_map(|c| c.regions.iter().map(move |r| (r.clone(), c.name.clone())))
+        .collect();
+    let known: BTreeSet<String> = clusters.iter().map(|c| c.name.clone()).collect();
+    for c in &mut clusters {
+        c.holds = spec_cluster
+            .iter()
+            .filter(|(r, spec)| {
+                let now = recorded
+                    .get(*r)
+                    .filter(|from| known.contains(*from))
+                    .unwrap_or(spec);
+                *now == c.name
+            })
+            .map(|(r, _)| r.clone())
+            .collect();
+    }
+    for (r, from) in &recorded {
+        if spec_cluster.contains_key(r) && !known.contains(from) {
+            problems.push(format!(
+                "spec.clusters: region {r} holds rows in cluster '{from}', which the spec no \
+                 longer lists: keep '{from}' until its regions have moved to the others"
+            ));
         }
     }
     clusters
@@ -914,15 +936,27 @@ mod tests {
                 .any(|p| p == "spec.clusters[].workerGroups: name 'n1' appears twice"),
             "{problems:?}"
         );
-        // A store that ran with every region at home: DL may stay, KA may not leave.
+        // A store that ran with every region at home: KA and TN are held in
+        // north until the moves step has moved them to south.
         let mut running = store(two_clusters(), Some(3));
         running.status.as_mut().expect("status").schema_version = Some(11);
-        let problems = validate(&running).expect_err("a move").problems;
+        let v = validate(&running).expect("a move is accepted");
+        assert_eq!(v.clusters[0].holds, ["DL", "KA", "TN"]);
+        assert!(v.clusters[1].holds.is_empty());
+        assert_eq!(v.clusters[1].regions, ["KA", "TN"]);
+        // A cluster dropped from the spec while it still holds a region: refused.
+        let mut gone = store(two_clusters(), Some(4));
+        let status = gone.status.as_mut().expect("status");
+        status.clusters = vec![umstore_crds::ClusterStatus {
+            name: "west".into(),
+            regions: vec!["KA".into()],
+            ..Default::default()
+        }];
+        let problems = validate(&gone).expect_err("west still holds KA").problems;
         assert!(
-            problems.iter().any(|p| p.contains(
-                "region KA holds rows in cluster 'north'; moving a region to another cluster \
-                 ('south') is not supported yet"
-            )),
+            problems
+                .iter()
+                .any(|p| p.contains("region KA holds rows in cluster 'west', which the spec")),
             "{problems:?}"
         );
         // Recorded in status as already in south: accepted.
@@ -941,7 +975,8 @@ mod tests {
                 ..Default::default()
             },
         ];
-        assert!(validate(&placed).is_ok());
+        let v = validate(&placed).expect("valid");
+        assert_eq!(v.clusters[1].holds, ["KA", "TN"]);
     }
 
     #[test]

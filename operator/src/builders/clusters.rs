@@ -115,7 +115,7 @@ pub fn layout(v: &Validated) -> Vec<ClusterLayout> {
                 .collect();
             ClusterLayout {
                 name: c.name.clone(),
-                regions: c.regions.clone(),
+                regions: c.holds.clone(),
                 primary: primary(v, c),
                 replicas,
             }

@@ -24,6 +24,7 @@ pub mod distribute;
 pub mod keys;
 pub mod lag;
 pub mod migrate;
+pub mod moves;
 pub mod promote;
 pub mod rollout;
 pub mod status;
@@ -186,6 +187,13 @@ reasons! {
     /// A cluster of a tier-4 store other than home is not ready: its workloads, or
     /// its bootstrap, migrate or distribute step (clusters).
     ClusterNotReady,
+    /// A region is moving to the cluster the spec gives it (moves, Normal Event).
+    RegionMoving,
+    /// A region moved between clusters (moves, Normal Event).
+    RegionMoved,
+    /// A region move stopped with an error; it resumes on the next reconcile
+    /// (moves, Warning Event).
+    RegionMoveFailed,
     /// A workload's volume claim is Pending (status, Warning Event).
     VolumeClaimPending,
     /// A workload's pod cannot be scheduled (status, Warning Event).
@@ -323,6 +331,9 @@ pub struct Reached {
     pub stats_views: Option<Vec<umstore_crds::StatsViewStatus>>,
     /// The clusters of a tier-4 store with `spec.clusters` (empty otherwise).
     pub clusters: Vec<umstore_crds::ClusterStatus>,
+    /// The region moves, when the moves step read the journal; `None` keeps
+    /// the last ones.
+    pub region_moves: Option<Vec<umstore_crds::RegionMoveStatus>>,
 }
 
 impl Reached {

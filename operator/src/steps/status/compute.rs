@@ -346,6 +346,10 @@ pub fn compute(
         switchover: r.switchover.clone(),
         endpoints: Some(r.endpoints.clone()),
         clusters: r.clusters.clone(),
+        region_moves: r
+            .region_moves
+            .clone()
+            .unwrap_or_else(|| old.region_moves.clone()),
         schema_version: r.schema_version.or(old.schema_version),
         replica_lag: r
             .replica_lag
