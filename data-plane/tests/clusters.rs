@@ -6,7 +6,11 @@
 //! (or, for a user without one, every cluster's directory, then write the
 //! route back); stats merge both clusters with small groups suppressed by
 //! their totals; erasure reaches the user's cluster; bad layouts stop the
-//! process with a message that says what to fix.
+//! process with a message that says what to fix. A region moving between the
+//! clusters: home's `umstore.region_placement` moves its reads and writes; a
+//! fenced region's events wait and then all land, once; a region moved away
+//! sends its writes to the new cluster at once; a region copied into another
+//! cluster is counted once by the stats.
 
 mod support;
 
@@ -47,6 +51,17 @@ impl Api {
     /// `serve` over both clusters, given home's URLs only (the layout moves
     /// them onto south).
     async fn start(home: &Store, south: &Store, south_replica: u16, nats: &str) -> Self {
+        Self::start_with(home, south, south_replica, nats, &[]).await
+    }
+
+    /// [`Self::start`] with more flags.
+    async fn start_with(
+        home: &Store,
+        south: &Store,
+        south_replica: u16,
+        nats: &str,
+        extra: &[&str],
+    ) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let port = free_port();
         let listen = format!("127.0.0.1:{port}");
@@ -86,6 +101,7 @@ impl Api {
             args.push(flag);
             args.push(url);
         }
+        args.extend_from_slice(extra);
         let clusters = layout(home, south, south_replica);
         let log = std::fs::File::create(dir.path().join("serve.log")).expect("log");
         let served = Served::start_logging_env(
@@ -586,4 +602,543 @@ fn two_local() -> String {
     r#"[{"name":"home","regions":["AP"],"primary":{"host":"127.0.0.1","port":1}},
         {"name":"south","regions":["KA"],"primary":{"host":"127.0.0.1","port":2}}]"#
         .to_owned()
+}
+
+/// Two clusters (home: AP, TS; south: KA, KL) and one `serve` over them,
+/// reading the region placement every `refresh`; for the tests of a region
+/// moving between them. South has no replica (its AI reads its primary).
+struct Moving {
+    api: Api,
+    home_db: Client,
+    south_db: Client,
+    js: async_nats::jetstream::Context,
+    _nats: umstore_e2e::Nats,
+    _pg: umstore_e2e::Postgres,
+    _stores: (Store, Store),
+}
+
+async fn moving(refresh: &str) -> Moving {
+    let home = Store::migrated().await;
+    let pg = umstore_e2e::Postgres::start().expect("PostgreSQL 15 (a second server)");
+    let south = Store::migrated_on(&pg).await;
+    let nats = umstore_e2e::Nats::start().expect("nats-server (apt-get install nats-server)");
+    let api = Api::start_with(
+        &home,
+        &south,
+        south.port(),
+        &nats.url(),
+        &["--placement-refresh", refresh],
+    )
+    .await;
+    let home_db = connect(home.superuser()).await;
+    let south_db = connect(south.superuser()).await;
+    let client = async_nats::connect(nats.url()).await.expect("NATS");
+    let js = async_nats::jetstream::new(client);
+    // The process makes the streams once it is connected.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while js.get_stream("UMSTORE_EVENTS_IN").await.is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no inbound stream\n{}",
+            api.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Moving {
+        api,
+        home_db,
+        south_db,
+        js,
+        _nats: nats,
+        _pg: pg,
+        _stores: (home, south),
+    }
+}
+
+impl Moving {
+    /// Publishes `event` on its inbound subject, as a producer does.
+    async fn publish(&self, event: &Value) {
+        let subject = format!(
+            "umstore.events.in.{}.{}",
+            event["region"].as_str().expect("region"),
+            event["event_type"].as_str().expect("event type")
+        );
+        self.js
+            .publish(subject, event.to_string().into())
+            .await
+            .expect("publish")
+            .await
+            .expect("stored");
+    }
+
+    fn metrics(&self) -> String {
+        support::http_get(self.api.port, "/metrics")
+            .expect("metrics")
+            .1
+    }
+
+    /// How long until the process has read placement `epoch`.
+    async fn wait_for_epoch(&self, epoch: f64) -> Duration {
+        let started = std::time::Instant::now();
+        while metric(&self.metrics(), "umstore_region_placement_epoch ") != epoch {
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "placement epoch {epoch} never read\n{}",
+                self.api.log()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        started.elapsed()
+    }
+
+    /// Places `region` in `cluster` in home's placement, as the operator (or
+    /// the mover's switch) does.
+    async fn place(&self, region: &str, cluster: &str, epoch: i64) {
+        self.home_db
+            .execute(
+                "INSERT INTO umstore.region_placement (region, cluster, epoch)
+                 VALUES ($1::text::bpchar, $2, $3)
+                 ON CONFLICT (region) DO UPDATE SET cluster = EXCLUDED.cluster,
+                    epoch = EXCLUDED.epoch, placed_at = now()",
+                &[&region, &cluster, &epoch],
+            )
+            .await
+            .expect("place the region");
+    }
+
+    /// Sets `region`'s state in one cluster, as the mover does.
+    async fn set_state(db: &Client, region: &str, state: &str, peer: Option<&str>) {
+        db.execute(
+            "UPDATE umstore.region_state SET state = $2, peer = $3, changed_at = now()
+             WHERE region = $1::text::bpchar",
+            &[&region, &state, &peer],
+        )
+        .await
+        .expect("set the region's state");
+    }
+}
+
+/// Waits until `done` (a query's count) reaches `want`, for at most `within`.
+async fn wait_count(db: &Client, sql: &str, user: Uuid, want: i64, within: Duration) {
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        let n = count(db, sql, user).await;
+        if n == want {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{sql} ({user}): {n}, not {want}"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+const METADATA_ROWS: &str = "SELECT count(*) FROM umstore.user_metadata WHERE user_id = $1";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_placement_row_moves_a_regions_reads_and_writes_within_the_refresh() {
+    let m = moving("200ms").await;
+    let before = Uuid::new_v4();
+    m.api.send(json!(created_in(before, "KA", None)));
+    assert_eq!(rows(&m.south_db, before).await, [1, 1, 1, 0]);
+    assert_eq!(metric(&m.metrics(), "umstore_region_placement_epoch "), 0.0);
+
+    // KA is home's now (nobody copied its rows: only where things go is
+    // tested here).
+    m.place("KA", "home", 2).await;
+    let took = m.wait_for_epoch(2.0).await;
+    assert!(
+        took < Duration::from_millis(1500),
+        "a refresh every 200 ms took {took:?}"
+    );
+    let after = Uuid::new_v4();
+    let answer = m.api.send(json!(created_in(after, "KA", None)));
+    let token = answer["lsn"].as_str().expect("an lsn");
+    assert!(token.starts_with("home:"), "{token}");
+    assert_eq!(rows(&m.home_db, after).await, [1, 1, 1, 1]);
+    assert_eq!(rows(&m.south_db, after).await, [0, 0, 0, 0]);
+    // Reads follow the placement: the route says KA, the placement home.
+    let a = m
+        .api
+        .get(Purpose::Ai, &format!("/api/v1/user-metadata/{after}"));
+    assert_eq!(a.status, 200, "{}", a.body);
+    assert_eq!(a.header("x-cluster"), Some("home"));
+    // The user written before the switch is still only in south, which KA
+    // is no longer read from.
+    let a = m
+        .api
+        .get(Purpose::Ai, &format!("/api/v1/user-metadata/{before}"));
+    assert_eq!(a.status, 404, "{}", a.body);
+    // Over the bus too.
+    let bus = Uuid::new_v4();
+    m.publish(&created_in(bus, "KA", None)).await;
+    wait_count(&m.home_db, METADATA_ROWS, bus, 1, Duration::from_secs(10)).await;
+    assert_eq!(rows(&m.south_db, bus).await, [0, 0, 0, 0]);
+
+    // A row naming a cluster the layout does not have: warned about, and the
+    // layout's cluster kept for the region.
+    m.place("KL", "north", 9).await;
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let kl = Uuid::new_v4();
+    m.api.send(json!(created_in(kl, "KL", None)));
+    assert_eq!(rows(&m.south_db, kl).await, [1, 1, 1, 0]);
+    assert_eq!(metric(&m.metrics(), "umstore_region_placement_epoch "), 2.0);
+    let log = m.api.log();
+    assert!(
+        log.contains("region placement changed") && log.contains("\"south\""),
+        "{log}"
+    );
+    assert!(
+        log.contains("names a cluster that is not in --clusters"),
+        "{log}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fenced_regions_events_wait_and_then_all_land_once() {
+    let m = moving("200ms").await;
+    let t0 = Utc::now() - Span::minutes(10);
+    let base = Uuid::new_v4();
+    m.api.send(json!(created_in(base, "KA", None)));
+
+    // The mover's fence: no write of KA lands in south meanwhile.
+    Moving::set_state(&m.south_db, "KA", "fenced", Some("home")).await;
+    let fenced_at = std::time::Instant::now();
+    let created: Vec<Uuid> = (0..10).map(|_| Uuid::new_v4()).collect();
+    let mut ids = Vec::new();
+    for user in &created {
+        let event = created_in(*user, "KA", None);
+        ids.push(event["event_id"].as_str().expect("id").to_owned());
+        m.publish(&event).await;
+    }
+    let districts: Vec<String> = (1..=5).map(|i| format!("District {i}")).collect();
+    for (i, district) in districts.iter().enumerate() {
+        let event = envelope(
+            "METADATA_UPDATED",
+            base,
+            t0 + Span::minutes(6) + Span::seconds(i as i64),
+            json!({"district": district}),
+        );
+        ids.push(event["event_id"].as_str().expect("id").to_owned());
+        m.publish(&event).await;
+    }
+    // An HTTP caller writing KA meanwhile waits for the fence, and is not
+    // told to send it again.
+    let over_http = Uuid::new_v4();
+    let (port, token) = (m.api.port, m.api.token(Purpose::Writer));
+    let body = created_in(over_http, "KA", None).to_string();
+    let caller = std::thread::spawn(move || http_post(port, "/api/v1/events", Some(&token), &body));
+    // Other regions go on.
+    let elsewhere = Uuid::new_v4();
+    m.publish(&created_in(elsewhere, "AP", None)).await;
+    wait_count(
+        &m.home_db,
+        METADATA_ROWS,
+        elsewhere,
+        1,
+        Duration::from_secs(10),
+    )
+    .await;
+    // Reads of KA go on too.
+    let a = m
+        .api
+        .get(Purpose::Dashboard, &format!("/api/v1/user-metadata/{base}"));
+    assert_eq!(a.status, 200, "{}", a.body);
+    assert_eq!(a.header("x-cluster"), Some("south"));
+    // Hold the fence for three seconds: long enough for several redeliveries.
+    tokio::time::sleep(Duration::from_secs(3).saturating_sub(fenced_at.elapsed())).await;
+    let processed: i64 = m
+        .south_db
+        .query_one(
+            "SELECT count(*) FROM umstore.processed_events WHERE event_id::text = ANY($1)",
+            &[&ids],
+        )
+        .await
+        .expect("processed")
+        .get(0);
+    assert_eq!(processed, 0, "an event applied while its region was fenced");
+    assert_eq!(count(&m.south_db, METADATA_ROWS, over_http).await, 0);
+    assert!(
+        !caller.is_finished(),
+        "the HTTP caller was answered while fenced"
+    );
+    let metrics = m.metrics();
+    assert!(
+        metric(
+            &metrics,
+            "umstore_region_write_refusals_total{reason=\"fenced\"}"
+        ) >= 2.0,
+        "{metrics}"
+    );
+
+    // The fence comes down: everything lands within a moment.
+    Moving::set_state(&m.south_db, "KA", "open", None).await;
+    let opened = std::time::Instant::now();
+    for user in &created {
+        wait_count(
+            &m.south_db,
+            METADATA_ROWS,
+            *user,
+            1,
+            Duration::from_secs(10),
+        )
+        .await;
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let processed: i64 = m
+            .south_db
+            .query_one(
+                "SELECT count(*) FROM umstore.processed_events WHERE event_id::text = ANY($1)",
+                &[&ids],
+            )
+            .await
+            .expect("processed")
+            .get(0);
+        if processed == ids.len() as i64 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{processed} of {}",
+            ids.len()
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let landed = opened.elapsed();
+    assert!(
+        landed < Duration::from_millis(2500),
+        "the deferred events took {landed:?} to land after the fence came down"
+    );
+    let (status, body) = caller.join().expect("the HTTP caller");
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("\"applied\""), "{body}");
+    assert_eq!(rows(&m.south_db, over_http).await, [1, 1, 1, 0]);
+    // None lost, none doubled: each event recorded once, each update applied
+    // (or found stale, when a redelivery overtook a newer one) once.
+    let per_event: Vec<i64> = m
+        .south_db
+        .query(
+            "SELECT count(*) FROM umstore.processed_events WHERE event_id::text = ANY($1)
+             GROUP BY event_id",
+            &[&ids],
+        )
+        .await
+        .expect("per event")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(per_event, vec![1; ids.len()]);
+    let updates: i64 = count(
+        &m.south_db,
+        "SELECT count(*) FROM umstore.user_metadata_history
+         WHERE user_id = $1 AND change_type = 'updated'",
+        base,
+    )
+    .await;
+    let stale: i64 = count(
+        &m.south_db,
+        "SELECT count(*) FROM umstore.processed_events
+         WHERE user_id = $1 AND event_type = 'METADATA_UPDATED' AND outcome = 'stale'",
+        base,
+    )
+    .await;
+    assert_eq!(updates + stale, 5, "{updates} applied, {stale} stale");
+    // The newest update wins, whatever the order of redelivery.
+    let a = m
+        .api
+        .get(Purpose::Ai, &format!("/api/v1/user-metadata/{base}"));
+    assert_eq!(a.json()["pii"]["district"], "District 5", "{}", a.body);
+    let dead =
+        m.js.get_stream("UMSTORE_EVENTS_DLQ")
+            .await
+            .expect("dlq")
+            .info()
+            .await
+            .expect("info")
+            .state
+            .messages;
+    assert_eq!(dead, 0, "nothing is dead-lettered");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_region_moved_away_sends_its_writes_to_the_new_cluster_at_once() {
+    // The placement is read hourly: only a refusal makes it read sooner.
+    let m = moving("1h").await;
+    let first = Uuid::new_v4();
+    m.api.send(json!(created_in(first, "KA", None)));
+    assert_eq!(rows(&m.south_db, first).await, [1, 1, 1, 0]);
+
+    // The switch, as the mover makes it: south no longer serves KA, and
+    // home's placement says home.
+    Moving::set_state(&m.south_db, "KA", "moved", Some("home")).await;
+    m.place("KA", "home", 2).await;
+    let over_http = Uuid::new_v4();
+    let answer = m.api.send(json!(created_in(over_http, "KA", None)));
+    assert_eq!(answer["results"][0]["status"], "applied", "{answer}");
+    let token = answer["lsn"].as_str().expect("an lsn");
+    assert!(token.starts_with("home:"), "{token}");
+    assert_eq!(rows(&m.home_db, over_http).await, [1, 1, 1, 1]);
+    assert_eq!(rows(&m.south_db, over_http).await, [0, 0, 0, 0]);
+    let over_bus = Uuid::new_v4();
+    m.publish(&created_in(over_bus, "KA", None)).await;
+    wait_count(
+        &m.home_db,
+        METADATA_ROWS,
+        over_bus,
+        1,
+        Duration::from_secs(10),
+    )
+    .await;
+    assert_eq!(rows(&m.south_db, over_bus).await, [0, 0, 0, 0]);
+    let a = m
+        .api
+        .get(Purpose::Ai, &format!("/api/v1/user-metadata/{over_http}"));
+    assert_eq!(a.status, 200, "{}", a.body);
+    assert_eq!(a.header("x-cluster"), Some("home"));
+    let metrics = m.metrics();
+    assert!(
+        metric(
+            &metrics,
+            "umstore_region_write_refusals_total{reason=\"moved\"}"
+        ) >= 1.0,
+        "{metrics}"
+    );
+    assert_eq!(metric(&metrics, "umstore_region_placement_epoch "), 2.0);
+    // Nothing of KA was written in south after the switch.
+    let ka: i64 = m
+        .south_db
+        .query_one(
+            "SELECT count(*) FROM umstore.user_metadata WHERE region = 'KA'",
+            &[],
+        )
+        .await
+        .expect("count")
+        .get(0);
+    assert_eq!(ka, 1);
+}
+
+/// Copies `region`'s rows of the tables a user's reads and stats need from
+/// one cluster into another, as a move's copy does.
+async fn copy_region(from: &Client, to: &Client) {
+    use futures_util::{SinkExt, TryStreamExt};
+    for (out, into) in [
+        (
+            "COPY (SELECT * FROM umstore.user_directory WHERE region = 'KA') TO STDOUT",
+            "COPY umstore.user_directory FROM STDIN",
+        ),
+        (
+            "COPY (SELECT * FROM umstore.user_data_keys WHERE region = 'KA') TO STDOUT",
+            "COPY umstore.user_data_keys FROM STDIN",
+        ),
+        (
+            "COPY (SELECT * FROM umstore.user_metadata WHERE region = 'KA') TO STDOUT",
+            "COPY umstore.user_metadata FROM STDIN",
+        ),
+        (
+            "COPY (SELECT * FROM umstore.user_derived_attributes WHERE region = 'KA') TO STDOUT",
+            "COPY umstore.user_derived_attributes FROM STDIN",
+        ),
+    ] {
+        let chunks: Vec<bytes::Bytes> = from
+            .copy_out(out)
+            .await
+            .expect(out)
+            .try_collect()
+            .await
+            .expect(out);
+        let sink = to.copy_in::<_, bytes::Bytes>(into).await.expect(into);
+        futures_util::pin_mut!(sink);
+        for chunk in chunks {
+            sink.send(chunk).await.expect(into);
+        }
+        sink.finish().await.expect(into);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stats_count_a_region_present_in_two_clusters_once() {
+    let m = moving("200ms").await;
+    let mut events = Vec::new();
+    for _ in 0..12 {
+        events.push(created_in(Uuid::new_v4(), "KA", Some("urban")));
+    }
+    for _ in 0..10 {
+        events.push(created_in(Uuid::new_v4(), "AP", Some("urban")));
+    }
+    m.api.send(Value::Array(events));
+    // KA being copied into home: its rows are in both clusters.
+    copy_region(&m.south_db, &m.home_db).await;
+    Moving::set_state(&m.home_db, "KA", "incoming", Some("south")).await;
+    let ka_rows: i64 = m
+        .home_db
+        .query_one(
+            "SELECT count(*) FROM umstore.user_metadata WHERE region = 'KA'",
+            &[],
+        )
+        .await
+        .expect("count")
+        .get(0);
+    assert_eq!(ka_rows, 12, "the copy");
+    let check = |source: &str| {
+        let a = m.api.get(
+            Purpose::Analytics,
+            "/api/v1/user-metadata/stats?group_by=region",
+        );
+        assert_eq!(a.status, 200, "{}", a.body);
+        assert_eq!(a.header("x-stats-source"), Some(source), "{}", a.body);
+        let body = a.json();
+        let users: Vec<(String, i64)> = body["groups"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+            .iter()
+            .map(|g| {
+                (
+                    g["group"]["region"].as_str().unwrap_or("?").to_owned(),
+                    g["users"].as_i64().unwrap_or(-1),
+                )
+            })
+            .collect();
+        assert_eq!(
+            users,
+            [("AP".to_owned(), 10), ("KA".to_owned(), 12)],
+            "{}",
+            a.body
+        );
+        let a = m.api.get(
+            Purpose::Analytics,
+            "/api/v1/user-metadata/stats?group_by=area_type",
+        );
+        assert_eq!(a.json()["groups"][0]["users"], 22, "{}", a.body);
+    };
+    check("live");
+    let users = |m: &Moving| {
+        let a = m.api.get(
+            Purpose::Admin,
+            "/api/v1/user-metadata/query?gender=female&limit=500",
+        );
+        assert_eq!(a.status, 200, "{}", a.body);
+        a.json()["users"].as_array().map(Vec::len)
+    };
+    assert_eq!(users(&m), Some(22), "users by attribute list KA once");
+    let out = m
+        .api
+        .cli(&["stats", "refresh", "--database-url", &m.api.writer]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    check("view");
+
+    // The switch: KA is read from home's copy now, still once.
+    m.place("KA", "home", 2).await;
+    Moving::set_state(&m.home_db, "KA", "open", None).await;
+    Moving::set_state(&m.south_db, "KA", "moved", Some("home")).await;
+    m.wait_for_epoch(2.0).await;
+    check("view");
+    assert_eq!(users(&m), Some(22));
+    let out = m
+        .api
+        .cli(&["stats", "refresh", "--database-url", &m.api.writer]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    check("view");
 }
