@@ -30,7 +30,8 @@ pub struct HttpLabels {
 /// Labels of an ingested event: what became of it.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct IngestLabels {
-    /// `applied`, `duplicate`, `stale`, `rejected` or `failed`.
+    /// `applied`, `duplicate`, `stale`, `rejected`, `failed` or `deferred`
+    /// (its region is moving between clusters: retried within a second).
     pub outcome: &'static str,
 }
 
