@@ -735,6 +735,8 @@ async fn wait_count(db: &Client, sql: &str, user: Uuid, want: i64, within: Durat
 }
 
 const METADATA_ROWS: &str = "SELECT count(*) FROM umstore.user_metadata WHERE user_id = $1";
+const ERASED_ROWS: &str =
+    "SELECT count(*) FROM umstore.user_metadata WHERE user_id = $1 AND erased_at IS NOT NULL";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_placement_row_moves_a_regions_reads_and_writes_within_the_refresh() {
@@ -799,8 +801,11 @@ async fn a_placement_row_moves_a_regions_reads_and_writes_within_the_refresh() {
 async fn a_fenced_regions_events_wait_and_then_all_land_once() {
     let m = moving("200ms").await;
     let t0 = Utc::now() - Span::minutes(10);
-    let base = Uuid::new_v4();
-    m.api.send(json!(created_in(base, "KA", None)));
+    let (base, forgotten) = (Uuid::new_v4(), Uuid::new_v4());
+    m.api.send(json!([
+        created_in(base, "KA", None),
+        created_in(forgotten, "KA", None)
+    ]));
 
     // The mover's fence: no write of KA lands in south meanwhile.
     Moving::set_state(&m.south_db, "KA", "fenced", Some("home")).await;
@@ -846,6 +851,29 @@ async fn a_fenced_regions_events_wait_and_then_all_land_once() {
         .get(Purpose::Dashboard, &format!("/api/v1/user-metadata/{base}"));
     assert_eq!(a.status, 200, "{}", a.body);
     assert_eq!(a.header("x-cluster"), Some("south"));
+    // An erasure waits for the fence too.
+    let erasure = {
+        let (clusters, writer) = (m.api.clusters.clone(), m.api.writer.clone());
+        let data_dir = m.api.dir.path().display().to_string();
+        std::thread::spawn(move || {
+            std::process::Command::new(BIN)
+                .args([
+                    "keys",
+                    "forget-user",
+                    &forgotten.to_string(),
+                    "--actor",
+                    "dpo",
+                    "--database-url",
+                    &writer,
+                    "--data-dir",
+                    &data_dir,
+                ])
+                .env("RUST_LOG", "warn")
+                .env("UMSTORE_CLUSTERS", clusters)
+                .output()
+                .expect("run umstore-data-plane")
+        })
+    };
     // Hold the fence for three seconds: long enough for several redeliveries.
     tokio::time::sleep(Duration::from_secs(3).saturating_sub(fenced_at.elapsed())).await;
     let processed: i64 = m
@@ -863,6 +891,8 @@ async fn a_fenced_regions_events_wait_and_then_all_land_once() {
         !caller.is_finished(),
         "the HTTP caller was answered while fenced"
     );
+    assert!(!erasure.is_finished(), "the erasure ended while fenced");
+    assert_eq!(count(&m.south_db, ERASED_ROWS, forgotten).await, 0);
     let metrics = m.metrics();
     assert!(
         metric(
@@ -960,6 +990,14 @@ async fn a_fenced_regions_events_wait_and_then_all_land_once() {
             .state
             .messages;
     assert_eq!(dead, 0, "nothing is dead-lettered");
+    let out = erasure.join().expect("the erasure");
+    assert!(stdout(&out).contains("erased"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("moving between clusters (fenced"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(count(&m.south_db, ERASED_ROWS, forgotten).await, 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
