@@ -22,12 +22,15 @@
 //! Needs Citus built and installed (`citus.so` in `pg_config --pkglibdir`); says so
 //! and exits otherwise. Prints a markdown table.
 
+mod support;
+
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio_postgres::{Client, NoTls};
+use support::{connect, ms, stats, Sample};
+use tokio_postgres::Client;
 use umstore_e2e::{Citus, CitusUnavailable};
 use umstore_migrations::citus::{self, Action};
 use umstore_migrations::roles::Purpose;
@@ -40,40 +43,15 @@ struct Args {
 }
 
 fn args() -> Args {
-    let mut a = Args {
-        users: 1_000_000,
-        others: 10_000,
-        seconds: 20,
-    };
-    let argv: Vec<String> = std::env::args().collect();
-    let mut i = 1;
-    while i < argv.len() {
-        let value = |i: usize| -> u64 {
-            argv.get(i + 1)
-                .and_then(|v| v.parse().ok())
-                .unwrap_or_else(|| panic!("{} takes a number", argv[i]))
-        };
-        match argv[i].as_str() {
-            "--users" => a.users = i64::try_from(value(i)).expect("--users fits i64"),
-            "--others" => a.others = i64::try_from(value(i)).expect("--others fits i64"),
-            "--seconds" => a.seconds = value(i),
-            // cargo bench passes --bench.
-            _ => {
-                i += 1;
-                continue;
-            }
-        }
-        i += 2;
+    let [users, others, seconds] = support::numbers(
+        ["--users", "--others", "--seconds"],
+        [1_000_000, 10_000, 20],
+    );
+    Args {
+        users: i64::try_from(users).expect("--users fits i64"),
+        others: i64::try_from(others).expect("--others fits i64"),
+        seconds,
     }
-    a
-}
-
-async fn connect(conninfo: &str) -> Client {
-    let (client, connection) = tokio_postgres::connect(conninfo, NoTls)
-        .await
-        .expect("connect to the coordinator");
-    tokio::spawn(connection);
-    client
 }
 
 /// Adds `users` users to `region` (directory and metadata rows), as the admin.
@@ -120,9 +98,6 @@ async fn insert_user(client: &Client, region: &str) -> Result<(), tokio_postgres
     result
 }
 
-/// One insert: when it started, how long it took, whether it was acknowledged.
-type Sample = (Instant, Duration, bool);
-
 /// A writer adding users to `region` in a closed loop until stopped.
 struct Writer {
     stop: Arc<AtomicBool>,
@@ -156,45 +131,6 @@ impl Writer {
         self.stop.store(true, Ordering::Relaxed);
         self.task.await.expect("writer task")
     }
-}
-
-/// Latency percentiles of the samples started in `[from, to)`.
-struct Stats {
-    count: usize,
-    errors: usize,
-    p50: Duration,
-    p95: Duration,
-    p99: Duration,
-    max: Duration,
-}
-
-fn stats(samples: &[Sample], from: Instant, to: Instant) -> Stats {
-    let within: Vec<&Sample> = samples
-        .iter()
-        .filter(|(at, _, _)| *at >= from && *at < to)
-        .collect();
-    let mut took: Vec<Duration> = within.iter().map(|(_, d, _)| *d).collect();
-    took.sort_unstable();
-    let pick = |p: f64| -> Duration {
-        if took.is_empty() {
-            return Duration::ZERO;
-        }
-        // Nearest rank.
-        let rank = ((p / 100.0) * took.len() as f64).ceil() as usize;
-        took[rank.clamp(1, took.len()) - 1]
-    };
-    Stats {
-        count: within.len(),
-        errors: within.iter().filter(|(_, _, ok)| !ok).count(),
-        p50: pick(50.0),
-        p95: pick(95.0),
-        p99: pick(99.0),
-        max: took.last().copied().unwrap_or_default(),
-    }
-}
-
-fn ms(d: Duration) -> String {
-    format!("{:.1}", d.as_secs_f64() * 1000.0)
 }
 
 /// Runs plan → apply until the placement matches; returns the actions taken.
