@@ -227,7 +227,9 @@ async fn writer(pair: Arc<Pair>, seeded: Vec<String>, stop: Arc<AtomicBool>) -> 
     let mut i = 0usize;
     while !stop.load(Ordering::Relaxed) {
         i += 1;
-        let existing = i.is_multiple_of(2).then(|| seeded[(i * 7919) % seeded.len()].as_str());
+        let existing = i
+            .is_multiple_of(2)
+            .then(|| seeded[(i * 7919) % seeded.len()].as_str());
         loop {
             let client = clients
                 .get_mut(if cluster == "home" { "home" } else { "south" })
