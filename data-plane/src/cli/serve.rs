@@ -423,8 +423,13 @@ pub async fn run(
             let every = parse_duration(&reads.placement_refresh)
                 .map_err(|e| anyhow::anyhow!("--placement-refresh: {e}"))?;
             let placement = Arc::new(Placement::new(layout.clone()).with_metrics(metrics.clone()));
-            let home = layout.clusters()[0].primary.apply(database);
-            placement_task = Some(tokio::spawn(placement.clone().run(home, every)));
+            // The writer's login first (the ingest path's), then each reading
+            // purpose's (the read API's; every purpose may select it).
+            let home = &layout.clusters()[0].primary;
+            let sources = std::iter::once(home.apply(database))
+                .chain(logins.primary.values().map(|login| home.apply(login)))
+                .collect();
+            placement_task = Some(tokio::spawn(placement.clone().run(sources, every)));
             Some(placement)
         }
         None => None,

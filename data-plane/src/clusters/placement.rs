@@ -275,23 +275,22 @@ impl Placement {
         Ok(())
     }
 
-    /// Reads the placement through `home` (a login on the home cluster's
-    /// primary) until it succeeds once (with backoff, saying why it waits),
-    /// then every `every` and whenever [`Self::refresh_now`] asks. Never
-    /// returns.
-    pub async fn run(self: Arc<Self>, home: Database, every: Duration) {
+    /// Reads the placement through `logins` (on the home cluster's primary,
+    /// in order of preference: the first that connects and reads is kept)
+    /// until it succeeds once (with backoff, saying why it waits), then every
+    /// `every` and whenever [`Self::refresh_now`] asks. Never returns.
+    pub async fn run(self: Arc<Self>, logins: Vec<Database>, every: Duration) {
         let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
         let mut client: Option<tokio_postgres::Client> = None;
         loop {
             let result = match &client {
                 Some(c) if !c.is_closed() => self.load(c).await,
-                _ => match home.connect().await {
+                _ => match self.connect(&logins).await {
                     Ok(c) => {
-                        let r = self.load(&c).await;
                         client = Some(c);
-                        r
+                        Ok(())
                     }
-                    Err(e) => Err(PlacementError::Connect(e.to_string())),
+                    Err(e) => Err(e),
                 },
             };
             let wait = match result {
@@ -316,7 +315,7 @@ impl Placement {
                              not consumed and reads by user id answer 503 until it is read"
                         );
                     }
-                    delay.min(every.max(Duration::from_millis(200)))
+                    delay
                 }
             };
             tokio::select! {
@@ -324,6 +323,26 @@ impl Placement {
                 () = self.wake.notified() => {}
             }
         }
+    }
+
+    /// The first of `logins` that connects and reads the placement, having
+    /// read it; else the last error.
+    async fn connect(&self, logins: &[Database]) -> Result<tokio_postgres::Client, PlacementError> {
+        let mut failed = PlacementError::Connect("no login to read it with".into());
+        for login in logins {
+            let client = match login.connect().await {
+                Ok(c) => c,
+                Err(e) => {
+                    failed = PlacementError::Connect(e.to_string());
+                    continue;
+                }
+            };
+            match self.load(&client).await {
+                Ok(()) => return Ok(client),
+                Err(e) => failed = e,
+            }
+        }
+        Err(failed)
     }
 }
 
