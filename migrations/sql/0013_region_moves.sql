@@ -144,3 +144,6 @@ GRANT EXECUTE ON FUNCTION umstore.region_write(char, uuid), umstore.region_lock_
 GRANT SELECT ON umstore.region_moves TO umstore_admin, umstore_analytics, umstore_dashboard;
 GRANT ALL ON umstore.region_state, umstore.region_move_log, umstore.region_placement,
     umstore.region_moves TO umstore_admin;
+-- The mover, as the administrator login, raises the moved tables' identity
+-- sequences past the copied ids (erasure_audit's came after 0006's grant).
+GRANT ALL ON ALL SEQUENCES IN SCHEMA umstore TO umstore_admin;

@@ -321,6 +321,7 @@ pub async fn move_region(
         source,
         target,
     } = clusters;
+    let via_stage = !bypasses_rls(target).await?;
     let mut mover = Mover {
         home,
         source,
@@ -328,6 +329,7 @@ pub async fn move_region(
         region,
         options,
         id: 0,
+        via_stage,
     };
     let Some((id, mut phase)) = mover.begin(from, to).await? else {
         return Ok(MoveReport {
@@ -416,6 +418,9 @@ struct Mover<'a> {
     region: &'static str,
     options: &'a MoveOptions,
     id: i64,
+    /// The target's login is under row-level security: copy through a
+    /// temporary table (see `copy_table`).
+    via_stage: bool,
 }
 
 impl Mover<'_> {
@@ -519,6 +524,7 @@ impl Mover<'_> {
     /// source's snapshot of the region into the target.
     async fn copy(&mut self, from: &str, to: &str) -> Result<(), MoveError> {
         let region = self.region;
+        let via_stage = self.via_stage;
         set_state(self.target, region, "incoming", from, self.options).await?;
         same_blind_index_key(self.source, self.target, from, to).await?;
         {
@@ -557,7 +563,7 @@ impl Mover<'_> {
             .map_err(db("starting the target's transaction"))?;
         let mut rows = 0u64;
         for table in MOVED_TABLES {
-            rows += copy_table(&src, &dst, table, region, false).await?;
+            rows += copy_table(&src, &dst, table, region, false, via_stage).await?;
         }
         dst.commit()
             .await
@@ -643,6 +649,7 @@ impl Mover<'_> {
     /// Replaces `users`' rows of the region in the target with the source's.
     async fn recopy_users(&mut self, users: &[String]) -> Result<(), MoveError> {
         let region = self.region;
+        let via_stage = self.via_stage;
         // Not read-only: the batch's users are staged in a temporary table.
         let src = self
             .source
@@ -659,7 +666,7 @@ impl Mover<'_> {
             .map_err(db("starting the target's transaction"))?;
         delete_region_rows(&dst, region, Some(users)).await?;
         for table in MOVED_TABLES {
-            copy_table(&src, &dst, table, region, true).await?;
+            copy_table(&src, &dst, table, region, true, via_stage).await?;
         }
         dst.commit()
             .await
@@ -925,12 +932,13 @@ async fn copy_table(
     dst: &tokio_postgres::Transaction<'_>,
     table: &str,
     region: &'static str,
-    staged: bool,
+    only_staged_users: bool,
+    via_stage: bool,
 ) -> Result<u64, MoveError> {
     let cols = columns(dst, table).await?;
     // `region` is one of the fixed region codes (check_region); user ids went
     // through a parameter into the temporary table.
-    let users = if staged {
+    let users = if only_staged_users {
         " AND user_id IN (SELECT user_id FROM pg_temp.move_users)"
     } else {
         ""
@@ -945,9 +953,24 @@ async fn copy_table(
         )
         .await
         .map_err(db(format!("copying {table} out of the source")))?;
+    // COPY FROM is refused on a table with row-level security for a login
+    // that does not bypass it (the administrator login): the rows go into a
+    // temporary table first, then through INSERT, under the policies.
+    let into = if via_stage {
+        dst.batch_execute(&format!(
+            "CREATE TEMP TABLE IF NOT EXISTS move_stage_{table} (LIKE umstore.{table})
+                 ON COMMIT DELETE ROWS;
+             TRUNCATE pg_temp.move_stage_{table}"
+        ))
+        .await
+        .map_err(db(format!("preparing the staging table of {table}")))?;
+        format!("pg_temp.move_stage_{table}")
+    } else {
+        format!("umstore.{table}")
+    };
     let sink = dst
         .copy_in::<_, bytes::Bytes>(
-            format!("COPY umstore.{table} ({cols}) FROM STDIN (FORMAT binary)").as_str(),
+            format!("COPY {into} ({cols}) FROM STDIN (FORMAT binary)").as_str(),
         )
         .await
         .map_err(db(format!("copying {table} into the target")))?;
@@ -956,10 +979,39 @@ async fn copy_table(
     sink.send_all(&mut out)
         .await
         .map_err(db(format!("copying {table} between the clusters")))?;
-    sink.as_mut()
+    let rows = sink
+        .as_mut()
         .finish()
         .await
-        .map_err(db(format!("finishing the copy of {table} into the target")))
+        .map_err(db(format!("finishing the copy of {table} into the target")))?;
+    if via_stage {
+        dst.execute(
+            format!(
+                "INSERT INTO umstore.{table} ({cols}) OVERRIDING SYSTEM VALUE \
+                 SELECT {cols} FROM pg_temp.move_stage_{table}"
+            )
+            .as_str(),
+            &[],
+        )
+        .await
+        .map_err(db(format!(
+            "inserting the copied rows of {table} into the target"
+        )))?;
+    }
+    Ok(rows)
+}
+
+/// Whether `client`'s login bypasses row-level security (a superuser, or
+/// `BYPASSRLS`): it may then `COPY` straight into the tables.
+async fn bypasses_rls(client: &Client) -> Result<bool, MoveError> {
+    Ok(client
+        .query_one(
+            "SELECT rolsuper OR rolbypassrls FROM pg_roles WHERE rolname = current_user",
+            &[],
+        )
+        .await
+        .map_err(db("reading the mover's login"))?
+        .get(0))
 }
 
 /// Deletes the region's rows (of `users` only, when given) from every moved
