@@ -119,7 +119,8 @@ pub async fn readyz(State(state): State<AppState>) -> Response {
                     Ok(_) => match &state.bus {
                         None => Ok(()),
                         Some(bus) => bus.get().await.map(|_| ()),
-                    },
+                    }
+                    .and_then(|()| placement_read(&state)),
                 },
             }
         }
@@ -139,6 +140,18 @@ pub async fn readyz(State(state): State<AppState>) -> Response {
     };
     count(&state.metrics, "/readyz", status);
     (status, Json(body)).into_response()
+}
+
+/// With several clusters: whether the region placement was read from the
+/// home cluster (nothing is routed before it is).
+fn placement_read(state: &AppState) -> Result<(), String> {
+    match &state.routing {
+        Some(routing) if !routing.placement().is_loaded() => Err(
+            "reading the region placement (umstore.region_placement) from the home cluster"
+                .to_owned(),
+        ),
+        _ => Ok(()),
+    }
 }
 
 /// Rotation progress from `umstore.key_rotations` (one indexed row), so a
