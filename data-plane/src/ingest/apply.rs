@@ -9,6 +9,11 @@
 //! and `ELIGIBILITY_CACHE_INVALIDATED` in the outbox. An event that occurred
 //! before the user's current values were set is recorded as stale and changes
 //! nothing else.
+//!
+//! With several clusters the region's write check
+//! ([`crate::clusters::fence`]) runs right after the user's lock: a region
+//! fenced for a move, or no longer (not yet) served by this cluster, refuses
+//! the transaction before it writes anything ([`ApplyError::RegionMoving`]).
 
 use base64::Engine as _;
 use chrono::{DateTime, Datelike, Utc};
