@@ -186,6 +186,24 @@ fn summary(
             .collect();
         lines.push(("Clusters", clusters.join("; ")));
     }
+    if !status.region_moves.is_empty() {
+        let moves: Vec<String> = status
+            .region_moves
+            .iter()
+            .map(|m| {
+                let mut line = format!("{} {} → {} {}", m.region, m.from, m.to, m.phase);
+                if let Some(f) = m.fence_ms {
+                    line.push_str(&format!(", fence {f:.0} ms"));
+                }
+                match &m.finished_at {
+                    Some(at) => line.push_str(&format!(", finished {at}")),
+                    None => line.push_str(&format!(", since {}", m.started_at)),
+                }
+                line
+            })
+            .collect();
+        lines.push(("Region moves", moves.join("; ")));
+    }
     lines
 }
 
@@ -499,6 +517,27 @@ mod tests {
         );
         assert!(page.contains(&line), "{page}");
         assert!(!render(&store(json!({})), now()).contains("Clusters"));
+    }
+
+    #[test]
+    fn the_region_moves_line_shows_the_move_under_way_and_the_fence_of_each_done() {
+        let s = store(json!({
+            "regionMoves": [
+                {"region": "TN", "from": "north", "to": "south", "phase": "catching_up",
+                 "startedAt": "2026-03-10T11:58:00Z"},
+                {"region": "KA", "from": "north", "to": "south", "phase": "done",
+                 "fenceMs": 212.4, "rowsCopied": 4000000,
+                 "startedAt": "2026-03-10T11:50:00Z", "finishedAt": "2026-03-10T11:53:10Z"},
+            ],
+        }));
+        let page = render(&s, now());
+        let line = field(
+            "Region moves",
+            "TN north → south catching_up, since 2026-03-10T11:58:00Z; KA north → south done, \
+             fence 212 ms, finished 2026-03-10T11:53:10Z",
+        );
+        assert!(page.contains(&line), "{page}");
+        assert!(!render(&store(json!({})), now()).contains("Region moves"));
     }
 
     fn field(label: &str, value: &str) -> String {
