@@ -116,17 +116,16 @@ BEGIN
 END
 $$;
 
--- The history stays append-only, except for the rows of a region leaving this
--- cluster (state 'moved', after the switch) or being copied in again ('incoming',
--- a catch-up replacing a user's rows), deleted by a session that names the
--- region in umstore.moving_region (the mover; nobody else has DELETE on it).
+-- The history stays append-only, except for the rows of a region a mover
+-- deletes: those of a region that left this cluster, or of users a catch-up
+-- copies in again. The mover names the region in umstore.moving_region (SET
+-- LOCAL, which Citus passes on to the workers where the shards' triggers run);
+-- only an administrator has DELETE on the table at all.
 CREATE OR REPLACE FUNCTION umstore.reject_history_change() RETURNS trigger
     LANGUAGE plpgsql AS $$
 BEGIN
     IF TG_OP = 'DELETE'
-       AND current_setting('umstore.moving_region', true) = OLD.region
-       AND EXISTS (SELECT 1 FROM umstore.region_state s
-                   WHERE s.region = OLD.region AND s.state IN ('moved', 'incoming')) THEN
+       AND coalesce(current_setting('umstore.moving_region', true), '') = OLD.region THEN
         RETURN OLD;
     END IF;
     RAISE EXCEPTION 'user_metadata_history is append-only: % is not allowed', TG_OP

@@ -1016,17 +1016,18 @@ async fn bypasses_rls(client: &Client) -> Result<bool, MoveError> {
 
 /// Deletes the region's rows (of `users` only, when given) from every moved
 /// table, children first. The history's append-only trigger lets these
-/// through because the session names the region and the region is
-/// `incoming` or `moved` here.
+/// through because the session names the region (migration 0013).
 async fn delete_region_rows(
     tx: &tokio_postgres::Transaction<'_>,
     region: &'static str,
     users: Option<&[String]>,
 ) -> Result<(), MoveError> {
-    tx.execute(
-        "SELECT set_config('umstore.moving_region', $1, true)",
-        &[&region],
-    )
+    // `region` is one of the fixed codes (check_region). Citus passes SET
+    // LOCAL on to the workers (where the shards' triggers run) when told to.
+    tx.batch_execute(&format!(
+        "SET LOCAL citus.propagate_set_commands = 'local';
+         SET LOCAL umstore.moving_region = '{region}'"
+    ))
     .await
     .map_err(db("naming the moving region"))?;
     let filter = match users {
@@ -1050,36 +1051,33 @@ async fn delete_region_rows(
 /// Raises `table`'s identity sequence in `client` past the region's ids, so
 /// the target's next rows of the region do not take a copied id.
 async fn raise_identity(client: &Client, table: &str, region: &str) -> Result<(), MoveError> {
+    // Two statements: under Citus the first goes to the region's shard, the
+    // second must run on the coordinator, whose sequence inserts draw from.
+    let max: Option<i64> = client
+        .query_one(
+            &format!("SELECT max(id) FROM umstore.{table} WHERE region = $1::text::bpchar"),
+            &[&region],
+        )
+        .await
+        .map_err(db(format!(
+            "reading the copied ids of {table} in the target"
+        )))?
+        .get(0);
+    let Some(max) = max else {
+        return Ok(());
+    };
     client
         .execute(
             &format!(
-                "SELECT setval(s, m) FROM
-                   (SELECT pg_get_serial_sequence('umstore.{table}', 'id')::regclass AS s,
-                           (SELECT max(id) FROM umstore.{table} WHERE region = $1::text::bpchar) AS m) x
-                 WHERE m IS NOT NULL AND m > coalesce(pg_sequence_last_value(s), 0)"
+                "SELECT setval(s, $1) FROM
+                   (SELECT pg_get_serial_sequence('umstore.{table}', 'id')::regclass AS s) x
+                 WHERE $1 > coalesce(pg_sequence_last_value(s), 0)"
             ),
-            &[&region],
+            &[&max],
         )
         .await
-        .map_err(db(format!("raising the id sequence of {table} in the target")))?;
+        .map_err(db(format!(
+            "raising the id sequence of {table} in the target"
+        )))?;
     Ok(())
-}
-
-/// Locks nothing, reads nothing: the lock key a region's writes share, for
-/// tests that hold it.
-pub fn lock_class() -> i32 {
-    REGION_LOCK_CLASS
-}
-
-/// How long the fence of the last finished move of `region` lasted.
-pub async fn last_fence(home: &Client, region: &str) -> Result<Option<f64>, MoveError> {
-    Ok(home
-        .query_opt(
-            "SELECT fence_ms FROM umstore.region_moves WHERE region = $1::text::bpchar
-             AND finished_at IS NOT NULL ORDER BY id DESC LIMIT 1",
-            &[&region],
-        )
-        .await
-        .map_err(db("reading the last move's fence"))?
-        .and_then(|r| r.get(0)))
 }
