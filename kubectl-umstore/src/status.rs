@@ -178,6 +178,9 @@ fn summary(
                 if let Some(v) = c.schema_version {
                     line.push_str(&format!(", schema {v}"));
                 }
+                if let Some(lag) = c.max_lag_bytes {
+                    line.push_str(&format!(", replica lag {lag} B"));
+                }
                 if let Some(m) = &c.message {
                     line.push_str(&format!(": {m}"));
                 }
@@ -503,7 +506,7 @@ mod tests {
         let s = store(json!({
             "clusters": [
                 {"name": "north", "home": true, "ready": true, "regions": ["DL", "UP"],
-                 "readWrite": "p:6432/umstore", "schemaVersion": 12},
+                 "readWrite": "p:6432/umstore", "schemaVersion": 12, "maxLagBytes": 2048},
                 {"name": "south", "ready": false, "regions": ["KA"],
                  "readWrite": "p:6432/umstore_south",
                  "message": "national-south-coordinator 0/2 (cannot be scheduled)"},
@@ -512,7 +515,7 @@ mod tests {
         let page = render(&s, now());
         let line = field(
             "Clusters",
-            "north (home) [DL UP] ready, schema 12; south [KA] NOT READY: \
+            "north (home) [DL UP] ready, schema 12, replica lag 2048 B; south [KA] NOT READY: \
              national-south-coordinator 0/2 (cannot be scheduled)",
         );
         assert!(page.contains(&line), "{page}");

@@ -246,6 +246,9 @@ async fn steps(
     );
     // Measured before migrate, so a store held by pending migrations still reports it.
     reached.replica_lag = lag::measure(&mut bootstrapped.admin, &pods, lag::TIMEOUT).await;
+    if let (Some(home), Some(lag)) = (reached.clusters.first_mut(), &reached.replica_lag) {
+        home.max_lag_bytes = lag.iter().map(|l| l.lag_bytes).max();
+    }
     let t = m.step_finished("lag", t);
 
     let approval = store
@@ -299,6 +302,7 @@ async fn steps(
         &valid,
         &credentials,
         &observed,
+        &pods,
         approval,
         &workloads_ready,
         &mut reached.clusters,

@@ -6,12 +6,16 @@
 
 use umstore_crds::ClusterStatus;
 
-use super::{bootstrap, distribute, migrate, topology::Provisioned, Journal, Outcome};
+use k8s_openapi::api::core::v1::Pod;
+use kube::ResourceExt;
+
+use super::{bootstrap, distribute, lag, migrate, topology::Provisioned, Journal, Outcome};
 use crate::apply::Observed;
 use crate::builders::credentials::Credentials;
 use crate::builders::postgres::PgRole;
 use crate::context::Context;
 use crate::error::Error;
+use crate::meta::CLUSTER_LABEL;
 use crate::validated::Validated;
 
 /// What a cluster other than home says while its workloads are ready and its
@@ -22,13 +26,15 @@ pub const PENDING: &str =
 /// Runs the steps on every cluster but home whose workloads are ready
 /// (`workloads_ready`, by position in `statuses`, from
 /// [`super::status::clusters`]) and records in `statuses` each cluster's schema
-/// version, and whether it is ready or where it stopped.
+/// version, the largest replay lag of its replica pool members among `pods`,
+/// and whether it is ready or where it stopped.
 #[allow(clippy::too_many_arguments)]
 pub async fn run(
     ctx: &Context,
     v: &Validated,
     credentials: &Credentials,
     observed: &Observed,
+    pods: &[Pod],
     approval: Option<&str>,
     workloads_ready: &[bool],
     statuses: &mut [ClusterStatus],
@@ -74,6 +80,16 @@ pub async fn run(
             }
         };
         status.schema_version = Some(schema.version);
+        // The replica lag of this cluster's pool members, from its own primary.
+        let mine: Vec<Pod> = pods
+            .iter()
+            .filter(|p| p.labels().get(CLUSTER_LABEL) == Some(&cluster.name))
+            .cloned()
+            .collect();
+        let mut schema = schema;
+        if let Some(lag) = lag::measure(&mut schema.admin, &mine, lag::TIMEOUT).await {
+            status.max_lag_bytes = lag.iter().map(|l| l.lag_bytes).max();
+        }
         if view.citus() {
             let report = distribute::run(&view, &schema.admin, observed, journal).await?;
             if let Outcome::Waiting(w) = report.outcome {
