@@ -279,6 +279,31 @@ async fn main() {
     ));
     tokio::time::sleep(Duration::from_secs(1)).await;
     let move_from = Instant::now();
+    // When each phase begins, as the journal shows it (polled every 50 ms).
+    let phases = {
+        let url = home_url.clone();
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let home = connect(&url).await;
+            let mut seen: Vec<(String, Duration)> = Vec::new();
+            while !stop.load(Ordering::Relaxed) {
+                if let Ok(Some(row)) = home
+                    .query_opt(
+                        "SELECT phase FROM umstore.region_moves ORDER BY id DESC LIMIT 1",
+                        &[],
+                    )
+                    .await
+                {
+                    let phase: String = row.get(0);
+                    if seen.last().map(|(p, _)| p) != Some(&phase) {
+                        seen.push((phase, move_from.elapsed()));
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            seen
+        })
+    };
     let mut source = connect(&home_url).await;
     let mut target = connect(&south_url).await;
     let report = moves::move_region(
@@ -300,6 +325,7 @@ async fn main() {
     let move_to = Instant::now();
     stop.store(true, Ordering::Relaxed);
     let during = task.await.expect("writer");
+    let phases = phases.await.expect("phases");
     let moving = stats(&during.samples, move_from, move_to);
 
     // Nothing lost, nothing left behind.
@@ -329,6 +355,14 @@ async fn main() {
         report.users_caught_up,
         report.catch_up_rounds,
         during.fenced
+    );
+    println!(
+        "phases began at (s): {}\n",
+        phases
+            .iter()
+            .map(|(p, at)| format!("{p} {:.1}", at.as_secs_f64()))
+            .collect::<Vec<_>>()
+            .join(", ")
     );
     println!("| writer | took | writes | errors | P50 ms | P95 ms | P99 ms | max ms |");
     println!("|---|---|---|---|---|---|---|---|");

@@ -77,6 +77,11 @@ CREATE TABLE IF NOT EXISTS umstore.region_moves (
 CREATE UNIQUE INDEX IF NOT EXISTS region_moves_unfinished_idx ON umstore.region_moves (region)
     WHERE finished_at IS NULL;
 
+-- A catch-up copies a few users' rows of every moved table again: each needs
+-- an index leading with (region, user_id), which processed_events (keyed by
+-- event id) lacked.
+CREATE INDEX IF NOT EXISTS processed_events_user_idx ON umstore.processed_events (region, user_id);
+
 -- The lock key of a region: a class of its own (0x756d7276, 'umrv') and the
 -- region's two letters.
 CREATE OR REPLACE FUNCTION umstore.region_lock_key(p_region char(2)) RETURNS integer

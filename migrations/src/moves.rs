@@ -21,7 +21,7 @@
 //! placement); after it, by the target only (the source is `moved`). A region
 //! is therefore never served by two clusters, nor by none.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::time::{Duration, Instant};
 
@@ -133,7 +133,8 @@ pub struct MoveOptions {
     /// Users copied again per catch-up batch.
     pub batch_users: i64,
     /// The fence is raised once a catch-up round finds at most this many
-    /// logged writes (so the fenced round is short).
+    /// logged writes (so the fenced round is short), or once rounds stop
+    /// shrinking (the writers log as fast as a round copies).
     pub fence_below: i64,
     /// Catch-up rounds before fencing anyway.
     pub max_rounds: u32,
@@ -153,7 +154,7 @@ impl Default for MoveOptions {
     fn default() -> Self {
         Self {
             batch_users: 5_000,
-            fence_below: 500,
+            fence_below: 100,
             max_rounds: 30,
             grace: Duration::from_secs(10),
             lock_timeout: Duration::from_secs(2),
@@ -330,6 +331,7 @@ pub async fn move_region(
         options,
         id: 0,
         via_stage,
+        columns: BTreeMap::new(),
     };
     let Some((id, mut phase)) = mover.begin(from, to).await? else {
         return Ok(MoveReport {
@@ -421,6 +423,8 @@ struct Mover<'a> {
     /// The target's login is under row-level security: copy through a
     /// temporary table (see `copy_table`).
     via_stage: bool,
+    /// Each moved table's columns, as read once from the target.
+    columns: BTreeMap<String, String>,
 }
 
 impl Mover<'_> {
@@ -563,7 +567,16 @@ impl Mover<'_> {
             .map_err(db("starting the target's transaction"))?;
         let mut rows = 0u64;
         for table in MOVED_TABLES {
-            rows += copy_table(&src, &dst, table, region, false, via_stage).await?;
+            rows += copy_table(
+                &src,
+                &dst,
+                table,
+                region,
+                false,
+                via_stage,
+                &mut self.columns,
+            )
+            .await?;
         }
         dst.commit()
             .await
@@ -586,11 +599,14 @@ impl Mover<'_> {
     /// Copies again the users written since the snapshot, round after round,
     /// until a round finds few enough to fence.
     async fn catch_up(&mut self) -> Result<(), MoveError> {
-        for _ in 0..self.options.max_rounds {
+        let mut last = i64::MAX;
+        for round in 0..self.options.max_rounds {
             let copied = self.catch_up_round(false).await?;
-            if copied <= self.options.fence_below {
+            let converged = round >= 3 && copied.saturating_mul(5) > last.saturating_mul(4);
+            if copied <= self.options.fence_below || converged {
                 break;
             }
+            last = copied;
         }
         Ok(())
     }
@@ -666,7 +682,16 @@ impl Mover<'_> {
             .map_err(db("starting the target's transaction"))?;
         delete_region_rows(&dst, region, Some(users)).await?;
         for table in MOVED_TABLES {
-            copy_table(&src, &dst, table, region, true, via_stage).await?;
+            copy_table(
+                &src,
+                &dst,
+                table,
+                region,
+                true,
+                via_stage,
+                &mut self.columns,
+            )
+            .await?;
         }
         dst.commit()
             .await
@@ -934,8 +959,16 @@ async fn copy_table(
     region: &'static str,
     only_staged_users: bool,
     via_stage: bool,
+    cache: &mut BTreeMap<String, String>,
 ) -> Result<u64, MoveError> {
-    let cols = columns(dst, table).await?;
+    let cols = match cache.get(table) {
+        Some(c) => c.clone(),
+        None => {
+            let c = columns(dst, table).await?;
+            cache.insert(table.to_owned(), c.clone());
+            c
+        }
+    };
     // `region` is one of the fixed region codes (check_region); user ids went
     // through a parameter into the temporary table.
     let users = if only_staged_users {
