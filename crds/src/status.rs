@@ -372,6 +372,9 @@ pub struct MemberStatus {
 pub struct StatsViewStatus {
     /// The view (`stats_groups`).
     pub name: String,
+    /// The cluster whose view it is, on a store with several (absent: home).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<String>,
     /// When its last refresh began to read the tables (RFC 3339): its data is at
     /// least this fresh.
     pub refreshed_at: String,

@@ -153,8 +153,12 @@ fn summary(
             .iter()
             .map(|v| {
                 format!(
-                    "{} refreshed {} in {} ms, {} groups",
+                    "{}{} refreshed {} in {} ms, {} groups",
                     v.name,
+                    v.cluster
+                        .as_ref()
+                        .map(|c| format!(" ({c})"))
+                        .unwrap_or_default(),
                     time_and_age(&v.refreshed_at, now),
                     v.duration_ms,
                     v.groups
@@ -487,12 +491,16 @@ mod tests {
     fn the_stats_views_line_shows_each_views_last_refresh() {
         let s = store(json!({
             "statsViews": [{"name": "stats_groups", "refreshedAt": "2026-03-10T11:50:00.000Z",
-                            "durationMs": 840, "groups": 1234}],
+                            "durationMs": 840, "groups": 1234},
+                           {"name": "stats_groups", "cluster": "south",
+                            "refreshedAt": "2026-03-10T11:40:00.000Z",
+                            "durationMs": 90, "groups": 12}],
         }));
         let page = render(&s, now());
         let line = field(
             "Stats views",
-            "stats_groups refreshed 2026-03-10T11:50:00.000Z (10m ago) in 840 ms, 1234 groups",
+            "stats_groups refreshed 2026-03-10T11:50:00.000Z (10m ago) in 840 ms, 1234 groups; \
+             stats_groups (south) refreshed 2026-03-10T11:40:00.000Z (20m ago) in 90 ms, 12 groups",
         );
         assert!(page.contains(&line), "{page}");
         assert!(

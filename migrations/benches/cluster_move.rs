@@ -23,6 +23,8 @@
 //! user of KA, with each acknowledged update, and home none. Prints a markdown
 //! table.
 
+#[path = "../tests/support/moving.rs"]
+mod moving;
 mod support;
 
 use std::collections::BTreeMap;
@@ -49,95 +51,16 @@ async fn cluster() -> (Postgres, String) {
     let url = pg.tcp_conninfo("umstore");
     let mut client = connect(&url).await;
     Runner::default().up(&mut client).await.expect("migrate");
-    let login = Purpose::Writer.login().expect("login");
-    client
-        .batch_execute(&format!(
-            "DO $$ BEGIN
-               IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = '{login}') THEN
-                 CREATE ROLE {login} LOGIN IN ROLE {};
-               END IF;
-             END $$",
-            Purpose::Writer.group()
-        ))
-        .await
-        .expect("writer login");
+    moving::login_role(&client, Purpose::Writer).await;
     (pg, url)
 }
 
 async fn seed(client: &Client, region: &str, users: i64) {
-    client
-        .execute(
-            "WITH u AS (
-                 INSERT INTO umstore.user_directory (user_id, region)
-                 SELECT gen_random_uuid(), $1::text::bpchar FROM generate_series(1, $2::int8)
-                 RETURNING user_id, region),
-             m AS (
-                 INSERT INTO umstore.user_metadata (user_id, region, gender, birth_year)
-                 SELECT user_id, region, 'female', 1990 FROM u RETURNING user_id, region),
-             k AS (
-                 INSERT INTO umstore.user_data_keys (user_id, region, wrapped_key, kek_name, kek_version)
-                 SELECT user_id, region, '\\x00', 'bench', 1 FROM m RETURNING user_id, region)
-             INSERT INTO umstore.user_metadata_history
-                 (user_id, region, change_type, changed_fields, changed_by, version)
-             SELECT user_id, region, 'created', '{}', 'seed', 1 FROM k",
-            &[&region, &users],
-        )
-        .await
-        .expect("seed");
+    moving::seed(client, region, users).await;
     client
         .batch_execute("VACUUM ANALYZE")
         .await
         .expect("vacuum");
-}
-
-/// One write of the loop: a new user (`existing` None) or an update with its
-/// history row; the version acknowledged.
-async fn write(
-    client: &mut Client,
-    existing: Option<&str>,
-) -> Result<(String, i64), tokio_postgres::Error> {
-    let tx = client.transaction().await?;
-    let id: String = match existing {
-        Some(id) => id.to_owned(),
-        None => tx
-            .query_one("SELECT gen_random_uuid()::text", &[])
-            .await?
-            .get(0),
-    };
-    tx.execute("SELECT umstore.region_write('KA', $1::text::uuid)", &[&id])
-        .await?;
-    let version = if existing.is_none() {
-        tx.execute(
-            "INSERT INTO umstore.user_directory (user_id, region) VALUES ($1::text::uuid, 'KA')",
-            &[&id],
-        )
-        .await?;
-        tx.execute(
-            "INSERT INTO umstore.user_metadata (user_id, region, gender) VALUES ($1::text::uuid, 'KA', 'male')",
-            &[&id],
-        )
-        .await?;
-        1
-    } else {
-        let version: i64 = tx
-            .query_one(
-                "UPDATE umstore.user_metadata SET version = version + 1, updated_at = now()
-                 WHERE region = 'KA' AND user_id = $1::text::uuid RETURNING version",
-                &[&id],
-            )
-            .await?
-            .get(0);
-        tx.execute(
-            "INSERT INTO umstore.user_metadata_history
-                 (user_id, region, change_type, changed_fields, changed_by, version)
-             VALUES ($1::text::uuid, 'KA', 'updated', '{version}', 'bench', $2)",
-            &[&id, &version],
-        )
-        .await?;
-        version
-    };
-    tx.commit().await?;
-    Ok((id, version))
 }
 
 /// What a writer did.
@@ -185,7 +108,7 @@ async fn writer(
             .then(|| seeded[(i * 7919) % seeded.len()].as_str());
         let started = Instant::now();
         loop {
-            match write(&mut clients[at], existing).await {
+            match moving::write_once(&mut clients[at], existing).await {
                 Ok((id, version)) => {
                     match existing {
                         Some(_) => {

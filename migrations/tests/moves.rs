@@ -10,6 +10,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+mod support;
+
+use support::moving::{login_role, seed, write_once};
 use tokio_postgres::error::SqlState;
 use tokio_postgres::{Client, NoTls};
 use umstore_migrations::moves::{self, Clusters, MoveError, MoveOptions, Phase, MOVED_TABLES};
@@ -42,18 +45,7 @@ impl Pair {
             let mut client = connect(&conninfo).await;
             Runner::default().up(&mut client).await.expect("migrate up");
             for purpose in [Purpose::Writer, Purpose::Dashboard] {
-                let login = purpose.login().expect("a login");
-                client
-                    .batch_execute(&format!(
-                        "DO $$ BEGIN
-                           IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = '{login}') THEN
-                             CREATE ROLE {login} LOGIN IN ROLE {};
-                           END IF;
-                         END $$",
-                        purpose.group()
-                    ))
-                    .await
-                    .expect("login role");
+                login_role(&client, purpose).await;
             }
             urls.push(conninfo);
         }
@@ -104,29 +96,6 @@ impl Pair {
     }
 }
 
-/// `users` users in `region` with a data key and a history row each.
-async fn seed(client: &Client, region: &str, users: i64) {
-    client
-        .execute(
-            "WITH u AS (
-                 INSERT INTO umstore.user_directory (user_id, region)
-                 SELECT gen_random_uuid(), $1::text::bpchar FROM generate_series(1, $2::int8)
-                 RETURNING user_id, region),
-             m AS (
-                 INSERT INTO umstore.user_metadata (user_id, region, gender, birth_year)
-                 SELECT user_id, region, 'female', 1990 FROM u RETURNING user_id, region),
-             k AS (
-                 INSERT INTO umstore.user_data_keys (user_id, region, wrapped_key, kek_name, kek_version)
-                 SELECT user_id, region, '\\x00', 'test', 1 FROM m RETURNING user_id, region)
-             INSERT INTO umstore.user_metadata_history
-                 (user_id, region, change_type, changed_fields, changed_by, version)
-             SELECT user_id, region, 'created', '{}', 'seed', 1 FROM k",
-            &[&region, &users],
-        )
-        .await
-        .expect("seed");
-}
-
 async fn count(client: &Client, table: &str, region: &str) -> i64 {
     client
         .query_one(
@@ -159,58 +128,6 @@ struct Written {
     redirected: u64,
     /// Acknowledged after the placement named south.
     after_switch: u64,
-}
-
-/// One write as the data plane makes it: the region's check first, then a new
-/// user, or an update of `existing` with its history row.
-async fn write_once(
-    client: &mut Client,
-    existing: Option<&str>,
-) -> Result<(String, i64), tokio_postgres::Error> {
-    let tx = client.transaction().await?;
-    match existing {
-        None => {
-            let id: String = tx
-                .query_one("SELECT gen_random_uuid()::text", &[])
-                .await?
-                .get(0);
-            tx.execute("SELECT umstore.region_write('KA', $1::text::uuid)", &[&id])
-                .await?;
-            tx.execute(
-                "INSERT INTO umstore.user_directory (user_id, region) VALUES ($1::text::uuid, 'KA')",
-                &[&id],
-            )
-            .await?;
-            tx.execute(
-                "INSERT INTO umstore.user_metadata (user_id, region, gender) VALUES ($1::text::uuid, 'KA', 'male')",
-                &[&id],
-            )
-            .await?;
-            tx.commit().await?;
-            Ok((id, 1))
-        }
-        Some(id) => {
-            tx.execute("SELECT umstore.region_write('KA', $1::text::uuid)", &[&id])
-                .await?;
-            let version: i64 = tx
-                .query_one(
-                    "UPDATE umstore.user_metadata SET version = version + 1, updated_at = now()
-                     WHERE region = 'KA' AND user_id = $1::text::uuid RETURNING version",
-                    &[&id],
-                )
-                .await?
-                .get(0);
-            tx.execute(
-                "INSERT INTO umstore.user_metadata_history
-                     (user_id, region, change_type, changed_fields, changed_by, version)
-                 VALUES ($1::text::uuid, 'KA', 'updated', '{version}', 'test', $2)",
-                &[&id, &version],
-            )
-            .await?;
-            tx.commit().await?;
-            Ok((id.to_owned(), version))
-        }
-    }
 }
 
 /// Writes to KA wherever the placement says until `stop`, as the writer
@@ -329,14 +246,7 @@ async fn a_region_moves_between_two_citus_clusters_under_a_writer_and_a_reader()
         let mut admin = connect(&citus.conninfo("postgres")).await;
         Runner::default().up(&mut admin).await.expect("migrate up");
         for purpose in [Purpose::Writer, Purpose::Dashboard] {
-            let login = purpose.login().expect("a login");
-            admin
-                .batch_execute(&format!(
-                    "CREATE ROLE {login} LOGIN IN ROLE {}",
-                    purpose.group()
-                ))
-                .await
-                .expect("login role");
+            login_role(&admin, purpose).await;
         }
         umstore_migrations::citus::distribute(&admin, |_, _, _| {})
             .await

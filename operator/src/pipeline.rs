@@ -297,7 +297,7 @@ async fn steps(
     if let Some(home) = reached.clusters.first_mut() {
         home.schema_version = Some(schema.version);
     }
-    clusters::run(
+    let other_views = clusters::run(
         ctx,
         &valid,
         &credentials,
@@ -325,7 +325,12 @@ async fn steps(
         reached.degraded.push((Reason::RegionMoveFailed, failed));
     }
     reached.region_moves = moved.journal;
-    reached.stats_views = views::measure(&valid, &mut schema.admin).await;
+    reached.stats_views = views::measure(&valid, &mut schema.admin)
+        .await
+        .map(|mut home| {
+            home.extend(other_views);
+            home
+        });
     if valid.spec.auto_promotion.enabled && valid.tier < 4 {
         match promote::measure(&schema.admin).await {
             Ok(users) => {

@@ -4,12 +4,12 @@
 //! groups. A cluster that is not there yet does not hold the others back: its
 //! status says where it stopped, and the store is not Ready until every cluster is.
 
-use umstore_crds::ClusterStatus;
+use umstore_crds::{ClusterStatus, StatsViewStatus};
 
 use k8s_openapi::api::core::v1::Pod;
 use kube::ResourceExt;
 
-use super::{bootstrap, distribute, lag, migrate, topology::Provisioned, Journal, Outcome};
+use super::{bootstrap, distribute, lag, migrate, topology::Provisioned, views, Journal, Outcome};
 use crate::apply::Observed;
 use crate::builders::credentials::Credentials;
 use crate::builders::postgres::PgRole;
@@ -27,7 +27,8 @@ pub const PENDING: &str =
 /// (`workloads_ready`, by position in `statuses`, from
 /// [`super::status::clusters`]) and records in `statuses` each cluster's schema
 /// version, the largest replay lag of its replica pool members among `pods`,
-/// and whether it is ready or where it stopped.
+/// and whether it is ready or where it stopped. Returns the other clusters'
+/// stats views (each named by its cluster).
 #[allow(clippy::too_many_arguments)]
 pub async fn run(
     ctx: &Context,
@@ -39,7 +40,8 @@ pub async fn run(
     workloads_ready: &[bool],
     statuses: &mut [ClusterStatus],
     journal: &mut Journal,
-) -> Result<(), Error> {
+) -> Result<Vec<StatsViewStatus>, Error> {
+    let mut stats_views = Vec::new();
     for cluster in v.clusters.iter().filter(|c| !c.home) {
         let Some(i) = statuses.iter().position(|s| s.name == cluster.name) else {
             continue;
@@ -90,6 +92,13 @@ pub async fn run(
         if let Some(lag) = lag::measure(&mut schema.admin, &mine, lag::TIMEOUT).await {
             status.max_lag_bytes = lag.iter().map(|l| l.lag_bytes).max();
         }
+        // Its stats views' refresh log, named by cluster in status.statsViews.
+        if let Some(views) = views::measure(&view, &mut schema.admin).await {
+            stats_views.extend(views.into_iter().map(|mut s| {
+                s.cluster = Some(cluster.name.clone());
+                s
+            }));
+        }
         if view.citus() {
             let report = distribute::run(&view, &schema.admin, observed, journal).await?;
             if let Outcome::Waiting(w) = report.outcome {
@@ -99,5 +108,5 @@ pub async fn run(
         }
         status.ready = true;
     }
-    Ok(())
+    Ok(stats_views)
 }

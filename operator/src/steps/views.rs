@@ -87,6 +87,7 @@ pub async fn refreshes(
         .iter()
         .map(|row| StatsViewStatus {
             name: row.get(0),
+            cluster: None,
             refreshed_at: row.get(1),
             duration_ms: row.get(2),
             groups: row.get(3),

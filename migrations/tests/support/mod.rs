@@ -1,0 +1,3 @@
+//! What the migrations crate's tests share.
+
+pub mod moving;
