@@ -9,6 +9,7 @@
 
 pub mod api;
 pub mod backoff;
+pub mod bulk;
 pub mod clusters;
 pub mod crypto;
 pub mod db;

@@ -54,12 +54,18 @@ pub struct FieldAad<'a> {
 impl FieldAad<'_> {
     fn bytes(&self) -> Vec<u8> {
         let mut aad = Vec::with_capacity(16 + 3 + self.column.len() + 1);
-        aad.push(FIELD_FORMAT_V1);
-        aad.extend_from_slice(self.user_id.as_bytes());
-        aad.extend_from_slice(self.region.as_bytes());
-        aad.push(0);
-        aad.extend_from_slice(self.column.as_bytes());
+        self.append_to(&mut aad);
         aad
+    }
+
+    /// Appends the associated data to `out`: `format ‖ user_id ‖ region ‖ 0 ‖
+    /// column`. The bulk engine lays many fields' AAD out in one buffer with it.
+    pub(crate) fn append_to(&self, out: &mut Vec<u8>) {
+        out.push(FIELD_FORMAT_V1);
+        out.extend_from_slice(self.user_id.as_bytes());
+        out.extend_from_slice(self.region.as_bytes());
+        out.push(0);
+        out.extend_from_slice(self.column.as_bytes());
     }
 }
 

@@ -1,0 +1,567 @@
+//! The flat batches every engine reads and writes.
+//!
+//! A batch is a key table plus, per field, the index of its key, its label
+//! (user and column, for failure reports), its associated data and its bytes.
+//! AAD and bytes are each one contiguous buffer with `u32` offsets (`n + 1`
+//! of them, from 0), the shape a GPU engine copies to the device in one
+//! transfer per buffer. Offsets are `u32`, so a batch holds at most
+//! [`MAX_BATCH_BYTES`] of data including the sealed overhead; bulk callers
+//! send batches of about a million fields, far below it.
+
+use aes_gcm::aead::rand_core::RngCore;
+use aes_gcm::aead::OsRng;
+use uuid::Uuid;
+use zeroize::{Zeroize, Zeroizing};
+
+use super::BulkError;
+use crate::crypto::{CryptoError, DataKey, FieldAad, SealedField, FIELD_FORMAT_V1};
+
+/// A field's 96-bit AES-GCM nonce.
+pub type FieldNonce = [u8; NONCE_LEN];
+
+pub(crate) const NONCE_LEN: usize = 12;
+pub(crate) const TAG_LEN: usize = 16;
+pub(crate) const HEADER_LEN: usize = 1 + NONCE_LEN;
+/// Bytes a sealed field adds to its plaintext: format byte, nonce and tag.
+pub const SEAL_OVERHEAD: usize = HEADER_LEN + TAG_LEN;
+/// Most bytes of data (plaintext plus [`SEAL_OVERHEAD`] per field, or sealed
+/// fields), and separately of AAD, one batch holds: offsets are `u32`.
+pub const MAX_BATCH_BYTES: u64 = u32::MAX as u64;
+
+/// Draws `count` nonces from the OS RNG in one call, for production seals.
+pub fn random_nonces(count: usize) -> Result<Vec<FieldNonce>, BulkError> {
+    let mut nonces = vec![[0u8; NONCE_LEN]; count];
+    OsRng
+        .try_fill_bytes(nonces.as_flattened_mut())
+        .map_err(|e| BulkError::Rng {
+            count,
+            detail: e.to_string(),
+        })?;
+    Ok(nonces)
+}
+
+/// A key's place in its batch's key table, from [`SealBatch::add_key`] or
+/// [`OpenBatch::add_key`]; valid only in that batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KeyIndex(u32);
+
+/// Whose field it is, for failure reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FieldLabel {
+    /// Owner.
+    pub user_id: Uuid,
+    /// Column, e.g. `pincode_enc`; empty for raw-AAD fields (test vectors).
+    pub column: &'static str,
+}
+
+/// What seal and open batches share: keys, and per field a key index, a
+/// label, AAD and bytes.
+struct Fields {
+    keys: Vec<[u8; 32]>,
+    key_of: Vec<u32>,
+    labels: Vec<FieldLabel>,
+    aad: Vec<u8>,
+    aad_offsets: Vec<u32>,
+    data: Vec<u8>,
+    data_offsets: Vec<u32>,
+}
+
+impl Drop for Fields {
+    fn drop(&mut self) {
+        self.keys.zeroize();
+        self.data.zeroize();
+    }
+}
+
+impl Fields {
+    fn new() -> Self {
+        Self {
+            keys: Vec::new(),
+            key_of: Vec::new(),
+            labels: Vec::new(),
+            aad: Vec::new(),
+            aad_offsets: vec![0],
+            data: Vec::new(),
+            data_offsets: vec![0],
+        }
+    }
+
+    fn add_key(&mut self, key: &DataKey) -> Result<KeyIndex, BulkError> {
+        let index = u32::try_from(self.keys.len()).map_err(|_| BulkError::BatchTooLarge {
+            what: "the number of keys",
+            limit: u64::from(u32::MAX),
+        })?;
+        self.keys.push(*key.expose());
+        Ok(KeyIndex(index))
+    }
+
+    /// Appends one field; `overhead` is what sealing adds to it (0 when the
+    /// bytes are already sealed), counted against the offset limit so the
+    /// output's offsets fit too.
+    fn push(
+        &mut self,
+        key: KeyIndex,
+        label: FieldLabel,
+        aad: impl FnOnce(&mut Vec<u8>),
+        bytes: &[u8],
+        overhead: usize,
+    ) -> Result<(), BulkError> {
+        if key.0 as usize >= self.keys.len() {
+            return Err(BulkError::UnknownKey {
+                index: key.0,
+                keys: self.keys.len(),
+            });
+        }
+        let fields_after = self.labels.len() as u64 + 1;
+        let data_after = (self.data.len() + bytes.len()) as u64;
+        if data_after + fields_after * overhead as u64 > MAX_BATCH_BYTES {
+            return Err(BulkError::BatchTooLarge {
+                what: "the batch's field bytes",
+                limit: MAX_BATCH_BYTES,
+            });
+        }
+        let aad_start = self.aad.len();
+        aad(&mut self.aad);
+        let Ok(aad_end) = u32::try_from(self.aad.len()) else {
+            self.aad.truncate(aad_start);
+            return Err(BulkError::BatchTooLarge {
+                what: "the batch's associated data",
+                limit: MAX_BATCH_BYTES,
+            });
+        };
+        self.data.extend_from_slice(bytes);
+        self.aad_offsets.push(aad_end);
+        // Checked above: data_after <= u32::MAX.
+        self.data_offsets.push(data_after as u32);
+        self.key_of.push(key.0);
+        self.labels.push(label);
+        Ok(())
+    }
+
+    fn len(&self) -> usize {
+        self.labels.len()
+    }
+}
+
+fn range(offsets: &[u32], i: usize) -> std::ops::Range<usize> {
+    offsets[i] as usize..offsets[i + 1] as usize
+}
+
+macro_rules! batch_common {
+    ($batch:ident) => {
+        impl $batch {
+            /// An empty batch.
+            pub fn new() -> Self {
+                Self(Fields::new())
+            }
+
+            /// Adds a user's data key to the batch's table (once per user,
+            /// then push that user's fields with the index it returns). The
+            /// key bytes are zeroized when the batch is dropped.
+            pub fn add_key(&mut self, key: &DataKey) -> Result<KeyIndex, BulkError> {
+                self.0.add_key(key)
+            }
+
+            /// Number of fields.
+            pub fn len(&self) -> usize {
+                self.0.len()
+            }
+
+            /// Whether the batch has no fields.
+            pub fn is_empty(&self) -> bool {
+                self.0.len() == 0
+            }
+
+            /// Number of keys in the table.
+            pub fn key_count(&self) -> usize {
+                self.0.keys.len()
+            }
+
+            /// Owner and column of field `i`.
+            pub fn label(&self, i: usize) -> Option<FieldLabel> {
+                self.0.labels.get(i).copied()
+            }
+
+            /// Total bytes of the fields' data (plaintexts or sealed fields).
+            pub fn data_len(&self) -> usize {
+                self.0.data.len()
+            }
+
+            /// The key table, indexed by [`KeyIndex`].
+            pub(crate) fn keys(&self) -> &[[u8; 32]] {
+                &self.0.keys
+            }
+
+            /// Key index of each field.
+            pub(crate) fn key_indices(&self) -> &[u32] {
+                &self.0.key_of
+            }
+
+            /// All fields' bytes end to end, and its `len + 1` offsets.
+            pub(crate) fn data_flat(&self) -> (&[u8], &[u32]) {
+                (&self.0.data, &self.0.data_offsets)
+            }
+
+            /// Field `i`'s AAD.
+            pub(crate) fn aad(&self, i: usize) -> &[u8] {
+                &self.0.aad[range(&self.0.aad_offsets, i)]
+            }
+
+            /// Field `i`'s bytes.
+            pub(crate) fn data(&self, i: usize) -> &[u8] {
+                &self.0.data[range(&self.0.data_offsets, i)]
+            }
+        }
+
+        impl Default for $batch {
+            fn default() -> Self {
+                Self::new()
+            }
+        }
+
+        impl std::fmt::Debug for $batch {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.debug_struct(stringify!($batch))
+                    .field("fields", &self.len())
+                    .field("keys", &self.key_count())
+                    .field("data_len", &self.data_len())
+                    .finish_non_exhaustive()
+            }
+        }
+    };
+}
+
+/// Plaintext fields to seal, each under its user's key and bound to its
+/// (user, region, column). The plaintexts are zeroized when it is dropped.
+pub struct SealBatch(Fields);
+
+batch_common!(SealBatch);
+
+impl SealBatch {
+    /// Adds a field to seal under `key` (from [`Self::add_key`]), bound to
+    /// `aad` exactly as `DataKey::seal` binds it.
+    pub fn push(
+        &mut self,
+        key: KeyIndex,
+        aad: &FieldAad<'_>,
+        plaintext: &[u8],
+    ) -> Result<(), BulkError> {
+        let label = FieldLabel {
+            user_id: aad.user_id,
+            column: aad.column,
+        };
+        self.0.push(
+            key,
+            label,
+            |out| aad.append_to(out),
+            plaintext,
+            SEAL_OVERHEAD,
+        )
+    }
+
+    /// Adds a field with raw associated data (test vectors); its label is
+    /// the nil user and an empty column.
+    #[cfg_attr(not(test), allow(dead_code))]
+    pub(crate) fn push_raw(
+        &mut self,
+        key: KeyIndex,
+        aad: &[u8],
+        plaintext: &[u8],
+    ) -> Result<(), BulkError> {
+        let label = FieldLabel {
+            user_id: Uuid::nil(),
+            column: "",
+        };
+        self.0.push(
+            key,
+            label,
+            |out| out.extend_from_slice(aad),
+            plaintext,
+            SEAL_OVERHEAD,
+        )
+    }
+
+    /// Offsets of the sealed output (`len + 1`, from 0): each field grows by
+    /// [`SEAL_OVERHEAD`].
+    pub(crate) fn sealed_offsets(&self) -> Vec<u32> {
+        self.0
+            .data_offsets
+            .iter()
+            .enumerate()
+            // push() keeps data + overhead per field within u32.
+            .map(|(i, &o)| o + (i * SEAL_OVERHEAD) as u32)
+            .collect()
+    }
+}
+
+/// Sealed fields to open, each with the key and (user, region, column) it
+/// should open under.
+pub struct OpenBatch(Fields);
+
+batch_common!(OpenBatch);
+
+impl OpenBatch {
+    /// Adds a sealed field to open under `key`, checked against `aad`.
+    pub fn push(
+        &mut self,
+        key: KeyIndex,
+        aad: &FieldAad<'_>,
+        sealed: &[u8],
+    ) -> Result<(), BulkError> {
+        let label = FieldLabel {
+            user_id: aad.user_id,
+            column: aad.column,
+        };
+        self.0.push(key, label, |out| aad.append_to(out), sealed, 0)
+    }
+
+    /// Adds a sealed field with raw associated data (test vectors).
+    #[cfg_attr(not(test), allow(dead_code))]
+    pub(crate) fn push_raw(
+        &mut self,
+        key: KeyIndex,
+        aad: &[u8],
+        sealed: &[u8],
+    ) -> Result<(), BulkError> {
+        let label = FieldLabel {
+            user_id: Uuid::nil(),
+            column: "",
+        };
+        self.0
+            .push(key, label, |out| out.extend_from_slice(aad), sealed, 0)
+    }
+
+    /// Offsets of the opened plaintexts (`len + 1`, from 0): a field opens
+    /// to its length less [`SEAL_OVERHEAD`], a truncated one to nothing.
+    pub(crate) fn plaintext_offsets(&self) -> Vec<u32> {
+        let mut out = Vec::with_capacity(self.len() + 1);
+        let mut at = 0u32;
+        out.push(at);
+        for w in self.0.data_offsets.windows(2) {
+            at += (w[1] - w[0]).saturating_sub(SEAL_OVERHEAD as u32);
+            out.push(at);
+        }
+        out
+    }
+}
+
+/// The output of `seal_batch`: sealed fields end to end, in batch order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SealedBatch {
+    bytes: Vec<u8>,
+    offsets: Vec<u32>,
+}
+
+impl SealedBatch {
+    pub(crate) fn new(bytes: Vec<u8>, offsets: Vec<u32>) -> Self {
+        Self { bytes, offsets }
+    }
+
+    /// Number of fields.
+    pub fn len(&self) -> usize {
+        self.offsets.len().saturating_sub(1)
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Sealed field `i`, as stored in its `*_enc` column.
+    pub fn get(&self, i: usize) -> Option<&[u8]> {
+        let start = *self.offsets.get(i)? as usize;
+        let end = *self.offsets.get(i + 1)? as usize;
+        self.bytes.get(start..end)
+    }
+
+    /// The sealed fields in batch order.
+    pub fn iter(&self) -> impl Iterator<Item = &[u8]> + '_ {
+        self.offsets
+            .windows(2)
+            .map(|w| &self.bytes[w[0] as usize..w[1] as usize])
+    }
+
+    /// All sealed fields end to end (see [`Self::offsets`]).
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.bytes
+    }
+
+    /// `len + 1` offsets into [`Self::as_bytes`], from 0.
+    pub fn offsets(&self) -> &[u32] {
+        &self.offsets
+    }
+
+    /// One [`SealedField`] per field.
+    pub fn to_fields(&self) -> Vec<SealedField> {
+        self.iter().map(|f| SealedField(f.to_vec())).collect()
+    }
+}
+
+/// Why one field of an open batch did not open.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailureReason {
+    /// Shorter than the header and tag.
+    Truncated {
+        /// Its length.
+        len: usize,
+    },
+    /// A format byte this build does not read.
+    UnknownFormat(u8),
+    /// The tag did not verify: altered, another user's, region's or
+    /// column's, or sealed under another key.
+    Authentication,
+}
+
+/// One field of an open batch that did not open; the others did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("field {item} (user {}, column {}): {reason}", .label.user_id, .label.column)]
+pub struct FieldFailure {
+    /// Index of the field in the batch.
+    pub item: usize,
+    /// Whose field it is.
+    pub label: FieldLabel,
+    /// Why it did not open.
+    pub reason: FailureReason,
+}
+
+impl std::fmt::Display for FailureReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Truncated { len } => write!(
+                f,
+                "truncated ({len} bytes, at least {SEAL_OVERHEAD} expected)"
+            ),
+            Self::UnknownFormat(v) => write!(
+                f,
+                "unknown format version {v}; this build reads version {FIELD_FORMAT_V1}"
+            ),
+            Self::Authentication => f.write_str(
+                "does not authenticate: altered, another user's, region's or column's, \
+                 or sealed under another key",
+            ),
+        }
+    }
+}
+
+impl From<FieldFailure> for CryptoError {
+    /// The error `DataKey::open` returns for the same field.
+    fn from(f: FieldFailure) -> Self {
+        match f.reason {
+            FailureReason::Truncated { len } => CryptoError::Truncated {
+                len,
+                min: SEAL_OVERHEAD,
+            },
+            FailureReason::UnknownFormat(v) => CryptoError::UnknownFormat(v),
+            FailureReason::Authentication => CryptoError::Authentication {
+                user_id: f.label.user_id,
+                column: f.label.column,
+            },
+        }
+    }
+}
+
+/// Per-field outcome as an engine writes it (one byte per field, so a GPU
+/// kernel can write it too).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[repr(u8)]
+pub(crate) enum FieldStatus {
+    #[default]
+    Opened = 0,
+    Truncated = 1,
+    UnknownFormat = 2,
+    Authentication = 3,
+}
+
+/// The output of `open_batch`: each field's plaintext, or why it did not
+/// open. Plaintexts are zeroized when it is dropped.
+#[derive(Debug)]
+pub struct OpenedBatch {
+    plaintext: Zeroizing<Vec<u8>>,
+    offsets: Vec<u32>,
+    /// Sorted by item.
+    failures: Vec<FieldFailure>,
+}
+
+impl OpenedBatch {
+    /// Assembles an engine's output: `plaintext` laid out by
+    /// `batch.plaintext_offsets()`, a failed field's range zeroed, and one
+    /// status per field.
+    pub(crate) fn assemble(
+        batch: &OpenBatch,
+        plaintext: Zeroizing<Vec<u8>>,
+        offsets: Vec<u32>,
+        status: &[FieldStatus],
+    ) -> Result<Self, BulkError> {
+        if status.len() != batch.len() || offsets.len() != batch.len() + 1 {
+            return Err(BulkError::Layout {
+                item: status.len().min(batch.len()),
+                detail: "one status and one offset per field",
+            });
+        }
+        let failures = status
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| **s != FieldStatus::Opened)
+            .map(|(item, s)| {
+                let sealed = batch.data(item);
+                let reason = match s {
+                    FieldStatus::Truncated => FailureReason::Truncated { len: sealed.len() },
+                    FieldStatus::UnknownFormat => {
+                        FailureReason::UnknownFormat(sealed.first().copied().unwrap_or(0))
+                    }
+                    FieldStatus::Authentication | FieldStatus::Opened => {
+                        FailureReason::Authentication
+                    }
+                };
+                FieldFailure {
+                    item,
+                    label: batch.0.labels[item],
+                    reason,
+                }
+            })
+            .collect();
+        Ok(Self {
+            plaintext,
+            offsets,
+            failures,
+        })
+    }
+
+    /// Number of fields.
+    pub fn len(&self) -> usize {
+        self.offsets.len().saturating_sub(1)
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Field `i`: its plaintext, or why it did not open; `None` past the end.
+    pub fn get(&self, i: usize) -> Option<Result<&[u8], &FieldFailure>> {
+        if i >= self.len() {
+            return None;
+        }
+        if let Ok(at) = self.failures.binary_search_by_key(&i, |f| f.item) {
+            return self.failures.get(at).map(Err);
+        }
+        self.plaintext
+            .get(self.offsets[i] as usize..self.offsets[i + 1] as usize)
+            .map(Ok)
+    }
+
+    /// Every field in batch order.
+    pub fn iter(&self) -> impl Iterator<Item = Result<&[u8], &FieldFailure>> + '_ {
+        (0..self.len()).filter_map(|i| self.get(i))
+    }
+
+    /// The fields that did not open, by index.
+    pub fn failures(&self) -> &[FieldFailure] {
+        &self.failures
+    }
+
+    /// Whether every field opened.
+    pub fn all_opened(&self) -> bool {
+        self.failures.is_empty()
+    }
+}
