@@ -151,44 +151,48 @@ fn open_batch(d: &Data, sealed: &SealedBatch) -> Option<OpenBatch> {
     Some(batch)
 }
 
-/// Runs `op` `runs` times; returns the seconds of each run.
-fn time_runs(runs: usize, mut op: impl FnMut()) -> Vec<f64> {
-    (0..runs)
-        .map(|_| {
+/// Runs the three paths in turn, `runs` rounds (baseline, one thread, all
+/// cores, baseline, ...), so load from elsewhere falls on all three alike;
+/// returns each path's seconds per round.
+fn time_rounds(runs: usize, ops: &mut [&mut dyn FnMut()]) -> Vec<Vec<f64>> {
+    let mut secs = vec![Vec::with_capacity(runs); ops.len()];
+    for _ in 0..runs {
+        for (op, out) in ops.iter_mut().zip(secs.iter_mut()) {
             let t = Instant::now();
             op();
-            t.elapsed().as_secs_f64()
-        })
-        .collect()
+            out.push(t.elapsed().as_secs_f64());
+        }
+    }
+    secs
 }
 
-fn median(mut v: Vec<f64>) -> (f64, Vec<f64>) {
-    let runs = v.clone();
+fn median(runs: &[f64]) -> f64 {
+    let mut v = runs.to_vec();
     v.sort_by(f64::total_cmp);
-    (v[v.len() / 2], runs)
+    v[v.len() / 2]
 }
 
-struct Row {
-    what: String,
-    secs: f64,
-    runs: Vec<f64>,
+fn best(runs: &[f64]) -> f64 {
+    runs.iter().copied().fold(f64::INFINITY, f64::min)
 }
 
-fn print_table(title: &str, rows: &[Row], fields: usize, bytes: usize) {
+fn print_table(title: &str, names: &[String], secs: &[Vec<f64>], fields: usize, bytes: usize) {
     println!("### {title}");
-    println!("| path | median s (runs) | fields/s | GB/s (plaintext) | vs baseline |");
-    println!("|---|---|---|---|---|");
-    let base = rows.first().map(|r| r.secs).unwrap_or(1.0);
-    for r in rows {
-        let runs: Vec<String> = r.runs.iter().map(|s| format!("{s:.3}")).collect();
+    println!(
+        "| path | median s | best s | runs (s) | fields/s (median) | GB/s (median, plaintext) | median vs baseline |"
+    );
+    println!("|---|---|---|---|---|---|---|");
+    let base = secs.first().map(|r| median(r)).unwrap_or(1.0);
+    for (name, runs) in names.iter().zip(secs) {
+        let m = median(runs);
+        let all: Vec<String> = runs.iter().map(|s| format!("{s:.3}")).collect();
         println!(
-            "| {} | {:.3} ({}) | {:.2} M | {:.3} | {:.2}× |",
-            r.what,
-            r.secs,
-            runs.join(", "),
-            fields as f64 / r.secs / 1e6,
-            bytes as f64 / r.secs / 1e9,
-            base / r.secs
+            "| {name} | {m:.3} | {:.3} | {} | {:.2} M | {:.3} | {:.2}× |",
+            best(runs),
+            all.join(", "),
+            fields as f64 / m / 1e6,
+            bytes as f64 / m / 1e9,
+            base / m
         );
     }
     println!();
@@ -231,40 +235,33 @@ fn main() {
         return;
     };
     let identical = sealed.as_bytes() == reference.as_slice();
-    let (b, b_runs) = median(time_runs(runs, || {
-        std::hint::black_box(baseline_seal(&d));
-    }));
-    let (one, one_runs) = median(time_runs(runs, || {
-        std::hint::black_box(one_thread.seal_batch(&sbatch, &d.nonces).ok());
-    }));
-    let (all, all_runs) = median(time_runs(runs, || {
-        std::hint::black_box(all_cores.seal_batch(&sbatch, &d.nonces).ok());
-    }));
-    let build = median(time_runs(runs, || {
-        std::hint::black_box(seal_batch(&d));
-    }))
-    .0;
-    print_table(
-        "Seal",
-        &[
-            Row {
-                what: "single-core `aes-gcm` loop (baseline)".into(),
-                secs: b,
-                runs: b_runs,
+    let names = [
+        "single-core `aes-gcm` loop (baseline)".to_owned(),
+        "CpuEngine, 1 thread".to_owned(),
+        format!("CpuEngine, all cores ({} threads)", info.parallelism),
+    ];
+    let secs = time_rounds(
+        runs,
+        &mut [
+            &mut || {
+                std::hint::black_box(baseline_seal(&d));
             },
-            Row {
-                what: "CpuEngine, 1 thread".into(),
-                secs: one,
-                runs: one_runs,
+            &mut || {
+                std::hint::black_box(one_thread.seal_batch(&sbatch, &d.nonces).ok());
             },
-            Row {
-                what: format!("CpuEngine, all cores ({} threads)", info.parallelism),
-                secs: all,
-                runs: all_runs,
+            &mut || {
+                std::hint::black_box(all_cores.seal_batch(&sbatch, &d.nonces).ok());
             },
         ],
-        fields,
-        d.plaintext_bytes,
+    );
+    print_table("Seal", &names, &secs, fields, d.plaintext_bytes);
+    let build = median(
+        &time_rounds(
+            runs,
+            &mut [&mut || {
+                std::hint::black_box(seal_batch(&d));
+            }],
+        )[0],
     );
     println!(
         "engine output byte-identical to the baseline's: {identical}; building the SealBatch (copying the fields in): {build:.3} s\n"
@@ -287,36 +284,20 @@ fn main() {
             .flatten()
             .copied()
             .eq(reference.iter().copied());
-    let (b, b_runs) = median(time_runs(runs, || {
-        std::hint::black_box(baseline_open(&d, &sealed));
-    }));
-    let (one, one_runs) = median(time_runs(runs, || {
-        std::hint::black_box(one_thread.open_batch(&obatch).ok());
-    }));
-    let (all, all_runs) = median(time_runs(runs, || {
-        std::hint::black_box(all_cores.open_batch(&obatch).ok());
-    }));
-    print_table(
-        "Open",
-        &[
-            Row {
-                what: "single-core `aes-gcm` loop (baseline)".into(),
-                secs: b,
-                runs: b_runs,
+    let secs = time_rounds(
+        runs,
+        &mut [
+            &mut || {
+                std::hint::black_box(baseline_open(&d, &sealed));
             },
-            Row {
-                what: "CpuEngine, 1 thread".into(),
-                secs: one,
-                runs: one_runs,
+            &mut || {
+                std::hint::black_box(one_thread.open_batch(&obatch).ok());
             },
-            Row {
-                what: format!("CpuEngine, all cores ({} threads)", info.parallelism),
-                secs: all,
-                runs: all_runs,
+            &mut || {
+                std::hint::black_box(all_cores.open_batch(&obatch).ok());
             },
         ],
-        fields,
-        d.plaintext_bytes,
     );
+    print_table("Open", &names, &secs, fields, d.plaintext_bytes);
     println!("every field opened to the baseline's plaintext: {all_ok}");
 }
