@@ -18,10 +18,8 @@ use aes_gcm::{AesGcm, Key, Nonce, Tag};
 use rayon::prelude::*;
 use zeroize::Zeroizing;
 
-use super::batch::{
-    FieldNonce, FieldStatus, OpenBatch, OpenedBatch, SealBatch, SealedBatch, HEADER_LEN,
-    SEAL_OVERHEAD, TAG_LEN,
-};
+use super::batch::{FieldNonce, OpenBatch, SealBatch, HEADER_LEN, SEAL_OVERHEAD, TAG_LEN};
+use super::output::{FieldStatus, OpenedBatch, SealedBatch};
 use super::{BulkEngine, BulkError, EngineInfo, EngineKind};
 use crate::crypto::FIELD_FORMAT_V1;
 

@@ -12,14 +12,16 @@
 
 mod batch;
 mod cpu;
+mod output;
 #[cfg(test)]
 mod tests;
 
 pub use batch::{
-    random_nonces, FailureReason, FieldFailure, FieldLabel, FieldNonce, KeyIndex, OpenBatch,
-    OpenedBatch, SealBatch, SealedBatch, MAX_BATCH_BYTES, SEAL_OVERHEAD,
+    random_nonces, FieldLabel, FieldNonce, KeyIndex, OpenBatch, SealBatch, MAX_BATCH_BYTES,
+    SEAL_OVERHEAD,
 };
 pub use cpu::CpuEngine;
+pub use output::{FailureReason, FieldFailure, OpenedBatch, SealedBatch};
 
 use thiserror::Error;
 
