@@ -128,7 +128,7 @@ fn baseline_open(d: &Data, sealed: &SealedBatch) -> Vec<u8> {
 }
 
 fn seal_batch(d: &Data) -> Option<SealBatch> {
-    let mut batch = SealBatch::new();
+    let mut batch = SealBatch::with_capacity(d.keys.len(), d.fields.len(), d.plaintext_bytes);
     let mut index = Vec::with_capacity(d.keys.len());
     for k in &d.keys {
         index.push(batch.add_key(k).ok()?);

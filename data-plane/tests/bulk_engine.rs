@@ -66,7 +66,8 @@ fn nonce_of(sealed: &SealedField) -> FieldNonce {
 
 /// A seal batch of `order`'s fields, each user's key added once.
 fn seal_batch(corpus: &Corpus, order: &[usize]) -> (SealBatch, Vec<FieldNonce>) {
-    let mut batch = SealBatch::new();
+    let bytes = corpus.fields.iter().map(|f| f.plaintext.len()).sum();
+    let mut batch = SealBatch::with_capacity(corpus.keys.len(), order.len(), bytes);
     let index: Vec<_> = corpus
         .keys
         .iter()

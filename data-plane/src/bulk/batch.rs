@@ -155,9 +155,25 @@ macro_rules! batch_common {
                 Self(Fields::new())
             }
 
+            /// An empty batch with room for `keys` keys, `fields` fields and
+            /// `data_bytes` bytes of field data. Sized right, its buffers
+            /// never grow, so no copy of a key or plaintext is left behind
+            /// in a freed allocation (only the final buffers are zeroized).
+            pub fn with_capacity(keys: usize, fields: usize, data_bytes: usize) -> Self {
+                let mut f = Fields::new();
+                f.keys.reserve_exact(keys);
+                f.key_of.reserve_exact(fields);
+                f.labels.reserve_exact(fields);
+                f.aad_offsets.reserve_exact(fields);
+                f.data_offsets.reserve_exact(fields);
+                f.data.reserve_exact(data_bytes);
+                Self(f)
+            }
+
             /// Adds a user's data key to the batch's table (once per user,
             /// then push that user's fields with the index it returns). The
-            /// key bytes are zeroized when the batch is dropped.
+            /// key bytes are zeroized when the batch is dropped (see
+            /// [`Self::with_capacity`]).
             pub fn add_key(&mut self, key: &DataKey) -> Result<KeyIndex, BulkError> {
                 self.0.add_key(key)
             }
