@@ -24,7 +24,7 @@
 --                            a mover that crashed resumes from it.
 --
 -- Citus: the distribute step keeps all four as local tables on the coordinator
--- (umstore_migrations::citus::LOCAL_TABLES), where writes arrive; so none has
+-- (the distribute step's list of local tables), where writes arrive; so none has
 -- a foreign key to the regions reference table, only the same CHECK.
 
 CREATE TABLE IF NOT EXISTS umstore.region_state (
