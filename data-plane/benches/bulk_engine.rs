@@ -151,19 +151,45 @@ fn open_batch(d: &Data, sealed: &SealedBatch) -> Option<OpenBatch> {
     Some(batch)
 }
 
-/// Runs the three paths in turn, `runs` rounds (baseline, one thread, all
-/// cores, baseline, ...), so load from elsewhere falls on all three alike;
-/// returns each path's seconds per round.
-fn time_rounds(runs: usize, ops: &mut [&mut dyn FnMut()]) -> Vec<Vec<f64>> {
-    let mut secs = vec![Vec::with_capacity(runs); ops.len()];
+/// CPU seconds this process has used (all threads, user and system).
+fn process_cpu_secs() -> f64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec through a valid pointer.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut ts) };
+    if rc != 0 {
+        return f64::NAN;
+    }
+    ts.tv_sec as f64 + ts.tv_nsec as f64 / 1e9
+}
+
+/// Seconds of each run of one path, and the CPU seconds it used over all.
+struct Timing {
+    runs: Vec<f64>,
+    cpu: f64,
+}
+
+/// Runs the paths in turn, `runs` rounds (baseline, one thread, all cores,
+/// baseline, ...), so load from elsewhere falls on all of them alike.
+fn time_rounds(runs: usize, ops: &mut [&mut dyn FnMut()]) -> Vec<Timing> {
+    let mut out: Vec<Timing> = (0..ops.len())
+        .map(|_| Timing {
+            runs: Vec::with_capacity(runs),
+            cpu: 0.0,
+        })
+        .collect();
     for _ in 0..runs {
-        for (op, out) in ops.iter_mut().zip(secs.iter_mut()) {
+        for (op, timing) in ops.iter_mut().zip(out.iter_mut()) {
+            let cpu = process_cpu_secs();
             let t = Instant::now();
             op();
-            out.push(t.elapsed().as_secs_f64());
+            timing.runs.push(t.elapsed().as_secs_f64());
+            timing.cpu += process_cpu_secs() - cpu;
         }
     }
-    secs
+    out
 }
 
 fn median(runs: &[f64]) -> f64 {
@@ -176,23 +202,24 @@ fn best(runs: &[f64]) -> f64 {
     runs.iter().copied().fold(f64::INFINITY, f64::min)
 }
 
-fn print_table(title: &str, names: &[String], secs: &[Vec<f64>], fields: usize, bytes: usize) {
+fn print_table(title: &str, names: &[String], timings: &[Timing], fields: usize, bytes: usize) {
     println!("### {title}");
     println!(
-        "| path | median s | best s | runs (s) | fields/s (median) | GB/s (median, plaintext) | median vs baseline |"
+        "| path | median s | best s | runs (s) | fields/s (median) | GB/s (median, plaintext) | median vs baseline | CPU s per s |"
     );
-    println!("|---|---|---|---|---|---|---|");
-    let base = secs.first().map(|r| median(r)).unwrap_or(1.0);
-    for (name, runs) in names.iter().zip(secs) {
-        let m = median(runs);
-        let all: Vec<String> = runs.iter().map(|s| format!("{s:.3}")).collect();
+    println!("|---|---|---|---|---|---|---|---|");
+    let base = timings.first().map(|t| median(&t.runs)).unwrap_or(1.0);
+    for (name, t) in names.iter().zip(timings) {
+        let m = median(&t.runs);
+        let all: Vec<String> = t.runs.iter().map(|s| format!("{s:.3}")).collect();
         println!(
-            "| {name} | {m:.3} | {:.3} | {} | {:.2} M | {:.3} | {:.2}× |",
-            best(runs),
+            "| {name} | {m:.3} | {:.3} | {} | {:.2} M | {:.3} | {:.2}× | {:.2} |",
+            best(&t.runs),
             all.join(", "),
             fields as f64 / m / 1e6,
             bytes as f64 / m / 1e9,
-            base / m
+            base / m,
+            t.cpu / t.runs.iter().sum::<f64>()
         );
     }
     println!();
@@ -255,14 +282,13 @@ fn main() {
         ],
     );
     print_table("Seal", &names, &secs, fields, d.plaintext_bytes);
-    let build = median(
-        &time_rounds(
-            runs,
-            &mut [&mut || {
-                std::hint::black_box(seal_batch(&d));
-            }],
-        )[0],
+    let build = time_rounds(
+        runs,
+        &mut [&mut || {
+            std::hint::black_box(seal_batch(&d));
+        }],
     );
+    let build = build.first().map(|t| median(&t.runs)).unwrap_or(f64::NAN);
     println!(
         "engine output byte-identical to the baseline's: {identical}; building the SealBatch (copying the fields in): {build:.3} s\n"
     );
