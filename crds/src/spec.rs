@@ -109,6 +109,8 @@ pub struct UserMetadataStoreSpec {
     /// tier-3 store runs (`<store>-coordinator`, `<store>-worker-<group>`) and the
     /// global user routes; the others are named `<store>-<cluster>-...`. With
     /// clusters, `spec.workerGroups` stays empty. Empty: one cluster, as at tier 3.
+    /// Listing a region under another cluster moves its rows there online, one
+    /// region at a time (`status.regionMoves`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 6))]
     #[x_kube(merge_strategy = ListMerge::Map(vec!["name".into()]))]
