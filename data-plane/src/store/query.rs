@@ -346,22 +346,7 @@ pub async fn stats(
 ) -> Result<Vec<Group>, tokio_postgres::Error> {
     let mut w = Where::new(filters);
     let exprs: Vec<&'static str> = dimensions.iter().filter_map(|d| dimension_sql(d)).collect();
-    let select_dims: String = exprs
-        .iter()
-        .enumerate()
-        .map(|(i, e)| format!("{e} AS g{i}, "))
-        .collect();
-    let group_by = if exprs.is_empty() {
-        String::new()
-    } else {
-        format!(
-            "GROUP BY {}",
-            (0..exprs.len())
-                .map(|i| format!("g{i}"))
-                .collect::<Vec<_>>()
-                .join(", ")
-        )
-    };
+    let (select_dims, group_by) = crate::stats::grouped(&exprs);
     let n = w.params.len() + 1;
     let sql = format!(
         "SELECT {select_dims} count(*)::int8, avg(m.income_lakh)::float8,
