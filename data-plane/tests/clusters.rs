@@ -194,6 +194,18 @@ async fn count(client: &Client, sql: &str, user: Uuid) -> i64 {
         .get(0)
 }
 
+/// How many of the events `ids` (as text) a cluster recorded as processed.
+async fn processed_count(client: &Client, ids: &[String]) -> i64 {
+    client
+        .query_one(
+            "SELECT count(*) FROM umstore.processed_events WHERE event_id::text = ANY($1)",
+            &[&ids],
+        )
+        .await
+        .expect("processed")
+        .get(0)
+}
+
 /// Rows of `user` in the tables a write fills, in one cluster: directory,
 /// metadata, outbox (1: any), route.
 async fn rows(client: &Client, user: Uuid) -> [i64; 4] {
@@ -876,15 +888,7 @@ async fn a_fenced_regions_events_wait_and_then_all_land_once() {
     };
     // Hold the fence for three seconds: long enough for several redeliveries.
     tokio::time::sleep(Duration::from_secs(3).saturating_sub(fenced_at.elapsed())).await;
-    let processed: i64 = m
-        .south_db
-        .query_one(
-            "SELECT count(*) FROM umstore.processed_events WHERE event_id::text = ANY($1)",
-            &[&ids],
-        )
-        .await
-        .expect("processed")
-        .get(0);
+    let processed = processed_count(&m.south_db, &ids).await;
     assert_eq!(processed, 0, "an event applied while its region was fenced");
     assert_eq!(count(&m.south_db, METADATA_ROWS, over_http).await, 0);
     assert!(
@@ -917,15 +921,7 @@ async fn a_fenced_regions_events_wait_and_then_all_land_once() {
     }
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     loop {
-        let processed: i64 = m
-            .south_db
-            .query_one(
-                "SELECT count(*) FROM umstore.processed_events WHERE event_id::text = ANY($1)",
-                &[&ids],
-            )
-            .await
-            .expect("processed")
-            .get(0);
+        let processed = processed_count(&m.south_db, &ids).await;
         if processed == ids.len() as i64 {
             break;
         }
