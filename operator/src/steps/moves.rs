@@ -131,14 +131,21 @@ async fn step(
         .iter()
         .flat_map(|c| c.holds.iter().map(|r| (r.clone(), c.name.clone())))
         .collect();
-    moves::seed_placement(home, &held)
-        .await
-        .map_err(|e| e.to_string())?;
-    let mut placed: BTreeMap<String, String> = moves::placement(home)
-        .await
-        .map_err(|e| e.to_string())?
-        .into_iter()
-        .collect();
+    let read = || async {
+        moves::placement(home)
+            .await
+            .map(|rows| rows.into_iter().collect::<BTreeMap<String, String>>())
+            .map_err(|e| e.to_string())
+    };
+    let mut placed = read().await?;
+    // Written only when a region has no row yet (the first time, or a region
+    // the store has just begun to serve), not on every reconcile.
+    if held.iter().any(|(r, _)| !placed.contains_key(r)) {
+        moves::seed_placement(home, &held)
+            .await
+            .map_err(|e| e.to_string())?;
+        placed = read().await?;
+    }
     let wanted: BTreeMap<&str, &Cluster> = v
         .clusters
         .iter()
