@@ -13,6 +13,7 @@
 mod batch;
 mod cpu;
 mod output;
+pub mod select;
 #[cfg(test)]
 mod tests;
 
@@ -22,6 +23,7 @@ pub use batch::{
 };
 pub use cpu::CpuEngine;
 pub use output::{FailureReason, FieldFailure, OpenedBatch, SealedBatch};
+pub use select::{select, EngineChoice, Selected, GPU_CROSSOVER_FIELDS};
 
 use thiserror::Error;
 
@@ -114,6 +116,12 @@ pub enum BulkError {
         item: usize,
         /// Its plaintext length.
         len: usize,
+    },
+    /// `--engine gpu` and no GPU engine could be opened.
+    #[error("--engine gpu needs a CUDA GPU and its driver, and none is usable: {detail}; use --engine cpu or auto")]
+    NoGpu {
+        /// Why not (no driver library, no device, NVRTC failed ...).
+        detail: String,
     },
     /// The engine's output did not have the layout the batch implies (a bug
     /// in the engine; reported rather than panicking).
