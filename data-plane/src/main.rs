@@ -15,8 +15,8 @@ use umstore_data_plane::db::Database;
 use umstore_data_plane::embedded::{default_data_dir, Embedded};
 
 use cli::{
-    keys::KeysAction, migrate::MigrateAction, regions::RegionsAction, seed::SeedArgs,
-    serve::ServeArgs, stats::StatsAction, KeyArgs,
+    bulk::BulkAction, keys::KeysAction, migrate::MigrateAction, regions::RegionsAction,
+    seed::SeedArgs, serve::ServeArgs, stats::StatsAction, KeyArgs,
 };
 
 /// umstore data plane: the encrypted, region-sharded user-metadata store.
@@ -89,6 +89,11 @@ enum Command {
         #[command(subcommand)]
         action: RegionsAction,
     },
+    /// Backfills and whole-region aggregations on the bulk engine (CPU or GPU).
+    Bulk {
+        #[command(subcommand)]
+        action: BulkAction,
+    },
     /// Serve /healthz, /readyz and /metrics.
     Serve(Box<ServeArgs>),
 }
@@ -160,6 +165,9 @@ async fn main() -> Result<()> {
         Command::Stats { action } => cli::stats::run(action, &database, layout.as_deref()).await,
         Command::Regions { action } => {
             cli::regions::run(action, &database, layout.as_deref()).await
+        }
+        Command::Bulk { action } => {
+            cli::bulk::run(action, &database, layout.as_deref(), &data_dir, keys).await
         }
         Command::Serve(args) => {
             cli::serve::run(

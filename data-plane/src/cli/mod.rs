@@ -3,6 +3,9 @@
 //! parses the global arguments, opens the database and dispatches. Errors are
 //! `anyhow` here, at the binary's edge; the library's modules return typed errors.
 
+pub mod bulk;
+pub mod bulk_import;
+pub mod bulk_stats;
 pub mod keys;
 pub mod migrate;
 pub mod regions;
