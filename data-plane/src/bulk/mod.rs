@@ -10,6 +10,7 @@
 //! Nonces are the caller's ([`random_nonces`] in production), so two engines
 //! given the same batch and nonces produce the same bytes.
 
+pub mod aggregate;
 mod batch;
 mod cpu;
 mod output;

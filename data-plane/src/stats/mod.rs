@@ -11,7 +11,9 @@
 //! under it in total is left out even when one cluster alone would not say
 //! so.
 
+pub mod mean;
 pub mod refresher;
+pub mod scan;
 pub mod views;
 
 use std::cmp::Ordering;
@@ -20,6 +22,14 @@ use std::collections::BTreeMap;
 use serde_json::Map;
 
 use crate::store::query::{json_text, Group};
+
+/// Groups with fewer users than this are left out of stats unless told
+/// otherwise (`serve --stats-min-group`, `bulk stats --min-group`).
+pub const DEFAULT_MIN_GROUP: u32 = 10;
+
+/// Decimal places of `overall_risk` (`numeric(3, 2)`): its partial sums are
+/// in hundredths.
+pub const RISK_SCALE: u32 = 2;
 
 /// A measure's partial: how many users have it, and its sum.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -36,9 +46,11 @@ impl Sum {
         self.total = self.total.saturating_add(other.total);
     }
 
-    /// The mean, `total / (n * scale)`, or `None` without values.
-    fn mean(self, scale: i64) -> Option<f64> {
-        (self.n > 0).then(|| self.total as f64 / (self.n as f64 * scale as f64))
+    /// The mean, `total / 10^scale / n` rounded as PostgreSQL's
+    /// `avg(...)::float8` rounds it ([`mean::pg_avg`]), or `None` without
+    /// values.
+    fn mean(self, scale: u32) -> Option<f64> {
+        mean::pg_avg(self.total, scale, self.n)
     }
 }
 
@@ -98,9 +110,9 @@ pub fn merge(clusters: &[Vec<Partial>], dimensions: &[String], min_group: i64) -
             Group {
                 group,
                 users: p.users,
-                avg_income_lakh: p.income_lakh.mean(1),
-                avg_household_size: p.household_size.mean(1),
-                avg_overall_risk: p.overall_risk_centi.mean(100),
+                avg_income_lakh: p.income_lakh.mean(0),
+                avg_household_size: p.household_size.mean(0),
+                avg_overall_risk: p.overall_risk_centi.mean(RISK_SCALE),
             }
         })
         .collect()

@@ -152,7 +152,7 @@ pub const DIMENSIONS: &[&str] = &[
 ];
 
 /// The SQL expression of a dimension (a fixed column, never input).
-fn dimension_sql(name: &str) -> Option<&'static str> {
+pub(crate) fn dimension_sql(name: &str) -> Option<&'static str> {
     Some(match name {
         "region" => "m.region::text",
         "gender" => "m.gender",
