@@ -63,6 +63,7 @@ pub fn embedded() -> Vec<Migration> {
         migration!(11, "0011", "stats_views"),
         migration!(12, "0012", "user_routes"),
         migration!(13, "0013", "region_moves"),
+        migration!(14, "0014", "bulk_imports"),
     ]
 }
 

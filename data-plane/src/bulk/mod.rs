@@ -13,6 +13,7 @@
 pub mod aggregate;
 mod batch;
 mod cpu;
+pub mod import;
 mod output;
 pub mod select;
 #[cfg(test)]

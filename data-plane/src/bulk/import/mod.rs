@@ -1,0 +1,701 @@
+//! `bulk import <file>`: creating many users from a file (docs/bulk.md,
+//! "Bulk import").
+//!
+//! A reader thread parses and validates the file's records (the write path's
+//! own parser) into batches; each batch drops the users already stored or
+//! repeated, draws a data key per user and wraps them in one provider call
+//! (Vault's batch encryption), seals the personal data on the bulk engine,
+//! derives the attributes and loads the directory, key, metadata, derived and
+//! history rows with COPY, in one transaction that also records how far into
+//! the file it got (`umstore.bulk_imports`). Refused records go to the reject
+//! file, each with its line and reason, before that commit; nothing else stops
+//! the import. Run again after a crash, the import resumes after the last
+//! committed batch: no user is written twice and none is skipped.
+
+mod input;
+mod render;
+
+use std::collections::HashMap;
+use std::io::{BufRead, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use chrono::{DateTime, Utc};
+use futures_util::SinkExt;
+use sha2::{Digest, Sha256};
+use thiserror::Error;
+use tokio_postgres::Client;
+use tracing::{debug, info};
+use uuid::Uuid;
+
+pub use input::{to_user, Format, NewUser, Record, Refused, PAYLOAD_FIELDS};
+pub use render::TABLES;
+
+use super::{BulkEngine, BulkError};
+use crate::crypto::{CryptoError, Keyring};
+use crate::ingest::event::{is_transit_ciphertext, Change, PiiText};
+
+/// Users per batch (one transaction, one engine call, one key-wrap call).
+pub const DEFAULT_BATCH_USERS: usize = 5_000;
+
+/// Class of the session advisory lock that keeps two imports of one file
+/// apart (the other key is the hash of the import id).
+const IMPORT_LOCK_CLASS: i32 = 1_651_336_559;
+
+/// Why an import stopped. What earlier batches committed stays, and running
+/// the same command again resumes after it.
+#[derive(Debug, Error)]
+pub enum ImportError {
+    /// The file's extension names no format this command reads.
+    #[error("{}: cannot tell the format; name the file .jsonl (JSON Lines) or .csv", path.display())]
+    Format {
+        /// The file.
+        path: PathBuf,
+    },
+    /// Reading the file failed.
+    #[error("reading {}: {source}", path.display())]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The CSV header is not usable; nothing was imported.
+    #[error("the CSV header: {0}")]
+    Header(String),
+    /// Writing the reject file failed.
+    #[error("writing the reject file {}: {source}", path.display())]
+    Rejects {
+        /// The reject file.
+        path: PathBuf,
+        /// I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Another import of the same file is running.
+    #[error("another import of this file ({import_id}) is running; wait for it or stop it first")]
+    Busy {
+        /// The import's id.
+        import_id: String,
+    },
+    /// A database statement failed; the batch under way was rolled back.
+    #[error("{what}: {source}")]
+    Database {
+        /// What was being done.
+        what: String,
+        /// Database error.
+        #[source]
+        source: tokio_postgres::Error,
+    },
+    /// Wrapping the data keys (or decrypting a transit value) failed; the
+    /// batch under way was rolled back.
+    #[error("{what}: {source}")]
+    Keys {
+        /// What was being done.
+        what: &'static str,
+        /// Provider error.
+        #[source]
+        source: CryptoError,
+    },
+    /// The bulk engine failed on a whole batch.
+    #[error("sealing a batch on the {engine} engine: {source}")]
+    Engine {
+        /// The engine.
+        engine: &'static str,
+        /// Why.
+        #[source]
+        source: BulkError,
+    },
+    /// The reader or sealing thread stopped unexpectedly.
+    #[error("the {0} thread stopped unexpectedly")]
+    Thread(&'static str),
+}
+
+fn db(what: impl Into<String>) -> impl FnOnce(tokio_postgres::Error) -> ImportError {
+    let what = what.into();
+    move |source| ImportError::Database { what, source }
+}
+
+/// How to import.
+#[derive(Debug, Clone)]
+pub struct ImportOptions {
+    /// Users per batch.
+    pub batch_users: usize,
+    /// Where refused records go (JSON Lines: line, user_id, reason).
+    pub rejects: PathBuf,
+    /// `source` of records that name none.
+    pub source: String,
+    /// Added to the import's id: the cluster, for a store with several.
+    pub scope: Option<String>,
+}
+
+impl ImportOptions {
+    /// Defaults for `file`: batches of [`DEFAULT_BATCH_USERS`], rejects in
+    /// `<file>.rejects.jsonl`, source `bulk-import`.
+    pub fn for_file(file: &Path) -> Self {
+        let mut rejects = file.as_os_str().to_owned();
+        rejects.push(".rejects.jsonl");
+        ImportOptions {
+            batch_users: DEFAULT_BATCH_USERS,
+            rejects: PathBuf::from(rejects),
+            source: "bulk-import".into(),
+            scope: None,
+        }
+    }
+}
+
+/// Where an import stands, after each committed batch.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Progress {
+    /// Bytes of the file committed.
+    pub bytes_done: u64,
+    /// The file's size.
+    pub bytes_total: u64,
+    /// Lines read.
+    pub lines: u64,
+    /// Users imported (this run and earlier ones of the same file).
+    pub imported: u64,
+    /// Records refused (likewise).
+    pub rejected: u64,
+}
+
+/// What an import did.
+#[derive(Debug, Clone)]
+pub struct ImportReport {
+    /// SHA-256 of the file (and the scope): its row in `umstore.bulk_imports`.
+    pub import_id: String,
+    /// The file had been imported completely before: nothing was done.
+    pub already_done: bool,
+    /// Whether this run resumed an earlier one.
+    pub resumed: bool,
+    /// Where it ended.
+    pub progress: Progress,
+    /// Users imported by this run.
+    pub imported_now: u64,
+    /// The reject file.
+    pub rejects: PathBuf,
+    /// Wall time of this run.
+    pub elapsed: Duration,
+    /// The engine's name.
+    pub engine: &'static str,
+    /// Time in the engine's seal calls, and the fields sealed.
+    pub seal_time: Duration,
+    /// Fields sealed.
+    pub fields_sealed: u64,
+    /// Time in COPY and commit.
+    pub load_time: Duration,
+}
+
+impl ImportReport {
+    /// Users per second of this run.
+    pub fn users_per_second(&self) -> f64 {
+        self.imported_now as f64 / self.elapsed.as_secs_f64().max(1e-9)
+    }
+}
+
+/// SHA-256 of the file, hex.
+fn file_digest(path: &Path) -> Result<String, ImportError> {
+    let io = |source| ImportError::Read {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut file =
+        std::io::BufReader::with_capacity(1 << 20, std::fs::File::open(path).map_err(io)?);
+    let mut hasher = Sha256::new();
+    loop {
+        let buf = file.fill_buf().map_err(io)?;
+        if buf.is_empty() {
+            break;
+        }
+        hasher.update(buf);
+        let n = buf.len();
+        file.consume(n);
+    }
+    Ok(hex::encode(hasher.finalize()))
+}
+
+/// One refused record, as a line of the reject file.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct Reject {
+    /// Line of the file where the record starts.
+    pub line: u64,
+    /// Its user, when readable.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub user_id: Option<Uuid>,
+    /// What is wrong and what to do.
+    pub reason: String,
+}
+
+/// The reject file: kept to the records before `lines_done` when resuming
+/// (a batch that did not commit is read and judged again), then appended to.
+struct Rejects {
+    path: PathBuf,
+    file: std::fs::File,
+}
+
+impl Rejects {
+    fn open(path: &Path, lines_done: u64) -> Result<Self, ImportError> {
+        let err = |source| ImportError::Rejects {
+            path: path.to_path_buf(),
+            source,
+        };
+        let kept: Vec<String> = if lines_done == 0 {
+            Vec::new()
+        } else {
+            match std::fs::read_to_string(path) {
+                Ok(text) => text
+                    .lines()
+                    .filter(|l| {
+                        serde_json::from_str::<Reject>(l).is_ok_and(|r| r.line <= lines_done)
+                    })
+                    .map(str::to_owned)
+                    .collect(),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+                Err(e) => return Err(err(e)),
+            }
+        };
+        let mut file = std::fs::File::create(path).map_err(err)?;
+        for line in &kept {
+            writeln!(file, "{line}").map_err(err)?;
+        }
+        file.sync_data().map_err(err)?;
+        Ok(Rejects {
+            path: path.to_path_buf(),
+            file,
+        })
+    }
+
+    /// Appends `rejects` and makes them durable (before the batch commits).
+    fn append(&mut self, rejects: &[Reject]) -> Result<(), ImportError> {
+        if rejects.is_empty() {
+            return Ok(());
+        }
+        let err = |source| ImportError::Rejects {
+            path: self.path.clone(),
+            source,
+        };
+        let mut text = String::new();
+        for r in rejects {
+            // A Reject always serializes.
+            text.push_str(&serde_json::to_string(r).unwrap_or_default());
+            text.push('\n');
+        }
+        self.file.write_all(text.as_bytes()).map_err(err)?;
+        self.file.sync_data().map_err(err)
+    }
+}
+
+/// Batches of records from the reader thread.
+struct Batch {
+    records: Vec<Record>,
+}
+
+fn spawn_reader(
+    path: PathBuf,
+    format: Format,
+    offset: u64,
+    line: u64,
+    now: DateTime<Utc>,
+    source: String,
+    batch_users: usize,
+) -> tokio::sync::mpsc::Receiver<Result<Batch, ImportError>> {
+    let (tx, rx) = tokio::sync::mpsc::channel(2);
+    std::thread::spawn(move || {
+        let mut input = match input::Input::open(&path, format, offset, line, now, &source) {
+            Ok(i) => i,
+            Err(e) => {
+                let _ = tx.blocking_send(Err(e));
+                return;
+            }
+        };
+        loop {
+            let mut records = Vec::with_capacity(batch_users);
+            while records.len() < batch_users {
+                match input.next_record(&path) {
+                    Ok(Some(r)) => records.push(r),
+                    Ok(None) => break,
+                    Err(e) => {
+                        let _ = tx.blocking_send(Err(e));
+                        return;
+                    }
+                }
+            }
+            let last = records.len() < batch_users;
+            if !records.is_empty() && tx.blocking_send(Ok(Batch { records })).is_err() {
+                return;
+            }
+            if last {
+                return;
+            }
+        }
+    });
+    rx
+}
+
+/// Imports `path` into the database of `client` (the writer login, or an
+/// administrator), sealing on `engine`. `progress` is called after each
+/// committed batch.
+pub async fn import(
+    client: &mut Client,
+    keyring: &Keyring,
+    engine: Arc<dyn BulkEngine>,
+    path: &Path,
+    options: &ImportOptions,
+    mut progress: impl FnMut(&Progress),
+) -> Result<ImportReport, ImportError> {
+    let started = Instant::now();
+    let format = Format::of(path)?;
+    let bytes_total = std::fs::metadata(path)
+        .map_err(|source| ImportError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?
+        .len();
+    let digest = {
+        let path = path.to_path_buf();
+        tokio::task::spawn_blocking(move || file_digest(&path))
+            .await
+            .map_err(|_| ImportError::Thread("digest"))??
+    };
+    let import_id = match &options.scope {
+        Some(scope) => format!("{digest}:{scope}"),
+        None => digest,
+    };
+    let locked: bool = client
+        .query_one(
+            "SELECT pg_try_advisory_lock($1, hashtext($2))",
+            &[&IMPORT_LOCK_CLASS, &import_id],
+        )
+        .await
+        .map_err(db("taking the import's lock"))?
+        .get(0);
+    if !locked {
+        return Err(ImportError::Busy { import_id });
+    }
+    let result = run(
+        client,
+        keyring,
+        engine,
+        path,
+        format,
+        bytes_total,
+        &import_id,
+        options,
+        started,
+        &mut progress,
+    )
+    .await;
+    // The lock goes with the session anyway; release it for a caller that
+    // keeps the connection.
+    let _ = client
+        .execute(
+            "SELECT pg_advisory_unlock($1, hashtext($2))",
+            &[&IMPORT_LOCK_CLASS, &import_id],
+        )
+        .await;
+    result
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn run(
+    client: &mut Client,
+    keyring: &Keyring,
+    engine: Arc<dyn BulkEngine>,
+    path: &Path,
+    format: Format,
+    bytes_total: u64,
+    import_id: &str,
+    options: &ImportOptions,
+    started: Instant,
+    progress: &mut impl FnMut(&Progress),
+) -> Result<ImportReport, ImportError> {
+    let file_name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let row = client
+        .query_one(
+            "INSERT INTO umstore.bulk_imports (import_id, file_name, file_bytes, format, engine)
+             VALUES ($1, $2, $3, $4, $5)
+             ON CONFLICT (import_id) DO UPDATE SET
+                attempts = umstore.bulk_imports.attempts
+                    + (umstore.bulk_imports.finished_at IS NULL)::int,
+                engine = EXCLUDED.engine,
+                updated_at = now()
+             RETURNING offset_done, lines_done, imported, rejected, finished_at IS NOT NULL,
+                attempts",
+            &[
+                &import_id,
+                &file_name,
+                &(bytes_total as i64),
+                &format.as_str(),
+                &engine.name(),
+            ],
+        )
+        .await
+        .map_err(db("recording the import in umstore.bulk_imports"))?;
+    let (offset, lines, imported, rejected): (i64, i64, i64, i64) =
+        (row.get(0), row.get(1), row.get(2), row.get(3));
+    let finished: bool = row.get(4);
+    let attempts: i32 = row.get(5);
+    let mut state = Progress {
+        bytes_done: offset as u64,
+        bytes_total,
+        lines: lines as u64,
+        imported: imported as u64,
+        rejected: rejected as u64,
+    };
+    let mut report = ImportReport {
+        import_id: import_id.to_owned(),
+        already_done: finished,
+        resumed: attempts > 1,
+        progress: state,
+        imported_now: 0,
+        rejects: options.rejects.clone(),
+        elapsed: Duration::ZERO,
+        engine: engine.name(),
+        seal_time: Duration::ZERO,
+        fields_sealed: 0,
+        load_time: Duration::ZERO,
+    };
+    if finished {
+        report.elapsed = started.elapsed();
+        return Ok(report);
+    }
+    if report.resumed {
+        info!(
+            import_id,
+            offset, lines, imported, rejected, "resuming the import after the last committed batch"
+        );
+    }
+    let mut rejects = Rejects::open(&options.rejects, state.lines)?;
+    let loader = render::Loader::prepare(client).await?;
+    let now = Utc::now();
+    let today = now.date_naive();
+    let mut rx = spawn_reader(
+        path.to_path_buf(),
+        format,
+        state.bytes_done,
+        state.lines,
+        now,
+        options.source.clone(),
+        options.batch_users.max(1),
+    );
+    progress(&state);
+    while let Some(batch) = rx.recv().await {
+        let Batch { records } = batch?;
+        let Some(last) = records.last() else { continue };
+        let (end, last_line) = (last.end, last.line);
+        let (users, mut refused) = screen(client, keyring, records).await?;
+        let sealed =
+            render::seal_and_render(keyring, Arc::clone(&engine), users, today, &mut report)
+                .await?;
+        refused.sort_by_key(|r| r.line);
+        let load_started = Instant::now();
+        let tx = client
+            .transaction()
+            .await
+            .map_err(db("starting a batch's transaction"))?;
+        let written = loader.load(&tx, sealed).await?;
+        let n_rejected = refused.len() as u64;
+        tx.execute(
+            "UPDATE umstore.bulk_imports SET offset_done = $2, lines_done = $3,
+                imported = imported + $4, rejected = rejected + $5, updated_at = now()
+             WHERE import_id = $1",
+            &[
+                &import_id,
+                &(end as i64),
+                &(last_line as i64),
+                &(written as i64),
+                &(n_rejected as i64),
+            ],
+        )
+        .await
+        .map_err(db("recording the import's progress"))?;
+        // Durable before the commit: a crash between the two re-judges the
+        // batch on resume (its rejects are dropped from the file first).
+        rejects.append(&refused)?;
+        tx.commit()
+            .await
+            .map_err(db("committing a batch of users"))?;
+        report.load_time += load_started.elapsed();
+        report.imported_now += written;
+        state.bytes_done = end;
+        state.lines = last_line;
+        state.imported += written;
+        state.rejected += n_rejected;
+        debug!(
+            lines = state.lines,
+            imported = state.imported,
+            "committed a batch"
+        );
+        progress(&state);
+    }
+    client
+        .execute(
+            "UPDATE umstore.bulk_imports SET finished_at = now(), updated_at = now()
+             WHERE import_id = $1",
+            &[&import_id],
+        )
+        .await
+        .map_err(db("recording the import as finished"))?;
+    report.progress = state;
+    report.elapsed = started.elapsed();
+    Ok(report)
+}
+
+/// A user to write: the user, and their personal data
+/// in plaintext (transit values decrypted).
+pub(crate) struct Screened {
+    pub user: NewUser,
+    pub pii: render::PiiPlain,
+}
+
+/// Splits a batch into users to write and refused records: invalid ones, a
+/// user repeated within the batch, a user the store already has.
+async fn screen(
+    client: &Client,
+    keyring: &Keyring,
+    records: Vec<Record>,
+) -> Result<(Vec<Screened>, Vec<Reject>), ImportError> {
+    let mut refused = Vec::new();
+    let mut first_line: HashMap<Uuid, u64> = HashMap::with_capacity(records.len());
+    let mut valid = Vec::with_capacity(records.len());
+    for r in records {
+        match r.user {
+            Err(Refused { user_id, reason }) => refused.push(Reject {
+                line: r.line,
+                user_id,
+                reason,
+            }),
+            Ok(user) => {
+                let id = user.event.user_id;
+                if let Some(first) = first_line.get(&id) {
+                    refused.push(Reject {
+                        line: r.line,
+                        user_id: Some(id),
+                        reason: format!(
+                            "user {id} appears again (first on line {first}): a file creates each \
+                             user once; send later changes as METADATA_UPDATED events"
+                        ),
+                    });
+                    continue;
+                }
+                first_line.insert(id, r.line);
+                valid.push((r.line, user));
+            }
+        }
+    }
+    let ids: Vec<Uuid> = valid.iter().map(|(_, u)| u.event.user_id).collect();
+    let existing: HashMap<Uuid, String> = client
+        .query(
+            "SELECT user_id, region::text FROM umstore.user_directory WHERE user_id = ANY($1)",
+            &[&ids],
+        )
+        .await
+        .map_err(db("looking up which users exist already"))?
+        .into_iter()
+        .map(|row| (row.get(0), row.get(1)))
+        .collect();
+    let mut users = Vec::with_capacity(valid.len());
+    for (line, user) in valid {
+        let id = user.event.user_id;
+        if let Some(region) = existing.get(&id) {
+            refused.push(Reject {
+                line,
+                user_id: Some(id),
+                reason: format!(
+                    "user {id} already exists (region {region}): bulk import only creates users; \
+                     send changes as METADATA_UPDATED events"
+                ),
+            });
+            continue;
+        }
+        match plain_pii(keyring, &user).await {
+            Ok(pii) => users.push(Screened { user, pii }),
+            Err(PiiError::Refused(reason)) => refused.push(Reject {
+                line,
+                user_id: Some(id),
+                reason,
+            }),
+            Err(PiiError::Provider(source)) => {
+                return Err(ImportError::Keys {
+                    what: "decrypting a transit-encrypted value",
+                    source,
+                })
+            }
+        }
+    }
+    Ok((users, refused))
+}
+
+enum PiiError {
+    Refused(String),
+    Provider(CryptoError),
+}
+
+/// The user's personal data in plaintext (transit ciphertexts decrypted
+/// through Vault, as the write path does).
+async fn plain_pii(keyring: &Keyring, user: &NewUser) -> Result<render::PiiPlain, PiiError> {
+    let Some(p) = user.patch() else {
+        return Err(PiiError::Refused("not a METADATA_CREATED payload".into()));
+    };
+    async fn text(
+        keyring: &Keyring,
+        field: &'static str,
+        change: &Change<PiiText>,
+    ) -> Result<Option<zeroize::Zeroizing<Vec<u8>>>, PiiError> {
+        let Change::Set(PiiText(v)) = change else {
+            return Ok(None);
+        };
+        if !is_transit_ciphertext(v) {
+            return Ok(Some(zeroize::Zeroizing::new(v.as_bytes().to_vec())));
+        }
+        match keyring.provider().decrypt_inbound(v).await {
+            Ok(plain) => Ok(Some(plain)),
+            Err(e @ CryptoError::Vault { .. }) => Err(PiiError::Provider(e)),
+            Err(e) => Err(PiiError::Refused(format!(
+                "{field}: a transit-encrypted value could not be decrypted: {e}"
+            ))),
+        }
+    }
+    let Change::Set(dob) = &p.date_of_birth else {
+        return Err(PiiError::Refused("date_of_birth is required".into()));
+    };
+    let Change::Set(income) = &p.annual_income else {
+        return Err(PiiError::Refused("annual_income is required".into()));
+    };
+    Ok(render::PiiPlain {
+        full_name: text(keyring, "full_name", &p.full_name).await?,
+        date_of_birth: *dob,
+        district: text(keyring, "district", &p.district).await?,
+        pincode: text(keyring, "pincode", &p.pincode).await?,
+        phone: text(keyring, "phone", &p.phone).await?,
+        identity_token: text(keyring, "identity_token", &p.identity_token).await?,
+        annual_income: *income,
+    })
+}
+
+/// Sends one table's COPY text.
+async fn copy_in(
+    tx: &tokio_postgres::Transaction<'_>,
+    statement: &str,
+    text: Bytes,
+    table: &str,
+) -> Result<(), ImportError> {
+    let sink = tx
+        .copy_in::<_, Bytes>(statement)
+        .await
+        .map_err(db(format!("loading {table}")))?;
+    futures_util::pin_mut!(sink);
+    sink.send(text)
+        .await
+        .map_err(db(format!("loading {table}")))?;
+    sink.finish()
+        .await
+        .map_err(db(format!("loading {table}")))?;
+    Ok(())
+}
