@@ -334,7 +334,7 @@ fn render_user(
     put("marital_status", marital.map(|v| json!(v)));
     put("area_type", area.map(|v| json!(v)));
     put("social_category", social.map(|v| json!(v)));
-    put("disability", disability.then(|| json!(true)));
+    put("disability", disability.then_some(json!(true)));
     put("occupation", occupation.as_ref().map(|v| json!(v)));
     put("employment_type", employment.map(|v| json!(v)));
     put("land_holding_acres", acres.map(|v| json!(v)));
