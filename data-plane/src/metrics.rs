@@ -103,6 +103,24 @@ pub struct ClusterReplicaLabels {
     pub purpose: &'static str,
 }
 
+/// The bulk engine a process selected.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EngineLabels {
+    /// `cpu` or `gpu`.
+    pub engine: &'static str,
+    /// What it runs on, in words (`x86_64, AES-NI + PCLMULQDQ`, a GPU's name).
+    pub device: String,
+}
+
+/// Work done on a bulk engine.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EngineOpLabels {
+    /// `cpu` or `gpu`.
+    pub engine: &'static str,
+    /// `seal`, `open` or `aggregate`.
+    pub operation: &'static str,
+}
+
 fn read_histogram() -> Histogram {
     // 0.1 ms to about 3 s.
     Histogram::new(exponential_buckets(0.000_1, 2.0, 16))
@@ -189,6 +207,15 @@ pub struct Metrics {
     /// Writes refused by a region's write check (several clusters), by
     /// reason (`fenced`, `moved`); each is retried.
     pub region_write_refusals: Family<RefusalLabels, Counter>,
+    /// 1 for the bulk engine this process selected at start
+    /// (`--engine`), labelled with its name and device.
+    pub bulk_engine_info: Family<EngineLabels, Gauge>,
+    /// Fields (values) processed on the bulk engine, by engine and operation.
+    pub bulk_engine_fields: Family<EngineOpLabels, Counter>,
+    /// Bytes processed on the bulk engine, by engine and operation.
+    pub bulk_engine_bytes: Family<EngineOpLabels, Counter>,
+    /// Seconds spent on the bulk engine, by engine and operation.
+    pub bulk_engine_seconds: Family<EngineOpLabels, Counter<f64, AtomicU64>>,
     registry: Registry,
     /// 1 while a database connection is up.
     pub db_connected: Gauge,
@@ -435,7 +462,35 @@ impl Metrics {
              (fenced, moved); each is retried",
             region_write_refusals.clone(),
         );
+        let bulk_engine_info = Family::<EngineLabels, Gauge>::default();
+        registry.register(
+            "bulk_engine_info",
+            "1 for the bulk engine selected at start (--engine), by engine and device",
+            bulk_engine_info.clone(),
+        );
+        let bulk_engine_fields = Family::<EngineOpLabels, Counter>::default();
+        registry.register(
+            "bulk_engine_fields",
+            "Fields processed on the bulk engine, by engine and operation",
+            bulk_engine_fields.clone(),
+        );
+        let bulk_engine_bytes = Family::<EngineOpLabels, Counter>::default();
+        registry.register(
+            "bulk_engine_bytes",
+            "Bytes processed on the bulk engine, by engine and operation",
+            bulk_engine_bytes.clone(),
+        );
+        let bulk_engine_seconds = Family::<EngineOpLabels, Counter<f64, AtomicU64>>::default();
+        registry.register(
+            "bulk_engine_seconds",
+            "Seconds spent on the bulk engine, by engine and operation",
+            bulk_engine_seconds.clone(),
+        );
         Self {
+            bulk_engine_info,
+            bulk_engine_fields,
+            bulk_engine_bytes,
+            bulk_engine_seconds,
             region_placement_epoch,
             region_write_refusals,
             cluster_replica_up,
@@ -627,11 +682,78 @@ impl Metrics {
         }
     }
 
+    /// Records the bulk engine selected at start: its info gauge is 1.
+    pub fn bulk_engine_selected(&self, engine: &'static str, device: &str) {
+        self.bulk_engine_info
+            .get_or_create(&EngineLabels {
+                engine,
+                device: device.to_owned(),
+            })
+            .set(1);
+    }
+
+    /// Counts one call on the bulk engine: `fields` values and `bytes`
+    /// bytes of `operation` (`seal`, `open`, `aggregate`) in `took`.
+    pub fn bulk_engine_ran(
+        &self,
+        engine: &'static str,
+        operation: &'static str,
+        fields: u64,
+        bytes: u64,
+        took: std::time::Duration,
+    ) {
+        let labels = EngineOpLabels { engine, operation };
+        self.bulk_engine_fields
+            .get_or_create(&labels)
+            .inc_by(fields);
+        self.bulk_engine_bytes.get_or_create(&labels).inc_by(bytes);
+        self.bulk_engine_seconds
+            .get_or_create(&labels)
+            .inc_by(took.as_secs_f64());
+    }
+
     /// The Prometheus text exposition of every metric.
     pub fn encode(&self) -> String {
         let mut out = String::new();
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_selected_engine_and_its_throughput_are_exported() {
+        let m = Metrics::new();
+        m.bulk_engine_selected("cpu", "x86_64, AES-NI + PCLMULQDQ");
+        m.bulk_engine_ran(
+            "cpu",
+            "aggregate",
+            1_000,
+            4_000,
+            std::time::Duration::from_millis(250),
+        );
+        let text = m.encode();
+        assert!(
+            text.contains(
+                "umstore_bulk_engine_info{engine=\"cpu\",device=\"x86_64, AES-NI + PCLMULQDQ\"} 1"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "umstore_bulk_engine_fields_total{engine=\"cpu\",operation=\"aggregate\"} 1000"
+            ),
+            "{text}"
+        );
+        assert!(text.contains(
+            "umstore_bulk_engine_bytes_total{engine=\"cpu\",operation=\"aggregate\"} 4000"
+        ));
+        assert!(text.contains(
+            "umstore_bulk_engine_seconds_total{engine=\"cpu\",operation=\"aggregate\"} 0.25"
+        ));
     }
 }

@@ -13,6 +13,7 @@ use umstore_data_plane::api::pools::Logins;
 use umstore_data_plane::api::routing::Routing;
 use umstore_data_plane::api::{self, ApiTokens, AppState, DbSlot, KeysSlot, ReadPools, Slot};
 use umstore_data_plane::backoff::Backoff;
+use umstore_data_plane::bulk::{self, EngineChoice};
 use umstore_data_plane::clusters::placement::Placement;
 use umstore_data_plane::clusters::Layout;
 use umstore_data_plane::crypto::KeyProviderConfig;
@@ -40,6 +41,12 @@ pub struct ServeArgs {
     /// Do not apply pending migrations at start.
     #[arg(long)]
     no_migrate: bool,
+    /// The bulk engine (docs/bulk.md): `auto` takes a GPU when one is usable,
+    /// else the CPU; `cpu`; `gpu` refuses to start without a usable GPU.
+    /// Shown on /metrics as `umstore_bulk_engine_info`.
+    #[arg(long, env = "UMSTORE_ENGINE", default_value = "auto",
+          value_parser = super::bulk::parse_engine)]
+    engine: EngineChoice,
     #[command(flatten)]
     events: EventArgs,
     #[command(flatten)]
@@ -367,6 +374,7 @@ pub async fn run(
         listen,
         demo,
         no_migrate,
+        engine,
         events,
         reads,
     } = args;
@@ -414,6 +422,7 @@ pub async fn run(
         bail!("--require-vault is set but no --vault-addr was given");
     }
     let metrics = Arc::new(Metrics::new());
+    select_engine(engine, &metrics)?;
     // Several clusters: where each region is now, read from home through the
     // writer's login (every purpose may read it too) before events are
     // consumed or users looked up, then refreshed.
@@ -599,6 +608,24 @@ pub async fn run(
     }
     served.context("HTTP server failed")?;
     info!("stopped");
+    Ok(())
+}
+
+/// Selects the bulk engine for `--engine` (a whole-region scan's worth of
+/// fields, so `auto` takes a usable GPU), logs the choice and its reason and
+/// exports it; `gpu` without a usable GPU is a startup error.
+fn select_engine(choice: EngineChoice, metrics: &Metrics) -> Result<()> {
+    let selected = bulk::select(choice, bulk::GPU_CROSSOVER_FIELDS)
+        .with_context(|| format!("--engine {choice} (UMSTORE_ENGINE)"))?;
+    let engine = selected.engine.info();
+    info!(
+        engine = engine.name,
+        device = %engine.device,
+        threads = engine.parallelism,
+        reason = %selected.reason,
+        "bulk engine"
+    );
+    metrics.bulk_engine_selected(engine.name, &engine.device);
     Ok(())
 }
 
