@@ -25,33 +25,7 @@ use uuid::Uuid;
 
 /// A user of the generator as the flat import form.
 fn flat(gen: &mut Generator) -> Value {
-    let p = gen.next_profile();
-    json!({
-        "user_id": p.user_id,
-        "region": p.region,
-        "full_name": p.full_name,
-        "date_of_birth": p.date_of_birth.to_string(),
-        "gender": p.gender,
-        "annual_income": p.annual_income,
-        "household_size": p.household_size,
-        "employment_type": p.employment_type,
-        "ration_card": p.ration_card,
-        "marital_status": p.marital_status,
-        "district": p.district,
-        "pincode": p.pincode,
-        "area_type": p.area_type,
-        "social_category": p.social_category,
-        "disability": p.disability,
-        "phone": p.phone,
-        "identity_token": p.identity_token,
-        "occupation": p.occupation,
-        "land_holding_acres": p.land_holding_centiacres as f64 / 100.0,
-        "has_bank_account": p.has_bank_account,
-        "dependents": p.dependents,
-        "children": p.children,
-        "senior_members": p.senior_members,
-        "head_of_household": p.head_of_household,
-    })
+    umstore_data_plane::seed::import_record(&gen.next_profile())
 }
 
 /// What a file holds: the good users (user id → record) and the bad

@@ -227,7 +227,8 @@ async fn the_schema_is_granted_to_exactly_the_purpose_groups_which_cannot_log_in
 #[tokio::test]
 async fn every_key_of_a_per_user_table_includes_region() {
     // The directory and the routes are found by user id alone: keyed by it.
-    // The region-move tables stay local to the coordinator (citus::LOCAL_TABLES).
+    // The region-move tables stay local to the coordinator (citus::LOCAL_TABLES);
+    // bulk_imports is per file, not per user.
     let (_c, client) = migrated_db().await;
     let rows = client
         .query(
@@ -237,7 +238,8 @@ async fn every_key_of_a_per_user_table_includes_region() {
              FROM pg_constraint c JOIN pg_class t ON t.oid = c.conrelid
              WHERE connamespace = 'umstore'::regnamespace AND contype IN ('p', 'u', 'f')
                AND t.relname NOT IN ('regions', 'user_directory', 'user_routes', 'schema_migrations', 'key_material', 'key_rotations', 'stats_refreshes',
-                                     'region_state', 'region_move_log', 'region_placement', 'region_moves')
+                                     'region_state', 'region_move_log', 'region_placement', 'region_moves',
+                                     'bulk_imports')
                AND conparentid = 0",
             &[],
         )

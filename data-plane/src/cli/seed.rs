@@ -22,6 +22,10 @@ pub struct SeedArgs {
     /// of loading it (a baseline for `psql \copy`).
     #[arg(long)]
     write_copy_files: Option<PathBuf>,
+    /// Write the users to this JSON Lines file for `bulk import` instead of
+    /// loading them (plaintext synthetic personal data; nothing is stored).
+    #[arg(long, conflicts_with = "write_copy_files")]
+    write_import_file: Option<PathBuf>,
 }
 
 /// Loads (or writes the COPY files of) `args.users` users into a current schema.
@@ -35,7 +39,13 @@ pub async fn run(
         users,
         seed,
         write_copy_files,
+        write_import_file,
     } = args;
+    if let Some(path) = write_import_file {
+        seed::write_import_file(&path, users, seed)?;
+        println!("wrote {users} users to {}", path.display());
+        return Ok(());
+    }
     let mut client = database.connect().await?;
     Runner::default()
         .verify(&client)

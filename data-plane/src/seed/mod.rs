@@ -461,3 +461,54 @@ pub async fn write_copy_files(
     std::fs::write(&load, script).map_err(ferr(&load))?;
     Ok(())
 }
+
+/// A generated profile as a record of `bulk import`'s flat form (user_id,
+/// region and the `METADATA_CREATED` payload's fields), personal data in
+/// plaintext: synthetic users to try or measure an import with.
+pub fn import_record(p: &crate::model::Profile) -> serde_json::Value {
+    serde_json::json!({
+        "user_id": p.user_id,
+        "region": p.region,
+        "full_name": p.full_name,
+        "date_of_birth": p.date_of_birth.to_string(),
+        "gender": p.gender,
+        "annual_income": p.annual_income,
+        "household_size": p.household_size,
+        "employment_type": p.employment_type,
+        "ration_card": p.ration_card,
+        "marital_status": p.marital_status,
+        "district": p.district,
+        "pincode": p.pincode,
+        "area_type": p.area_type,
+        "social_category": p.social_category,
+        "disability": p.disability,
+        "phone": p.phone,
+        "identity_token": p.identity_token,
+        "occupation": p.occupation,
+        "land_holding_acres": p.land_holding_centiacres as f64 / 100.0,
+        "has_bank_account": p.has_bank_account,
+        "dependents": p.dependents,
+        "children": p.children,
+        "senior_members": p.senior_members,
+        "head_of_household": p.head_of_household,
+    })
+}
+
+/// Writes the users `seed` would generate as a JSON Lines file for `bulk
+/// import` (see [`import_record`]).
+pub fn write_import_file(path: &Path, users: u64, seed: u64) -> Result<(), SeedError> {
+    use std::io::Write;
+    let err = |source| SeedError::File {
+        path: path.to_path_buf(),
+        source,
+    };
+    let today = chrono::Utc::now().date_naive();
+    let mut gen = Generator::new(seed, today);
+    let mut out = std::io::BufWriter::new(std::fs::File::create(path).map_err(err)?);
+    for _ in 0..users {
+        let line = import_record(&gen.next_profile()).to_string();
+        out.write_all(line.as_bytes()).map_err(err)?;
+        out.write_all(b"\n").map_err(err)?;
+    }
+    out.flush().map_err(err)
+}
