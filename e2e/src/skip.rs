@@ -3,9 +3,9 @@
 //! On a developer's machine it skips: it prints why and returns (passing). In CI,
 //! where `scripts/install-deps.sh --test` installed or built everything, a missing
 //! component is a broken install, so with `UMSTORE_REQUIRE_COMPONENTS=1` the test
-//! fails with the same message instead. Two components are exempt and may still skip
-//! there: Citus (not in any package registry; built from source where wanted) and a
-//! real cluster (`KUBECONFIG`), which CI does not have.
+//! fails with the same message instead. Three components are exempt and may still skip
+//! there: Citus (not in any package registry; built from source where wanted), a
+//! real cluster (`KUBECONFIG`) and a CUDA GPU, which CI does not have.
 //!
 //! Every skip is also appended, as one line, to the file named by `UMSTORE_SKIP_LOG`
 //! when it is set (`.ci/run` prints that file's lines at the end), because cargo hides
@@ -54,6 +54,12 @@ pub enum Component {
     Citus,
     /// A real Kubernetes cluster (`KUBECONFIG`): exempt, CI has none.
     Cluster,
+    /// The system C compiler (`$CC` or `cc`; Rust's linker, so CI has it): the GPU
+    /// engine's kernels are compiled as C and checked on the CPU with it.
+    CCompiler,
+    /// A CUDA GPU with its driver and NVRTC (the GPU engine's tests and benchmark):
+    /// exempt, CI has none; those tests skip with the reason `GpuEngine::open` gives.
+    Gpu,
 }
 
 impl Component {
@@ -71,12 +77,14 @@ impl Component {
             Self::Patroni => "patroni",
             Self::Citus => "citus",
             Self::Cluster => "cluster",
+            Self::CCompiler => "cc",
+            Self::Gpu => "gpu",
         }
     }
 
     /// Whether a test may skip for want of it even under [`REQUIRE_ENV`].
     pub fn is_exempt(self) -> bool {
-        matches!(self, Self::Citus | Self::Cluster)
+        matches!(self, Self::Citus | Self::Cluster | Self::Gpu)
     }
 }
 
@@ -149,7 +157,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn only_citus_and_a_real_cluster_are_exempt() {
+    fn only_citus_a_real_cluster_and_a_gpu_are_exempt() {
         use Component::*;
         let exempt: Vec<Component> = [
             Postgres,
@@ -162,11 +170,13 @@ mod tests {
             Patroni,
             Citus,
             Cluster,
+            CCompiler,
+            Gpu,
         ]
         .into_iter()
         .filter(|c| c.is_exempt())
         .collect();
-        assert_eq!(exempt, [Citus, Cluster]);
+        assert_eq!(exempt, [Citus, Cluster, Gpu]);
     }
 
     #[test]

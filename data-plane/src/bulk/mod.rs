@@ -2,7 +2,8 @@
 //! keys in one call (docs/bulk.md).
 //!
 //! One trait, [`BulkEngine`], and its engines: [`CpuEngine`] (rayon over
-//! AES-NI through `aes-gcm`) now, a GPU engine on `cudarc` later (issue 12).
+//! AES-NI through `aes-gcm`) and [`GpuEngine`] (CUDA kernels compiled with
+//! NVRTC, through `cudarc`).
 //! Every engine reads the same flat batches ([`SealBatch`], [`OpenBatch`]:
 //! a key table, then per field a key index, its AAD and its bytes laid end to
 //! end with offsets) and writes exactly the sealed-field format of
@@ -13,6 +14,7 @@
 pub mod aggregate;
 mod batch;
 mod cpu;
+mod gpu;
 pub mod import;
 mod output;
 pub mod select;
@@ -24,6 +26,7 @@ pub use batch::{
     SEAL_OVERHEAD,
 };
 pub use cpu::CpuEngine;
+pub use gpu::{GpuEngine, GpuOpenError, GpuTimings};
 pub use output::{FailureReason, FieldFailure, OpenedBatch, SealedBatch};
 pub use select::{select, EngineChoice, Selected, GPU_CROSSOVER_FIELDS};
 
@@ -34,7 +37,7 @@ use thiserror::Error;
 pub enum EngineKind {
     /// Host CPU cores.
     Cpu,
-    /// A GPU (not built yet).
+    /// A CUDA GPU ([`GpuEngine`]).
     Gpu,
 }
 
@@ -123,6 +126,16 @@ pub enum BulkError {
     #[error("--engine gpu needs a CUDA GPU and its driver, and none is usable: {detail}; use --engine cpu or auto")]
     NoGpu {
         /// Why not (no driver library, no device, NVRTC failed ...).
+        detail: String,
+    },
+    /// A CUDA call failed during a batch on the GPU engine (device memory
+    /// exhausted, a kernel fault, the driver gone), or the CUDA bindings
+    /// panicked (caught and reported here).
+    #[error("the GPU engine failed while {step}: {detail}; the batch was not processed (retry it, or use --engine cpu)")]
+    Gpu {
+        /// What the engine was doing.
+        step: &'static str,
+        /// The driver's error.
         detail: String,
     },
     /// The engine's output did not have the layout the batch implies (a bug

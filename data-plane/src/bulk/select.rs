@@ -7,7 +7,7 @@
 
 use std::sync::Arc;
 
-use super::{BulkEngine, BulkError, CpuEngine};
+use super::{BulkEngine, BulkError, CpuEngine, GpuEngine};
 
 /// Fields in one batch from which `auto` prefers a present GPU to the CPU
 /// cores: below it, launching kernels and moving the batch to the device and
@@ -80,7 +80,10 @@ impl std::fmt::Debug for Selected {
 
 /// Opens the GPU engine, or says why there is none.
 fn open_gpu() -> Result<Arc<dyn BulkEngine>, String> {
-    Err("this build has no GPU engine".into())
+    match GpuEngine::open() {
+        Ok(engine) => Ok(Arc::new(engine)),
+        Err(e) => Err(e.to_string()),
+    }
 }
 
 /// Chooses the engine for `choice` when the command's batches hold about
