@@ -237,6 +237,19 @@ fn duration_text(d: Duration) -> String {
     }
 }
 
+/// The bulk engine of the worker (docs/operator.md, "GPU"): a store with
+/// `spec.dataPlane.gpu` runs `--engine auto`, which takes the GPU when the pod
+/// can use one and says on /metrics (`umstore_bulk_engine_info`) when it
+/// could not, rather than `gpu`, which would keep the API down on a node whose
+/// driver or runtime class is wrong. Without a GPU nothing is added (the
+/// default, `auto`, is the CPU there), so those pods are not rolled.
+fn engine_args(gpu: Option<&GpuSpec>) -> Vec<String> {
+    match gpu {
+        Some(_) => vec!["--engine".into(), "auto".into()],
+        None => Vec::new(),
+    }
+}
+
 /// Writable scratch directory of the data plane (the root filesystem is read-only).
 const DATA_DIR: &str = "/var/lib/umstore";
 
@@ -341,17 +354,19 @@ pub fn deployment(v: &Validated, tokens: &ApiTokens) -> Deployment {
             ..Volume::default()
         });
     }
+    let mut args = vec![
+        "serve".into(),
+        "--listen".into(),
+        format!("0.0.0.0:{API_PORT}"),
+        // The operator's migrate step applies migrations as the admin role; the
+        // data plane waits for the schema it was built for.
+        "--no-migrate".into(),
+    ];
+    args.extend(engine_args(gpu.as_ref()));
     let container = Container {
         name: "data-plane".into(),
         image: Some(image.clone()),
-        args: Some(vec![
-            "serve".into(),
-            "--listen".into(),
-            format!("0.0.0.0:{API_PORT}"),
-            // The operator's migrate step applies migrations as the admin role; the
-            // data plane waits for the schema it was built for.
-            "--no-migrate".into(),
-        ]),
+        args: Some(args),
         env: Some(environment(v)),
         ports: Some(vec![ContainerPort {
             name: Some("http".into()),
@@ -483,6 +498,28 @@ mod tests {
             "workerGroups": [{"name": "south", "regions": ["KA", "TN"]}],
             "dataPlane": data_plane,
         })
+    }
+
+    fn container_args(v: &Validated) -> Vec<String> {
+        let deployment = deployment(v, &ApiTokens::fixed_for_tests());
+        let pod = deployment.spec.template.spec.expect("pod");
+        pod.containers[0].args.clone().expect("args")
+    }
+
+    #[test]
+    fn a_store_with_a_gpu_runs_its_worker_with_the_engine_on_auto() {
+        let gpu = validated(tier4(json!({"gpu": {"count": 1}})));
+        let args = container_args(&gpu);
+        let at = args.iter().position(|a| a == "--engine").expect("--engine");
+        assert_eq!(
+            args.get(at + 1).map(String::as_str),
+            Some("auto"),
+            "{args:?}"
+        );
+        assert_eq!(args[0], "serve");
+        // Without a GPU: no flag (serve's default, auto, is the CPU there).
+        let cpu = validated(tier4(json!({})));
+        assert!(!container_args(&cpu).iter().any(|a| a == "--engine"));
     }
 
     #[test]
