@@ -3,6 +3,10 @@
 //! thread, beside a single-core `aes-gcm` loop over the same fields with the
 //! same nonces (whose output is checked byte for byte against the engine's).
 //!
+//! Where a CUDA GPU is present, the GPU engine too (its output checked against
+//! the CPU engine's), with and without the host↔device copies, naming the card;
+//! without one it says it skipped the GPU rows and why.
+//!
 //! `cargo bench -p umstore-data-plane --bench bulk_engine [-- --fields N --users U --runs R]`
 //! (defaults: 1,000,000 fields of 8–64 bytes over 100,000 users, 3 runs).
 
@@ -11,7 +15,8 @@ use std::time::Instant;
 use aes_gcm::aead::{Aead, KeyInit, Payload};
 use aes_gcm::{Aes256Gcm, Key, Nonce};
 use umstore_data_plane::bulk::{
-    random_nonces, BulkEngine, CpuEngine, FieldNonce, OpenBatch, SealBatch, SealedBatch,
+    random_nonces, BulkEngine, CpuEngine, FieldNonce, GpuEngine, GpuTimings, OpenBatch, SealBatch,
+    SealedBatch,
 };
 use umstore_data_plane::crypto::{DataKey, FieldAad, PII_COLUMNS};
 use uuid::Uuid;
@@ -326,4 +331,126 @@ fn main() {
     );
     print_table("Open", &names, &secs, fields, d.plaintext_bytes);
     println!("every field opened to the baseline's plaintext: {all_ok}");
+
+    gpu_rows(&d, &sbatch, &sealed, &obatch, &opened, runs);
+}
+
+/// Seconds of each run of each GPU path: the whole call (with the copies),
+/// and the parts `GpuTimings` splits it into.
+#[derive(Default)]
+struct GpuRuns {
+    call: Vec<f64>,
+    upload: Vec<f64>,
+    kernels: Vec<f64>,
+    download: Vec<f64>,
+}
+
+impl GpuRuns {
+    fn push(&mut self, call: f64, t: GpuTimings) {
+        self.call.push(call);
+        self.upload.push(t.upload.as_secs_f64());
+        self.kernels.push(t.kernels.as_secs_f64());
+        self.download.push(t.download.as_secs_f64());
+    }
+}
+
+fn print_gpu_table(title: &str, r: &GpuRuns, cpu_median: f64, fields: usize, bytes: usize) {
+    println!("### {title}");
+    println!("| path | median s | best s | fields/s (median) | GB/s (median, plaintext) | median vs CpuEngine all cores |");
+    println!("|---|---|---|---|---|---|");
+    for (name, runs) in [
+        (
+            "GpuEngine, with host↔device copies (the whole call)",
+            &r.call,
+        ),
+        ("GpuEngine, kernels alone", &r.kernels),
+        ("  of which: host→device copy", &r.upload),
+        ("  of which: device→host copy", &r.download),
+    ] {
+        let m = median(runs);
+        println!(
+            "| {name} | {m:.4} | {:.4} | {:.2} M | {:.3} | {:.2}× |",
+            best(runs),
+            fields as f64 / m / 1e6,
+            bytes as f64 / m / 1e9,
+            cpu_median / m
+        );
+    }
+    println!();
+}
+
+/// The GPU engine's rows beside the CPU engine's, where a GPU is present.
+fn gpu_rows(
+    d: &Data,
+    sbatch: &SealBatch,
+    cpu_sealed: &SealedBatch,
+    obatch: &OpenBatch,
+    cpu_opened: &umstore_data_plane::bulk::OpenedBatch,
+    runs: usize,
+) {
+    let gpu = match GpuEngine::open() {
+        Ok(gpu) => gpu,
+        Err(e) => {
+            println!("\nGPU rows skipped: no GPU engine ({e})");
+            return;
+        }
+    };
+    let info = gpu.info();
+    println!("\n## GPU engine on {} ({runs} runs)\n", info.device);
+    let cpu = CpuEngine::new();
+    // The first call also warms the context and the module up.
+    let sealed = match gpu.seal_batch_timed(sbatch, &d.nonces) {
+        Ok((sealed, _)) => sealed,
+        Err(e) => {
+            println!("GPU seal failed: {e}");
+            return;
+        }
+    };
+    let identical = &sealed == cpu_sealed;
+    let mut seal = GpuRuns::default();
+    let mut open = GpuRuns::default();
+    let mut cpu_seal = Vec::new();
+    let mut cpu_open = Vec::new();
+    let mut opened_same = true;
+    for _ in 0..runs {
+        let t = Instant::now();
+        let Ok((out, timings)) = gpu.seal_batch_timed(sbatch, &d.nonces) else {
+            println!("GPU seal failed");
+            return;
+        };
+        seal.push(t.elapsed().as_secs_f64(), timings);
+        std::hint::black_box(out);
+        let t = Instant::now();
+        let Ok((out, timings)) = gpu.open_batch_timed(obatch) else {
+            println!("GPU open failed");
+            return;
+        };
+        open.push(t.elapsed().as_secs_f64(), timings);
+        opened_same &= out.all_opened() && out.iter().eq(cpu_opened.iter());
+        let t = Instant::now();
+        std::hint::black_box(cpu.seal_batch(sbatch, &d.nonces).ok());
+        cpu_seal.push(t.elapsed().as_secs_f64());
+        let t = Instant::now();
+        std::hint::black_box(cpu.open_batch(obatch).ok());
+        cpu_open.push(t.elapsed().as_secs_f64());
+    }
+    let fields = d.fields.len();
+    print_gpu_table(
+        "GPU seal",
+        &seal,
+        median(&cpu_seal),
+        fields,
+        d.plaintext_bytes,
+    );
+    print_gpu_table(
+        "GPU open",
+        &open,
+        median(&cpu_open),
+        fields,
+        d.plaintext_bytes,
+    );
+    println!(
+        "GPU output byte-identical to CpuEngine's: {identical}; every field opened on the GPU to \
+         CpuEngine's plaintext: {opened_same}"
+    );
 }
