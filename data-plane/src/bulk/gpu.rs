@@ -25,7 +25,7 @@ use cudarc::driver::{
     CudaContext, CudaFunction, CudaSlice, CudaStream, DeviceRepr, LaunchConfig, PushKernelArg,
     ValidAsZeroBits,
 };
-use cudarc::nvrtc::{compile_ptx_with_opts, CompileError, CompileOptions};
+use cudarc::nvrtc::{compile_ptx_with_opts, CompileError, CompileOptions, Ptx};
 use zeroize::Zeroizing;
 
 use super::batch::{FieldNonce, OpenBatch, SealBatch};
@@ -184,14 +184,7 @@ impl GpuEngine {
                 cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
             )
             .map_err(driver("reading the multiprocessor count"))?;
-        let opts = CompileOptions {
-            name: Some(KERNEL_FILE.into()),
-            ..Default::default()
-        };
-        let ptx =
-            compile_ptx_with_opts(KERNEL_SOURCE, opts).map_err(|e| GpuOpenError::Compile {
-                detail: compile_error(&e),
-            })?;
+        let ptx = compile_kernels()?;
         let module = ctx
             .load_module(ptx)
             .map_err(driver("loading the compiled kernels"))?;
@@ -490,6 +483,17 @@ impl BulkEngine for GpuEngine {
     }
 }
 
+/// Compiles `aes_gcm.cu` to PTX with NVRTC (no device needed).
+fn compile_kernels() -> Result<Ptx, GpuOpenError> {
+    let opts = CompileOptions {
+        name: Some(KERNEL_FILE.into()),
+        ..Default::default()
+    };
+    compile_ptx_with_opts(KERNEL_SOURCE, opts).map_err(|e| GpuOpenError::Compile {
+        detail: compile_error(&e),
+    })
+}
+
 /// Runs `f`, turning a panic inside cudarc into an error.
 fn guarded<R>(
     step: &'static str,
@@ -691,6 +695,29 @@ mod tests {
             }
         }
         assert_eq!(opened.failures().len(), 1);
+    }
+
+    #[test]
+    fn nvrtc_compiles_the_kernels_where_it_is_installed() {
+        // NVRTC is a host library: this runs wherever it is, GPU or not.
+        // SAFETY: loads the library only, as GpuEngine::open does.
+        if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
+            skip_or_fail(Component::Gpu, GpuOpenError::NoNvrtcLibrary);
+            return;
+        }
+        let ptx = compile_kernels().unwrap_or_else(|e| panic!("{e}")).to_src();
+        for name in [
+            "um_key_setup_kernel",
+            "um_seal_ctr_kernel",
+            "um_seal_tag_kernel",
+            "um_open_tag_kernel",
+            "um_open_ctr_kernel",
+        ] {
+            assert!(
+                ptx.contains(&format!(".entry {name}(")),
+                "{name} in the PTX"
+            );
+        }
     }
 
     #[test]
