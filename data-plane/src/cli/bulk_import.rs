@@ -73,8 +73,10 @@ pub async fn run(
         options.rejects = rejects.clone();
     }
     let mut shown = Shown::new(std::io::stderr().is_terminal());
+    let lookup = database.connect().await?;
     let report = import::import(
         &mut client,
+        &lookup,
         &keyring,
         selected.engine,
         &args.file,

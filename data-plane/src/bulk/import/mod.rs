@@ -336,10 +336,12 @@ fn spawn_reader(
 }
 
 /// Imports `path` into the database of `client` (the writer login, or an
-/// administrator), sealing on `engine`. `progress` is called after each
-/// committed batch.
+/// administrator), sealing on `engine`; `lookup` is a second connection of
+/// the same login, for the next batch's lookups while a batch loads.
+/// `progress` is called after each committed batch.
 pub async fn import(
     client: &mut Client,
+    lookup: &Client,
     keyring: &Keyring,
     engine: Arc<dyn BulkEngine>,
     path: &Path,
@@ -377,6 +379,7 @@ pub async fn import(
     }
     let result = run(
         client,
+        lookup,
         keyring,
         engine,
         path,
@@ -402,6 +405,7 @@ pub async fn import(
 #[allow(clippy::too_many_arguments)]
 async fn run(
     client: &mut Client,
+    lookup: &Client,
     keyring: &Keyring,
     engine: Arc<dyn BulkEngine>,
     path: &Path,
@@ -485,54 +489,61 @@ async fn run(
         options.batch_users.max(1),
     );
     progress(&state);
-    while let Some(batch) = rx.recv().await {
-        let Batch { records } = batch?;
-        let Some(last) = records.last() else { continue };
-        let (end, last_line) = (last.end, last.line);
-        let (users, mut refused) = screen(client, keyring, records).await?;
-        let sealed =
-            render::seal_and_render(keyring, Arc::clone(&engine), users, today, &mut report)
-                .await?;
-        refused.sort_by_key(|r| r.line);
-        let load_started = Instant::now();
-        let tx = client
-            .transaction()
-            .await
-            .map_err(db("starting a batch's transaction"))?;
-        let written = loader.load(&tx, sealed).await?;
-        let n_rejected = refused.len() as u64;
-        tx.execute(
-            "UPDATE umstore.bulk_imports SET offset_done = $2, lines_done = $3,
-                imported = imported + $4, rejected = rejected + $5, updated_at = now()
-             WHERE import_id = $1",
-            &[
-                &import_id,
-                &(end as i64),
-                &(last_line as i64),
-                &(written as i64),
-                &(n_rejected as i64),
-            ],
-        )
-        .await
-        .map_err(db("recording the import's progress"))?;
-        // Durable before the commit: a crash between the two re-judges the
-        // batch on resume (its rejects are dropped from the file first).
-        rejects.append(&refused)?;
-        tx.commit()
-            .await
-            .map_err(db("committing a batch of users"))?;
-        report.load_time += load_started.elapsed();
-        report.imported_now += written;
-        state.bytes_done = end;
-        state.lines = last_line;
-        state.imported += written;
-        state.rejected += n_rejected;
-        debug!(
-            lines = state.lines,
-            imported = state.imported,
-            "committed a batch"
-        );
-        progress(&state);
+    // Two stages overlap: while batch N loads on `client`, batch N + 1 is
+    // looked up on `lookup`, its keys wrapped and its fields sealed.
+    let mut seen: HashMap<Uuid, u64> = HashMap::new();
+    let mut pending: Option<Prepared> = None;
+    let ctx = PrepareContext {
+        lookup,
+        keyring,
+        engine: &engine,
+        today,
+    };
+    loop {
+        let next = match rx.recv().await {
+            Some(batch) => Some(batch?),
+            None => None,
+        };
+        let load = async {
+            match pending.take() {
+                Some(p) => {
+                    let (end, line, rejected) = (p.end, p.last_line, p.refused.len() as u64);
+                    let started = Instant::now();
+                    let written = load_batch(client, &loader, &mut rejects, import_id, p).await?;
+                    Ok::<_, ImportError>(Some((end, line, written, rejected, started.elapsed())))
+                }
+                None => Ok(None),
+            }
+        };
+        let prepare = async {
+            match next {
+                Some(Batch { records }) => ctx.prepare(&mut seen, records).await.map(Some),
+                None => Ok(None),
+            }
+        };
+        let (loaded, prepared) = tokio::join!(load, prepare);
+        if let Some((end, line, written, rejected, took)) = loaded? {
+            report.load_time += took;
+            report.imported_now += written;
+            state.bytes_done = end;
+            state.lines = line;
+            state.imported += written;
+            state.rejected += rejected;
+            debug!(
+                lines = state.lines,
+                imported = state.imported,
+                "committed a batch"
+            );
+            progress(&state);
+        }
+        match prepared? {
+            Some(p) => {
+                report.seal_time += p.seal_time;
+                report.fields_sealed += p.fields;
+                pending = Some(p);
+            }
+            None => break,
+        }
     }
     client
         .execute(
@@ -547,6 +558,86 @@ async fn run(
     Ok(report)
 }
 
+/// A batch ready to load: its rows, its refused records and where in the
+/// file it ends.
+struct Prepared {
+    rendered: render::Rendered,
+    refused: Vec<Reject>,
+    end: u64,
+    last_line: u64,
+    seal_time: Duration,
+    fields: u64,
+}
+
+/// What preparing a batch needs.
+struct PrepareContext<'a> {
+    lookup: &'a Client,
+    keyring: &'a Keyring,
+    engine: &'a Arc<dyn BulkEngine>,
+    today: chrono::NaiveDate,
+}
+
+impl PrepareContext<'_> {
+    /// Screens a batch of records, wraps its keys, seals and renders it.
+    async fn prepare(
+        &self,
+        seen: &mut HashMap<Uuid, u64>,
+        records: Vec<Record>,
+    ) -> Result<Prepared, ImportError> {
+        let (end, last_line) = records.last().map_or((0, 0), |r| (r.end, r.line));
+        let (users, mut refused) = screen(self.lookup, self.keyring, seen, records).await?;
+        refused.sort_by_key(|r| r.line);
+        let (rendered, seal_time, fields) =
+            render::seal_and_render(self.keyring, Arc::clone(self.engine), users, self.today)
+                .await?;
+        Ok(Prepared {
+            rendered,
+            refused,
+            end,
+            last_line,
+            seal_time,
+            fields,
+        })
+    }
+}
+
+/// Loads a prepared batch and records the import's progress in one
+/// transaction; the batch's rejects are made durable just before the commit
+/// (a crash between the two re-judges the batch on resume, after its rejects
+/// are cut from the file). Returns the users written.
+async fn load_batch(
+    client: &mut Client,
+    loader: &render::Loader,
+    rejects: &mut Rejects,
+    import_id: &str,
+    p: Prepared,
+) -> Result<u64, ImportError> {
+    let tx = client
+        .transaction()
+        .await
+        .map_err(db("starting a batch's transaction"))?;
+    let written = loader.load(&tx, p.rendered).await?;
+    tx.execute(
+        "UPDATE umstore.bulk_imports SET offset_done = $2, lines_done = $3,
+            imported = imported + $4, rejected = rejected + $5, updated_at = now()
+         WHERE import_id = $1",
+        &[
+            &import_id,
+            &(p.end as i64),
+            &(p.last_line as i64),
+            &(written as i64),
+            &(p.refused.len() as i64),
+        ],
+    )
+    .await
+    .map_err(db("recording the import's progress"))?;
+    rejects.append(&p.refused)?;
+    tx.commit()
+        .await
+        .map_err(db("committing a batch of users"))?;
+    Ok(written)
+}
+
 /// A user to write: the user, and their personal data
 /// in plaintext (transit values decrypted).
 pub(crate) struct Screened {
@@ -555,14 +646,15 @@ pub(crate) struct Screened {
 }
 
 /// Splits a batch into users to write and refused records: invalid ones, a
-/// user repeated within the batch, a user the store already has.
+/// user seen earlier in this run (`first_line`: each user's first line), a
+/// user the store already has.
 async fn screen(
     client: &Client,
     keyring: &Keyring,
+    first_line: &mut HashMap<Uuid, u64>,
     records: Vec<Record>,
 ) -> Result<(Vec<Screened>, Vec<Reject>), ImportError> {
     let mut refused = Vec::new();
-    let mut first_line: HashMap<Uuid, u64> = HashMap::with_capacity(records.len());
     let mut valid = Vec::with_capacity(records.len());
     for r in records {
         match r.user {
@@ -571,22 +663,7 @@ async fn screen(
                 user_id,
                 reason,
             }),
-            Ok(user) => {
-                let id = user.event.user_id;
-                if let Some(first) = first_line.get(&id) {
-                    refused.push(Reject {
-                        line: r.line,
-                        user_id: Some(id),
-                        reason: format!(
-                            "user {id} appears again (first on line {first}): a file creates each \
-                             user once; send later changes as METADATA_UPDATED events"
-                        ),
-                    });
-                    continue;
-                }
-                first_line.insert(id, r.line);
-                valid.push((r.line, user));
-            }
+            Ok(user) => valid.push((r.line, user)),
         }
     }
     let ids: Vec<Uuid> = valid.iter().map(|(_, u)| u.event.user_id).collect();
@@ -614,8 +691,22 @@ async fn screen(
             });
             continue;
         }
+        if let Some(first) = first_line.get(&id) {
+            refused.push(Reject {
+                line,
+                user_id: Some(id),
+                reason: format!(
+                    "user {id} appears again (first on line {first}): a file creates each user \
+                     once; send later changes as METADATA_UPDATED events"
+                ),
+            });
+            continue;
+        }
         match plain_pii(keyring, &user).await {
-            Ok(pii) => users.push(Screened { user, pii }),
+            Ok(pii) => {
+                first_line.insert(id, line);
+                users.push(Screened { user, pii });
+            }
             Err(PiiError::Refused(reason)) => refused.push(Reject {
                 line,
                 user_id: Some(id),

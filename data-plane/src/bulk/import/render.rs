@@ -13,7 +13,7 @@ use serde_json::{json, Map, Value};
 use tokio_postgres::{Client, Transaction};
 use zeroize::Zeroizing;
 
-use super::{copy_in, db, ImportError, ImportReport, Screened};
+use super::{copy_in, db, ImportError, Screened};
 use crate::bulk::{random_nonces, BulkEngine, SealBatch};
 use crate::crypto::{BlindIndexKey, DataKey, FieldAad, Keyring};
 use crate::derive::{derive_from, Inputs};
@@ -98,8 +98,8 @@ pub(crate) async fn seal_and_render(
     engine: Arc<dyn BulkEngine>,
     users: Vec<Screened>,
     today: NaiveDate,
-    report: &mut ImportReport,
-) -> Result<Rendered, ImportError> {
+) -> Result<(Rendered, std::time::Duration, u64), ImportError> {
+    let engine_name = engine.name();
     let keys: Vec<DataKey> = users.iter().map(|_| DataKey::generate()).collect();
     let refs: Vec<(uuid::Uuid, &str, &DataKey)> = users
         .iter()
@@ -167,15 +167,17 @@ pub(crate) async fn seal_and_render(
         .await
         .map_err(|_| ImportError::Thread("sealing"))?
         .map_err(|source| ImportError::Engine {
-            engine: report.engine,
+            engine: engine_name,
             source,
         })?;
-    report.seal_time += seal_time;
-    report.fields_sealed += fields as u64;
-    Ok(Rendered {
-        tables,
-        users: users as u64,
-    })
+    Ok((
+        Rendered {
+            tables,
+            users: users as u64,
+        },
+        seal_time,
+        fields as u64,
+    ))
 }
 
 fn change_opt<T: Clone>(c: &Change<T>) -> Option<T> {
