@@ -103,7 +103,8 @@ pub async fn run(
         return Ok(());
     }
     println!(
-        "imported {} users from {} in {:.1} s ({:.0} users/s, {} engine: {} fields sealed in {:.2} s){}",
+        "imported {} users from {} in {:.1} s ({:.0} users/s; {} engine: {} fields sealed in {:.2} s; \
+         loading and committing {:.1} s){}",
         report.imported_now,
         args.file.display(),
         report.elapsed.as_secs_f64(),
@@ -111,6 +112,7 @@ pub async fn run(
         report.engine,
         report.fields_sealed,
         report.seal_time.as_secs_f64(),
+        report.load_time.as_secs_f64(),
         if report.resumed { "; resumed an earlier run" } else { "" }
     );
     println!(
