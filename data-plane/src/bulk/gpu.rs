@@ -722,8 +722,14 @@ mod tests {
 
     #[test]
     fn open_says_why_there_is_no_gpu_and_never_panics() {
+        // SAFETY: loads the library only, as GpuEngine::open does.
+        let driver_here = unsafe { cudarc::driver::sys::is_culib_present() };
         match catch_unwind(GpuEngine::open).expect("open must not panic") {
             Ok(engine) => assert_eq!(engine.info().kind, EngineKind::Gpu),
+            Err(e) if !driver_here => {
+                assert!(matches!(e, GpuOpenError::NoDriverLibrary), "{e}");
+                assert!(e.to_string().contains("libcuda"), "{e}");
+            }
             Err(e) => assert!(!e.to_string().is_empty()),
         }
     }
