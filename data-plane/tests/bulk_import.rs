@@ -569,3 +569,109 @@ async fn an_imported_user_is_stored_exactly_as_the_write_path_stores_the_same_ev
         assert_eq!(a, b, "user {imported} (imported) vs {applied} (write path)");
     }
 }
+
+#[tokio::test]
+async fn vault_wraps_the_keys_in_batches_and_transit_values_are_decrypted() {
+    use base64::Engine as _;
+    use umstore_data_plane::crypto::VaultConfig;
+    use umstore_e2e::skip::{skip_or_fail, Component};
+    let bao = match umstore_e2e::shared().openbao() {
+        Ok(bao) => bao,
+        Err(e) => {
+            skip_or_fail(Component::OpenBao, e);
+            return;
+        }
+    };
+    let store = Store::migrated().await;
+    let writer = store.connect(Purpose::Writer).await;
+    // The store's transit key: created by the provider, as the data plane does.
+    let key = format!("test-{}", Uuid::new_v4().simple());
+    let mut config = VaultConfig::with_token(bao.address(), bao.root_token());
+    config.key_name = key.clone();
+    let keys = Keyring::open(
+        KeyProvider::open(KeyProviderConfig::Vault(config))
+            .await
+            .expect("vault provider"),
+        DataKeyCache::new(1_000, Duration::from_secs(60)),
+        &writer,
+    )
+    .await
+    .expect("keyring");
+    let plaintext = base64::engine::general_purpose::STANDARD.encode("Asha Transit");
+    let ciphertext = bao
+        .cli(&[
+            "write",
+            "-field=ciphertext",
+            &format!("transit/encrypt/{key}"),
+            &format!("plaintext={plaintext}"),
+        ])
+        .expect("transit encrypt")
+        .trim()
+        .to_owned();
+    assert!(ciphertext.starts_with("vault:v1:"), "{ciphertext}");
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut gen = Generator::new(31, chrono::Utc::now().date_naive());
+    let mut lines = String::new();
+    for _ in 0..1_200 {
+        lines.push_str(&flat(&mut gen).to_string());
+        lines.push('\n');
+    }
+    let transit_user = Uuid::new_v4();
+    let mut v = flat(&mut gen);
+    v["user_id"] = json!(transit_user);
+    v["full_name"] = json!(ciphertext);
+    lines.push_str(&format!("{v}\n"));
+    let mut bogus = flat(&mut gen);
+    bogus["full_name"] = json!("vault:v1:bm90IGEgY2lwaGVydGV4dA==");
+    lines.push_str(&format!("{bogus}\n"));
+    let path = dir.path().join("vault.jsonl");
+    std::fs::write(&path, lines).expect("file");
+
+    let out = Command::new(BIN)
+        .args(["bulk", "import"])
+        .arg(&path)
+        .args([
+            "--engine",
+            "cpu",
+            "--batch-users",
+            "500",
+            "--no-refresh-stats",
+        ])
+        .args(["--database-url", &store.url(Purpose::Writer)])
+        .args(["--vault-addr", &bao.address(), "--transit-key", &key])
+        .env("VAULT_TOKEN", bao.root_token())
+        .env_remove("UMSTORE_CLUSTERS")
+        .output()
+        .expect("run the import");
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stdout(&out).contains("1201 users imported, 1 records refused"),
+        "{}",
+        stdout(&out)
+    );
+    let refused = rejects(&path);
+    assert!(
+        refused[&1202].contains("full_name") && refused[&1202].contains("could not decrypt"),
+        "{refused:?}"
+    );
+    // Every data key wrapped by the transit key.
+    let row = writer
+        .query_one(
+            "SELECT count(*), count(*) FILTER (WHERE kek_name = $1
+                AND convert_from(wrapped_key, 'UTF8') LIKE 'vault:v%')
+             FROM umstore.user_data_keys",
+            &[&key],
+        )
+        .await
+        .expect("keys");
+    assert_eq!((row.get::<_, i64>(0), row.get::<_, i64>(1)), (1_201, 1_201));
+    // The transit value was decrypted and sealed under the user's own key.
+    check_pii(
+        &writer,
+        &keys,
+        transit_user,
+        &json!({"full_name": "Asha Transit", "phone": v["phone"], "annual_income": v["annual_income"]}),
+    )
+    .await;
+}

@@ -113,3 +113,12 @@ pub enum CryptoError {
         expected: usize,
     },
 }
+
+impl CryptoError {
+    /// Whether Vault refused the request itself (HTTP 400: a ciphertext that
+    /// is not one, or not of this key), as opposed to being unreachable,
+    /// failing, or refusing the token: the input is what is wrong.
+    pub fn is_vault_bad_request(&self) -> bool {
+        matches!(self, CryptoError::Vault { detail, .. } if detail.starts_with("status 400:"))
+    }
+}

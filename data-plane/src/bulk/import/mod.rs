@@ -747,6 +747,12 @@ async fn plain_pii(keyring: &Keyring, user: &NewUser) -> Result<render::PiiPlain
         }
         match keyring.provider().decrypt_inbound(v).await {
             Ok(plain) => Ok(Some(plain)),
+            // Vault refused this value (HTTP 400): that record alone; any
+            // other Vault failure stops the import, which resumes later.
+            Err(e) if e.is_vault_bad_request() => Err(PiiError::Refused(format!(
+                "{field}: Vault could not decrypt the transit-encrypted value (encrypt it with \
+                 the store's transit key, or send it in plaintext): {e}"
+            ))),
             Err(e @ CryptoError::Vault { .. }) => Err(PiiError::Provider(e)),
             Err(e) => Err(PiiError::Refused(format!(
                 "{field}: a transit-encrypted value could not be decrypted: {e}"
