@@ -48,7 +48,8 @@ pub struct EngineInfo {
     pub name: &'static str,
     /// Hardware kind.
     pub kind: EngineKind,
-    /// Worker threads (CPU) or streams (GPU) the engine spreads a batch over.
+    /// Worker threads (CPU) or streaming multiprocessors (GPU) the engine
+    /// spreads a batch over.
     pub parallelism: usize,
     /// Whether the AES and GHASH steps run on dedicated instructions
     /// (AES-NI and PCLMULQDQ on x86-64, the crypto extensions on aarch64)
