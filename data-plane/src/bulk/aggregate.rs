@@ -406,7 +406,10 @@ impl Aggregator for CpuAggregator {
 mod tests {
     use super::*;
 
-    fn columns(rows: &[(Option<&str>, Option<&str>, Option<i16>, Option<i16>)]) -> Columns {
+    /// Region, gender, income, risk.
+    type Row<'a> = (Option<&'a str>, Option<&'a str>, Option<i16>, Option<i16>);
+
+    fn columns(rows: &[Row<'_>]) -> Columns {
         let mut c = Columns::new(&["region".to_owned(), "gender".to_owned()]);
         for (region, gender, income, risk) in rows {
             c.dimensions[0].push(*region).expect("push");

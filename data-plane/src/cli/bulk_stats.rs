@@ -197,9 +197,11 @@ async fn targets(
     };
     let per_cluster = layout.logins(logins);
     // Where each region is now: the home cluster's placement over the layout.
-    let home = layout.clusters()[0]
+    let analytics = logins
         .primary
-        .apply(&logins.primary[&Purpose::Analytics]);
+        .get(&Purpose::Analytics)
+        .context("no analytics login")?;
+    let home = layout.clusters()[0].primary.apply(analytics);
     let client = home
         .connect()
         .await
