@@ -58,7 +58,7 @@ pub async fn run(
     if args.batch_users == 0 {
         bail!("--batch-users must be at least 1");
     }
-    let mut client = database.connect().await?;
+    let client = database.connect().await?;
     Runner::default()
         .verify(&client)
         .await
@@ -73,10 +73,8 @@ pub async fn run(
         options.rejects = rejects.clone();
     }
     let mut shown = Shown::new(std::io::stderr().is_terminal());
-    let lookup = database.connect().await?;
     let report = import::import(
-        &mut client,
-        &lookup,
+        database,
         &keyring,
         selected.engine,
         &args.file,

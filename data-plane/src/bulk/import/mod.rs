@@ -75,6 +75,9 @@ pub enum ImportError {
         #[source]
         source: std::io::Error,
     },
+    /// Connecting to the database failed.
+    #[error("connecting to the database: {0}")]
+    Connect(#[from] crate::db::DbError),
     /// Another import of the same file is running.
     #[error("another import of this file ({import_id}) is running; wait for it or stop it first")]
     Busy {
@@ -335,13 +338,12 @@ fn spawn_reader(
     rx
 }
 
-/// Imports `path` into the database of `client` (the writer login, or an
-/// administrator), sealing on `engine`; `lookup` is a second connection of
-/// the same login, for the next batch's lookups while a batch loads.
-/// `progress` is called after each committed batch.
+/// Imports `path` into `database` (as the writer login, or an
+/// administrator), sealing on `engine`. Two connections: one loads a batch
+/// while the other looks up the next. `progress` is called after each
+/// committed batch.
 pub async fn import(
-    client: &mut Client,
-    lookup: &Client,
+    database: &crate::db::Database,
     keyring: &Keyring,
     engine: Arc<dyn BulkEngine>,
     path: &Path,
@@ -366,7 +368,8 @@ pub async fn import(
         Some(scope) => format!("{digest}:{scope}"),
         None => digest,
     };
-    let locked: bool = client
+    let lookup = database.connect().await?;
+    let locked: bool = lookup
         .query_one(
             "SELECT pg_try_advisory_lock($1, hashtext($2))",
             &[&IMPORT_LOCK_CLASS, &import_id],
@@ -378,8 +381,8 @@ pub async fn import(
         return Err(ImportError::Busy { import_id });
     }
     let result = run(
-        client,
-        lookup,
+        database,
+        &lookup,
         keyring,
         engine,
         path,
@@ -391,9 +394,8 @@ pub async fn import(
         &mut progress,
     )
     .await;
-    // The lock goes with the session anyway; release it for a caller that
-    // keeps the connection.
-    let _ = client
+    // The lock goes with the session anyway.
+    let _ = lookup
         .execute(
             "SELECT pg_advisory_unlock($1, hashtext($2))",
             &[&IMPORT_LOCK_CLASS, &import_id],
@@ -404,7 +406,7 @@ pub async fn import(
 
 #[allow(clippy::too_many_arguments)]
 async fn run(
-    client: &mut Client,
+    database: &crate::db::Database,
     lookup: &Client,
     keyring: &Keyring,
     engine: Arc<dyn BulkEngine>,
@@ -420,6 +422,7 @@ async fn run(
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
+    let mut client = database.connect().await?;
     let row = client
         .query_one(
             "INSERT INTO umstore.bulk_imports (import_id, file_name, file_bytes, format, engine)
@@ -476,7 +479,8 @@ async fn run(
         );
     }
     let mut rejects = Rejects::open(&options.rejects, state.lines)?;
-    let loader = render::Loader::prepare(client).await?;
+    let mut loader = render::Loader::prepare(&client).await?;
+    let mut batches_loaded = 0u32;
     let now = Utc::now();
     let today = now.date_naive();
     let mut rx = spawn_reader(
@@ -509,7 +513,8 @@ async fn run(
                 Some(p) => {
                     let (end, line, rejected) = (p.end, p.last_line, p.refused.len() as u64);
                     let started = Instant::now();
-                    let written = load_batch(client, &loader, &mut rejects, import_id, p).await?;
+                    let written =
+                        load_batch(&mut client, &loader, &mut rejects, import_id, p).await?;
                     Ok::<_, ImportError>(Some((end, line, written, rejected, started.elapsed())))
                 }
                 None => Ok(None),
@@ -535,6 +540,16 @@ async fn run(
                 "committed a batch"
             );
             progress(&state);
+            batches_loaded += 1;
+            // A foreign-key check is planned once per connection and kept:
+            // planned while a region's partition was nearly empty it stays a
+            // sequential scan, and the load turns quadratic. A new loading
+            // connection after 1, 2, 4 and 8 batches plans them against the
+            // partitions as they have grown (an index lookup for good).
+            if batches_loaded.is_power_of_two() && batches_loaded <= 8 {
+                client = database.connect().await?;
+                loader = render::Loader::prepare(&client).await?;
+            }
         }
         match prepared? {
             Some(p) => {
