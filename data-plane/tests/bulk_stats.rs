@@ -281,3 +281,134 @@ async fn serve_reports_its_engine_on_metrics_and_refuses_a_missing_gpu() {
         assert!(err.contains("use --engine cpu or auto"), "{err}");
     }
 }
+
+/// Adds `n` users of `region` in `bracket` (income `income_lakh`, risk 0.40
+/// for every other one) as the superuser, as `seed` writes.
+async fn add_users(su: &tokio_postgres::Client, region: &str, bracket: &str, n: i32, income: i16) {
+    su.execute(
+        "WITH u AS (SELECT gen_random_uuid() AS id, i FROM generate_series(1, $2) i),
+              dir AS (INSERT INTO umstore.user_directory (user_id, region)
+                      SELECT id, $1::text::bpchar FROM u RETURNING user_id),
+              m AS (INSERT INTO umstore.user_metadata (user_id, region, gender, income_lakh, household_size)
+                    SELECT user_id, $1::text::bpchar, 'female', $4, 3 FROM dir RETURNING user_id)
+         INSERT INTO umstore.user_derived_attributes (user_id, region, age_group, income_bracket,
+             life_stage, employment_category, bpl_status, tax_bracket, is_senior_citizen, is_farmer,
+             source_version)
+         SELECT user_id, $1::text::bpchar, 'adult', $3, 'established', 'formal', $3 = 'BPL', 'nil',
+                false, false, 1 FROM m",
+        &[&region, &n, &bracket, &income],
+    )
+    .await
+    .expect("add users");
+    su.execute(
+        "INSERT INTO umstore.user_risk_scores (user_id, region, financial_risk, deadline_risk,
+             benefit_loss_risk, overall_risk, model_version, computed_at)
+         SELECT d.user_id, d.region, 0.1, 0.1, 0.1, 0.40, 'm/1', now()
+         FROM umstore.user_derived_attributes d
+         WHERE d.region = $1::text::bpchar AND d.income_bracket = $2
+           AND NOT EXISTS (SELECT 1 FROM umstore.user_risk_scores r
+                           WHERE r.region = d.region AND r.user_id = d.user_id)
+           AND (2147483647 & hashtext(d.user_id::text)) % 2 = 0",
+        &[&region, &bracket],
+    )
+    .await
+    .expect("add risk scores");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn several_clusters_are_read_each_for_its_placed_regions_and_suppressed_by_their_totals() {
+    let home = Store::migrated().await;
+    let pg = umstore_e2e::Postgres::start().expect("PostgreSQL (a second server)");
+    let south = Store::migrated_on(&pg).await;
+    let (su_home, su_south) = (
+        support::connect(home.superuser()).await,
+        support::connect(south.superuser()).await,
+    );
+    // BPL: 6 + 7 = 13, under 10 in each cluster: shown. LIG: 4 + 5 = 9:
+    // left out. MIG: 12 in home alone: shown. HIG: KA rows left in home
+    // (not placed there): read in south only, where there are none.
+    add_users(&su_home, "AP", "BPL", 6, 2).await;
+    add_users(&su_south, "KA", "BPL", 7, 3).await;
+    add_users(&su_home, "TS", "LIG", 4, 5).await;
+    add_users(&su_south, "KL", "LIG", 5, 5).await;
+    add_users(&su_home, "AP", "MIG", 12, 9).await;
+    add_users(&su_home, "KA", "HIG", 20, 30).await;
+    let layout = serde_json::json!([
+        {"name": "home", "regions": ["AP", "TS"],
+         "primary": {"host": "127.0.0.1", "port": home.port(), "dbname": home.name}},
+        {"name": "south", "regions": ["KA", "KL"],
+         "primary": {"host": "127.0.0.1", "port": south.port(), "dbname": south.name}},
+    ])
+    .to_string();
+    let analytics = home.url(Purpose::Analytics);
+    let out = cli(&[
+        "--clusters",
+        &layout,
+        "--database-url",
+        &analytics,
+        "bulk",
+        "stats",
+        "-o",
+        "json",
+        "--group-by",
+        "income_bracket",
+        "--analytics-database-url",
+        &analytics,
+    ]);
+    let body = json_of(&out, "two clusters");
+    let users: Vec<(String, i64)> = body["groups"]
+        .as_array()
+        .expect("groups")
+        .iter()
+        .map(|g| {
+            (
+                g["group"]["income_bracket"]
+                    .as_str()
+                    .unwrap_or("?")
+                    .to_owned(),
+                g["users"].as_i64().unwrap_or(-1),
+            )
+        })
+        .collect();
+    assert_eq!(
+        users,
+        [("BPL".to_owned(), 13), ("MIG".to_owned(), 12)],
+        "{body}"
+    );
+    // The endpoint's merge of each cluster's partials for its regions.
+    let dims = vec!["income_bracket".to_owned()];
+    let mut partials = Vec::new();
+    for (store, regions) in [(&home, ["AP", "TS"]), (&south, ["KA", "KL"])] {
+        let client = store.connect(Purpose::Analytics).await;
+        let filters = [Filter::InRegions(
+            regions.iter().map(|r| (*r).to_owned()).collect(),
+        )];
+        partials.push(
+            query::stats_partials(&client, &filters, &dims)
+                .await
+                .expect("partials"),
+        );
+    }
+    assert_eq!(
+        stdout(&out).trim_end(),
+        body_text(&dims, stats::merge(&partials, &dims, 10))
+    );
+    // One region: its cluster alone.
+    let out = cli(&[
+        "--clusters",
+        &layout,
+        "--database-url",
+        &analytics,
+        "bulk",
+        "stats",
+        "-o",
+        "json",
+        "--region",
+        "AP",
+        "--min-group",
+        "5",
+        "--analytics-database-url",
+        &analytics,
+    ]);
+    assert_eq!(json_of(&out, "AP")["groups"][0]["users"], 18);
+}
