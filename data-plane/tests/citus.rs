@@ -236,4 +236,45 @@ async fn seed_writes_and_one_user_reads_work_on_a_distributed_store_one_shard_ea
         .await
         .expect("unknown user")
         .is_none());
+
+    // `bulk import` through the coordinator as the writer login (row-level
+    // security applies: temporary tables, then INSERT ... SELECT into the
+    // distributed tables), resumable progress in a coordinator-local table.
+    let file = dir.path().join("import.jsonl");
+    seed::write_import_file(&file, 1_500, 99).expect("import file");
+    let out = std::process::Command::new(support::BIN)
+        .args(["bulk", "import"])
+        .arg(&file)
+        .args(["--engine", "cpu", "--batch-users", "400"])
+        .env(
+            "UMSTORE_DATABASE_URL",
+            format!(
+                "{} user={}",
+                citus.conninfo("postgres"),
+                Purpose::Writer.login().expect("login")
+            ),
+        )
+        .env("UMSTORE_DATA_DIR", dir.path())
+        .env_remove("UMSTORE_VAULT_ADDR")
+        .env_remove("UMSTORE_CLUSTERS")
+        .output()
+        .expect("run bulk import");
+    assert!(
+        out.status.success(),
+        "bulk import on Citus: {}",
+        support::stderr(&out)
+    );
+    assert!(
+        support::stdout(&out).contains("1500 users imported, 0 records refused"),
+        "{}",
+        support::stdout(&out)
+    );
+    for table in ["user_directory", "user_metadata", "user_metadata_history"] {
+        let n: i64 = admin
+            .query_one(&format!("SELECT count(*) FROM umstore.{table}"), &[])
+            .await
+            .expect("count")
+            .get(0);
+        assert_eq!(n, 600 + 4 + 1_500, "{table} after the import");
+    }
 }

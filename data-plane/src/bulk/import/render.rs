@@ -370,25 +370,42 @@ fn render_user(
 }
 
 /// Loads rendered batches: COPY straight into the tables for a login that
-/// bypasses row-level security, else into temporary tables then `INSERT ...
-/// SELECT` (PostgreSQL refuses COPY FROM into a table whose policies apply
-/// to the login, as they do to the writer).
+/// bypasses row-level security; else into temporary tables (PostgreSQL
+/// refuses COPY FROM into a table whose policies apply to the login, as they
+/// do to the writer), then `INSERT ... SELECT`; under Citus, which runs an
+/// `INSERT ... SELECT` into a distributed table as a COPY into its shards
+/// (refused there for the same reason), one multi-row `INSERT ... VALUES`
+/// per table, built on the server from the temporary table with every value
+/// quoted by `format('%L')`, which Citus runs as ordinary INSERTs per shard.
 pub(crate) struct Loader {
-    via_stage: bool,
+    mode: LoadMode,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum LoadMode {
+    Copy,
+    InsertSelect,
+    InsertValues,
 }
 
 impl Loader {
     /// Checks the login and creates the temporary tables it needs.
     pub async fn prepare(client: &Client) -> Result<Self, ImportError> {
-        let bypass: bool = client
+        let row = client
             .query_one(
-                "SELECT rolsuper OR rolbypassrls FROM pg_roles WHERE rolname = current_user",
+                "SELECT (SELECT rolsuper OR rolbypassrls FROM pg_roles WHERE rolname = current_user),
+                        EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'citus')",
                 &[],
             )
             .await
-            .map_err(db("checking the login's row-level security"))?
-            .get(0);
-        if !bypass {
+            .map_err(db("checking the login's row-level security"))?;
+        let (bypass, citus): (bool, bool) = (row.get(0), row.get(1));
+        let mode = match (bypass, citus) {
+            (true, _) => LoadMode::Copy,
+            (false, false) => LoadMode::InsertSelect,
+            (false, true) => LoadMode::InsertValues,
+        };
+        if mode != LoadMode::Copy {
             for (table, columns) in TABLES {
                 client
                     .batch_execute(&format!(
@@ -399,7 +416,7 @@ impl Loader {
                     .map_err(db(format!("preparing the staging table of {table}")))?;
             }
         }
-        Ok(Loader { via_stage: !bypass })
+        Ok(Loader { mode })
     }
 
     /// Loads `batch` in `tx`; returns the users written.
@@ -408,23 +425,7 @@ impl Loader {
             return Ok(0);
         }
         for ((table, columns), text) in TABLES.iter().zip(batch.tables) {
-            if self.via_stage {
-                copy_in(
-                    tx,
-                    &format!("COPY import_{table} ({columns}) FROM STDIN"),
-                    text,
-                    table,
-                )
-                .await?;
-                tx.execute(
-                    &format!(
-                        "INSERT INTO umstore.{table} ({columns}) SELECT {columns} FROM import_{table}"
-                    ),
-                    &[],
-                )
-                .await
-                .map_err(db(format!("writing umstore.{table}")))?;
-            } else {
+            if self.mode == LoadMode::Copy {
                 copy_in(
                     tx,
                     &format!("COPY umstore.{table} ({columns}) FROM STDIN"),
@@ -432,8 +433,47 @@ impl Loader {
                     table,
                 )
                 .await?;
+                continue;
             }
+            copy_in(
+                tx,
+                &format!("COPY import_{table} ({columns}) FROM STDIN"),
+                text,
+                table,
+            )
+            .await?;
+            let statement = match self.mode {
+                LoadMode::InsertValues => insert_values(table, columns),
+                _ => format!(
+                    "INSERT INTO umstore.{table} ({columns}) SELECT {columns} FROM import_{table}"
+                ),
+            };
+            tx.batch_execute(&statement)
+                .await
+                .map_err(db(format!("writing umstore.{table}")))?;
         }
         Ok(batch.users)
     }
+}
+
+/// A DO block that inserts the staged rows of `table` with one multi-row
+/// `INSERT ... VALUES`, each value quoted on the server by `format('%L')`
+/// (the column names are this module's constants; no value is spliced in
+/// here).
+fn insert_values(table: &str, columns: &str) -> String {
+    let names: Vec<&str> = columns.split(',').map(str::trim).collect();
+    let placeholders = vec!["%L"; names.len()].join(", ");
+    let args = names
+        .iter()
+        .map(|c| format!("r.{c}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    format!(
+        "DO $import$ DECLARE q text; BEGIN \
+           SELECT 'INSERT INTO umstore.{table} ({columns}) VALUES ' \
+                  || string_agg(format('({placeholders})', {args}), ', ') \
+             INTO q FROM import_{table} r; \
+           IF q IS NOT NULL THEN EXECUTE q; END IF; \
+         END $import$"
+    )
 }
