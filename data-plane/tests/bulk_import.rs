@@ -314,6 +314,16 @@ async fn an_import_killed_midway_resumes_with_no_user_twice_and_none_missing() {
         assert!(Instant::now() < deadline, "the import made no progress");
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
+    // A second import of the same file meanwhile is refused, and changes nothing.
+    let second = import_command(&f.store, f.keys.path(), &file.path, &[])
+        .output()
+        .expect("run a second import");
+    assert!(!second.status.success());
+    assert!(
+        stderr(&second).contains("another import of this file"),
+        "{}",
+        stderr(&second)
+    );
     // Child::kill is SIGKILL on Unix: no chance to finish the batch under way.
     child.kill().expect("SIGKILL");
     child.wait().expect("reaped");
