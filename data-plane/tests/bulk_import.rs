@@ -286,16 +286,12 @@ async fn an_import_killed_midway_resumes_with_no_user_twice_and_none_missing() {
     let dir = tempfile::tempdir().expect("tempdir");
     let file = write_file(dir.path(), 40_000, 23, 211, existing);
     let writer = f.store.connect(Purpose::Writer).await;
-    let mut child = import_command(
-        &f.store,
-        f.keys.path(),
-        &file.path,
-        &["--batch-users", "500"],
-    )
-    .stdout(Stdio::null())
-    .stderr(Stdio::null())
-    .spawn()
-    .expect("start the import");
+    let args = ["--batch-users", "500", "--takeover-after", "2s"];
+    let mut child = import_command(&f.store, f.keys.path(), &file.path, &args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start the import");
     // Kill it once some batches are in and well before the end.
     let deadline = Instant::now() + Duration::from_secs(120);
     let imported_at_kill = loop {
@@ -333,12 +329,19 @@ async fn an_import_killed_midway_resumes_with_no_user_twice_and_none_missing() {
         "killed midway: {partial} of {} users in",
         file.good.len()
     );
-    let out = run_import(
-        &f.store,
-        f.keys.path(),
-        &file.path,
-        &["--batch-users", "500"],
+    // The dead run's heartbeat is fresh: a run right away is refused, saying
+    // when it may take over; after --takeover-after it resumes.
+    let early = import_command(&f.store, f.keys.path(), &file.path, &args)
+        .output()
+        .expect("run right after the kill");
+    assert!(!early.status.success());
+    assert!(
+        stderr(&early).contains("run again once 2 s have passed"),
+        "{}",
+        stderr(&early)
     );
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    let out = run_import(&f.store, f.keys.path(), &file.path, &args);
     assert!(out.contains("resumed an earlier run"), "{out}");
     check_outcome(&writer, &file, existing).await;
     let attempts: i32 = writer
@@ -684,4 +687,57 @@ async fn vault_wraps_the_keys_in_batches_and_transit_values_are_decrypted() {
         &json!({"full_name": "Asha Transit", "phone": v["phone"], "annual_income": v["annual_income"]}),
     )
     .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_import_through_pgbouncer_transaction_pooling_as_in_a_cluster() {
+    use umstore_e2e::skip::{skip_or_fail, Component};
+    use umstore_e2e::{PgBouncer, Postgres};
+    // In a cluster from tier 2 the writer's connection Secret names PgBouncer
+    // (transaction pooling): no session state survives between transactions.
+    let pg = match Postgres::start_with_replicas(0) {
+        Ok(pg) => pg,
+        Err(e) => {
+            skip_or_fail(Component::Postgres, e);
+            return;
+        }
+    };
+    let store = Store::migrated_on(&pg).await;
+    let bouncer = match PgBouncer::start_with_logins(
+        &pg,
+        &[("umstore_writer_login", &password(Purpose::Writer))],
+    ) {
+        Ok(b) => b,
+        Err(e) => {
+            skip_or_fail(Component::PgBouncer, e);
+            return;
+        }
+    };
+    let keys = tempfile::tempdir().expect("tempdir");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("through-pgbouncer.jsonl");
+    umstore_data_plane::seed::write_import_file(&path, 12_000, 41).expect("file");
+    let out = Command::new(BIN)
+        .args(["bulk", "import"])
+        .arg(&path)
+        .args(["--engine", "cpu", "--batch-users", "1000"])
+        .env(
+            "UMSTORE_DATABASE_URL",
+            store.url_at(Purpose::Writer, bouncer.port()),
+        )
+        .env("UMSTORE_DATA_DIR", keys.path())
+        .env_remove("UMSTORE_VAULT_ADDR")
+        .env_remove("UMSTORE_CLUSTERS")
+        .output()
+        .expect("run the import");
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stdout(&out).contains("12000 users imported, 0 records refused"),
+        "{}",
+        stdout(&out)
+    );
+    let writer = store.connect(Purpose::Writer).await;
+    let users = stored(&writer).await;
+    assert_eq!(users.len(), 12_000);
+    assert!(users.values().all(|h| *h == 1), "one history row each");
 }

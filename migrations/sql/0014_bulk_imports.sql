@@ -3,6 +3,10 @@
 -- (and the cluster, for a store with several). Each batch of users commits in
 -- the same transaction as the file offset it reached, so an import stopped at
 -- any point resumes after the last committed batch: no user twice, none missed.
+-- The run importing a file holds it by `runner` and renews `heartbeat_at`
+-- every few seconds (no session state: imports run through PgBouncer's
+-- transaction pooling); another run may take over only once the heartbeat is
+-- older than its --takeover-after.
 -- No region column: under Citus it stays a local table on the coordinator.
 
 CREATE TABLE IF NOT EXISTS umstore.bulk_imports (
@@ -17,6 +21,8 @@ CREATE TABLE IF NOT EXISTS umstore.bulk_imports (
     rejected     bigint NOT NULL DEFAULT 0 CHECK (rejected >= 0),
     engine       text,
     attempts     integer NOT NULL DEFAULT 1,
+    runner       uuid,
+    heartbeat_at timestamptz,
     started_at   timestamptz NOT NULL DEFAULT now(),
     updated_at   timestamptz NOT NULL DEFAULT now(),
     finished_at  timestamptz

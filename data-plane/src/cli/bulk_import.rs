@@ -35,6 +35,11 @@ pub struct ImportArgs {
     /// `source` recorded for records that name none.
     #[arg(long, default_value = "bulk-import")]
     source: String,
+    /// Another run of the same import may take it over once this run has
+    /// sent no heartbeat for this long (a run that died); a live run renews
+    /// its heartbeat every quarter of it.
+    #[arg(long, default_value = "30s", value_parser = parse_takeover)]
+    takeover_after: Duration,
     /// Do not refresh the stats views at the end.
     #[arg(long)]
     no_refresh_stats: bool,
@@ -69,6 +74,7 @@ pub async fn run(
     let mut options = ImportOptions::for_file(&args.file);
     options.batch_users = args.batch_users;
     options.source = args.source.clone();
+    options.takeover_after = args.takeover_after;
     if let Some(rejects) = &args.rejects {
         options.rejects = rejects.clone();
     }
@@ -136,6 +142,14 @@ pub async fn run(
         }
     }
     Ok(())
+}
+
+fn parse_takeover(s: &str) -> Result<Duration, String> {
+    let d = umstore_data_plane::ingest::parse_duration(s)?;
+    if d < Duration::from_secs(1) {
+        return Err("--takeover-after must be at least 1s".into());
+    }
+    Ok(d)
 }
 
 fn short(id: &str) -> &str {

@@ -40,9 +40,9 @@ use crate::ingest::event::{is_transit_ciphertext, Change, PiiText};
 /// Users per batch (one transaction, one engine call, one key-wrap call).
 pub const DEFAULT_BATCH_USERS: usize = 5_000;
 
-/// Class of the session advisory lock that keeps two imports of one file
-/// apart (the other key is the hash of the import id).
-const IMPORT_LOCK_CLASS: i32 = 1_651_336_559;
+/// How long a run may go without a heartbeat before another run of the
+/// same import may take it over (`--takeover-after`).
+pub const DEFAULT_TAKEOVER_AFTER: Duration = Duration::from_secs(30);
 
 /// Why an import stopped. What earlier batches committed stays, and running
 /// the same command again resumes after it.
@@ -79,8 +79,23 @@ pub enum ImportError {
     #[error("connecting to the database: {0}")]
     Connect(#[from] crate::db::DbError),
     /// Another import of the same file is running.
-    #[error("another import of this file ({import_id}) is running; wait for it or stop it first")]
+    #[error(
+        "another import of this file ({import_id}) is running (its last heartbeat {age_s:.0} s \
+         ago); wait for it, or, if it has died, run again once {takeover_s} s have passed since \
+         its last heartbeat"
+    )]
     Busy {
+        /// The import's id.
+        import_id: String,
+        /// Seconds since the other run's last heartbeat.
+        age_s: f64,
+        /// `--takeover-after`, in seconds.
+        takeover_s: u64,
+    },
+    /// Another run took the import over (this run's heartbeats stopped for
+    /// longer than `--takeover-after`); the batch under way was rolled back.
+    #[error("another run took this import ({import_id}) over; this run stopped, nothing of its last batch was written")]
+    TakenOver {
         /// The import's id.
         import_id: String,
     },
@@ -133,6 +148,9 @@ pub struct ImportOptions {
     pub source: String,
     /// Added to the import's id: the cluster, for a store with several.
     pub scope: Option<String>,
+    /// How long a run may go without a heartbeat before another may take
+    /// the import over.
+    pub takeover_after: Duration,
 }
 
 impl ImportOptions {
@@ -146,6 +164,7 @@ impl ImportOptions {
             rejects: PathBuf::from(rejects),
             source: "bulk-import".into(),
             scope: None,
+            takeover_after: DEFAULT_TAKEOVER_AFTER,
         }
     }
 }
@@ -369,20 +388,11 @@ pub async fn import(
         None => digest,
     };
     let lookup = database.connect().await?;
-    let locked: bool = lookup
-        .query_one(
-            "SELECT pg_try_advisory_lock($1, hashtext($2))",
-            &[&IMPORT_LOCK_CLASS, &import_id],
-        )
-        .await
-        .map_err(db("taking the import's lock"))?
-        .get(0);
-    if !locked {
-        return Err(ImportError::Busy { import_id });
-    }
+    let runner = Uuid::new_v4();
     let result = run(
         database,
         &lookup,
+        runner,
         keyring,
         engine,
         path,
@@ -394,20 +404,99 @@ pub async fn import(
         &mut progress,
     )
     .await;
-    // The lock goes with the session anyway.
-    let _ = lookup
-        .execute(
-            "SELECT pg_advisory_unlock($1, hashtext($2))",
-            &[&IMPORT_LOCK_CLASS, &import_id],
+    if result.is_err() {
+        // Let a rerun start at once rather than wait out the heartbeat.
+        let _ = autocommit(
+            &lookup,
+            "UPDATE umstore.bulk_imports SET runner = NULL WHERE import_id = $1 AND runner = $2",
+            &[&import_id, &runner],
         )
         .await;
+    }
     result
+}
+
+/// One statement in its own transaction: through PgBouncer's transaction
+/// pooling, a statement prepared outside a transaction may meet another
+/// server connection when it runs.
+async fn autocommit(
+    client: &Client,
+    sql: &str,
+    params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+) -> Result<Vec<tokio_postgres::Row>, tokio_postgres::Error> {
+    client.batch_execute("BEGIN").await?;
+    match client.query(sql, params).await {
+        Ok(rows) => {
+            client.batch_execute("COMMIT").await?;
+            Ok(rows)
+        }
+        Err(e) => {
+            let _ = client.batch_execute("ROLLBACK").await;
+            Err(e)
+        }
+    }
+}
+
+/// Renews the run's heartbeat every quarter of `takeover_after` on its own
+/// connection, until dropped; sets `lost` when the import is no longer this
+/// run's.
+struct Heartbeat {
+    task: tokio::task::JoinHandle<()>,
+    lost: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Heartbeat {
+    async fn start(
+        database: &crate::db::Database,
+        import_id: &str,
+        runner: Uuid,
+        takeover_after: Duration,
+    ) -> Result<Self, ImportError> {
+        let client = database.connect().await?;
+        let lost = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = Arc::clone(&lost);
+        let import_id = import_id.to_owned();
+        let every = (takeover_after / 4).max(Duration::from_millis(200));
+        let task = tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                match autocommit(
+                    &client,
+                    "UPDATE umstore.bulk_imports SET heartbeat_at = now()
+                     WHERE import_id = $1 AND runner = $2 RETURNING 1",
+                    &[&import_id, &runner],
+                )
+                .await
+                {
+                    Ok(rows) if rows.is_empty() => {
+                        flag.store(true, std::sync::atomic::Ordering::SeqCst);
+                        return;
+                    }
+                    Ok(_) => {}
+                    // A missed beat; the batches' own checks stay exact.
+                    Err(e) => debug!(error = %e, "renewing the import's heartbeat"),
+                }
+            }
+        });
+        Ok(Heartbeat { task, lost })
+    }
+
+    fn lost(&self) -> bool {
+        self.lost.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+impl Drop for Heartbeat {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
 }
 
 #[allow(clippy::too_many_arguments)]
 async fn run(
     database: &crate::db::Database,
     lookup: &Client,
+    runner: Uuid,
     keyring: &Keyring,
     engine: Arc<dyn BulkEngine>,
     path: &Path,
@@ -423,27 +512,72 @@ async fn run(
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
     let mut client = database.connect().await?;
-    let row = client
-        .query_one(
-            "INSERT INTO umstore.bulk_imports (import_id, file_name, file_bytes, format, engine)
-             VALUES ($1, $2, $3, $4, $5)
-             ON CONFLICT (import_id) DO UPDATE SET
-                attempts = umstore.bulk_imports.attempts
-                    + (umstore.bulk_imports.finished_at IS NULL)::int,
-                engine = EXCLUDED.engine,
-                updated_at = now()
-             RETURNING offset_done, lines_done, imported, rejected, finished_at IS NOT NULL,
-                attempts",
-            &[
-                &import_id,
-                &file_name,
-                &(bytes_total as i64),
-                &format.as_str(),
-                &engine.name(),
-            ],
-        )
-        .await
-        .map_err(db("recording the import in umstore.bulk_imports"))?;
+    let takeover_s = options.takeover_after.as_secs_f64();
+    // Claims the import: new, finished (reported as such), or held by no
+    // run, or by one silent for longer than --takeover-after.
+    let claimed = {
+        let tx = client
+            .transaction()
+            .await
+            .map_err(db("starting a transaction"))?;
+        let row = tx
+            .query_opt(
+                "INSERT INTO umstore.bulk_imports
+                    (import_id, file_name, file_bytes, format, engine, runner, heartbeat_at)
+                 VALUES ($1, $2, $3, $4, $5, $6, now())
+                 ON CONFLICT (import_id) DO UPDATE SET
+                    attempts = umstore.bulk_imports.attempts
+                        + (umstore.bulk_imports.finished_at IS NULL)::int,
+                    engine = EXCLUDED.engine,
+                    runner = CASE WHEN umstore.bulk_imports.finished_at IS NULL
+                                  THEN EXCLUDED.runner END,
+                    heartbeat_at = now(),
+                    updated_at = now()
+                 WHERE umstore.bulk_imports.finished_at IS NOT NULL
+                    OR umstore.bulk_imports.runner IS NULL
+                    OR umstore.bulk_imports.heartbeat_at
+                        < now() - make_interval(secs => $7)
+                 RETURNING offset_done, lines_done, imported, rejected,
+                    finished_at IS NOT NULL, attempts",
+                &[
+                    &import_id,
+                    &file_name,
+                    &(bytes_total as i64),
+                    &format.as_str(),
+                    &engine.name(),
+                    &runner,
+                    &takeover_s,
+                ],
+            )
+            .await
+            .map_err(db("recording the import in umstore.bulk_imports"))?;
+        let age: Option<f64> = match &row {
+            Some(_) => None,
+            None => tx
+                .query_one(
+                    "SELECT extract(epoch FROM now() - heartbeat_at)::float8
+                     FROM umstore.bulk_imports WHERE import_id = $1",
+                    &[&import_id],
+                )
+                .await
+                .map_err(db("reading the import's heartbeat"))?
+                .get(0),
+        };
+        tx.commit()
+            .await
+            .map_err(db("recording the import in umstore.bulk_imports"))?;
+        match row {
+            Some(row) => row,
+            None => {
+                return Err(ImportError::Busy {
+                    import_id: import_id.to_owned(),
+                    age_s: age.unwrap_or(0.0),
+                    takeover_s: options.takeover_after.as_secs(),
+                })
+            }
+        }
+    };
+    let row = claimed;
     let (offset, lines, imported, rejected): (i64, i64, i64, i64) =
         (row.get(0), row.get(1), row.get(2), row.get(3));
     let finished: bool = row.get(4);
@@ -478,6 +612,7 @@ async fn run(
             offset, lines, imported, rejected, "resuming the import after the last committed batch"
         );
     }
+    let heartbeat = Heartbeat::start(database, import_id, runner, options.takeover_after).await?;
     let mut rejects = Rejects::open(&options.rejects, state.lines)?;
     let mut loader = render::Loader::prepare(&client).await?;
     let mut batches_loaded = 0u32;
@@ -513,8 +648,14 @@ async fn run(
                 Some(p) => {
                     let (end, line, rejected) = (p.end, p.last_line, p.refused.len() as u64);
                     let started = Instant::now();
+                    if heartbeat.lost() {
+                        return Err(ImportError::TakenOver {
+                            import_id: import_id.to_owned(),
+                        });
+                    }
                     let written =
-                        load_batch(&mut client, &loader, &mut rejects, import_id, p).await?;
+                        load_batch(&mut client, &loader, &mut rejects, import_id, runner, p)
+                            .await?;
                     Ok::<_, ImportError>(Some((end, line, written, rejected, started.elapsed())))
                 }
                 None => Ok(None),
@@ -560,14 +701,15 @@ async fn run(
             None => break,
         }
     }
-    client
-        .execute(
-            "UPDATE umstore.bulk_imports SET finished_at = now(), updated_at = now()
-             WHERE import_id = $1",
-            &[&import_id],
-        )
-        .await
-        .map_err(db("recording the import as finished"))?;
+    drop(heartbeat);
+    autocommit(
+        &client,
+        "UPDATE umstore.bulk_imports SET finished_at = now(), runner = NULL, updated_at = now()
+         WHERE import_id = $1 AND runner = $2",
+        &[&import_id, &runner],
+    )
+    .await
+    .map_err(db("recording the import as finished"))?;
     report.progress = state;
     report.elapsed = started.elapsed();
     Ok(report)
@@ -625,27 +767,37 @@ async fn load_batch(
     loader: &render::Loader,
     rejects: &mut Rejects,
     import_id: &str,
+    runner: Uuid,
     p: Prepared,
 ) -> Result<u64, ImportError> {
     let tx = client
         .transaction()
         .await
         .map_err(db("starting a batch's transaction"))?;
+    // First, and holding the row: the import is still this run's.
+    let ours = tx
+        .execute(
+            "UPDATE umstore.bulk_imports SET offset_done = $2, lines_done = $3,
+                imported = imported + $4, rejected = rejected + $5, heartbeat_at = now(),
+                updated_at = now()
+             WHERE import_id = $1 AND runner = $6",
+            &[
+                &import_id,
+                &(p.end as i64),
+                &(p.last_line as i64),
+                &(p.rendered.users() as i64),
+                &(p.refused.len() as i64),
+                &runner,
+            ],
+        )
+        .await
+        .map_err(db("recording the import's progress"))?;
+    if ours == 0 {
+        return Err(ImportError::TakenOver {
+            import_id: import_id.to_owned(),
+        });
+    }
     let written = loader.load(&tx, p.rendered).await?;
-    tx.execute(
-        "UPDATE umstore.bulk_imports SET offset_done = $2, lines_done = $3,
-            imported = imported + $4, rejected = rejected + $5, updated_at = now()
-         WHERE import_id = $1",
-        &[
-            &import_id,
-            &(p.end as i64),
-            &(p.last_line as i64),
-            &(written as i64),
-            &(p.refused.len() as i64),
-        ],
-    )
-    .await
-    .map_err(db("recording the import's progress"))?;
     rejects.append(&p.refused)?;
     tx.commit()
         .await
@@ -682,16 +834,16 @@ async fn screen(
         }
     }
     let ids: Vec<Uuid> = valid.iter().map(|(_, u)| u.event.user_id).collect();
-    let existing: HashMap<Uuid, String> = client
-        .query(
-            "SELECT user_id, region::text FROM umstore.user_directory WHERE user_id = ANY($1)",
-            &[&ids],
-        )
-        .await
-        .map_err(db("looking up which users exist already"))?
-        .into_iter()
-        .map(|row| (row.get(0), row.get(1)))
-        .collect();
+    let existing: HashMap<Uuid, String> = autocommit(
+        client,
+        "SELECT user_id, region::text FROM umstore.user_directory WHERE user_id = ANY($1)",
+        &[&ids],
+    )
+    .await
+    .map_err(db("looking up which users exist already"))?
+    .into_iter()
+    .map(|row| (row.get(0), row.get(1)))
+    .collect();
     let mut users = Vec::with_capacity(valid.len());
     for (line, user) in valid {
         let id = user.event.user_id;

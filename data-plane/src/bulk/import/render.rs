@@ -13,7 +13,7 @@ use serde_json::{json, Map, Value};
 use tokio_postgres::{Client, Transaction};
 use zeroize::Zeroizing;
 
-use super::{copy_in, db, ImportError, Screened};
+use super::{autocommit, copy_in, db, ImportError, Screened};
 use crate::bulk::{random_nonces, BulkEngine, SealBatch};
 use crate::crypto::{BlindIndexKey, DataKey, FieldAad, Keyring};
 use crate::derive::{derive_from, Inputs};
@@ -369,6 +369,13 @@ fn render_user(
     h.end_row();
 }
 
+impl Rendered {
+    /// Users in the batch.
+    pub fn users(&self) -> u64 {
+        self.users
+    }
+}
+
 /// Loads rendered batches: COPY straight into the tables for a login that
 /// bypasses row-level security; else into temporary tables (PostgreSQL
 /// refuses COPY FROM into a table whose policies apply to the login, as they
@@ -391,31 +398,25 @@ enum LoadMode {
 impl Loader {
     /// Checks the login and creates the temporary tables it needs.
     pub async fn prepare(client: &Client) -> Result<Self, ImportError> {
-        let row = client
-            .query_one(
-                "SELECT (SELECT rolsuper OR rolbypassrls FROM pg_roles WHERE rolname = current_user),
-                        EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'citus')",
-                &[],
-            )
-            .await
-            .map_err(db("checking the login's row-level security"))?;
+        let rows = autocommit(
+            client,
+            "SELECT (SELECT rolsuper OR rolbypassrls FROM pg_roles WHERE rolname = current_user),
+                    EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'citus')",
+            &[],
+        )
+        .await
+        .map_err(db("checking the login's row-level security"))?;
+        let Some(row) = rows.first() else {
+            return Ok(Loader {
+                mode: LoadMode::InsertSelect,
+            });
+        };
         let (bypass, citus): (bool, bool) = (row.get(0), row.get(1));
         let mode = match (bypass, citus) {
             (true, _) => LoadMode::Copy,
             (false, false) => LoadMode::InsertSelect,
             (false, true) => LoadMode::InsertValues,
         };
-        if mode != LoadMode::Copy {
-            for (table, columns) in TABLES {
-                client
-                    .batch_execute(&format!(
-                        "CREATE TEMP TABLE IF NOT EXISTS import_{table} ON COMMIT DELETE ROWS AS \
-                         SELECT {columns} FROM umstore.{table} WITH NO DATA"
-                    ))
-                    .await
-                    .map_err(db(format!("preparing the staging table of {table}")))?;
-            }
-        }
         Ok(Loader { mode })
     }
 
@@ -435,6 +436,14 @@ impl Loader {
                 .await?;
                 continue;
             }
+            // Created in the batch's transaction (no session state: through
+            // PgBouncer's transaction pooling the next one may be elsewhere).
+            tx.batch_execute(&format!(
+                "CREATE TEMP TABLE import_{table} ON COMMIT DROP AS \
+                 SELECT {columns} FROM umstore.{table} WITH NO DATA"
+            ))
+            .await
+            .map_err(db(format!("preparing the staging table of {table}")))?;
             copy_in(
                 tx,
                 &format!("COPY import_{table} ({columns}) FROM STDIN"),
