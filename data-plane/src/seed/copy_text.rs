@@ -85,6 +85,21 @@ impl CopyText {
     }
 }
 
+/// Sends `text` (rendered rows) through `statement` (a `COPY ... FROM STDIN`)
+/// in `tx`.
+pub(crate) async fn copy_rows(
+    tx: &tokio_postgres::Transaction<'_>,
+    statement: &str,
+    text: bytes::Bytes,
+) -> Result<(), tokio_postgres::Error> {
+    use futures_util::SinkExt;
+    let sink = tx.copy_in::<_, bytes::Bytes>(statement).await?;
+    futures_util::pin_mut!(sink);
+    sink.send(text).await?;
+    sink.finish().await?;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

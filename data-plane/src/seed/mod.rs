@@ -12,11 +12,11 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use chrono::NaiveDate;
-use futures_util::SinkExt;
 use thiserror::Error;
 use tokio_postgres::Client;
 use tracing::info;
 
+pub(crate) use copy_text::copy_rows;
 pub use copy_text::CopyText;
 pub use generate::Generator;
 
@@ -74,13 +74,9 @@ async fn copy_into(
     let (table, columns) = TABLES[table_index];
     let err = |source| SeedError::Copy { table, source };
     let started = Instant::now();
-    let sink = tx
-        .copy_in::<_, Bytes>(&format!("COPY {table} ({columns}) FROM STDIN"))
+    copy_text::copy_rows(tx, &format!("COPY {table} ({columns}) FROM STDIN"), text)
         .await
         .map_err(err)?;
-    futures_util::pin_mut!(sink);
-    sink.send(text).await.map_err(err)?;
-    sink.finish().await.map_err(err)?;
     tracing::debug!(
         table,
         ms = started.elapsed().as_millis() as u64,

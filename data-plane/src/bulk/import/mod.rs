@@ -23,7 +23,6 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
-use futures_util::SinkExt;
 use sha2::{Digest, Sha256};
 use thiserror::Error;
 use tokio_postgres::Client;
@@ -950,16 +949,7 @@ async fn copy_in(
     text: Bytes,
     table: &str,
 ) -> Result<(), ImportError> {
-    let sink = tx
-        .copy_in::<_, Bytes>(statement)
+    crate::seed::copy_rows(tx, statement, text)
         .await
-        .map_err(db(format!("loading {table}")))?;
-    futures_util::pin_mut!(sink);
-    sink.send(text)
-        .await
-        .map_err(db(format!("loading {table}")))?;
-    sink.finish()
-        .await
-        .map_err(db(format!("loading {table}")))?;
-    Ok(())
+        .map_err(db(format!("loading {table}")))
 }
