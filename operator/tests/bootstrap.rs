@@ -599,16 +599,39 @@ async fn replica_lag_of_each_streaming_pool_member_comes_from_the_primary() {
     eventually(&mut client, &pods, <[ReplicaLag]>::is_empty).await;
 
     // A probe cut short by its timeout gives nothing and leaves the connection
-    // usable and outside any transaction for the migrate step that follows.
-    assert!(matches!(
-        lag::standbys(&mut client, std::time::Duration::ZERO).await,
-        Err(lag::LagError::Timeout(_))
-    ));
+    // usable and outside any transaction for the migrate step that follows. A
+    // session holding pg_stat_replication locked makes the probe wait for sure,
+    // so it ends by its timeout: ours, or the server's statement_timeout, which
+    // races it by a round trip or two.
+    let locker = connector
+        .connect(
+            HOST,
+            5432,
+            "postgres",
+            "postgres",
+            creds.password(Role::Admin),
+        )
+        .await
+        .expect("connect a second session");
+    locker
+        .batch_execute("BEGIN; LOCK TABLE pg_catalog.pg_stat_replication IN ACCESS EXCLUSIVE MODE")
+        .await
+        .expect("lock pg_stat_replication");
+    let probe = std::time::Duration::from_millis(200);
+    match lag::standbys(&mut client, probe).await {
+        Err(lag::LagError::Timeout(_)) => {}
+        Err(lag::LagError::Database(error)) => assert!(
+            format!("{error:#}").contains("statement timeout"),
+            "the probe failed for another reason than its timeout: {error:#}"
+        ),
+        Ok(standbys) => panic!("the probe read a locked view: {standbys:?}"),
+    }
     assert_eq!(
-        lag::measure(&mut client, &pods, std::time::Duration::ZERO).await,
+        lag::measure(&mut client, &pods, probe).await,
         None,
         "not measured: the status keeps the last measurement"
     );
+    locker.batch_execute("COMMIT").await.expect("unlock");
     tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     // One simple-protocol statement: outside a transaction block it is its own
     // transaction, so both clocks read its start.
