@@ -67,7 +67,8 @@ pub struct RouteLabels {
 /// Where a stats answer came from.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct StatsSourceLabels {
-    /// `view` (the materialized views) or `live` (the tables).
+    /// `view` (the materialized views), `live` (the tables) or `engine`
+    /// (the tables' rows grouped on the bulk engine).
     pub source: &'static str,
 }
 
@@ -176,7 +177,7 @@ pub struct Metrics {
     pub read_cache_invalidation_lag_seconds: Histogram,
     /// Seconds to answer a read API request, by route.
     pub read_duration_seconds: Family<RouteLabels, Histogram, fn() -> Histogram>,
-    /// Stats answers by source (`view` or `live`).
+    /// Stats answers by source (`view`, `live` or `engine`).
     pub stats_requests: Family<StatsSourceLabels, Counter>,
     /// Seconds since each stats view was last refreshed (from the refresh
     /// log at scrape; absent until its first refresh).
@@ -388,7 +389,7 @@ impl Metrics {
         let stats_requests = Family::<StatsSourceLabels, Counter>::default();
         registry.register(
             "stats_requests",
-            "Stats answers by source (view: the materialized views; live: the tables)",
+            "Stats answers by source (view: the materialized views; live: the tables; engine: the tables grouped on the bulk engine)",
             stats_requests.clone(),
         );
         let stats_view_age_seconds = Family::<ViewLabels, Gauge<f64, AtomicU64>>::default();

@@ -483,3 +483,98 @@ async fn serve_refreshes_the_views_on_a_schedule_and_skips_while_another_session
         .contains("umstore_stats_refresh_duration_seconds_count{view=\"stats_groups\"}"));
     api.stop();
 }
+
+/// A counter's value on `/metrics` (0 when absent).
+fn counter(metrics: &str, line: &str) -> f64 {
+    metrics
+        .lines()
+        .find(|l| l.starts_with(line))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_scans_are_grouped_on_the_bulk_engine_and_answer_as_the_group_by() {
+    let store = Store::migrated().await;
+    // Views off: every answer comes from the tables; scans the planner puts
+    // at 1,000 rows or more are grouped on the engine.
+    let mut api = Api::start(
+        &store,
+        &["--stats-max-age", "0", "--stats-engine-rows", "1000"],
+    )
+    .await;
+    let data_dir = api.dir.path().display().to_string();
+    let seeded = cli(&[
+        "seed",
+        "--users",
+        "1500",
+        "--seed",
+        "9",
+        "--database-url",
+        store.superuser(),
+        "--data-dir",
+        &data_dir,
+    ]);
+    assert!(seeded.status.success(), "{}", support::stderr(&seeded));
+    // Before the tables are analyzed the planner knows no rows: the
+    // database groups.
+    assert_eq!(api.stats("group_by=region").0, "live");
+    let su = support::connect(store.superuser()).await;
+    su.batch_execute("ANALYZE umstore.user_metadata")
+        .await
+        .expect("analyze");
+    let analytics = store.connect(Purpose::Analytics).await;
+    for q in [
+        "group_by=region,income_bracket",
+        "",
+        "group_by=gender,life_stage&age_min=30&age_max=60",
+        "group_by=area_type,social_category,employment_category&income_bracket=BPL",
+        "group_by=bpl_status&gender=female",
+        "group_by=age_group,region&life_stage=retired",
+    ] {
+        let (source, age, body) = api.stats(q);
+        assert_eq!((source.as_str(), age), ("engine", None), "{q}");
+        assert_eq!(body["min_group_size"], 10, "{q}");
+        same(&groups_of(&body), &live(&analytics, q).await, q);
+    }
+    // One region holds fewer than 1,000 users by the estimate, and a filter
+    // the scan does not evaluate: both grouped by the database.
+    let region_rows: f64 = su
+        .query_one(
+            "SELECT reltuples::float8 FROM pg_class WHERE oid = 'umstore.user_metadata_up'::regclass",
+            &[],
+        )
+        .await
+        .expect("estimate")
+        .get(0);
+    assert!(region_rows > 0.0 && region_rows < 1000.0, "{region_rows}");
+    for q in [
+        "group_by=gender&region=UP",
+        "group_by=region&risk_above=0.5",
+    ] {
+        let (source, _, body) = api.stats(q);
+        assert_eq!(source, "live", "{q}");
+        same(&groups_of(&body), &live(&analytics, q).await, q);
+    }
+    let metrics = api.metrics();
+    let fields = counter(
+        &metrics,
+        "umstore_bulk_engine_fields_total{engine=\"cpu\",operation=\"aggregate\"}",
+    );
+    // The unfiltered request alone copied out 1,500 rows of 3 measures.
+    assert!(fields >= 4_500.0, "{fields}\n{metrics}");
+    assert!(
+        counter(
+            &metrics,
+            "umstore_bulk_engine_seconds_total{engine=\"cpu\",operation=\"aggregate\"}"
+        ) > 0.0,
+        "{metrics}"
+    );
+    assert_eq!(
+        counter(&metrics, "umstore_stats_requests_total{source=\"engine\"}"),
+        6.0,
+        "{metrics}"
+    );
+    api.stop();
+}

@@ -54,6 +54,10 @@ pub struct AppState {
     /// Stats are read from the materialized views while they are at most
     /// this old; zero: always from the tables.
     pub stats_max_age: std::time::Duration,
+    /// Stats read from the tables over at least this many rows are grouped
+    /// on the bulk engine instead of by a `GROUP BY` (`--stats-engine-rows`);
+    /// `None`: never.
+    pub stats_engine: Option<StatsEngine>,
     /// The event bus when one is configured: connected and its streams in place,
     /// or why not. `None`: no bus (HTTP ingest only).
     pub bus: Option<Slot<String>>,
@@ -63,6 +67,16 @@ pub struct AppState {
     /// cluster's read pools and the route lookups. `None`: one cluster, read
     /// through [`Self::reads`].
     pub routing: Option<routing::Routing>,
+}
+
+/// Large stats scans grouped on the bulk engine (`serve --stats-engine-rows`,
+/// docs/bulk.md): the rows copied out of the replica, grouped in this process.
+#[derive(Clone)]
+pub struct StatsEngine {
+    /// The engine's aggregator.
+    pub aggregator: Arc<dyn crate::bulk::aggregate::Aggregator>,
+    /// Scans of at least this many rows, by the planner's estimate, use it.
+    pub min_rows: u64,
 }
 
 /// Every API answer names the schema version it was read with.

@@ -4,12 +4,12 @@
 
 use std::collections::HashMap;
 
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use axum::extract::{Query, State};
 use axum::http::{HeaderMap, HeaderValue};
 use axum::response::Response;
-use tokio_postgres::GenericClient;
 use umstore_migrations::roles::Purpose;
 use uuid::Uuid;
 
@@ -19,7 +19,7 @@ use super::error::{schema_version, ApiError};
 use super::pools::Served;
 use super::users::{cluster_connection, connection, finish, only, read_only, respond};
 use super::AppState;
-use crate::stats::{self, views};
+use crate::stats::{self, scan, views, Partial};
 use crate::store::query::{self, Filter, Group, DIMENSIONS};
 
 /// The filters query and stats share, as the OpenAPI document lists them
@@ -341,7 +341,7 @@ pub async fn stats(
     } else {
         let (mut client, served) = connection(&state, purpose, &headers).await?;
         let tx = read_only(&mut client).await?;
-        let (groups, source) = read_stats(&state, &*tx, &parsed, &dimensions).await?;
+        let (groups, source) = read_stats(&state, &tx, &parsed, &dimensions).await?;
         finish(tx).await?;
         (groups, source, served)
     };
@@ -362,8 +362,10 @@ pub async fn stats(
 enum Source {
     /// The materialized views, refreshed this long ago.
     View(Duration),
-    /// The tables.
+    /// The tables, grouped by the database.
     Live,
+    /// The tables, their rows grouped on the bulk engine (a large scan).
+    Engine,
 }
 
 impl Source {
@@ -371,6 +373,7 @@ impl Source {
         match self {
             Source::View(_) => "view",
             Source::Live => "live",
+            Source::Engine => "engine",
         }
     }
 
@@ -385,16 +388,17 @@ impl Source {
     }
 }
 
-/// Says where a stats answer came from: `view` or `live`.
+/// Says where a stats answer came from: `view`, `live` or `engine`.
 pub const STATS_SOURCE_HEADER: &str = "x-stats-source";
 /// Seconds since the views a stats answer came from were refreshed.
 pub const STATS_AGE_HEADER: &str = "x-stats-age";
 
 /// The stats from the views when they answer the request and are at most
-/// `--stats-max-age` old, else from the tables (as before the views).
+/// `--stats-max-age` old, else from the tables: grouped on the bulk engine
+/// when the scan is large ([`engine_partials`]), else by the database.
 async fn read_stats(
     state: &AppState,
-    client: &impl GenericClient,
+    client: &tokio_postgres::Transaction<'_>,
     filters: &[Filter],
     dimensions: &[String],
 ) -> Result<(Vec<Group>, Source), ApiError> {
@@ -412,10 +416,50 @@ async fn read_stats(
             return Ok((groups, Source::View(age)));
         }
     }
+    if let Some(partials) = engine_partials(state, client, filters, dimensions).await? {
+        let groups = stats::merge(&[partials], dimensions, state.stats_min_group);
+        return Ok((groups, Source::Engine));
+    }
     let groups = query::stats(client, filters, dimensions, state.stats_min_group)
         .await
         .map_err(|e| ApiError::internal("stats failed", &e))?;
     Ok((groups, Source::Live))
+}
+
+/// A request's partials grouped on the bulk engine, when `serve` has one for
+/// stats and the scan is large enough ([`scan::scan_if_large`]); `None`: let
+/// the database group it. The rows are copied out in `tx` (the replica's
+/// read) and grouped off the async threads; `/metrics` counts the work.
+async fn engine_partials(
+    state: &AppState,
+    tx: &tokio_postgres::Transaction<'_>,
+    filters: &[Filter],
+    dimensions: &[String],
+) -> Result<Option<Vec<Partial>>, ApiError> {
+    let Some(engine) = &state.stats_engine else {
+        return Ok(None);
+    };
+    let Some(columns) = scan::scan_if_large(tx, filters, dimensions, engine.min_rows as f64)
+        .await
+        .map_err(|e| ApiError::internal("copying the stats rows out", &e))?
+    else {
+        return Ok(None);
+    };
+    let (fields, bytes) = (columns.fields(), columns.bytes());
+    let aggregator = Arc::clone(&engine.aggregator);
+    let started = Instant::now();
+    let partials = tokio::task::spawn_blocking(move || aggregator.aggregate(&columns))
+        .await
+        .map_err(|e| ApiError::internal("the stats aggregation stopped", &e))?
+        .map_err(|e| ApiError::internal("grouping the stats rows", &e))?;
+    state.metrics.bulk_engine_ran(
+        engine.aggregator.name(),
+        "aggregate",
+        fields,
+        bytes,
+        started.elapsed(),
+    );
+    Ok(Some(partials))
 }
 
 /// The stats of a store with several clusters: each cluster's partials,
@@ -455,12 +499,16 @@ async fn stats_in_clusters(
         }
     }
     let mut partials = Vec::with_capacity(reads.len());
+    let mut on_engine = false;
     for (mut client, filters) in reads {
         let tx = read_only(&mut client).await?;
         let part = if use_views {
             views::partials(&*tx, &filters, dimensions)
                 .await
                 .map_err(|e| ApiError::internal("reading the stats views", &e))?
+        } else if let Some(part) = engine_partials(state, &tx, &filters, dimensions).await? {
+            on_engine = true;
+            part
         } else {
             query::stats_partials(&*tx, &filters, dimensions)
                 .await
@@ -472,6 +520,7 @@ async fn stats_in_clusters(
     let groups = stats::merge(&partials, dimensions, state.stats_min_group);
     let source = match (use_views, oldest) {
         (true, Some(age)) => Source::View(age),
+        _ if on_engine => Source::Engine,
         _ => Source::Live,
     };
     Ok((groups, source, served))

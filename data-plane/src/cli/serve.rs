@@ -13,6 +13,7 @@ use umstore_data_plane::api::pools::Logins;
 use umstore_data_plane::api::routing::Routing;
 use umstore_data_plane::api::{self, ApiTokens, AppState, DbSlot, KeysSlot, ReadPools, Slot};
 use umstore_data_plane::backoff::Backoff;
+use umstore_data_plane::bulk::aggregate::aggregator;
 use umstore_data_plane::bulk::{self, EngineChoice};
 use umstore_data_plane::clusters::placement::Placement;
 use umstore_data_plane::clusters::Layout;
@@ -119,6 +120,12 @@ pub struct ReadArgs {
     /// the tables.
     #[arg(long, env = "UMSTORE_STATS_MAX_AGE", default_value = "15m")]
     stats_max_age: String,
+    /// Stats read from the tables over at least this many rows (the planner's
+    /// estimate of the regions read) copy the rows out and group them on the
+    /// bulk engine (`--engine`) instead of a `GROUP BY` on the replica; `0`:
+    /// never.
+    #[arg(long, env = "UMSTORE_STATS_ENGINE_ROWS", default_value_t = 2_000_000)]
+    stats_engine_rows: u64,
     /// Refresh the stats views this often from this process (`10m`); `0`: not
     /// here (a CronJob runs `stats refresh`). One process refreshes at a time;
     /// the others skip their turn. Needs a login that may refresh them (the
@@ -422,7 +429,8 @@ pub async fn run(
         bail!("--require-vault is set but no --vault-addr was given");
     }
     let metrics = Arc::new(Metrics::new());
-    select_engine(engine, &metrics)?;
+    let engine_kind = select_engine(engine, &metrics)?;
+    let stats_engine = stats_engine(engine_kind, reads.stats_engine_rows);
     // Several clusters: where each region is now, read from home through the
     // writer's login (every purpose may read it too) before events are
     // consumed or users looked up, then refreshed.
@@ -585,6 +593,7 @@ pub async fn run(
         reads: read_pools,
         stats_min_group: i64::from(reads.stats_min_group),
         stats_max_age,
+        stats_engine,
         bus: bus_slot,
         read_cache,
         routing,
@@ -614,7 +623,7 @@ pub async fn run(
 /// Selects the bulk engine for `--engine` (a whole-region scan's worth of
 /// fields, so `auto` takes a usable GPU), logs the choice and its reason and
 /// exports it; `gpu` without a usable GPU is a startup error.
-fn select_engine(choice: EngineChoice, metrics: &Metrics) -> Result<()> {
+fn select_engine(choice: EngineChoice, metrics: &Metrics) -> Result<bulk::EngineKind> {
     let selected = bulk::select(choice, bulk::GPU_CROSSOVER_FIELDS)
         .with_context(|| format!("--engine {choice} (UMSTORE_ENGINE)"))?;
     let engine = selected.engine.info();
@@ -626,7 +635,31 @@ fn select_engine(choice: EngineChoice, metrics: &Metrics) -> Result<()> {
         "bulk engine"
     );
     metrics.bulk_engine_selected(engine.name, &engine.device);
-    Ok(())
+    Ok(engine.kind)
+}
+
+/// The stats endpoint's engine for scans of at least `min_rows` rows
+/// (`--stats-engine-rows`; 0: none): the selected engine's aggregator, or
+/// the CPU's when that engine cannot aggregate (said in the log).
+fn stats_engine(kind: bulk::EngineKind, min_rows: u64) -> Option<api::StatsEngine> {
+    if min_rows == 0 {
+        return None;
+    }
+    let aggregator = aggregator(kind)
+        .or_else(|error| {
+            warn!(%error, "stats scans are grouped on the CPU engine instead");
+            aggregator(bulk::EngineKind::Cpu)
+        })
+        .map_err(|error| warn!(%error, "stats scans are grouped by the database"))
+        .ok()?;
+    info!(
+        engine = aggregator.name(),
+        min_rows, "large stats scans are grouped on the bulk engine"
+    );
+    Some(api::StatsEngine {
+        aggregator: Arc::from(aggregator),
+        min_rows,
+    })
 }
 
 /// Connects to the bus, creates the streams, and runs the consumer and the outbox

@@ -243,6 +243,59 @@ pub async fn scan(
         .await
         .map_err(db("starting a read-only transaction"))?;
     let plan = plan(&tx, filters, dimensions).await?;
+    let columns = copy_columns(&tx, &plan, dimensions).await?;
+    tx.commit().await.map_err(db("ending the transaction"))?;
+    Ok(columns)
+}
+
+/// The planner's estimate of the rows of `umstore.user_metadata` in
+/// `regions` (`None`: every region), from each region's partition in
+/// `pg_class` (0 for a partition never analyzed, and under Citus, where the
+/// coordinator holds no rows).
+const ESTIMATE_ROWS: &str = "\
+    SELECT coalesce(sum(greatest(c.reltuples, 0)), 0)::float8 \
+    FROM pg_catalog.pg_inherits i \
+    JOIN pg_catalog.pg_class c ON c.oid = i.inhrelid \
+    JOIN umstore.regions r ON c.relname = 'user_metadata_' || lower(r.region::text) \
+    WHERE i.inhparent = 'umstore.user_metadata'::regclass \
+      AND ($1::text[] IS NULL OR r.region::text = ANY ($1::text[]))";
+
+/// [`scan`] inside the caller's read-only transaction `tx`, when the request
+/// is one the scan evaluates and the regions it reads hold at least
+/// `min_rows` rows by the planner's estimate: what the stats endpoint does
+/// for large scans (`serve --stats-engine-rows`). `None`: answer it with the
+/// `GROUP BY` instead (a filter the scan does not evaluate, or a small scan).
+pub async fn scan_if_large(
+    tx: &tokio_postgres::Transaction<'_>,
+    filters: &[Filter],
+    dimensions: &[String],
+    min_rows: f64,
+) -> Result<Option<Columns>, ScanError> {
+    let plan = match plan(tx, filters, dimensions).await {
+        Ok(plan) => plan,
+        Err(ScanError::UnsupportedFilter { .. }) => return Ok(None),
+        Err(other) => return Err(other),
+    };
+    let regions: Option<Vec<String>> = plan.regions.as_ref().map(|r| r.iter().cloned().collect());
+    let estimate: f64 = tx
+        .query_one(ESTIMATE_ROWS, &[&regions])
+        .await
+        .map_err(db("estimating the rows a stats scan reads"))?
+        .get(0);
+    debug!(estimate, min_rows, "stats scan estimate");
+    if estimate < min_rows {
+        return Ok(None);
+    }
+    copy_columns(tx, &plan, dimensions).await.map(Some)
+}
+
+/// Copies the rows `plan` reads out in `tx`, applying its filters, into
+/// columns grouped by `dimensions`.
+async fn copy_columns(
+    tx: &tokio_postgres::Transaction<'_>,
+    plan: &Plan,
+    dimensions: &[String],
+) -> Result<Columns, ScanError> {
     let mut columns = Columns::new(dimensions);
     if let Some(regions) = &plan.regions {
         if regions.is_empty() {
@@ -292,7 +345,6 @@ pub async fn scan(
         columns.household_size.push(measure(1));
         columns.overall_risk_centi.push(measure(2));
     }
-    tx.commit().await.map_err(db("ending the transaction"))?;
     Ok(columns)
 }
 
