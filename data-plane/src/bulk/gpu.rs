@@ -73,8 +73,10 @@ pub enum GpuOpenError {
     },
     /// NVRTC refused the kernels (a driver and NVRTC that do not match, or
     /// a bug in the source); the log says where.
-    #[error("NVRTC could not compile kernels/{KERNEL_FILE}: {detail}")]
+    #[error("NVRTC could not compile kernels/{file}: {detail}")]
     Compile {
+        /// The kernel source file (`aes_gcm.cu`, `aggregate.cu`).
+        file: &'static str,
         /// NVRTC's error and log.
         detail: String,
     },
@@ -139,54 +141,19 @@ impl GpuEngine {
     /// driver library, no NVRTC library, no device, a driver or NVRTC
     /// failure (with the underlying message). Never panics.
     pub fn open() -> Result<Self, GpuOpenError> {
-        // SAFETY: loading the driver and NVRTC libraries runs their
-        // initialisers, as any use of CUDA does; nothing else is called.
-        if !unsafe { cudarc::driver::sys::is_culib_present() } {
-            return Err(GpuOpenError::NoDriverLibrary);
-        }
-        // SAFETY: as above.
-        if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
-            return Err(GpuOpenError::NoNvrtcLibrary);
-        }
-        let step = "opening device 0 and compiling the kernels";
-        let engine = catch_unwind(Self::open_device).unwrap_or_else(|panic| {
-            Err(GpuOpenError::Panicked {
-                step,
-                detail: panic_message(panic.as_ref()),
-            })
-        })?;
+        let engine = open_guarded(
+            "opening device 0 and compiling the kernels",
+            Self::open_device,
+        )?;
         tracing::info!(device = %engine.device, "GPU engine open: kernels compiled with NVRTC");
         Ok(engine)
     }
 
     fn open_device() -> Result<Self, GpuOpenError> {
-        let driver = |step| {
-            move |e: cudarc::driver::DriverError| GpuOpenError::Driver {
-                step,
-                detail: e.to_string(),
-            }
-        };
-        let count = CudaContext::device_count().map_err(|e| GpuOpenError::NoDevice {
-            detail: e.to_string(),
-        })?;
-        if count < 1 {
-            return Err(GpuOpenError::NoDevice {
-                detail: "0 devices".into(),
-            });
-        }
-        let ctx = CudaContext::new(0).map_err(driver("creating a context on device 0"))?;
-        let name = ctx.name().map_err(driver("reading the device's name"))?;
-        let (major, minor) = ctx
-            .compute_capability()
-            .map_err(driver("reading the compute capability"))?;
-        let multiprocessors = ctx
-            .attribute(
-                cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
-            )
-            .map_err(driver("reading the multiprocessor count"))?;
-        let ptx = compile_kernels()?;
-        let module = ctx
-            .load_module(ptx)
+        let device = Device::open()?;
+        let module = device
+            .ctx
+            .load_module(compile_kernels()?)
             .map_err(driver("loading the compiled kernels"))?;
         let function = |name: &str| {
             module
@@ -201,10 +168,10 @@ impl GpuEngine {
             open_ctr: function("um_open_ctr_kernel")?,
         };
         Ok(Self {
-            ctx,
+            ctx: device.ctx,
             kernels,
-            device: format!("{name}, compute {major}.{minor}, {multiprocessors} SMs"),
-            multiprocessors: usize::try_from(multiprocessors).unwrap_or(0),
+            device: device.description,
+            multiprocessors: device.multiprocessors,
         })
     }
 
@@ -483,13 +450,94 @@ impl BulkEngine for GpuEngine {
     }
 }
 
+/// CUDA device 0, opened: what the GPU engine and the GPU aggregation
+/// (`gpu_aggregate.rs`) each start from.
+pub(super) struct Device {
+    /// Its context (the device's primary context, shared by both).
+    pub(super) ctx: Arc<CudaContext>,
+    /// Name, compute capability and SMs, in words.
+    pub(super) description: String,
+    /// Streaming multiprocessors.
+    pub(super) multiprocessors: usize,
+}
+
+impl Device {
+    /// Opens device 0. Call it under [`open_guarded`], which checks first
+    /// that the libraries are there and catches cudarc's panics.
+    pub(super) fn open() -> Result<Self, GpuOpenError> {
+        let count = CudaContext::device_count().map_err(|e| GpuOpenError::NoDevice {
+            detail: e.to_string(),
+        })?;
+        if count < 1 {
+            return Err(GpuOpenError::NoDevice {
+                detail: "0 devices".into(),
+            });
+        }
+        let ctx = CudaContext::new(0).map_err(driver("creating a context on device 0"))?;
+        let name = ctx.name().map_err(driver("reading the device's name"))?;
+        let (major, minor) = ctx
+            .compute_capability()
+            .map_err(driver("reading the compute capability"))?;
+        let multiprocessors = ctx
+            .attribute(
+                cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
+            )
+            .map_err(driver("reading the multiprocessor count"))?;
+        Ok(Self {
+            ctx,
+            description: format!("{name}, compute {major}.{minor}, {multiprocessors} SMs"),
+            multiprocessors: usize::try_from(multiprocessors).unwrap_or(0),
+        })
+    }
+}
+
+/// Runs `open` (which opens a [`Device`] and loads kernels) once the driver
+/// and NVRTC libraries are known to load, turning a panic inside cudarc
+/// into [`GpuOpenError::Panicked`] for `step`: cudarc's dynamic loading
+/// panics on a missing library or symbol.
+pub(super) fn open_guarded<T>(
+    step: &'static str,
+    open: impl FnOnce() -> Result<T, GpuOpenError>,
+) -> Result<T, GpuOpenError> {
+    // SAFETY: loading the driver and NVRTC libraries runs their
+    // initialisers, as any use of CUDA does; nothing else is called.
+    if !unsafe { cudarc::driver::sys::is_culib_present() } {
+        return Err(GpuOpenError::NoDriverLibrary);
+    }
+    // SAFETY: as above.
+    if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
+        return Err(GpuOpenError::NoNvrtcLibrary);
+    }
+    catch_unwind(AssertUnwindSafe(open)).unwrap_or_else(|panic| {
+        Err(GpuOpenError::Panicked {
+            step,
+            detail: panic_message(panic.as_ref()),
+        })
+    })
+}
+
+/// Maps a driver error while opening to [`GpuOpenError::Driver`] for `step`.
+pub(super) fn driver(step: &'static str) -> impl Fn(cudarc::driver::DriverError) -> GpuOpenError {
+    move |e| GpuOpenError::Driver {
+        step,
+        detail: e.to_string(),
+    }
+}
+
 /// Compiles `aes_gcm.cu` to PTX with NVRTC (no device needed).
 fn compile_kernels() -> Result<Ptx, GpuOpenError> {
+    compile_source(KERNEL_SOURCE, KERNEL_FILE)
+}
+
+/// Compiles the CUDA C `source` of `kernels/{file}` to PTX with NVRTC, for
+/// NVRTC's default architecture (no device needed).
+pub(super) fn compile_source(source: &str, file: &'static str) -> Result<Ptx, GpuOpenError> {
     let opts = CompileOptions {
-        name: Some(KERNEL_FILE.into()),
+        name: Some(file.into()),
         ..Default::default()
     };
-    compile_ptx_with_opts(KERNEL_SOURCE, opts).map_err(|e| GpuOpenError::Compile {
+    compile_ptx_with_opts(source, opts).map_err(|e| GpuOpenError::Compile {
+        file,
         detail: compile_error(&e),
     })
 }
@@ -507,7 +555,8 @@ fn guarded<R>(
     })
 }
 
-fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+/// The message of a caught panic.
+pub(super) fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
     if let Some(s) = panic.downcast_ref::<&str>() {
         (*s).to_owned()
     } else if let Some(s) = panic.downcast_ref::<String>() {
