@@ -9,7 +9,10 @@
 //! - `bulk`: copy + engine, what `bulk stats` spends;
 //!
 //! and the ratios postgres / engine and postgres / bulk. The answers are
-//! checked equal first.
+//! checked equal first. Where a CUDA GPU is present, a `gpu engine` line
+//! under each grouping gives the same for `GpuAggregator` (copies to and from
+//! the device included), its answer checked equal to the CPU's; without one,
+//! `GPU rows skipped: <why>` is printed once.
 //!
 //! ```sh
 //! cargo bench -p umstore-data-plane --bench bulk_stats -- --rows 10000000 --runs 3
@@ -27,6 +30,7 @@ use std::time::{Duration, Instant};
 
 use support::Store;
 use umstore_data_plane::bulk::aggregate::{Aggregator, CpuAggregator};
+use umstore_data_plane::bulk::GpuAggregator;
 use umstore_data_plane::stats::{self, scan};
 use umstore_data_plane::store::query;
 use umstore_migrations::roles::Purpose;
@@ -150,6 +154,16 @@ async fn bench(args: Args) {
         rayon::current_num_threads()
     );
     let mut analytics = store.connect(Purpose::Analytics).await;
+    let gpu = match GpuAggregator::open() {
+        Ok(gpu) => {
+            println!("GPU aggregation on {}", gpu.device());
+            Some(gpu)
+        }
+        Err(e) => {
+            println!("GPU rows skipped: {e}");
+            None
+        }
+    };
     println!(
         "{:<36} {:>13} {:>13} {:>13} {:>13} {:>9} {:>9} {:>12}",
         "group_by",
@@ -164,6 +178,7 @@ async fn bench(args: Args) {
     for dims in GROUPINGS {
         let dims: Vec<String> = dims.iter().map(|d| (*d).to_owned()).collect();
         let (mut pg, mut copy, mut engine, mut bulk) = (vec![], vec![], vec![], vec![]);
+        let mut on_gpu = vec![];
         for run in 0..args.runs {
             let t = Instant::now();
             let live = query::stats(&analytics, &[], &dims, 10)
@@ -189,6 +204,19 @@ async fn bench(args: Args) {
                 );
                 assert_eq!(columns.len() as u64, args.rows);
             }
+            if let Some(gpu) = &gpu {
+                let t = Instant::now();
+                let partials = gpu.aggregate(&columns).expect("gpu aggregate");
+                let gpu_groups = stats::merge(&[partials], &dims, 10);
+                on_gpu.push(t.elapsed());
+                if run == 0 {
+                    assert_eq!(
+                        serde_json::to_string(&gpu_groups).expect("json"),
+                        serde_json::to_string(&groups).expect("json"),
+                        "{dims:?}: the GPU's answer is the CPU's"
+                    );
+                }
+            }
         }
         let (pg_best, pg_median) = summary(pg);
         let (copy_best, copy_median) = summary(copy);
@@ -209,6 +237,22 @@ async fn bench(args: Args) {
             pg_best / bulk_best,
             args.rows as f64 / engine_best / 1000.0,
         );
+        if !on_gpu.is_empty() {
+            let (gpu_best, gpu_median) = summary(on_gpu);
+            println!(
+                "{:<36} {:>13} {:>13} {:>6.0} ({:>4.0}) {:>6.0} ({:>4.0}) {:>8.1}x {:>8.2}x {:>12.1}",
+                "  gpu engine",
+                "",
+                "",
+                gpu_best,
+                gpu_median,
+                copy_best + gpu_best,
+                copy_median + gpu_median,
+                pg_best / gpu_best,
+                pg_best / (copy_best + gpu_best),
+                args.rows as f64 / gpu_best / 1000.0,
+            );
+        }
     }
     println!("(best of {} runs, median in parentheses)", args.runs);
 }

@@ -15,8 +15,9 @@
 //! are: the dimensions are enums and region codes) and a hash map otherwise.
 //! Sums are integers, so the result does not depend on how the rows were
 //! split; the groups come back in the order of their codes, and the merge
-//! orders them by value. A GPU engine has no aggregation yet:
-//! [`aggregator`] says so for [`EngineKind::Gpu`].
+//! orders them by value. On a GPU, [`super::GpuAggregator`] computes the same
+//! partials with CUDA kernels (`bulk/gpu_aggregate.rs`); [`aggregator`]
+//! opens it for [`EngineKind::Gpu`].
 
 use std::collections::HashMap;
 
@@ -69,6 +70,36 @@ pub enum AggregateError {
         engine: &'static str,
         /// What to do instead.
         detail: &'static str,
+    },
+    /// A dimension's code is past its dictionary (columns built by hand
+    /// rather than with [`CodedColumn::push`]).
+    #[error("dimension {dimension} has code {code}, past its {values} values")]
+    CodeOutOfRange {
+        /// The dimension.
+        dimension: String,
+        /// The code.
+        code: u16,
+        /// Values in its dictionary.
+        values: usize,
+    },
+    /// The GPU aggregation was asked for and no GPU is usable.
+    #[error(
+        "grouping on the GPU (--engine gpu) needs a CUDA GPU, its driver and NVRTC, and none \
+         is usable: {detail}; use --engine cpu or auto"
+    )]
+    NoGpu {
+        /// Why not (no driver library, no NVRTC, no device, a compile error ...).
+        detail: String,
+    },
+    /// A CUDA call failed while aggregating on the GPU (device memory
+    /// exhausted, a kernel fault, the driver gone), or the CUDA bindings
+    /// panicked (caught and reported here).
+    #[error("the GPU aggregation failed while {step}: {detail}; no groups were returned (retry, or use --engine cpu)")]
+    Gpu {
+        /// What it was doing.
+        step: &'static str,
+        /// The driver's error.
+        detail: String,
     },
 }
 
@@ -213,16 +244,19 @@ pub trait Aggregator: Send + Sync {
     fn aggregate(&self, columns: &Columns) -> Result<Vec<Partial>, AggregateError>;
 }
 
-/// The aggregator of an engine kind: the CPU's, or an error for a GPU (no
-/// kernels for it yet).
+/// The aggregator of an engine kind: the CPU's, or for a GPU the CUDA
+/// kernels' ([`super::GpuAggregator`], opened here: device 0, the kernels
+/// compiled with NVRTC). Without a usable GPU that is
+/// [`AggregateError::NoGpu`], saying why; it never panics.
 pub fn aggregator(kind: EngineKind) -> Result<Box<dyn Aggregator>, AggregateError> {
     match kind {
         EngineKind::Cpu => Ok(Box::new(CpuAggregator)),
-        EngineKind::Gpu => Err(AggregateError::Unsupported {
-            engine: "gpu",
-            detail: "grouped counts and sums run on the CPU engine only for now; \
-                     use --engine cpu or auto",
-        }),
+        EngineKind::Gpu => match super::GpuAggregator::open() {
+            Ok(gpu) => Ok(Box::new(gpu)),
+            Err(e) => Err(AggregateError::NoGpu {
+                detail: e.to_string(),
+            }),
+        },
     }
 }
 
@@ -493,15 +527,30 @@ mod tests {
     }
 
     #[test]
-    fn ragged_columns_and_the_gpu_are_errors() {
+    fn ragged_columns_are_an_error() {
         let mut c = columns(&[(Some("KA"), None, None, None)]);
         c.household_size.clear();
         let err = CpuAggregator.aggregate(&c).expect_err("ragged");
         assert!(err.to_string().contains("household_size"), "{err}");
-        let err = aggregator(EngineKind::Gpu)
-            .err()
-            .expect("no GPU aggregation");
-        assert!(err.to_string().contains("--engine cpu"), "{err}");
         assert_eq!(aggregator(EngineKind::Cpu).expect("cpu").name(), "cpu");
+    }
+
+    #[test]
+    fn the_gpu_aggregator_opens_or_says_why_not_without_panicking() {
+        // SAFETY: loads the library only, as GpuAggregator::open does.
+        let driver_here = unsafe { cudarc::driver::sys::is_culib_present() };
+        let opened = std::panic::catch_unwind(|| aggregator(EngineKind::Gpu))
+            .expect("aggregator(Gpu) must not panic");
+        match opened {
+            Ok(gpu) => assert_eq!(gpu.name(), "gpu"),
+            Err(err) => {
+                assert!(matches!(err, AggregateError::NoGpu { .. }), "{err:?}");
+                let why = err.to_string();
+                assert!(why.contains("--engine cpu or auto"), "{why}");
+                if !driver_here {
+                    assert!(why.contains("libcuda"), "names what is missing: {why}");
+                }
+            }
+        }
     }
 }

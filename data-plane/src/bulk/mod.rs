@@ -15,6 +15,7 @@ pub mod aggregate;
 mod batch;
 mod cpu;
 mod gpu;
+pub mod gpu_aggregate;
 pub mod import;
 mod output;
 pub mod select;
@@ -27,6 +28,7 @@ pub use batch::{
 };
 pub use cpu::CpuEngine;
 pub use gpu::{GpuEngine, GpuOpenError, GpuTimings};
+pub use gpu_aggregate::GpuAggregator;
 pub use output::{FailureReason, FieldFailure, OpenedBatch, SealedBatch};
 pub use select::{select, EngineChoice, Selected, GPU_CROSSOVER_FIELDS};
 
