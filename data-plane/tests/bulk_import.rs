@@ -741,3 +741,247 @@ async fn an_import_through_pgbouncer_transaction_pooling_as_in_a_cluster() {
     assert_eq!(users.len(), 12_000);
     assert!(users.values().all(|h| *h == 1), "one history row each");
 }
+
+/// The regions of the south cluster in the two-cluster tests; home holds
+/// every other region.
+const SOUTH: [&str; 3] = ["KA", "KL", "TN"];
+
+/// Two clusters' layout: home (every region but [`SOUTH`]) and south.
+fn two_clusters(home: &Store, south: &Store) -> String {
+    let home_regions: Vec<&str> = umstore_migrations::regions::REGIONS
+        .iter()
+        .map(|r| r.code)
+        .filter(|r| !SOUTH.contains(r))
+        .collect();
+    json!([
+        {"name": "home", "regions": home_regions,
+         "primary": {"host": "127.0.0.1", "port": home.port(), "dbname": home.name}},
+        {"name": "south", "regions": SOUTH,
+         "primary": {"host": "127.0.0.1", "port": south.port(), "dbname": south.name}},
+    ])
+    .to_string()
+}
+
+/// The import over both clusters, given home's writer URL (the layout moves
+/// it onto south).
+fn run_import_clusters(home: &Store, layout: &str, keys: &Path, file: &Path) -> String {
+    let out = import_command(home, keys, file, &[])
+        .env("UMSTORE_CLUSTERS", layout)
+        .output()
+        .expect("run the import");
+    assert!(
+        out.status.success(),
+        "import failed: {}\n{}",
+        stdout(&out),
+        stderr(&out)
+    );
+    stdout(&out)
+}
+
+/// The reject files of both clusters' runs, merged: line → reason; no line
+/// in both.
+fn cluster_rejects(file: &Path) -> BTreeMap<u64, String> {
+    let mut all = BTreeMap::new();
+    for cluster in ["home", "south"] {
+        let path = file.with_file_name(format!(
+            "{}.{cluster}.rejects.jsonl",
+            file.file_name().expect("name").to_string_lossy()
+        ));
+        let text = std::fs::read_to_string(&path).unwrap_or_default();
+        for line in text.lines() {
+            let v: Value = serde_json::from_str(line).expect("a reject is JSON");
+            let n = v["line"].as_u64().expect("line");
+            let reason = v["reason"].as_str().expect("reason").to_owned();
+            assert!(
+                all.insert(n, reason).is_none(),
+                "line {n} refused twice (in {cluster}'s file too)"
+            );
+        }
+    }
+    all
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_of_two_clusters_gets_each_user_in_its_regions_cluster_with_a_route() {
+    let home = Store::migrated().await;
+    let pg = umstore_e2e::Postgres::start().expect("PostgreSQL 15 (a second server)");
+    let south = Store::migrated_on(&pg).await;
+    let layout = two_clusters(&home, &south);
+    let keys = tempfile::tempdir().expect("tempdir");
+    let dir = tempfile::tempdir().expect("tempdir");
+
+    // A user imported before: in KA, so in south, with its route in home.
+    let existing = Uuid::new_v4();
+    let mut gen = Generator::new(3, chrono::Utc::now().date_naive());
+    let mut first = flat(&mut gen);
+    first["user_id"] = json!(existing);
+    first["region"] = json!("KA");
+    let one = dir.path().join("one.jsonl");
+    std::fs::write(&one, format!("{first}\n")).expect("file");
+    let out = run_import_clusters(&home, &layout, keys.path(), &one);
+    assert!(
+        out.contains("all clusters: 1 users imported, 0 records refused"),
+        "{out}"
+    );
+
+    // 6,000 records, every 97th bad in one of seven ways (a repeat, a user
+    // that exists, bad fields), users in all 36 regions.
+    let file = write_file(dir.path(), 6_000, 21, 97, existing);
+    let out = run_import_clusters(&home, &layout, keys.path(), &file.path);
+    assert!(out.contains("into cluster home"), "{out}");
+    assert!(out.contains("into cluster south"), "{out}");
+    let home_db = support::connect(home.superuser()).await;
+    let south_db = support::connect(south.superuser()).await;
+    let (in_home, in_south) = (stored(&home_db).await, stored(&south_db).await);
+    for (id, record) in &file.good {
+        let region = record["region"].as_str().expect("region");
+        let (here, there) = if SOUTH.contains(&region) {
+            (&in_south, &in_home)
+        } else {
+            (&in_home, &in_south)
+        };
+        assert_eq!(
+            here.get(id),
+            Some(&1),
+            "user {id} of {region}: once, in its cluster"
+        );
+        assert!(
+            !there.contains_key(id),
+            "user {id} of {region}: not in the other cluster"
+        );
+    }
+    assert_eq!(
+        in_home.len() + in_south.len(),
+        file.good.len() + 1,
+        "the good users and the one before, nothing else"
+    );
+    assert!(
+        file.good
+            .values()
+            .any(|r| SOUTH.contains(&r["region"].as_str().unwrap_or(""))),
+        "the file has south users"
+    );
+    // Every user's route in home, naming the region of the file.
+    let routes: BTreeMap<Uuid, String> = home_db
+        .query("SELECT user_id, region::text FROM umstore.user_routes", &[])
+        .await
+        .expect("routes")
+        .into_iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(routes.len(), file.good.len() + 1, "one route per user");
+    for (id, record) in &file.good {
+        assert_eq!(
+            routes.get(id).map(String::as_str),
+            record["region"].as_str()
+        );
+    }
+    // Each bad line refused once, by one cluster's run, with its reason.
+    let refused = cluster_rejects(&file.path);
+    assert_eq!(
+        refused.keys().collect::<Vec<_>>(),
+        file.bad.keys().collect::<Vec<_>>(),
+        "exactly the bad lines are refused"
+    );
+    for (line, word) in &file.bad {
+        // A repeat whose first record another cluster's run imported
+        // already is refused as existing: both are true of it.
+        let also = match *word {
+            "appears again" => "already exists",
+            "already exists" => "appears again",
+            other => other,
+        };
+        assert!(
+            refused[line].contains(word) || refused[line].contains(also),
+            "line {line}: {:?} should name {word:?}",
+            refused[line]
+        );
+    }
+    // A south user's personal data opens with the store's keys.
+    let south_writer = south.connect(Purpose::Writer).await;
+    let ring = keyring(&home.connect(Purpose::Writer).await, keys.path()).await;
+    let (id, record) = file
+        .good
+        .iter()
+        .find(|(_, r)| SOUTH.contains(&r["region"].as_str().unwrap_or("")))
+        .expect("a south user");
+    check_pii(&south_writer, &ring, *id, record).await;
+
+    // The same file again: both clusters' runs are done.
+    let again = run_import_clusters(&home, &layout, keys.path(), &file.path);
+    assert_eq!(again.matches("nothing to do").count(), 2, "{again}");
+
+    // A user stored in south without a route in home (written before the
+    // store had clusters), in a file that puts them in home's AP: refused,
+    // found in south's directory.
+    home_db
+        .execute(
+            "DELETE FROM umstore.user_routes WHERE user_id = $1",
+            &[&existing],
+        )
+        .await
+        .expect("drop the route");
+    let mut moved = flat(&mut gen);
+    moved["user_id"] = json!(existing);
+    moved["region"] = json!("AP");
+    let late = dir.path().join("late.jsonl");
+    std::fs::write(&late, format!("{moved}\n")).expect("file");
+    let out = run_import_clusters(&home, &layout, keys.path(), &late);
+    assert!(
+        out.contains("all clusters: 0 users imported, 1 records refused"),
+        "{out}"
+    );
+    assert!(
+        cluster_rejects(&late)[&1].contains("already exists (region KA)"),
+        "{:?}",
+        cluster_rejects(&late)
+    );
+    assert!(!stored(&home_db).await.contains_key(&existing));
+
+    // A region fenced for a move in south: its batch is refused, nothing of
+    // it written, and the same command finishes the import once the fence
+    // is down; a region being copied away logs the user for the mover.
+    south_db
+        .execute(
+            "UPDATE umstore.region_state SET state = 'fenced', peer = 'home' WHERE region = 'KL'",
+            &[],
+        )
+        .await
+        .expect("fence KL");
+    let mut kl = flat(&mut gen);
+    kl["region"] = json!("KL");
+    let kl_id: Uuid = kl["user_id"].as_str().expect("id").parse().expect("uuid");
+    let fenced = dir.path().join("fenced.jsonl");
+    std::fs::write(&fenced, format!("{kl}\n")).expect("file");
+    let out = import_command(&home, keys.path(), &fenced, &[])
+        .env("UMSTORE_CLUSTERS", &layout)
+        .output()
+        .expect("run the import");
+    let err = stderr(&out);
+    assert!(!out.status.success(), "{}", stdout(&out));
+    assert!(
+        err.contains("is moving between clusters (fenced)")
+            && err.contains("run the same command again"),
+        "{err}"
+    );
+    assert!(!stored(&south_db).await.contains_key(&kl_id));
+    south_db
+        .execute(
+            "UPDATE umstore.region_state SET state = 'copying' WHERE region = 'KL'",
+            &[],
+        )
+        .await
+        .expect("copying KL");
+    let out = run_import_clusters(&home, &layout, keys.path(), &fenced);
+    assert!(out.contains("resumed an earlier run"), "{out}");
+    assert_eq!(stored(&south_db).await.get(&kl_id), Some(&1));
+    let logged: i64 = south_db
+        .query_one(
+            "SELECT count(*) FROM umstore.region_move_log WHERE region = 'KL' AND user_id = $1",
+            &[&kl_id],
+        )
+        .await
+        .expect("move log")
+        .get(0);
+    assert_eq!(logged, 1, "the mover copies the user again");
+}

@@ -1,14 +1,17 @@
 //! `bulk import <file>`: backfills of many users from a file (docs/bulk.md,
 //! "Bulk import").
 
+use std::collections::BTreeSet;
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use tracing::info;
-use umstore_data_plane::bulk::import::{self, ImportOptions, Progress};
+use umstore_data_plane::bulk::import::{self, ImportOptions, Progress, Share};
 use umstore_data_plane::bulk::{self, EngineChoice};
+use umstore_data_plane::clusters::placement::Placement;
 use umstore_data_plane::clusters::Layout;
 use umstore_data_plane::db::Database;
 use umstore_migrations::Runner;
@@ -45,7 +48,8 @@ pub struct ImportArgs {
     no_refresh_stats: bool,
 }
 
-/// Runs `bulk import`.
+/// Runs `bulk import`: into one database, or cluster by cluster into a
+/// store of several (`--clusters`).
 pub async fn run(
     args: ImportArgs,
     database: &Database,
@@ -53,22 +57,35 @@ pub async fn run(
     data_dir: &Path,
     key_args: &KeyArgs,
 ) -> Result<()> {
-    if layout.is_some() {
-        bail!(
-            "bulk import loads a store of one cluster; for a store of several, split the file by \
-             region and import each part with --database-url of the cluster that holds its \
-             regions (without --clusters)"
-        );
-    }
     if args.batch_users == 0 {
         bail!("--batch-users must be at least 1");
     }
-    let client = database.connect().await?;
-    Runner::default()
-        .verify(&client)
-        .await
-        .context("the schema must be current before importing: run `migrate up`")?;
-    let keyring = open_keyring(key_args.provider_config(data_dir)?, &client).await?;
+    let layout = layout.filter(|l| l.is_multi());
+    let targets = match layout {
+        None => vec![(None, database.clone())],
+        Some(layout) => layout
+            .clusters()
+            .iter()
+            .zip(layout.writers(database))
+            .map(|(c, w)| (Some(c.name.clone()), w))
+            .collect(),
+    };
+    let mut clients = Vec::with_capacity(targets.len());
+    for (name, target) in &targets {
+        let client = target
+            .connect()
+            .await
+            .with_context(|| format!("connecting to {}", cluster_name(name)))?;
+        Runner::default().verify(&client).await.with_context(|| {
+            format!(
+                "the schema of {} must be current before importing: run `migrate up`",
+                cluster_name(name)
+            )
+        })?;
+        clients.push(client);
+    }
+    // The keys are the home cluster's, as the write path's.
+    let keyring = open_keyring(key_args.provider_config(data_dir)?, &clients[0]).await?;
     let selected = bulk::select(args.engine, args.batch_users * 7)?;
     info!(engine = %selected.engine.info(), reason = %selected.reason, "bulk engine");
     let mut options = ImportOptions::for_file(&args.file);
@@ -78,13 +95,90 @@ pub async fn run(
     if let Some(rejects) = &args.rejects {
         options.rejects = rejects.clone();
     }
+    let Some(layout) = layout else {
+        let report = import_one(&args, database, &keyring, &selected.engine, &options).await?;
+        print_report(&args, &report, None);
+        return refresh(&args, &clients[0]).await;
+    };
+    // Where each region is now: the home cluster's placement over the
+    // layout. Each cluster's run is its own import (id: the file, the
+    // cluster and the placement's epoch), so a region that moves between
+    // two runs is judged again where it lives now.
+    let placement = Placement::new(Arc::new(layout.clone()));
+    placement
+        .load(&clients[0])
+        .await
+        .context("reading the region placement from the home cluster")?;
+    let placed: BTreeSet<String> = (0..targets.len())
+        .flat_map(|i| placement.regions_of(i))
+        .collect();
+    let (mut imported, mut refused) = (0, 0);
+    for (index, (name, target)) in targets.iter().enumerate() {
+        let name = name.clone().unwrap_or_default();
+        let mut options = options.clone();
+        options.scope = Some(format!("{name}@{}", placement.epoch()));
+        options.rejects = cluster_rejects(&options.rejects, &name);
+        options.share = Some(Share {
+            regions: placement.regions_of(index).into_iter().collect(),
+            placed: placed.clone(),
+            refuse_the_rest: index == 0,
+            home: targets[0].1.clone(),
+            others: targets
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| *i != index)
+                .map(|(_, (_, w))| w.clone())
+                .collect(),
+        });
+        info!(cluster = %name, regions = ?placement.regions_of(index), "importing into a cluster");
+        let report = import_one(&args, target, &keyring, &selected.engine, &options).await?;
+        print_report(&args, &report, Some(&name));
+        imported += report.progress.imported;
+        refused += report.progress.rejected;
+        refresh(&args, &clients[index]).await?;
+    }
+    println!("all clusters: {imported} users imported, {refused} records refused");
+    Ok(())
+}
+
+fn cluster_name(name: &Option<String>) -> String {
+    match name {
+        Some(name) => format!("cluster {name:?}"),
+        None => "the database".to_owned(),
+    }
+}
+
+/// A cluster's reject file: `<file>.<cluster>.rejects.jsonl` by default,
+/// else `--rejects` with `.<cluster>` before its extension.
+fn cluster_rejects(rejects: &Path, cluster: &str) -> PathBuf {
+    let stem = rejects
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let named = match stem.strip_suffix(".rejects.jsonl") {
+        Some(base) => format!("{base}.{cluster}.rejects.jsonl"),
+        None => match stem.rsplit_once('.') {
+            Some((base, ext)) => format!("{base}.{cluster}.{ext}"),
+            None => format!("{stem}.{cluster}"),
+        },
+    };
+    rejects.with_file_name(named)
+}
+
+async fn import_one(
+    args: &ImportArgs,
+    database: &Database,
+    keyring: &umstore_data_plane::crypto::Keyring,
+    engine: &Arc<dyn bulk::BulkEngine>,
+    options: &ImportOptions,
+) -> Result<import::ImportReport> {
     let mut shown = Shown::new(std::io::stderr().is_terminal());
     let report = import::import(
         database,
-        &keyring,
-        selected.engine,
+        keyring,
+        Arc::clone(engine),
         &args.file,
-        &options,
+        options,
         |p| shown.update(p),
     )
     .await
@@ -95,19 +189,24 @@ pub async fn run(
         )
     })?;
     shown.finish();
+    Ok(report)
+}
+
+fn print_report(args: &ImportArgs, report: &import::ImportReport, cluster: Option<&str>) {
     let p = report.progress;
+    let into = cluster.map_or_else(String::new, |c| format!(" into cluster {c}"));
     if report.already_done {
         println!(
-            "{} was imported before (import {}): {} users, {} refused; nothing to do",
+            "{} was imported{into} before (import {}): {} users, {} refused; nothing to do",
             args.file.display(),
             short(&report.import_id),
             p.imported,
             p.rejected
         );
-        return Ok(());
+        return;
     }
     println!(
-        "imported {} users from {} in {:.1} s ({:.0} users/s; {} engine: {} fields sealed in {:.2} s; \
+        "imported {} users from {}{into} in {:.1} s ({:.0} users/s; {} engine: {} fields sealed in {:.2} s; \
          loading and committing {:.1} s){}",
         report.imported_now,
         args.file.display(),
@@ -120,7 +219,7 @@ pub async fn run(
         if report.resumed { "; resumed an earlier run" } else { "" }
     );
     println!(
-        "in all: {} users imported, {} records refused{} (import {})",
+        "in all{into}: {} users imported, {} records refused{} (import {})",
         p.imported,
         p.rejected,
         if p.rejected > 0 {
@@ -133,8 +232,13 @@ pub async fn run(
         },
         short(&report.import_id)
     );
+}
+
+/// Refreshes the stats views of the database `client` is connected to,
+/// unless `--no-refresh-stats`.
+async fn refresh(args: &ImportArgs, client: &tokio_postgres::Client) -> Result<()> {
     if !args.no_refresh_stats {
-        for line in super::stats::refresh(&client, true)
+        for line in super::stats::refresh(client, true)
             .await
             .context("the users are imported, but refreshing the stats views failed")?
         {
@@ -208,5 +312,27 @@ impl Shown {
         if let Some(bar) = &self.bar {
             bar.finish_and_clear();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_cluster_has_its_own_reject_file_beside_the_default_or_the_given_one() {
+        let default = ImportOptions::for_file(Path::new("/data/users.jsonl")).rejects;
+        assert_eq!(
+            cluster_rejects(&default, "south"),
+            PathBuf::from("/data/users.jsonl.south.rejects.jsonl")
+        );
+        assert_eq!(
+            cluster_rejects(Path::new("/tmp/bad.json"), "home"),
+            PathBuf::from("/tmp/bad.home.json")
+        );
+        assert_eq!(
+            cluster_rejects(Path::new("refused"), "home"),
+            PathBuf::from("refused.home")
+        );
     }
 }

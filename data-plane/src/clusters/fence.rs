@@ -7,6 +7,11 @@
 /// The check, right after the user's advisory lock: `$1` region, `$2` user.
 pub const REGION_WRITE: &str = "SELECT umstore.region_write($1::text::bpchar, $2)";
 
+/// [`REGION_WRITE`] for many users in one statement (a bulk import's
+/// batch): `$1` their regions, `$2` their ids, pairwise.
+pub const REGION_WRITE_MANY: &str = "SELECT umstore.region_write(r::bpchar, u) \
+     FROM unnest($1::text[], $2::uuid[]) AS t(r, u)";
+
 /// Whether a write transaction runs the region check.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RegionCheck {

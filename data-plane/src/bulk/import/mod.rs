@@ -15,7 +15,7 @@
 mod input;
 mod render;
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -33,6 +33,7 @@ pub use input::{to_user, Format, NewUser, Record, Refused, PAYLOAD_FIELDS};
 pub use render::TABLES;
 
 use super::{BulkEngine, BulkError};
+use crate::clusters::fence::{Refusal, REGION_WRITE_MANY};
 use crate::crypto::{CryptoError, Keyring};
 use crate::ingest::event::{is_transit_ciphertext, Change, PiiText};
 
@@ -126,6 +127,15 @@ pub enum ImportError {
         #[source]
         source: BulkError,
     },
+    /// A region of the batch is moving between clusters (fenced for a
+    /// moment, moved away, or being copied in); the batch was rolled back.
+    #[error("a region of this batch is moving between clusters ({refusal}): {detail}; what was committed stays: run the same command again once the move is done")]
+    RegionMoving {
+        /// `fenced` or `moved`.
+        refusal: &'static str,
+        /// The database's message, naming the region and the other cluster.
+        detail: String,
+    },
     /// The reader or sealing thread stopped unexpectedly.
     #[error("the {0} thread stopped unexpectedly")]
     Thread(&'static str),
@@ -147,6 +157,9 @@ pub struct ImportOptions {
     pub source: String,
     /// Added to the import's id: the cluster, for a store with several.
     pub scope: Option<String>,
+    /// A store with several clusters: the part of the file this run
+    /// imports, into the cluster it runs against.
+    pub share: Option<Share>,
     /// How long a run may go without a heartbeat before another may take
     /// the import over.
     pub takeover_after: Duration,
@@ -163,8 +176,53 @@ impl ImportOptions {
             rejects: PathBuf::from(rejects),
             source: "bulk-import".into(),
             scope: None,
+            share: None,
             takeover_after: DEFAULT_TAKEOVER_AFTER,
         }
+    }
+}
+
+/// One cluster's part of an import into a store with several clusters
+/// (docs/bulk.md, "Several clusters"): the file is imported cluster by
+/// cluster, each run taking the records of the regions the placement gives
+/// its cluster, putting each new user's route in the home cluster's
+/// `user_routes` before the user's rows (as the write path does), and running
+/// the region check of a moving region in each batch's transaction.
+#[derive(Debug, Clone)]
+pub struct Share {
+    /// The regions this run imports; the records of the others are left to
+    /// the other clusters' runs.
+    pub regions: BTreeSet<String>,
+    /// Every region some cluster holds.
+    pub placed: BTreeSet<String>,
+    /// This run refuses the records no cluster's run imports (unreadable
+    /// ones, regions in no cluster): the home cluster's run.
+    pub refuse_the_rest: bool,
+    /// The writer's login on the home cluster (the routes).
+    pub home: crate::db::Database,
+    /// The writer's login on each other cluster (whether a user without a
+    /// route is stored there already).
+    pub others: Vec<crate::db::Database>,
+}
+
+/// The connections a [`Share`] needs, held for the run.
+struct ShareClients {
+    share: Share,
+    home: Client,
+    others: Vec<Client>,
+}
+
+impl ShareClients {
+    async fn connect(share: &Share) -> Result<Self, ImportError> {
+        let mut others = Vec::with_capacity(share.others.len());
+        for other in &share.others {
+            others.push(other.connect().await?);
+        }
+        Ok(ShareClients {
+            share: share.clone(),
+            home: share.home.connect().await?,
+            others,
+        })
     }
 }
 
@@ -387,10 +445,15 @@ pub async fn import(
         None => digest,
     };
     let lookup = database.connect().await?;
+    let share = match &options.share {
+        Some(share) => Some(ShareClients::connect(share).await?),
+        None => None,
+    };
     let runner = Uuid::new_v4();
     let result = run(
         database,
         &lookup,
+        share.as_ref(),
         runner,
         keyring,
         engine,
@@ -495,6 +558,7 @@ impl Drop for Heartbeat {
 async fn run(
     database: &crate::db::Database,
     lookup: &Client,
+    share: Option<&ShareClients>,
     runner: Uuid,
     keyring: &Keyring,
     engine: Arc<dyn BulkEngine>,
@@ -633,6 +697,7 @@ async fn run(
     let mut pending: Option<Prepared> = None;
     let ctx = PrepareContext {
         lookup,
+        share,
         keyring,
         engine: &engine,
         today,
@@ -652,9 +717,17 @@ async fn run(
                             import_id: import_id.to_owned(),
                         });
                     }
-                    let written =
-                        load_batch(&mut client, &loader, &mut rejects, import_id, runner, p)
-                            .await?;
+                    let check = share.is_some();
+                    let written = load_batch(
+                        &mut client,
+                        &loader,
+                        &mut rejects,
+                        import_id,
+                        runner,
+                        check,
+                        p,
+                    )
+                    .await?;
                     Ok::<_, ImportError>(Some((end, line, written, rejected, started.elapsed())))
                 }
                 None => Ok(None),
@@ -718,6 +791,8 @@ async fn run(
 /// file it ends.
 struct Prepared {
     rendered: render::Rendered,
+    /// Each user's region and id (the region check of several clusters).
+    owners: (Vec<&'static str>, Vec<Uuid>),
     refused: Vec<Reject>,
     end: u64,
     last_line: u64,
@@ -728,6 +803,7 @@ struct Prepared {
 /// What preparing a batch needs.
 struct PrepareContext<'a> {
     lookup: &'a Client,
+    share: Option<&'a ShareClients>,
     keyring: &'a Keyring,
     engine: &'a Arc<dyn BulkEngine>,
     today: chrono::NaiveDate,
@@ -741,13 +817,19 @@ impl PrepareContext<'_> {
         records: Vec<Record>,
     ) -> Result<Prepared, ImportError> {
         let (end, last_line) = records.last().map_or((0, 0), |r| (r.end, r.line));
-        let (users, mut refused) = screen(self.lookup, self.keyring, seen, records).await?;
+        let (users, mut refused) =
+            screen(self.lookup, self.share, self.keyring, seen, records).await?;
         refused.sort_by_key(|r| r.line);
+        let owners = users
+            .iter()
+            .map(|u| (u.user.event.region, u.user.event.user_id))
+            .unzip();
         let (rendered, seal_time, fields) =
             render::seal_and_render(self.keyring, Arc::clone(self.engine), users, self.today)
                 .await?;
         Ok(Prepared {
             rendered,
+            owners,
             refused,
             end,
             last_line,
@@ -767,6 +849,7 @@ async fn load_batch(
     rejects: &mut Rejects,
     import_id: &str,
     runner: Uuid,
+    check_regions: bool,
     p: Prepared,
 ) -> Result<u64, ImportError> {
     let tx = client
@@ -796,6 +879,26 @@ async fn load_batch(
             import_id: import_id.to_owned(),
         });
     }
+    // Several clusters: each user's region check before any row, as every
+    // write transaction makes it (a region being copied away logs the user
+    // for the mover; a fenced or moved one refuses the batch).
+    if check_regions {
+        let (regions, users) = &p.owners;
+        tx.execute(REGION_WRITE_MANY, &[regions, users])
+            .await
+            .map_err(|e| match Refusal::of(&e) {
+                Some(refusal) => ImportError::RegionMoving {
+                    refusal: refusal.as_str(),
+                    detail: e
+                        .as_db_error()
+                        .map_or_else(|| e.to_string(), |d| d.message().to_owned()),
+                },
+                None => ImportError::Database {
+                    what: "checking the batch's regions".into(),
+                    source: e,
+                },
+            })?;
+    }
     let written = loader.load(&tx, p.rendered).await?;
     rejects.append(&p.refused)?;
     tx.commit()
@@ -816,48 +919,63 @@ pub(crate) struct Screened {
 /// user the store already has.
 async fn screen(
     client: &Client,
+    share: Option<&ShareClients>,
     keyring: &Keyring,
     first_line: &mut HashMap<Uuid, u64>,
     records: Vec<Record>,
 ) -> Result<(Vec<Screened>, Vec<Reject>), ImportError> {
     let mut refused = Vec::new();
     let mut valid = Vec::with_capacity(records.len());
+    let refuse_the_rest = share.is_none_or(|s| s.share.refuse_the_rest);
     for r in records {
         match r.user {
-            Err(Refused { user_id, reason }) => refused.push(Reject {
-                line: r.line,
-                user_id,
-                reason,
-            }),
-            Ok(user) => valid.push((r.line, user)),
+            Err(Refused { user_id, reason }) => {
+                if refuse_the_rest {
+                    refused.push(Reject {
+                        line: r.line,
+                        user_id,
+                        reason,
+                    })
+                }
+            }
+            Ok(user) => match share.map(|s| &s.share) {
+                Some(s) if !s.regions.contains(user.event.region) => {
+                    // Another cluster's record: only where its user first
+                    // appears, so that a repeat in this cluster's regions is
+                    // refused as in a store of one cluster.
+                    first_line
+                        .entry(user.event.user_id)
+                        .and_modify(|first| *first = (*first).min(r.line))
+                        .or_insert(r.line);
+                    if refuse_the_rest && !s.placed.contains(user.event.region) {
+                        refused.push(Reject {
+                            line: r.line,
+                            user_id: Some(user.event.user_id),
+                            reason: format!(
+                                "region {} is in no cluster of the store (--clusters, \
+                                 UMSTORE_CLUSTERS): add it to the cluster that should hold it",
+                                user.event.region
+                            ),
+                        });
+                    }
+                }
+                _ => valid.push((r.line, user)),
+            },
         }
     }
     let ids: Vec<Uuid> = valid.iter().map(|(_, u)| u.event.user_id).collect();
-    let existing: HashMap<Uuid, String> = autocommit(
-        client,
-        "SELECT user_id, region::text FROM umstore.user_directory WHERE user_id = ANY($1)",
-        &[&ids],
-    )
-    .await
-    .map_err(db("looking up which users exist already"))?
-    .into_iter()
-    .map(|row| (row.get(0), row.get(1)))
-    .collect();
+    let mut existing: HashMap<Uuid, String> = directory(client, &ids).await?;
+    if let Some(share) = share {
+        existing.extend(elsewhere(share, &valid, &existing).await?);
+    }
     let mut users = Vec::with_capacity(valid.len());
     for (line, user) in valid {
         let id = user.event.user_id;
         if let Some(region) = existing.get(&id) {
-            refused.push(Reject {
-                line,
-                user_id: Some(id),
-                reason: format!(
-                    "user {id} already exists (region {region}): bulk import only creates users; \
-                     send changes as METADATA_UPDATED events"
-                ),
-            });
+            refused.push(already_exists(line, id, region));
             continue;
         }
-        if let Some(first) = first_line.get(&id) {
+        if let Some(first) = first_line.get(&id).filter(|first| **first < line) {
             refused.push(Reject {
                 line,
                 user_id: Some(id),
@@ -870,8 +988,11 @@ async fn screen(
         }
         match plain_pii(keyring, &user).await {
             Ok(pii) => {
-                first_line.insert(id, line);
-                users.push(Screened { user, pii });
+                first_line
+                    .entry(id)
+                    .and_modify(|first| *first = (*first).min(line))
+                    .or_insert(line);
+                users.push((line, Screened { user, pii }));
             }
             Err(PiiError::Refused(reason)) => refused.push(Reject {
                 line,
@@ -886,7 +1007,142 @@ async fn screen(
             }
         }
     }
-    Ok((users, refused))
+    if let Some(share) = share {
+        // The routes first, as the write path puts them: a user another
+        // writer routed to another region meanwhile is refused here.
+        let taken = route(&share.home, &users).await?;
+        users.retain(|(line, u)| {
+            let id = u.user.event.user_id;
+            match taken.get(&id) {
+                Some(region) => {
+                    refused.push(already_exists(*line, id, region));
+                    false
+                }
+                None => true,
+            }
+        });
+    }
+    Ok((users.into_iter().map(|(_, u)| u).collect(), refused))
+}
+
+fn already_exists(line: u64, id: Uuid, region: &str) -> Reject {
+    Reject {
+        line,
+        user_id: Some(id),
+        reason: format!(
+            "user {id} already exists (region {region}): bulk import only creates users; \
+             send changes as METADATA_UPDATED events"
+        ),
+    }
+}
+
+/// The users among `ids` in `client`'s directory, with their regions.
+async fn directory(client: &Client, ids: &[Uuid]) -> Result<HashMap<Uuid, String>, ImportError> {
+    Ok(autocommit(
+        client,
+        "SELECT user_id, region::text FROM umstore.user_directory WHERE user_id = ANY($1)",
+        &[&ids],
+    )
+    .await
+    .map_err(db("looking up which users exist already"))?
+    .into_iter()
+    .map(|row| (row.get(0), row.get(1)))
+    .collect())
+}
+
+/// The users of `valid` (not in this cluster's directory, `here`) that
+/// exist elsewhere in the store: routed to another region in home's
+/// `user_routes`, or, without a route (written before the store had
+/// clusters), in another cluster's directory. A route to the record's own
+/// region is an earlier run's (routes go in before the rows): not a user
+/// that exists.
+async fn elsewhere(
+    share: &ShareClients,
+    valid: &[(u64, NewUser)],
+    here: &HashMap<Uuid, String>,
+) -> Result<HashMap<Uuid, String>, ImportError> {
+    let ids: Vec<Uuid> = valid
+        .iter()
+        .map(|(_, u)| u.event.user_id)
+        .filter(|id| !here.contains_key(id))
+        .collect();
+    let routes: HashMap<Uuid, String> = autocommit(
+        &share.home,
+        "SELECT user_id, region::text FROM umstore.user_routes WHERE user_id = ANY($1)",
+        &[&ids],
+    )
+    .await
+    .map_err(db("looking up the users' routes in the home cluster"))?
+    .into_iter()
+    .map(|row| (row.get(0), row.get(1)))
+    .collect();
+    let mut found = HashMap::new();
+    for (_, user) in valid {
+        let id = user.event.user_id;
+        if let Some(region) = routes.get(&id) {
+            if region != user.event.region {
+                found.insert(id, region.clone());
+            }
+        }
+    }
+    let unrouted: Vec<Uuid> = ids
+        .into_iter()
+        .filter(|id| !routes.contains_key(id))
+        .collect();
+    if !unrouted.is_empty() {
+        for other in &share.others {
+            found.extend(directory(other, &unrouted).await?);
+        }
+    }
+    Ok(found)
+}
+
+/// Puts each user's route (user id → region) in home's `user_routes`, in
+/// one transaction, and returns the users routed to another region (by
+/// another writer since they were looked up), with that region.
+async fn route(
+    home: &Client,
+    users: &[(u64, Screened)],
+) -> Result<HashMap<Uuid, String>, ImportError> {
+    if users.is_empty() {
+        return Ok(HashMap::new());
+    }
+    let (ids, regions): (Vec<Uuid>, Vec<&str>) = users
+        .iter()
+        .map(|(_, u)| (u.user.event.user_id, u.user.event.region))
+        .unzip();
+    let err = db("putting the users' routes in the home cluster");
+    home.batch_execute("BEGIN")
+        .await
+        .map_err(db("starting a transaction"))?;
+    let result = async {
+        home.execute(
+            "INSERT INTO umstore.user_routes (user_id, region)
+             SELECT u, r::bpchar FROM unnest($1::uuid[], $2::text[]) AS t(u, r)
+             ON CONFLICT (user_id) DO NOTHING",
+            &[&ids, &regions],
+        )
+        .await?;
+        // A new statement: it sees routes committed by others meanwhile.
+        let rows = home
+            .query(
+                "SELECT t.u, r.region::text FROM unnest($1::uuid[], $2::text[]) AS t(u, want)
+                 JOIN umstore.user_routes r ON r.user_id = t.u
+                 WHERE r.region::text <> t.want",
+                &[&ids, &regions],
+            )
+            .await?;
+        home.batch_execute("COMMIT").await?;
+        Ok::<_, tokio_postgres::Error>(rows)
+    }
+    .await;
+    match result {
+        Ok(rows) => Ok(rows.into_iter().map(|r| (r.get(0), r.get(1))).collect()),
+        Err(e) => {
+            let _ = home.batch_execute("ROLLBACK").await;
+            Err(err(e))
+        }
+    }
 }
 
 enum PiiError {
