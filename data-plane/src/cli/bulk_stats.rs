@@ -17,7 +17,7 @@ use umstore_data_plane::api::pools::Logins;
 use umstore_data_plane::api::query::MAX_DIMENSIONS;
 use umstore_data_plane::api::schema_version;
 use umstore_data_plane::bulk::aggregate::{aggregator, Aggregator};
-use umstore_data_plane::bulk::{select, EngineChoice, EngineKind};
+use umstore_data_plane::bulk::{EngineChoice, EngineKind};
 use umstore_data_plane::clusters::placement::Placement;
 use umstore_data_plane::clusters::Layout;
 use umstore_data_plane::db::Database;
@@ -39,8 +39,8 @@ pub enum Output {
 /// The arguments of `bulk stats`.
 #[derive(Debug, clap::Args)]
 pub struct StatsArgs {
-    /// Which engine computes the aggregates (`gpu`: an error until the GPU
-    /// engine aggregates; `auto`: the CPU).
+    /// Which engine computes the aggregates (`auto`: the GPU where one is
+    /// usable, else the CPU; `gpu` without one: an error saying why).
     #[arg(long, default_value = "auto", value_parser = super::bulk::parse_engine)]
     engine: EngineChoice,
     /// Up to 3 dimensions, comma-separated, as the endpoint's `group_by`.
@@ -134,20 +134,23 @@ fn filters(args: &StatsArgs) -> Result<Vec<Filter>> {
     Ok(parsed)
 }
 
-/// The aggregator `--engine` names: the CPU's for `cpu` and `auto`; for
-/// `gpu`, select's error without a GPU, else the GPU's (none yet: an error).
+/// The aggregator `--engine` names: the CPU's for `cpu`; the GPU's for
+/// `gpu`, or its error saying why there is none; for `auto`, the GPU's where
+/// one opens (a whole-region scan is past any crossover), else the CPU's.
 fn engine(choice: EngineChoice) -> Result<(Box<dyn Aggregator>, String)> {
     match choice {
-        EngineChoice::Gpu => {
-            let selected = select(choice, usize::MAX)?;
-            let aggregator = aggregator(selected.engine.info().kind)?;
-            Ok((aggregator, selected.reason))
-        }
         EngineChoice::Cpu => Ok((aggregator(EngineKind::Cpu)?, "--engine cpu".into())),
-        EngineChoice::Auto => Ok((
-            aggregator(EngineKind::Cpu)?,
-            "--engine auto: grouped counts and sums run on the CPU engine".into(),
+        EngineChoice::Gpu => Ok((
+            aggregator(EngineKind::Gpu).context("--engine gpu")?,
+            "--engine gpu".into(),
         )),
+        EngineChoice::Auto => match aggregator(EngineKind::Gpu) {
+            Ok(gpu) => Ok((gpu, "--engine auto: a GPU is usable".into())),
+            Err(why) => Ok((
+                aggregator(EngineKind::Cpu)?,
+                format!("--engine auto: the CPU ({why})"),
+            )),
+        },
     }
 }
 
@@ -354,11 +357,25 @@ mod tests {
     }
 
     #[test]
-    fn the_gpu_is_an_error_and_auto_is_the_cpu() {
-        let err = engine(EngineChoice::Gpu).err().expect("no GPU aggregation");
-        assert!(err.to_string().contains("gpu"), "{err}");
+    fn gpu_is_the_gpu_or_says_why_and_auto_falls_back_to_the_cpu() {
+        let gpu = engine(EngineChoice::Gpu);
         let (aggregator, reason) = engine(EngineChoice::Auto).expect("auto");
-        assert_eq!(aggregator.name(), "cpu");
-        assert!(reason.contains("auto"), "{reason}");
+        match gpu {
+            Ok((gpu, _)) => {
+                assert_eq!(gpu.name(), "gpu");
+                assert_eq!(aggregator.name(), "gpu", "auto takes a usable GPU");
+            }
+            Err(err) => {
+                let text = format!("{err:#}");
+                assert!(
+                    text.contains("--engine gpu") && text.contains("--engine cpu"),
+                    "{text}"
+                );
+                assert_eq!(aggregator.name(), "cpu");
+                assert!(reason.starts_with("--engine auto: the CPU ("), "{reason}");
+            }
+        }
+        let (cpu, _) = engine(EngineChoice::Cpu).expect("cpu");
+        assert_eq!(cpu.name(), "cpu");
     }
 }
