@@ -38,7 +38,12 @@ use kube::Client;
 use serde_json::json;
 use umstore_crds::{condition, UserMetadataStore};
 use umstore_e2e::{ControlPlane, FakeNode};
-use umstore_operator::builders::owned_kinds;
+use kube::api::{Patch, PatchParams};
+use umstore_operator::apply;
+use umstore_operator::builders::api_tokens::{tokens_secret, ApiTokens};
+use umstore_operator::builders::credentials::{generate_password, role_secret, Credentials, Role};
+use umstore_operator::builders::{owned_kinds, topology, Env, Object};
+use umstore_operator::validated::validate;
 use umstore_operator::meta::{MANAGED_BY_LABEL, MANAGER};
 
 use kubeapi::{
@@ -62,6 +67,13 @@ struct Args {
     /// The operator's `--concurrency` (its default when absent).
     #[arg(long)]
     concurrency: Option<String>,
+    /// No operator: the bench itself makes each store's writes once, the
+    /// operator's own way (its builders, its Secrets and server-side applies,
+    /// one status write), 16 stores at a time: the floor of what the control
+    /// plane takes for the same objects, beside which the operator's time is
+    /// read.
+    #[arg(long)]
+    baseline: bool,
     /// Accepted for `cargo bench`'s harness flag.
     #[arg(long, hide = true)]
     bench: bool,
@@ -433,6 +445,105 @@ async fn run(cp: &ControlPlane, admin: &Client, operator: &Operator, n: usize, a
     );
 }
 
+/// One store's writes made directly, as the operator's first reconcile makes
+/// them: the role and token Secrets created, every object of its tier
+/// server-side applied, and `Provisioned` in its status.
+async fn provision_directly(admin: &Client, store: &UserMetadataStore) {
+    let v = validate(store).expect("the example is valid");
+    let namespace = v.owner.namespace.clone();
+    let mut creds = Credentials::default();
+    for role in Role::ALL {
+        let password = generate_password().expect("entropy");
+        let secret = Object::Secret(role_secret(&v.owner, role, &password));
+        apply::create_if_absent(admin, &namespace, &secret)
+            .await
+            .expect("create a role Secret");
+        creds.passwords.insert(role, password);
+    }
+    creds.api_tokens = ApiTokens::generate().expect("entropy");
+    let tokens = Object::Secret(tokens_secret(&v.owner, &creds.api_tokens));
+    apply::create_if_absent(admin, &namespace, &tokens)
+        .await
+        .expect("create the tokens Secret");
+    let env = Env {
+        operator_namespace: "umstore-system".into(),
+    };
+    let nothing = apply::Observed::default();
+    for object in topology(&v, &creds, &env) {
+        apply::apply(admin, &namespace, &object, &nothing)
+            .await
+            .expect("apply an object");
+    }
+    let stores: Api<UserMetadataStore> = Api::namespaced(admin.clone(), &namespace);
+    let status = json!({"status": {"phase": "Provisioning", "conditions": [{
+        "type": condition::PROVISIONED, "status": "True", "reason": "Applied",
+        "message": "applied by the fleet bench's baseline",
+        "lastTransitionTime": chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+    }]}});
+    stores
+        .patch_status(
+            &v.owner.name,
+            &PatchParams::default(),
+            &Patch::Merge(&status),
+        )
+        .await
+        .expect("write the status");
+}
+
+/// `--baseline`: N stores created and provisioned by the bench itself (16 at a
+/// time), no operator; the same table's columns where they apply.
+async fn run_baseline(admin: &Client, n: usize, args: &Args) {
+    let per = if args.per_namespace == 0 {
+        n
+    } else {
+        args.per_namespace
+    };
+    let namespaces: Vec<String> = (0..n.div_ceil(per)).map(|k| format!("fleet-{k}")).collect();
+    for ns in &namespaces {
+        ensure_namespace(admin, ns).await;
+    }
+    let started = Instant::now();
+    stream::iter(0..n)
+        .map(|i| {
+            let namespace = format!("fleet-{}", i / per);
+            let admin = admin.clone();
+            async move {
+                let stores: Api<UserMetadataStore> = Api::namespaced(admin.clone(), &namespace);
+                let mut store = example(1, &namespace);
+                store["metadata"]["name"] = json!(format!("s{i:04}"));
+                let store: UserMetadataStore =
+                    serde_json::from_value(store).expect("the example is a store");
+                let created = stores
+                    .create(&PostParams::default(), &store)
+                    .await
+                    .expect("create a store");
+                provision_directly(&admin, &created).await;
+            }
+        })
+        .buffer_unordered(16)
+        .collect::<Vec<()>>()
+        .await;
+    let provisioned_in = started.elapsed();
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    let (mut objects, mut pods, mut claims) = (0, 0, 0);
+    for namespace in &namespaces {
+        objects += owned_objects(admin, namespace).await;
+        pods += Api::<Pod>::namespaced(admin.clone(), namespace)
+            .list_metadata(&ListParams::default())
+            .await
+            .map_or(0, |l| l.items.len());
+        claims += Api::<PersistentVolumeClaim>::namespaced(admin.clone(), namespace)
+            .list_metadata(&ListParams::default())
+            .await
+            .map_or(0, |l| l.items.len());
+    }
+    println!(
+        "| {n} ({} ns), baseline: no operator | {objects} | {pods} / {claims} | — | {:.1} s | — | — | — | — | — | — |",
+        namespaces.len(),
+        provisioned_in.as_secs_f64(),
+    );
+}
+
 #[tokio::main]
 async fn main() {
     let args = Args::parse();
@@ -453,6 +564,12 @@ async fn main() {
     }
     let admin = admin_client(cp.api()).await;
     install_crd(&admin).await;
+    if args.baseline {
+        println!("| stores | owned objects | pods / claims | all created | all Provisioned | | | | | | |");
+        println!("|---|---|---|---|---|---|---|---|---|---|---|");
+        run_baseline(&admin, args.stores, &args).await;
+        return;
+    }
     let rbac = install_chart_rbac(&admin, &helm, "umstore-system").await;
     let operator = start_operator(&args, &cp, &admin, &rbac.namespace, &rbac.service_account).await;
     println!(

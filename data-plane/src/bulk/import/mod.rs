@@ -11,6 +11,11 @@
 //! file, each with its line and reason, before that commit; nothing else stops
 //! the import. Run again after a crash, the import resumes after the last
 //! committed batch: no user is written twice and none is skipped.
+//!
+//! A store of several clusters is imported cluster by cluster, each run
+//! given its [`Share`]: the regions the placement gives its cluster, the
+//! users' routes put in the home cluster before their rows, and the region
+//! check of a moving region in each batch's transaction.
 
 mod input;
 mod render;
