@@ -5,7 +5,8 @@
 //!
 //! The operator runs as its own process (the `umstore-operator` binary, as the
 //! chart's ServiceAccount under the chart's RBAC), so its resident memory is its
-//! own. The bench creates N stores (16 creates in flight), then reports:
+//! own. The bench creates N stores (`--in-flight` creates at a time, 16 by
+//! default), then reports:
 //!
 //! - time from the first create until every store is `Provisioned`;
 //! - the objects the stores own and the pods and claims the cluster made for them;
@@ -18,8 +19,13 @@
 //! - the operator's RSS before the first store and once the fleet is provisioned,
 //!   and the difference per store.
 //!
+//! `--baseline` runs no operator: the bench makes each store's writes itself,
+//! once, as the operator's first reconcile makes them, for the control plane's
+//! floor beside the operator's time.
+//!
 //! ```sh
 //! cargo bench -p umstore-operator --bench fleet -- --stores 1000
+//! cargo bench -p umstore-operator --bench fleet -- --stores 1000 --baseline
 //! ```
 
 #[path = "../tests/support/kubeapi.rs"]
@@ -33,18 +39,18 @@ use clap::Parser;
 use futures_util::{stream, StreamExt};
 use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod};
 use kube::api::{Api, DynamicObject, ListParams, PostParams};
+use kube::api::{Patch, PatchParams};
 use kube::runtime::WatchStreamExt;
 use kube::Client;
 use serde_json::json;
 use umstore_crds::{condition, UserMetadataStore};
 use umstore_e2e::{ControlPlane, FakeNode};
-use kube::api::{Patch, PatchParams};
 use umstore_operator::apply;
 use umstore_operator::builders::api_tokens::{tokens_secret, ApiTokens};
 use umstore_operator::builders::credentials::{generate_password, role_secret, Credentials, Role};
 use umstore_operator::builders::{owned_kinds, topology, Env, Object};
-use umstore_operator::validated::validate;
 use umstore_operator::meta::{MANAGED_BY_LABEL, MANAGER};
+use umstore_operator::validated::validate;
 
 use kubeapi::{
     admin_client, ensure_namespace, example, install_chart_rbac, install_crd, service_account_token,
@@ -69,11 +75,14 @@ struct Args {
     concurrency: Option<String>,
     /// No operator: the bench itself makes each store's writes once, the
     /// operator's own way (its builders, its Secrets and server-side applies,
-    /// one status write), 16 stores at a time: the floor of what the control
+    /// one status write), `--in-flight` stores at a time: the floor of what the control
     /// plane takes for the same objects, beside which the operator's time is
     /// read.
     #[arg(long)]
     baseline: bool,
+    /// Stores created (and, with `--baseline`, provisioned) at a time.
+    #[arg(long, default_value_t = 16)]
+    in_flight: usize,
     /// Accepted for `cargo bench`'s harness flag.
     #[arg(long, hide = true)]
     bench: bool,
@@ -280,7 +289,7 @@ async fn run(cp: &ControlPlane, admin: &Client, operator: &Operator, n: usize, a
                 stores.create(&PostParams::default(), &store).await
             }
         })
-        .buffer_unordered(16)
+        .buffer_unordered(args.in_flight.max(1))
         .collect()
         .await;
     let failed = created.iter().filter(|r| r.is_err()).count();
@@ -490,8 +499,9 @@ async fn provision_directly(admin: &Client, store: &UserMetadataStore) {
         .expect("write the status");
 }
 
-/// `--baseline`: N stores created and provisioned by the bench itself (16 at a
-/// time), no operator; the same table's columns where they apply.
+/// `--baseline`: N stores created and provisioned by the bench itself
+/// (`--in-flight` at a time), no operator; the same table's columns where
+/// they apply.
 async fn run_baseline(admin: &Client, n: usize, args: &Args) {
     let per = if args.per_namespace == 0 {
         n
@@ -520,7 +530,7 @@ async fn run_baseline(admin: &Client, n: usize, args: &Args) {
                 provision_directly(&admin, &created).await;
             }
         })
-        .buffer_unordered(16)
+        .buffer_unordered(args.in_flight.max(1))
         .collect::<Vec<()>>()
         .await;
     let provisioned_in = started.elapsed();
@@ -538,8 +548,9 @@ async fn run_baseline(admin: &Client, n: usize, args: &Args) {
             .map_or(0, |l| l.items.len());
     }
     println!(
-        "| {n} ({} ns), baseline: no operator | {objects} | {pods} / {claims} | — | {:.1} s | — | — | — | — | — | — |",
+        "| {n} ({} ns), baseline: no operator, {} in flight | {objects} | {pods} / {claims} | — | {:.1} s | — | — | — | — | — | — |",
         namespaces.len(),
+        args.in_flight,
         provisioned_in.as_secs_f64(),
     );
 }

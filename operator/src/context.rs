@@ -3,6 +3,7 @@
 //! that drive the retry backoff.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -33,8 +34,65 @@ pub struct Context {
     pub vault: VaultAccess,
     /// The key rotations running in this process.
     pub rotations: Rotations,
+    /// Reconciles in flight against the controller's concurrency.
+    pub load: Load,
     /// Consecutive failures per object (`namespace/name`), for the backoff.
     failures: Mutex<HashMap<String, u32>>,
+}
+
+/// How much longer a periodic recheck waits while every reconcile slot is
+/// taken ([`Load::recheck_factor`]).
+pub const SATURATED_RECHECK_FACTOR: u32 = 4;
+
+/// How busy the controller is: the reconciles in flight and how many may be.
+/// While every slot is taken the queue waits on the API server, and the
+/// periodic rechecks of stores waiting on something not watched (a database
+/// that does not answer yet, the resync of a healthy store) are what such a
+/// queue can least afford: they are spread out, so that the work a change
+/// brings (a new store's first reconcile, a pod becoming ready: watched, so
+/// never delayed by this) gets the slots. At fleet scale this is most of the
+/// reconciles while a fleet comes up (BENCHMARKS.md, "Fleet scale").
+#[derive(Debug, Default)]
+pub struct Load {
+    in_flight: AtomicUsize,
+    limit: AtomicUsize,
+}
+
+/// One reconcile in flight, until dropped.
+#[derive(Debug)]
+pub struct InFlight<'a>(&'a Load);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl Load {
+    /// Sets how many reconciles may run at once (the controller's
+    /// concurrency; 0: unbounded, never saturated).
+    pub fn set_limit(&self, limit: usize) {
+        self.limit.store(limit, Ordering::Release);
+    }
+
+    /// Counts a reconcile as in flight until the guard is dropped.
+    pub fn enter(&self) -> InFlight<'_> {
+        self.in_flight.fetch_add(1, Ordering::AcqRel);
+        InFlight(self)
+    }
+
+    /// What a periodic recheck's wait is multiplied by:
+    /// [`SATURATED_RECHECK_FACTOR`] while every slot is taken (this
+    /// reconcile's included), else 1.
+    pub fn recheck_factor(&self) -> u32 {
+        let limit = self.limit.load(Ordering::Acquire);
+        let in_flight = self.in_flight.load(Ordering::Acquire);
+        if limit > 1 && in_flight >= limit {
+            SATURATED_RECHECK_FACTOR
+        } else {
+            1
+        }
+    }
 }
 
 impl Context {
@@ -59,6 +117,7 @@ impl Context {
             connector: Connector::in_cluster(),
             vault: VaultAccess::default(),
             rotations: Rotations::default(),
+            load: Load::default(),
             failures: Mutex::new(HashMap::new()),
         }
     }
@@ -94,5 +153,33 @@ impl Context {
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
             .remove(key);
+    }
+}
+
+#[cfg(test)]
+mod load_tests {
+    use super::*;
+
+    #[test]
+    fn rechecks_stretch_only_while_every_slot_is_taken() {
+        let load = Load::default();
+        load.set_limit(3);
+        let a = load.enter();
+        assert_eq!(load.recheck_factor(), 1, "free slots");
+        let b = load.enter();
+        let c = load.enter();
+        assert_eq!(
+            load.recheck_factor(),
+            SATURATED_RECHECK_FACTOR,
+            "all three taken"
+        );
+        drop(c);
+        assert_eq!(load.recheck_factor(), 1, "a slot freed");
+        drop((a, b));
+        load.set_limit(1);
+        let _only = load.enter();
+        assert_eq!(load.recheck_factor(), 1, "one slot: never saturated");
+        load.set_limit(0);
+        assert_eq!(load.recheck_factor(), 1, "unbounded");
     }
 }

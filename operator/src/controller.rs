@@ -61,6 +61,7 @@ pub async fn reconcile(obj: Arc<Guarded>, ctx: Arc<Context>) -> Result<Action, E
     let name = store.metadata.name.clone().ok_or(Error::MissingMetadata)?;
     let span = info_span!("reconcile", %namespace, %name, generation = store.metadata.generation);
     async {
+        let _in_flight = ctx.load.enter();
         let started = ctx.metrics.reconcile_started();
         let api: Api<UserMetadataStore> = Api::namespaced(ctx.client.clone(), &namespace);
         let result = finalizer::reconcile(
@@ -235,6 +236,7 @@ pub async fn run_with(
     settings: Settings,
 ) {
     let client = ctx.client.clone();
+    ctx.load.set_limit(usize::from(settings.concurrency));
     let ns = namespace.as_deref();
     let stores: Api<Guarded> = match ns {
         Some(ns) => Api::namespaced(client.clone(), ns),

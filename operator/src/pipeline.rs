@@ -68,12 +68,16 @@ pub async fn run(ctx: &Context, store: &UserMetadataStore) -> Result<Report, Err
         Progress::Invalid(_) => None,
     };
     let within = |d: Duration| sooner.map_or(d, |s| s.min(d));
+    // Periodic rechecks are spread out while the controller is saturated
+    // (every reconcile slot taken); watched changes still wake a store at once.
+    let stretch = ctx.load.recheck_factor();
     let action = match progress.waiting() {
         Some(w) => w
             .requeue_after
-            .map_or_else(Action::await_change, Action::requeue),
-        None if progress.all_ready() => Action::requeue(within(RESYNC)),
-        None => Action::requeue(within(NOT_READY_RECHECK)),
+            .map_or_else(Action::await_change, |d| Action::requeue(d * stretch)),
+        // A step's own deadline (a scheduled backup, a rotation) is kept.
+        None if progress.all_ready() => Action::requeue(within(RESYNC * stretch)),
+        None => Action::requeue(within(NOT_READY_RECHECK * stretch)),
     };
     Ok(Report {
         progress,
