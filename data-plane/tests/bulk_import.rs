@@ -158,16 +158,19 @@ fn rejects(file: &Path) -> BTreeMap<u64, String> {
     path.push(".rejects.jsonl");
     let text = std::fs::read_to_string(PathBuf::from(path)).expect("reject file");
     let mut out = BTreeMap::new();
+    add_rejects(&text, &mut out);
+    out
+}
+
+/// Adds a reject file's `text` to `out` (line → reason); a line already
+/// there fails the test.
+fn add_rejects(text: &str, out: &mut BTreeMap<u64, String>) {
     for line in text.lines() {
         let v: Value = serde_json::from_str(line).expect("a reject is JSON");
         let n = v["line"].as_u64().expect("line");
         let reason = v["reason"].as_str().expect("reason").to_owned();
-        assert!(
-            out.insert(n, reason).is_none(),
-            "line {n} is in the reject file twice"
-        );
+        assert!(out.insert(n, reason).is_none(), "line {n} is refused twice");
     }
-    out
 }
 
 /// Every good user stored once with one history row, every bad record in
@@ -787,16 +790,7 @@ fn cluster_rejects(file: &Path) -> BTreeMap<u64, String> {
             "{}.{cluster}.rejects.jsonl",
             file.file_name().expect("name").to_string_lossy()
         ));
-        let text = std::fs::read_to_string(&path).unwrap_or_default();
-        for line in text.lines() {
-            let v: Value = serde_json::from_str(line).expect("a reject is JSON");
-            let n = v["line"].as_u64().expect("line");
-            let reason = v["reason"].as_str().expect("reason").to_owned();
-            assert!(
-                all.insert(n, reason).is_none(),
-                "line {n} refused twice (in {cluster}'s file too)"
-            );
-        }
+        add_rejects(&std::fs::read_to_string(&path).unwrap_or_default(), &mut all);
     }
     all
 }

@@ -227,6 +227,26 @@ impl Api {
         http_get(self.port, "/metrics").expect("metrics").1
     }
 
+    /// `seed` of 1,500 users from `seed` into `store` (as its owner, with this
+    /// server's keys), which must succeed.
+    fn seed(&self, store: &Store, seed: u64) -> std::process::Output {
+        let data_dir = self.dir.path().display().to_string();
+        let seed = seed.to_string();
+        let seeded = cli(&[
+            "seed",
+            "--users",
+            "1500",
+            "--seed",
+            &seed,
+            "--database-url",
+            store.superuser(),
+            "--data-dir",
+            &data_dir,
+        ]);
+        assert!(seeded.status.success(), "{}", support::stderr(&seeded));
+        seeded
+    }
+
     fn stop(&mut self) -> String {
         if let Some(served) = self.served.take() {
             served.stop();
@@ -308,19 +328,7 @@ async fn stats_from_the_views_equal_the_live_group_by_and_show_writes_after_a_re
     assert!(!api.metrics().contains("umstore_stats_view_age_seconds{"));
 
     // A bulk import refreshes the views (seed runs as the store's owner).
-    let data_dir = api.dir.path().display().to_string();
-    let seeded = cli(&[
-        "seed",
-        "--users",
-        "1500",
-        "--seed",
-        "5",
-        "--database-url",
-        store.superuser(),
-        "--data-dir",
-        &data_dir,
-    ]);
-    assert!(seeded.status.success(), "{}", support::stderr(&seeded));
+    let seeded = api.seed(&store, 5);
     assert!(
         stdout(&seeded).contains("refreshed stats_groups: "),
         "{}",
@@ -504,19 +512,7 @@ async fn large_scans_are_grouped_on_the_bulk_engine_and_answer_as_the_group_by()
         &["--stats-max-age", "0", "--stats-engine-rows", "1000"],
     )
     .await;
-    let data_dir = api.dir.path().display().to_string();
-    let seeded = cli(&[
-        "seed",
-        "--users",
-        "1500",
-        "--seed",
-        "9",
-        "--database-url",
-        store.superuser(),
-        "--data-dir",
-        &data_dir,
-    ]);
-    assert!(seeded.status.success(), "{}", support::stderr(&seeded));
+    api.seed(&store, 9);
     // Before the tables are analyzed the planner knows no rows: the
     // database groups.
     assert_eq!(api.stats("group_by=region").0, "live");

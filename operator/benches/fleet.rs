@@ -260,6 +260,24 @@ async fn owned_objects(admin: &Client, namespace: &str) -> usize {
     n
 }
 
+/// The objects the stores own, and the pods and claims the cluster made,
+/// over `namespaces`.
+async fn counts(admin: &Client, namespaces: &[String]) -> (usize, usize, usize) {
+    let (mut objects, mut pods, mut claims) = (0, 0, 0);
+    for namespace in namespaces {
+        objects += owned_objects(admin, namespace).await;
+        pods += Api::<Pod>::namespaced(admin.clone(), namespace)
+            .list_metadata(&ListParams::default())
+            .await
+            .map_or(0, |l| l.items.len());
+        claims += Api::<PersistentVolumeClaim>::namespaced(admin.clone(), namespace)
+            .list_metadata(&ListParams::default())
+            .await
+            .map_or(0, |l| l.items.len());
+    }
+    (objects, pods, claims)
+}
+
 async fn run(cp: &ControlPlane, admin: &Client, operator: &Operator, n: usize, args: &Args) {
     // Stores spread over namespaces of `--per-namespace` (a team's namespace each),
     // or all in one.
@@ -357,20 +375,7 @@ async fn run(cp: &ControlPlane, admin: &Client, operator: &Operator, n: usize, a
             .get("umstore_operator_reconciles_total")
             .copied()
             .unwrap_or(0.0);
-    let mut objects = 0;
-    let mut pods = 0;
-    let mut claims = 0;
-    for namespace in &namespaces {
-        objects += owned_objects(admin, namespace).await;
-        pods += Api::<Pod>::namespaced(admin.clone(), namespace)
-            .list_metadata(&ListParams::default())
-            .await
-            .map_or(0, |l| l.items.len());
-        claims += Api::<PersistentVolumeClaim>::namespaced(admin.clone(), namespace)
-            .list_metadata(&ListParams::default())
-            .await
-            .map_or(0, |l| l.items.len());
-    }
+    let (objects, pods, claims) = counts(admin, &namespaces).await;
     let p50 = quantile(&before, &at_provisioned, 0.5);
     let p95 = quantile(&before, &at_provisioned, 0.95);
     let sp50 = quantile(&window_start, &window_end, 0.5);
@@ -535,18 +540,7 @@ async fn run_baseline(admin: &Client, n: usize, args: &Args) {
         .await;
     let provisioned_in = started.elapsed();
     tokio::time::sleep(Duration::from_secs(20)).await;
-    let (mut objects, mut pods, mut claims) = (0, 0, 0);
-    for namespace in &namespaces {
-        objects += owned_objects(admin, namespace).await;
-        pods += Api::<Pod>::namespaced(admin.clone(), namespace)
-            .list_metadata(&ListParams::default())
-            .await
-            .map_or(0, |l| l.items.len());
-        claims += Api::<PersistentVolumeClaim>::namespaced(admin.clone(), namespace)
-            .list_metadata(&ListParams::default())
-            .await
-            .map_or(0, |l| l.items.len());
-    }
+    let (objects, pods, claims) = counts(admin, &namespaces).await;
     println!(
         "| {n} ({} ns), baseline: no operator, {} in flight | {objects} | {pods} / {claims} | — | {:.1} s | — | — | — | — | — | — |",
         namespaces.len(),

@@ -201,7 +201,9 @@ impl Columns {
         (self.len() * row) as u64
     }
 
-    fn check(&self) -> Result<(), AggregateError> {
+    /// At most [`KEY_DIMENSIONS`] dimensions, every column as long as the
+    /// rows: what every aggregator checks first.
+    pub(crate) fn check(&self) -> Result<(), AggregateError> {
         let rows = self.len();
         if self.dimensions.len() > KEY_DIMENSIONS {
             return Err(AggregateError::TooManyDimensions {

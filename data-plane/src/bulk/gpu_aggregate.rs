@@ -26,7 +26,7 @@ use cudarc::driver::{
     ValidAsZeroBits,
 };
 
-use super::aggregate::{AggregateError, Aggregator, Columns, CpuAggregator, KEY_DIMENSIONS};
+use super::aggregate::{AggregateError, Aggregator, Columns, CpuAggregator};
 use super::gpu::{compile_source, driver, open_guarded, panic_message, Device, GpuOpenError};
 use crate::stats::{Partial, Sum};
 
@@ -117,12 +117,12 @@ pub enum Prepared {
 
 impl KernelInput {
     /// Checks `columns` as `CpuAggregator` does (at most
-    /// [`KEY_DIMENSIONS`] dimensions, every column as long as the rows) and
+    /// [`super::aggregate::KEY_DIMENSIONS`] dimensions, every column as long as the rows) and
     /// lays them out for the kernels, or says why they are left to the CPU:
     /// a key space past [`GPU_DENSE_GROUPS`], or more rows than a `u32`
     /// counts.
     pub fn prepare(columns: &Columns) -> Result<Prepared, AggregateError> {
-        check(columns)?;
+        columns.check()?;
         let rows = columns.len();
         let Ok(rows32) = u32::try_from(rows) else {
             return Ok(Prepared::OnCpu {
@@ -273,36 +273,6 @@ impl KernelInput {
             })
             .collect())
     }
-}
-
-/// `Columns`' own check (private to aggregate.rs), the same rules: at most
-/// [`KEY_DIMENSIONS`] dimensions, every column as long as the rows.
-fn check(columns: &Columns) -> Result<(), AggregateError> {
-    let rows = columns.len();
-    if columns.dimensions.len() > KEY_DIMENSIONS {
-        return Err(AggregateError::TooManyDimensions {
-            given: columns.dimensions.len(),
-            limit: KEY_DIMENSIONS,
-        });
-    }
-    let lens = columns
-        .dimensions
-        .iter()
-        .map(|d| (d.name.as_str(), d.codes.len()))
-        .chain([
-            ("household_size", columns.household_size.len()),
-            ("overall_risk", columns.overall_risk_centi.len()),
-        ]);
-    for (column, len) in lens {
-        if len != rows {
-            return Err(AggregateError::Ragged {
-                column: column.to_owned(),
-                len,
-                rows,
-            });
-        }
-    }
-    Ok(())
 }
 
 /// The compiled kernels of `aggregate.cu`.
