@@ -790,7 +790,10 @@ fn cluster_rejects(file: &Path) -> BTreeMap<u64, String> {
             "{}.{cluster}.rejects.jsonl",
             file.file_name().expect("name").to_string_lossy()
         ));
-        add_rejects(&std::fs::read_to_string(&path).unwrap_or_default(), &mut all);
+        add_rejects(
+            &std::fs::read_to_string(&path).unwrap_or_default(),
+            &mut all,
+        );
     }
     all
 }
