@@ -295,7 +295,7 @@ async fn find_in_clusters(
         (status = 200, description = "Counts and averages; groups under the threshold (by their totals) left out", body = StatsBody,
          headers(
              ("X-Served-By" = String, description = "primary or replica"),
-             ("X-Stats-Source" = String, description = "view (the materialized views) or live (the tables)"),
+             ("X-Stats-Source" = String, description = "view (the materialized views), live (the tables) or engine (the tables' rows grouped on the bulk engine)"),
              ("X-Stats-Age" = String, description = "With view: seconds since the views were refreshed"),
          )),
         QueryErrors,
