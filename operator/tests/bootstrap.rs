@@ -542,16 +542,16 @@ async fn replica_lag_of_each_streaming_pool_member_comes_from_the_primary() {
     pg.replicas().expect("two streaming replicas");
     // As the operator connects after bootstrap: the superuser, over TCP, with the
     // admin Secret's password.
-    let mut client = connector
-        .connect(
+    let superuser = || {
+        connector.connect(
             HOST,
             5432,
             "postgres",
             "postgres",
             creds.password(Role::Admin),
         )
-        .await
-        .expect("connect as the superuser");
+    };
+    let mut client = superuser().await.expect("connect as the superuser");
     // Replica 0 is the pool member pilot-replica-ai-0; replica 1 keeps PostgreSQL's
     // default name and is no pool member (like a coordinator standby).
     name_standby(&pg, &client, 0, "pilot-replica-ai-0").await;
@@ -603,16 +603,7 @@ async fn replica_lag_of_each_streaming_pool_member_comes_from_the_primary() {
     // session holding pg_stat_replication locked makes the probe wait for sure,
     // so it ends by its timeout: ours, or the server's statement_timeout, which
     // races it by a round trip or two.
-    let locker = connector
-        .connect(
-            HOST,
-            5432,
-            "postgres",
-            "postgres",
-            creds.password(Role::Admin),
-        )
-        .await
-        .expect("connect a second session");
+    let locker = superuser().await.expect("connect a second session");
     locker
         .batch_execute("BEGIN; LOCK TABLE pg_catalog.pg_stat_replication IN ACCESS EXCLUSIVE MODE")
         .await
